@@ -1,0 +1,358 @@
+//! `meshlane run`: keeps the kernel's maps true to the node's pods.
+//!
+//! Each round: read the pods file (a malformed file is reported and the last
+//! good one stays in force), find each meshed pod's network namespace by its
+//! IP, and write the difference between what the maps hold and what they
+//! should hold. A pod's problems (bad annotation, no namespace yet, a failed
+//! map write) are reported for that pod and never touch the others.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::lpm_trie::Key;
+use meshlane_common::{CidrKeyData, PortKey};
+use tracing::{error, info, warn};
+
+use crate::{
+    bpf::{self, Layout, Maps},
+    netns,
+    podconfig::{MapEntries, MeshConfig, Mode},
+    pods::{self, Pod},
+    status::{AgentStatus, PodState, PodStatus},
+};
+
+pub struct Options {
+    pub pods_file: PathBuf,
+    pub cgroup: PathBuf,
+    pub layout: Layout,
+    pub state_dir: PathBuf,
+    pub ebpf_object: Option<PathBuf>,
+}
+
+/// How often the pods file is looked at; a change applies within a second.
+const FILE_POLL: Duration = Duration::from_millis(200);
+/// How often pods without a namespace yet are looked for again.
+const RETRY_WAITING: Duration = Duration::from_secs(1);
+/// How often namespaces of active pods are checked to still be there.
+const RECHECK: Duration = Duration::from_secs(5);
+
+struct Applied {
+    cookie: u64,
+    entries: MapEntries,
+}
+
+pub struct Agent {
+    opts: Options,
+    maps: Maps,
+    /// The last pods file that parsed.
+    pods: Vec<Pod>,
+    last_text: Option<Vec<u8>>,
+    file_error: Option<String>,
+    applied: BTreeMap<String, Applied>,
+    status: Vec<PodStatus>,
+    map_errors: u64,
+}
+
+impl Agent {
+    pub fn start(opts: Options) -> Result<Self> {
+        bpf::ensure_bpffs(&opts.layout.root)?;
+        let object = bpf::object_bytes(opts.ebpf_object.as_deref())?;
+        if opts.layout.has_links() {
+            warn!(bpffs = %opts.layout.root.display(), "found interception pinned by an earlier agent: replacing it");
+            bpf::uninstall(&opts.layout)?;
+            bpf::ensure_bpffs(&opts.layout.root)?;
+        }
+        if let Err(e) = bpf::install(&object, &opts.cgroup, &opts.layout) {
+            // Leave nothing half-attached behind.
+            let _ = bpf::uninstall(&opts.layout);
+            return Err(e);
+        }
+        info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
+        let maps = Maps::open(&opts.layout)?;
+        std::fs::create_dir_all(&opts.state_dir)
+            .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
+        Ok(Self {
+            opts,
+            maps,
+            pods: Vec::new(),
+            last_text: None,
+            file_error: None,
+            applied: BTreeMap::new(),
+            status: Vec::new(),
+            map_errors: 0,
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT. Interception stays in place after exit.
+    pub async fn run(mut self) -> Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(FILE_POLL);
+        let mut last_full = Instant::now() - RECHECK;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            let changed = self.read_pods_file();
+            let waiting = self
+                .status
+                .iter()
+                .any(|p| p.state == PodState::WaitingForNetns);
+            let due = last_full.elapsed() >= if waiting { RETRY_WAITING } else { RECHECK };
+            if changed || due {
+                last_full = Instant::now();
+                if let Err(e) = self.reconcile() {
+                    error!("reconcile failed: {e:#}");
+                }
+                self.write_status();
+            }
+        }
+        info!("stopping; interception stays in place (`meshlane cleanup` removes it)");
+        Ok(())
+    }
+
+    /// True when the file's content changed (parsed or not).
+    fn read_pods_file(&mut self) -> bool {
+        let path = &self.opts.pods_file;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                let msg = format!("reading pods file {}: {e}", path.display());
+                if self.file_error.as_deref() != Some(msg.as_str()) {
+                    error!("{msg}; keeping the last good pods");
+                    self.file_error = Some(msg);
+                    self.last_text = None;
+                    return true;
+                }
+                return false;
+            }
+        };
+        if self.last_text.as_deref() == Some(bytes.as_slice()) {
+            return false;
+        }
+        self.last_text = Some(bytes.clone());
+        match pods::parse(&String::from_utf8_lossy(&bytes)) {
+            Ok(p) => {
+                info!(pods = p.len(), "pods file loaded");
+                self.pods = p;
+                self.file_error = None;
+            }
+            Err(e) => {
+                let msg = format!("pods file {}: {e:#}", path.display());
+                error!("{msg}; keeping the last good pods");
+                self.file_error = Some(msg);
+            }
+        }
+        true
+    }
+
+    fn reconcile(&mut self) -> Result<()> {
+        let mut status = Vec::new();
+        let mut want: BTreeMap<String, Applied> = BTreeMap::new();
+
+        // Which pods need a namespace, and which namespaces exist.
+        let needs_netns = self
+            .pods
+            .iter()
+            .any(|p| p.meshed && !p.host_network && !p.ips.is_empty());
+        let spaces = if needs_netns {
+            netns::inspect(netns::candidates().into_iter().collect())?
+        } else {
+            Vec::new()
+        };
+        let mut by_ip: BTreeMap<Ipv4Addr, Vec<&netns::Netns>> = BTreeMap::new();
+        for ns in &spaces {
+            for a in &ns.addrs {
+                by_ip.entry(*a).or_default().push(ns);
+            }
+        }
+
+        for pod in &self.pods {
+            let mut st = PodStatus::new(pod);
+            if !pod.meshed {
+                st.state = PodState::NotMeshed;
+                status.push(st);
+                continue;
+            }
+            let cfg = MeshConfig::from_pod(pod);
+            for e in &cfg.errors {
+                warn!(pod = %pod.key(), "{e}");
+            }
+            st.config_errors = cfg.errors.iter().map(ToString::to_string).collect();
+            st.notes = cfg.unsupported.clone();
+            st.config = Some(cfg.clone());
+            if pod.host_network {
+                st.state = PodState::HostNetwork;
+            } else if cfg.mode == Mode::None {
+                st.state = PodState::InterceptionNone;
+            } else if pod.ips.is_empty() {
+                st.state = PodState::WaitingForIp;
+            } else {
+                let found: BTreeSet<(u64, PathBuf)> = pod
+                    .ips
+                    .iter()
+                    .filter_map(|ip| by_ip.get(ip))
+                    .flatten()
+                    .map(|ns| (ns.cookie, ns.path.clone()))
+                    .collect();
+                match found.len() {
+                    0 => st.state = PodState::WaitingForNetns,
+                    1 => {
+                        let (cookie, path) = found.into_iter().next().expect("one");
+                        st.netns_cookie = Some(cookie);
+                        st.netns = Some(path.display().to_string());
+                        st.state = PodState::Active;
+                        if want.values().any(|a| a.cookie == cookie) {
+                            st.state = PodState::Error;
+                            st.config_errors.push(format!(
+                                "network namespace {} is claimed by another pod",
+                                path.display()
+                            ));
+                        } else {
+                            want.insert(
+                                pod.key(),
+                                Applied {
+                                    cookie,
+                                    entries: cfg.entries(cookie, &pod.ips),
+                                },
+                            );
+                        }
+                    }
+                    _ => {
+                        st.state = PodState::Error;
+                        st.config_errors.push(format!(
+                            "pod IPs {:?} are in {} network namespaces ({}); not capturing until that is resolved",
+                            pod.ips,
+                            found.len(),
+                            found.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                }
+            }
+            status.push(st);
+        }
+
+        // Remove what is no longer wanted, then write what is.
+        let old = std::mem::take(&mut self.applied);
+        for (key, a) in &old {
+            let keep = want.get(key);
+            self.remove_stale(a, keep.map(|k| &k.entries), keep.map(|k| k.cookie));
+            if keep.is_none() {
+                info!(pod = %key, cookie = a.cookie, "pod entries removed");
+            }
+        }
+        for (key, a) in want {
+            let unchanged = old
+                .get(&key)
+                .is_some_and(|o| o.cookie == a.cookie && o.entries == a.entries);
+            if unchanged {
+                self.applied.insert(key, a);
+                continue;
+            }
+            match self.write(&a) {
+                Ok(()) => {
+                    info!(pod = %key, cookie = a.cookie, "pod entries written");
+                    self.applied.insert(key, a);
+                }
+                Err(e) => {
+                    self.map_errors += 1;
+                    error!(pod = %key, "writing maps: {e:#}");
+                    if let Some(st) = status.iter_mut().find(|s| s.name == key) {
+                        st.state = PodState::Error;
+                        st.config_errors.push(format!("map update failed: {e:#}"));
+                    }
+                    // Whatever part was written is removed so the kernel
+                    // never sees half a pod.
+                    self.remove_stale(&a, None, None);
+                }
+            }
+        }
+        self.status = status;
+        Ok(())
+    }
+
+    /// Removes the entries of `old` that `new` (for `new_cookie`) does not
+    /// have. The pod entry goes first so the kernel stops using the lists.
+    fn remove_stale(&mut self, old: &Applied, new: Option<&MapEntries>, new_cookie: Option<u64>) {
+        if new_cookie != Some(old.cookie) {
+            let _ = self.maps.pods.remove(&old.cookie);
+        }
+        let keep_ports: BTreeSet<PortKey> = new
+            .map(|n| n.ports.iter().copied().collect())
+            .unwrap_or_default();
+        for k in &old.entries.ports {
+            if !keep_ports.contains(k) {
+                let _ = self.maps.ports.remove(k);
+            }
+        }
+        let keep_cidrs: BTreeSet<(u32, CidrKeyData)> = new
+            .map(|n| n.cidrs.iter().copied().collect())
+            .unwrap_or_default();
+        for (len, data) in &old.entries.cidrs {
+            if !keep_cidrs.contains(&(*len, *data)) {
+                let _ = self.maps.cidrs.remove(&Key::new(*len, *data));
+            }
+        }
+    }
+
+    /// Lists first, pod entry last: the kernel only acts on a pod once all of
+    /// its lists are there.
+    fn write(&mut self, a: &Applied) -> Result<()> {
+        for k in &a.entries.ports {
+            self.maps
+                .ports
+                .insert(k, 1, 0)
+                .with_context(|| format!("PORTS insert {k:?}"))?;
+        }
+        for (len, data) in &a.entries.cidrs {
+            self.maps
+                .cidrs
+                .insert(&Key::new(*len, *data), 1, 0)
+                .context("CIDRS insert")?;
+        }
+        self.maps
+            .pods
+            .insert(a.cookie, a.entries.pod, 0)
+            .context("PODS insert")?;
+        Ok(())
+    }
+
+    fn write_status(&self) {
+        let st = AgentStatus {
+            pid: std::process::id(),
+            pods_file: self.opts.pods_file.display().to_string(),
+            cgroup: self.opts.cgroup.display().to_string(),
+            bpffs: self.opts.layout.root.display().to_string(),
+            file_error: self.file_error.clone(),
+            map_update_errors: self.map_errors,
+            pods: self.status.clone(),
+        };
+        if let Err(e) = st.save(&self.opts.state_dir) {
+            warn!("writing status to {}: {e:#}", self.opts.state_dir.display());
+        }
+    }
+}
+
+/// The cgroup-v2 mount point from /proc/mounts (`/sys/fs/cgroup` on unified
+/// hosts, `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .context("no cgroup2 filesystem in /proc/mounts (meshlane needs cgroup v2)")
+}
+
+pub fn default_state_dir() -> &'static Path {
+    Path::new("/run/meshlane")
+}

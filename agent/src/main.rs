@@ -1,0 +1,139 @@
+//! meshlane: eBPF interception for service-mesh sidecars, a drop-in for
+//! Istio's iptables init container. This file only wires the commands.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+mod agent;
+mod bpf;
+mod netns;
+mod podconfig;
+mod pods;
+mod status;
+
+#[derive(Parser)]
+#[command(
+    name = "meshlane",
+    version,
+    about = "eBPF sidecar interception, a drop-in for Istio's iptables init container"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. info or meshlane=debug.
+    #[arg(long, global = true, env = "MESHLANE_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Where {
+    /// bpffs directory holding meshlane's pinned programs, links and maps.
+    #[arg(long, default_value = "/sys/fs/bpf/meshlane")]
+    bpffs: PathBuf,
+    /// Directory for the agent's status file.
+    #[arg(long, default_value = agent::default_state_dir().as_os_str())]
+    state_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the programs and keep the maps true to the pods in FILE.
+    Run {
+        /// Kubernetes Pod objects (YAML or JSON: a PodList, a list or single pods), watched for changes.
+        #[arg(long, value_name = "FILE")]
+        pods: PathBuf,
+        /// cgroup-v2 directory to attach to (default: the cgroup2 root from /proc/mounts).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        at: Where,
+        /// Load this eBPF object instead of the one built into the binary.
+        #[arg(long)]
+        ebpf_object: Option<PathBuf>,
+    },
+    /// Attached programs, pods and their state, map occupancy.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Stop the agent, detach and unpin everything meshlane owns.
+    Cleanup {
+        #[command(flatten)]
+        at: Where,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run {
+            pods,
+            cgroup,
+            at,
+            ebpf_object,
+        } => {
+            let cgroup = match cgroup {
+                Some(c) => c,
+                None => agent::cgroup2_root()?,
+            };
+            let opts = agent::Options {
+                pods_file: pods,
+                cgroup,
+                layout: bpf::Layout::new(at.bpffs),
+                state_dir: at.state_dir,
+                ebpf_object,
+            };
+            let agent = agent::Agent::start(opts)?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent.run())
+        }
+        Command::Status { json, at } => {
+            let r = status::report(&bpf::Layout::new(&at.bpffs), &at.state_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                status::print(&r);
+            }
+            Ok(())
+        }
+        Command::Cleanup { at } => cleanup(&at),
+    }
+}
+
+fn cleanup(at: &Where) -> Result<()> {
+    if let Some(st) = status::AgentStatus::load(&at.state_dir)? {
+        if st.agent_alive() && st.bpffs == at.bpffs.display().to_string() {
+            let pid = nix::unistd::Pid::from_raw(st.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            for _ in 0..50 {
+                if !st.agent_alive() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if st.agent_alive() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            eprintln!("stopped agent pid {}", st.pid);
+        }
+        let _ = std::fs::remove_file(at.state_dir.join("status.json"));
+    }
+    let removed = bpf::uninstall(&bpf::Layout::new(&at.bpffs))?;
+    eprintln!(
+        "removed {} pinned objects under {}",
+        removed.len(),
+        at.bpffs.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Finding a pod's network namespace from its IP, and the namespace's cookie
+//! (the key the kernel programs look pods up by).
+//!
+//! Candidates are the named namespaces under /var/run/netns and the
+//! namespaces of every process in /proc, deduplicated by inode. The agent's
+//! own namespace (the node's) is never a candidate: capturing the host's own
+//! traffic by mistake would be far worse than missing a pod.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context, Result};
+use nix::sched::{setns, CloneFlags};
+
+/// A network namespace seen on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Netns {
+    pub inode: u64,
+    /// A path that opens it (a /var/run/netns file or /proc/PID/ns/net).
+    pub path: PathBuf,
+    pub cookie: u64,
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// Directories of named namespaces, as `ip netns` and CNI runtimes make them.
+const NAMED_DIRS: &[&str] = &["/var/run/netns", "/run/netns"];
+
+fn inode_of(path: &Path) -> Option<u64> {
+    fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Every network namespace visible on the node except our own, by inode.
+pub fn candidates() -> BTreeMap<u64, PathBuf> {
+    let own = inode_of(Path::new("/proc/self/ns/net"));
+    let mut out = BTreeMap::new();
+    for dir in NAMED_DIRS {
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if let Some(ino) = inode_of(&p) {
+                    out.entry(ino).or_insert(p);
+                }
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let p = e.path().join("ns/net");
+            if let Some(ino) = inode_of(&p) {
+                out.entry(ino).or_insert(p);
+            }
+        }
+    }
+    if let Some(own) = own {
+        out.remove(&own);
+    }
+    out
+}
+
+/// SO_NETNS_COOKIE (Linux 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the namespace the calling thread is in.
+fn current_cookie() -> Result<u64> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket() for SO_NETNS_COOKIE")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointers to live locals of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(
+            "getsockopt(SO_NETNS_COOKIE): {} (needs Linux 5.14 or newer)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(cookie)
+}
+
+fn current_addrs() -> Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
+        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            let ip = a.ip();
+            if !ip.is_loopback() && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Enters each namespace on a short-lived thread of its own (setns changes
+/// only the calling thread, and the thread dies with it) and reads its cookie
+/// and addresses. Namespaces that vanish meanwhile are skipped.
+pub fn inspect(paths: Vec<(u64, PathBuf)>) -> Result<Vec<Netns>> {
+    std::thread::Builder::new()
+        .name("netns-scan".into())
+        .spawn(move || {
+            let mut out = Vec::new();
+            for (inode, path) in paths {
+                let Ok(f) = fs::File::open(&path) else {
+                    continue;
+                };
+                if setns(f.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
+                    continue;
+                }
+                let (Ok(cookie), Ok(addrs)) = (current_cookie(), current_addrs()) else {
+                    continue;
+                };
+                out.push(Netns {
+                    inode,
+                    path,
+                    cookie,
+                    addrs,
+                });
+            }
+            out
+        })
+        .context("spawning the netns scan thread")?
+        .join()
+        .map_err(|_| anyhow!("netns scan thread panicked"))
+}

@@ -1,0 +1,458 @@
+//! How a pod's annotations become map entries.
+//!
+//! `MeshConfig::from_pod` parses Istio's annotations once into typed values,
+//! with defaults exactly as Istio's CNI plugin applies them; a bad value is
+//! reported (naming the annotation and the value) and that one setting falls
+//! back to its default, which always captures at least as much as the bad
+//! value could have (never a silent bypass). `MeshConfig::entries` turns the
+//! config into the keys and values the kernel programs read.
+use std::{fmt, net::Ipv4Addr};
+
+use meshlane_common::{
+    cidr_key_data, cidr_list, decide::PodLists, flags, ip, port_list, ports, CidrKeyData,
+    PodConfig, PortKey, CIDR_KEY_FIXED_BITS, MAX_POD_IPS,
+};
+use serde::Serialize;
+
+use crate::pods::Pod;
+
+pub mod annotation {
+    pub const STATUS: &str = "sidecar.istio.io/status";
+    pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+    pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+    pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+    pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+    pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+    pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+    pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
+    pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+    pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+    pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+}
+
+/// Proxy environment variable that turns DNS capture on.
+pub const DNS_CAPTURE_ENV: &str = "ISTIO_META_DNS_CAPTURE";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    Redirect,
+    Tproxy,
+    /// `interceptionMode: NONE`: the pod is meshed but not captured.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        ip::in_prefix(a.to_bits(), self.addr.to_bits(), self.len)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A list that may be the wildcard `*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Set<T> {
+    All,
+    Only(Vec<T>),
+}
+
+/// A setting whose annotation could not be used; the setting took its default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigError {
+    pub annotation: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "annotation {}={:?}: {}; using the default",
+            self.annotation, self.value, self.reason
+        )
+    }
+}
+
+/// One pod's interception settings, typed and validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MeshConfig {
+    pub mode: Mode,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub include_outbound_cidrs: Set<Cidr>,
+    /// IPv6 entries of the include list are kept out of the IPv4 decision but
+    /// still count for Istio's "loopback included" rule.
+    pub include_outbound_has_loopback: bool,
+    pub exclude_outbound_cidrs: Vec<Cidr>,
+    pub include_outbound_ports: Vec<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+    pub include_inbound_ports: Set<u16>,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub status_port: u16,
+    pub dns_capture: bool,
+    pub errors: Vec<ConfigError>,
+    /// Annotations meshlane does not act on (yet), reported, not fatal.
+    pub unsupported: Vec<String>,
+}
+
+fn split_list(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .map_err(|_| format!("port {s:?} is not a number from 0 to 65535"))
+}
+
+fn parse_ports(v: &str) -> Result<Vec<u16>, String> {
+    let mut out = Vec::new();
+    for p in split_list(v) {
+        let p = parse_port(p)?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Parses `a.b.c.d/n` (or a bare address as /32). IPv6 entries return
+/// `Ok(None)`: meshlane captures IPv4 only for now.
+fn parse_cidr(s: &str) -> Result<Option<Cidr>, String> {
+    let (a, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    if a.contains(':') {
+        // Still validate it so a typo is reported.
+        a.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{s:?} is not a CIDR"))?;
+        if let Some(l) = len {
+            l.parse::<u8>()
+                .ok()
+                .filter(|l| *l <= 128)
+                .ok_or_else(|| format!("{s:?}: bad prefix length"))?;
+        }
+        return Ok(None);
+    }
+    let addr: Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("{s:?} is not a CIDR (bad address {a:?})"))?;
+    let len = match len {
+        None => 32,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("{s:?} is not a CIDR (prefix length {l:?} is not 0-32)"))?,
+    };
+    Ok(Some(Cidr { addr, len }))
+}
+
+fn is_v6_loopback(s: &str) -> bool {
+    let a = s.split('/').next().unwrap_or("");
+    a.parse::<std::net::Ipv6Addr>()
+        .map(|a| a.is_loopback())
+        .unwrap_or(false)
+}
+
+impl MeshConfig {
+    /// Istio's defaults for a pod with no annotations.
+    pub fn istio_default() -> Self {
+        Self {
+            mode: Mode::Redirect,
+            proxy_uid: ports::PROXY_UID,
+            proxy_gid: ports::PROXY_UID,
+            include_outbound_cidrs: Set::All,
+            include_outbound_has_loopback: false,
+            exclude_outbound_cidrs: Vec::new(),
+            include_outbound_ports: Vec::new(),
+            exclude_outbound_ports: vec![ports::STATUS],
+            include_inbound_ports: Set::All,
+            exclude_inbound_ports: vec![ports::STATUS, ports::HEALTH, ports::STATS],
+            status_port: ports::STATUS,
+            dns_capture: false,
+            errors: Vec::new(),
+            unsupported: Vec::new(),
+        }
+    }
+
+    pub fn from_pod(pod: &Pod) -> Self {
+        let mut cfg = Self::istio_default();
+        let ann = &pod.annotations;
+        let mut errors = Vec::new();
+        let mut err = |annotation: &str, value: &str, reason: String| {
+            errors.push(ConfigError {
+                annotation: annotation.to_string(),
+                value: value.to_string(),
+                reason,
+            });
+        };
+
+        if let Some(uid) = pod.proxy_run_as_user.filter(|u| *u != 0) {
+            match u32::try_from(uid) {
+                Ok(u) => cfg.proxy_uid = u,
+                Err(_) => err(
+                    "istio-proxy securityContext.runAsUser",
+                    &uid.to_string(),
+                    "not a valid uid".into(),
+                ),
+            }
+        }
+        // Istio's CNI uses the proxy uid as gid unless runAsGroup says otherwise.
+        cfg.proxy_gid = cfg.proxy_uid;
+        if let Some(gid) = pod.proxy_run_as_group.filter(|g| *g != 0) {
+            match u32::try_from(gid) {
+                Ok(g) => cfg.proxy_gid = g,
+                Err(_) => err(
+                    "istio-proxy securityContext.runAsGroup",
+                    &gid.to_string(),
+                    "not a valid gid".into(),
+                ),
+            }
+        }
+
+        if let Some(v) = ann.get(annotation::INTERCEPTION_MODE) {
+            match v.trim() {
+                "REDIRECT" => cfg.mode = Mode::Redirect,
+                "TPROXY" => cfg.mode = Mode::Tproxy,
+                "NONE" => cfg.mode = Mode::None,
+                _ => err(
+                    annotation::INTERCEPTION_MODE,
+                    v,
+                    "expected REDIRECT, TPROXY or NONE".into(),
+                ),
+            }
+        }
+
+        if let Some(v) = ann.get(annotation::INCLUDE_OUTBOUND_IP_RANGES) {
+            if v.trim() == "*" {
+                cfg.include_outbound_cidrs = Set::All;
+            } else {
+                let mut list = Vec::new();
+                let mut loopback = false;
+                let mut failed = None;
+                for s in split_list(v) {
+                    match parse_cidr(s) {
+                        Ok(Some(c)) => {
+                            loopback |= ip::is_loopback(c.addr.to_bits());
+                            list.push(c);
+                        }
+                        Ok(None) => loopback |= is_v6_loopback(s),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => err(annotation::INCLUDE_OUTBOUND_IP_RANGES, v, e),
+                    None => {
+                        cfg.include_outbound_cidrs = Set::Only(list);
+                        cfg.include_outbound_has_loopback = loopback;
+                    }
+                }
+            }
+        }
+        if let Some(v) = ann.get(annotation::EXCLUDE_OUTBOUND_IP_RANGES) {
+            let parsed: Result<Vec<_>, _> = split_list(v).map(parse_cidr).collect();
+            match parsed {
+                Ok(list) => cfg.exclude_outbound_cidrs = list.into_iter().flatten().collect(),
+                Err(e) => err(annotation::EXCLUDE_OUTBOUND_IP_RANGES, v, e),
+            }
+        }
+        let port_list =
+            |key: &str, wildcard_ok: bool| -> Option<Result<Set<u16>, (String, String)>> {
+                let v = ann.get(key)?;
+                if v.trim() == "*" {
+                    return Some(if wildcard_ok {
+                        Ok(Set::All)
+                    } else {
+                        Err((v.clone(), "\"*\" is not allowed here".into()))
+                    });
+                }
+                Some(parse_ports(v).map(Set::Only).map_err(|e| (v.clone(), e)))
+            };
+        match port_list(annotation::EXCLUDE_OUTBOUND_PORTS, false) {
+            Some(Ok(Set::Only(p))) => cfg.exclude_outbound_ports = p,
+            Some(Err((v, e))) => err(annotation::EXCLUDE_OUTBOUND_PORTS, &v, e),
+            _ => {}
+        }
+        match port_list(annotation::INCLUDE_OUTBOUND_PORTS, false) {
+            Some(Ok(Set::Only(p))) => cfg.include_outbound_ports = p,
+            Some(Err((v, e))) => err(annotation::INCLUDE_OUTBOUND_PORTS, &v, e),
+            _ => {}
+        }
+        match port_list(annotation::INCLUDE_INBOUND_PORTS, true) {
+            Some(Ok(set)) => cfg.include_inbound_ports = set,
+            Some(Err((v, e))) => err(annotation::INCLUDE_INBOUND_PORTS, &v, e),
+            None => {}
+        }
+        if let Some(v) = ann.get(annotation::STATUS_PORT) {
+            match parse_port(v.trim()) {
+                Ok(p) => cfg.status_port = p,
+                Err(e) => err(annotation::STATUS_PORT, v, e),
+            }
+        }
+        // Istio appends its own ports to whatever the annotation lists.
+        let mut excl_in = match port_list(annotation::EXCLUDE_INBOUND_PORTS, false) {
+            Some(Ok(Set::Only(p))) => p,
+            Some(Err((v, e))) => {
+                err(annotation::EXCLUDE_INBOUND_PORTS, &v, e);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        for p in [ports::STATUS, ports::HEALTH, ports::STATS, cfg.status_port] {
+            if !excl_in.contains(&p) {
+                excl_in.push(p);
+            }
+        }
+        cfg.exclude_inbound_ports = excl_in;
+
+        if let Some(v) = pod.proxy_env.get(DNS_CAPTURE_ENV) {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "t" => cfg.dns_capture = true,
+                "false" | "0" | "f" | "" => cfg.dns_capture = false,
+                _ => err(
+                    &format!("istio-proxy env {DNS_CAPTURE_ENV}"),
+                    v,
+                    "expected true or false".into(),
+                ),
+            }
+        }
+        for key in [
+            annotation::EXCLUDE_INTERFACES,
+            annotation::KUBEVIRT_INTERFACES,
+            annotation::REROUTE_VIRTUAL_INTERFACES,
+        ] {
+            if ann.get(key).is_some_and(|v| !v.trim().is_empty()) {
+                cfg.unsupported.push(format!(
+                    "{key} is not supported by meshlane yet and is ignored"
+                ));
+            }
+        }
+        cfg.errors = errors;
+        cfg
+    }
+
+    /// The kernel's view of this pod in network namespace `netns_cookie`.
+    pub fn pod_config(&self, ips: &[Ipv4Addr]) -> PodConfig {
+        let mut p = PodConfig::istio_default();
+        p.proxy_uid = self.proxy_uid;
+        p.proxy_gid = self.proxy_gid;
+        p.flags = 0;
+        if self.include_outbound_cidrs == Set::All {
+            p.flags |= flags::INCLUDE_ALL_OUTBOUND_CIDRS;
+        }
+        if self.include_outbound_has_loopback {
+            p.flags |= flags::INCLUDE_OUTBOUND_HAS_LOOPBACK;
+        }
+        if self.dns_capture {
+            p.flags |= flags::DNS_CAPTURE;
+        }
+        if self.include_inbound_ports == Set::All {
+            p.flags |= flags::INCLUDE_ALL_INBOUND_PORTS;
+        }
+        if self.mode == Mode::Tproxy {
+            p.flags |= flags::TPROXY;
+        }
+        for (i, a) in ips.iter().take(MAX_POD_IPS).enumerate() {
+            p.ips[i] = a.to_bits();
+            p.ip_count = i as u32 + 1;
+        }
+        p
+    }
+
+    /// Everything the kernel needs for this pod, keyed by its netns cookie.
+    pub fn entries(&self, netns_cookie: u64, ips: &[Ipv4Addr]) -> MapEntries {
+        let mut ports = Vec::new();
+        let mut add = |list: u16, ps: &[u16]| {
+            ports.extend(ps.iter().map(|&p| PortKey::new(netns_cookie, list, p)));
+        };
+        add(port_list::OUTBOUND_EXCLUDE, &self.exclude_outbound_ports);
+        add(port_list::OUTBOUND_INCLUDE, &self.include_outbound_ports);
+        add(port_list::INBOUND_EXCLUDE, &self.exclude_inbound_ports);
+        if let Set::Only(ps) = &self.include_inbound_ports {
+            add(port_list::INBOUND_INCLUDE, ps);
+        }
+        let mut cidrs = Vec::new();
+        let mut add_cidrs = |list: u32, cs: &[Cidr]| {
+            for c in cs {
+                // The trie matches on the prefix bits only; clear the host
+                // bits so two spellings of one network are one key.
+                let net = if c.len == 0 {
+                    0
+                } else {
+                    c.addr.to_bits() & (u32::MAX << (32 - u32::from(c.len)))
+                };
+                cidrs.push((
+                    CIDR_KEY_FIXED_BITS + u32::from(c.len),
+                    cidr_key_data(list, netns_cookie, net),
+                ));
+            }
+        };
+        add_cidrs(cidr_list::OUTBOUND_EXCLUDE, &self.exclude_outbound_cidrs);
+        if let Set::Only(cs) = &self.include_outbound_cidrs {
+            add_cidrs(cidr_list::OUTBOUND_INCLUDE, cs);
+        }
+        MapEntries {
+            pod: self.pod_config(ips),
+            ports,
+            cidrs,
+        }
+    }
+}
+
+/// The host's answer to the per-pod lists, for tests of the shared decision.
+impl PodLists for MeshConfig {
+    fn outbound_port_excluded(&self, port: u16) -> bool {
+        self.exclude_outbound_ports.contains(&port)
+    }
+    fn outbound_port_included(&self, port: u16) -> bool {
+        self.include_outbound_ports.contains(&port)
+    }
+    fn outbound_cidr_excluded(&self, addr: u32) -> bool {
+        self.exclude_outbound_cidrs
+            .iter()
+            .any(|c| c.contains(Ipv4Addr::from_bits(addr)))
+    }
+    fn outbound_cidr_included(&self, addr: u32) -> bool {
+        match &self.include_outbound_cidrs {
+            Set::All => true,
+            Set::Only(cs) => cs.iter().any(|c| c.contains(Ipv4Addr::from_bits(addr))),
+        }
+    }
+    fn inbound_port_excluded(&self, port: u16) -> bool {
+        self.exclude_inbound_ports.contains(&port)
+    }
+    fn inbound_port_included(&self, port: u16) -> bool {
+        match &self.include_inbound_ports {
+            Set::All => true,
+            Set::Only(ps) => ps.contains(&port),
+        }
+    }
+}
+
+/// The map contents for one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntries {
+    pub pod: PodConfig,
+    pub ports: Vec<PortKey>,
+    /// (LPM prefix length, key data).
+    pub cidrs: Vec<(u32, CidrKeyData)>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,244 @@
+//! What the agent reports: per pod (name, IPs, netns cookie, state, config
+//! errors), written by `meshlane run` to its state directory and shown by
+//! `meshlane status` together with the attached programs and map occupancy.
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    bpf::{self, Layout, Maps, Occupancy},
+    podconfig::MeshConfig,
+    pods::Pod,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PodState {
+    /// Captured: its entries are in the maps.
+    Active,
+    /// No istio-proxy container and no sidecar status annotation.
+    NotMeshed,
+    /// Meshed, but hostNetwork: never captured (it would capture the node).
+    HostNetwork,
+    /// `sidecar.istio.io/interceptionMode: NONE`.
+    InterceptionNone,
+    /// No pod IP yet.
+    WaitingForIp,
+    /// Has an IP no network namespace on this node holds (yet).
+    WaitingForNetns,
+    /// Not captured because of an error named in `config_errors`.
+    Error,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodStatus {
+    pub name: String,
+    pub ips: Vec<Ipv4Addr>,
+    pub state: PodState,
+    pub netns_cookie: Option<u64>,
+    pub netns: Option<String>,
+    pub config_errors: Vec<String>,
+    pub notes: Vec<String>,
+    #[serde(skip_deserializing)]
+    pub config: Option<MeshConfig>,
+}
+
+impl PodStatus {
+    pub fn new(pod: &Pod) -> Self {
+        Self {
+            name: pod.key(),
+            ips: pod.ips.clone(),
+            state: PodState::NotMeshed,
+            netns_cookie: None,
+            netns: None,
+            config_errors: Vec::new(),
+            notes: Vec::new(),
+            config: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub pid: u32,
+    pub pods_file: String,
+    pub cgroup: String,
+    pub bpffs: String,
+    pub file_error: Option<String>,
+    pub map_update_errors: u64,
+    pub pods: Vec<PodStatus>,
+}
+
+const FILE: &str = "status.json";
+
+impl AgentStatus {
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join(format!("{FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(FILE))?;
+        Ok(())
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let p = dir.join(FILE);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    pub fn agent_alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+/// The whole picture for `meshlane status`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub bpffs: String,
+    pub programs: Vec<ProgramReport>,
+    pub agent: Option<AgentReport>,
+    pub maps: Option<Occupancy>,
+    pub counters: Option<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgramReport {
+    pub name: &'static str,
+    pub hook: &'static str,
+    pub attached: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentReport {
+    pub pid: u32,
+    pub running: bool,
+    pub pods_file: String,
+    pub cgroup: String,
+    pub file_error: Option<String>,
+    pub map_update_errors: u64,
+    pub pods: Vec<PodStatus>,
+}
+
+pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
+    let links = layout.link_names();
+    let programs = bpf::program_hooks()
+        .map(|(name, hook)| ProgramReport {
+            name,
+            hook,
+            attached: links.iter().any(|l| l == name),
+        })
+        .collect();
+    let (maps, counters) = match Maps::open(layout) {
+        Ok(m) => {
+            let c = m.counters().ok().map(|c| {
+                use meshlane_common::stat::*;
+                [
+                    ("connect_meshed", CONNECT_MESHED),
+                    ("redirect_outbound", REDIRECT_OUTBOUND),
+                    ("redirect_inbound", REDIRECT_INBOUND),
+                    ("redirect_dns", REDIRECT_DNS),
+                    ("orig_dst_answered", ORIG_DST_ANSWERED),
+                    ("orig_dst_miss", ORIG_DST_MISS),
+                    ("record_failed", RECORD_FAILED),
+                    ("bind_failed", BIND_FAILED),
+                ]
+                .into_iter()
+                .map(|(n, i)| (n, c[i as usize]))
+                .collect()
+            });
+            (Some(m.occupancy()), c)
+        }
+        Err(_) => (None, None),
+    };
+    let agent = AgentStatus::load(state_dir)?.map(|s| AgentReport {
+        running: s.agent_alive(),
+        pid: s.pid,
+        pods_file: s.pods_file,
+        cgroup: s.cgroup,
+        file_error: s.file_error,
+        map_update_errors: s.map_update_errors,
+        pods: s.pods,
+    });
+    Ok(Report {
+        bpffs: layout.root.display().to_string(),
+        programs,
+        agent,
+        maps,
+        counters,
+    })
+}
+
+pub fn print(r: &Report) {
+    println!("bpffs: {}", r.bpffs);
+    println!("programs:");
+    for p in &r.programs {
+        println!(
+            "  {:<20} {:<22} {}",
+            p.name,
+            p.hook,
+            if p.attached {
+                "attached"
+            } else {
+                "NOT attached"
+            }
+        );
+    }
+    match &r.agent {
+        None => println!("agent: no status recorded"),
+        Some(a) => {
+            println!(
+                "agent: pid {} ({}), cgroup {}, pods file {}",
+                a.pid,
+                if a.running { "running" } else { "not running" },
+                a.cgroup,
+                a.pods_file
+            );
+            if let Some(e) = &a.file_error {
+                println!("  pods file error: {e}");
+            }
+            println!("pods:");
+            println!(
+                "  {:<32} {:<18} {:<20} {:<20}",
+                "NAME", "IPS", "STATE", "NETNS COOKIE"
+            );
+            for p in &a.pods {
+                let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+                let state = serde_json::to_value(p.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                println!(
+                    "  {:<32} {:<18} {:<20} {:<20}",
+                    p.name,
+                    ips.join(","),
+                    state,
+                    p.netns_cookie
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+                for e in &p.config_errors {
+                    println!("      error: {e}");
+                }
+                for n in &p.notes {
+                    println!("      note: {n}");
+                }
+            }
+        }
+    }
+    if let Some(m) = &r.maps {
+        println!(
+            "maps: PODS {} entries, PORTS {}, CIDRS {}, IN_FLIGHT {}",
+            m.pods, m.ports, m.cidrs, m.in_flight
+        );
+    }
+    if let Some(c) = &r.counters {
+        let line: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("counters: {}", line.join(" "));
+    }
+}

@@ -1,0 +1,542 @@
+//! `mtest`: the processes meshlane's namespaced tests run inside pods.
+//!
+//! * `sidecar`: an Envoy stand-in that forwards every accepted connection to its
+//!   SO_ORIGINAL_DST and logs one JSON line per connection.
+//! * `server`: an application that answers one request line with a JSON line
+//!   saying who it is and whom it saw.
+//! * `probe`: a client that prints one JSON line describing what happened.
+//! * `sockopts`: reports raw getsockopt results, to show that a cgroup getsockopt
+//!   program leaves them unchanged.
+//!
+//! None of it needs root except `sockopts --legacy-iptables` (a raw socket).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use meshlane_tests::records::{ServerReply, SidecarRecord, SockoptRecord};
+use meshlane_tests::sock::{self, errno_name, fmt_addr, hex};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Envoy's source address for inbound passthrough to the local app.
+const INBOUND_PASSTHROUGH_SRC: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// Limit for the sidecar's upstream connect, so a black-holed destination does
+/// not keep a task (and the client) around forever.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Request-line limits of `server`.
+const MAX_LINE: u64 = 4096;
+const SERVER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Parser)]
+#[command(
+    name = "mtest",
+    about = "meshlane test sidecar, server, probe and sockopt reporter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Envoy stand-in: forward captured connections to their original destination.
+    Sidecar {
+        /// Append one JSON line per accepted connection here.
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+    },
+    /// Application stand-in: answer one line with a JSON line.
+    Server {
+        #[arg(long)]
+        name: String,
+        /// Address to listen on (repeatable).
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// Client: connect, send one line, print one JSON line about the outcome.
+    Probe {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Bind the client socket to this address (port 0) before connecting.
+        #[arg(long)]
+        bind: Option<IpAddr>,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        #[arg(long, default_value = "hello")]
+        request: String,
+    },
+    /// Print raw getsockopt results of a connected TCP socket as a JSON list.
+    Sockopts {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Also query the legacy iptables "filter" table (needs CAP_NET_RAW).
+        #[arg(long)]
+        legacy_iptables: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Sockopts {
+            connect,
+            legacy_iptables,
+        } => sockopts(connect, legacy_iptables),
+        cmd => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            rt.block_on(async move {
+                match cmd {
+                    Cmd::Sidecar {
+                        log,
+                        outbound_port,
+                        inbound_port,
+                    } => sidecar(log, outbound_port, inbound_port).await,
+                    Cmd::Server { name, listen } => server(name, listen).await,
+                    Cmd::Probe {
+                        connect,
+                        bind,
+                        timeout_ms,
+                        request,
+                    } => {
+                        probe(connect, bind, Duration::from_millis(timeout_ms), request).await;
+                        Ok(())
+                    }
+                    Cmd::Sockopts { .. } => unreachable!("handled above"),
+                }
+            })
+        }
+    }
+}
+
+fn say_ready() -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready").context("writing ready to stdout")?;
+    out.flush().context("flushing stdout")
+}
+
+/// io::Error as "ENAME: text (os error N)" so logs name the errno.
+fn io_err_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("{}: {e}", errno_name(n)),
+        None => e.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------- sidecar
+
+struct Sidecar {
+    log: Mutex<std::fs::File>,
+    ports: [u16; 2],
+    /// Addresses of this namespace's interfaces, to spot connections to ourselves.
+    own: Vec<IpAddr>,
+}
+
+impl Sidecar {
+    fn write(&self, rec: &SidecarRecord) {
+        let mut line = serde_json::to_string(rec).expect("record serialises");
+        line.push('\n');
+        // One write_all of the whole line under the lock: concurrent connections
+        // never interleave, and an O_APPEND file gets whole lines.
+        let mut f = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.flush()) {
+            eprintln!("mtest sidecar: writing log: {e}");
+        }
+    }
+
+    fn is_loop(&self, orig: SocketAddrV4, local: SocketAddr) -> bool {
+        let orig_sa = SocketAddr::V4(orig);
+        if fmt_addr(&orig_sa) == fmt_addr(&local) {
+            return true;
+        }
+        let ip = IpAddr::V4(*orig.ip());
+        self.ports.contains(&orig.port())
+            && (orig.ip().is_loopback() || orig.ip().is_unspecified() || self.own.contains(&ip))
+    }
+}
+
+async fn sidecar(log: PathBuf, outbound: u16, inbound: u16) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening sidecar log {}", log.display()))?;
+    let own = nix::ifaddrs::getifaddrs()
+        .context("listing interface addresses")?
+        .filter_map(|ifa| {
+            let a = ifa.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect();
+    let out_l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, outbound))
+        .await
+        .with_context(|| format!("binding outbound listener 0.0.0.0:{outbound}"))?;
+    let in_l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, inbound))
+        .await
+        .with_context(|| format!("binding inbound listener 0.0.0.0:{inbound}"))?;
+    let sc = Arc::new(Sidecar {
+        log: Mutex::new(file),
+        ports: [outbound, inbound],
+        own,
+    });
+    say_ready()?;
+    loop {
+        let (accepted, port, is_inbound) = tokio::select! {
+            r = out_l.accept() => (r, outbound, false),
+            r = in_l.accept() => (r, inbound, true),
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let sc = sc.clone();
+                tokio::spawn(async move { sidecar_conn(sc, stream, port, is_inbound).await });
+            }
+            // EMFILE and friends: keep serving the connections we have.
+            Err(e) => {
+                eprintln!("mtest sidecar: accept on {port}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn sidecar_conn(sc: Arc<Sidecar>, mut client: TcpStream, port: u16, inbound: bool) {
+    let peer = client.peer_addr().map(|a| fmt_addr(&a)).unwrap_or_default();
+    let local_sa = client.local_addr().ok();
+    let mut rec = SidecarRecord {
+        listener: port,
+        peer,
+        local: local_sa.map(|a| fmt_addr(&a)).unwrap_or_default(),
+        orig_dst: None,
+        orig_dst_error: None,
+        upstream_local: None,
+        upstream_error: None,
+    };
+    let orig = match sock::original_dst(client.as_raw_fd()) {
+        Ok(o) => o,
+        Err(e) => {
+            rec.orig_dst_error = Some(io_err_text(&e));
+            sc.write(&rec);
+            return;
+        }
+    };
+    rec.orig_dst = Some(orig.to_string());
+    if local_sa.is_some_and(|l| sc.is_loop(orig, l)) {
+        rec.upstream_error = Some("loop".into());
+        sc.write(&rec);
+        return;
+    }
+    let upstream = match connect_upstream(orig, inbound).await {
+        Ok(u) => u,
+        Err(e) => {
+            rec.upstream_error = Some(e);
+            sc.write(&rec);
+            return;
+        }
+    };
+    rec.upstream_local = upstream.local_addr().ok().map(|a| fmt_addr(&a));
+    sc.write(&rec);
+    let mut upstream = upstream;
+    // copy_bidirectional shuts down each write side when the other read side
+    // reaches EOF, so half-closes pass through like they do through Envoy.
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+async fn connect_upstream(orig: SocketAddrV4, inbound: bool) -> Result<TcpStream, String> {
+    let s = TcpSocket::new_v4().map_err(|e| format!("socket: {}", io_err_text(&e)))?;
+    if inbound {
+        let src = SocketAddr::from((INBOUND_PASSTHROUGH_SRC, 0));
+        s.bind(src)
+            .map_err(|e| format!("bind {src}: {}", io_err_text(&e)))?;
+    }
+    match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, s.connect(SocketAddr::V4(orig))).await {
+        Ok(Ok(st)) => Ok(st),
+        Ok(Err(e)) => Err(format!("connect {orig}: {}", io_err_text(&e))),
+        Err(_) => Err(format!(
+            "connect {orig}: timed out after {UPSTREAM_CONNECT_TIMEOUT:?}"
+        )),
+    }
+}
+
+// ---------------------------------------------------------------- server
+
+async fn server(name: String, listen: Vec<SocketAddr>) -> Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding server {name} to {addr}"))?;
+        listeners.push(l);
+    }
+    say_ready()?;
+    let name = Arc::new(name);
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        let name = name.clone();
+        tasks.spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        let name = name.clone();
+                        tokio::spawn(async move { server_conn(&name, s).await });
+                    }
+                    Err(e) => {
+                        eprintln!("mtest server: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn server_conn(name: &str, mut s: TcpStream) {
+    let local = s.local_addr().map(|a| fmt_addr(&a)).unwrap_or_default();
+    let peer = s.peer_addr().map(|a| fmt_addr(&a)).unwrap_or_default();
+    let (rd, mut wr) = s.split();
+    let mut br = BufReader::new(rd.take(MAX_LINE));
+    let mut buf = Vec::new();
+    match tokio::time::timeout(SERVER_READ_TIMEOUT, br.read_until(b'\n', &mut buf)).await {
+        Ok(Ok(_)) => {}
+        // No complete request in time, or a reset: nothing to answer.
+        _ => return,
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    }
+    let reply = ServerReply {
+        server: name.to_string(),
+        local,
+        peer,
+        request: String::from_utf8_lossy(&buf).into_owned(),
+    };
+    let mut line = serde_json::to_string(&reply).expect("reply serialises");
+    line.push('\n');
+    let _ = wr.write_all(line.as_bytes()).await;
+    let _ = wr.shutdown().await;
+}
+
+// ---------------------------------------------------------------- probe
+
+/// What `probe` prints; the same fields as `meshlane_tests::ProbeResult`, but the
+/// reply may be any JSON object (not only an `mtest server` reply).
+#[derive(serde::Serialize, Default)]
+struct ProbeOut {
+    connected: bool,
+    error: Option<String>,
+    errno: Option<String>,
+    local: Option<String>,
+    peer: Option<String>,
+    reply: Option<serde_json::Value>,
+    reply_raw: Option<String>,
+}
+
+impl ProbeOut {
+    fn fail(&mut self, what: &str, e: &std::io::Error) {
+        self.error = Some(format!("{what}{e}"));
+        self.errno = e.raw_os_error().map(errno_name);
+    }
+}
+
+async fn probe(connect: SocketAddr, bind: Option<IpAddr>, timeout: Duration, request: String) {
+    let mut out = ProbeOut::default();
+    match probe_connect(connect, bind, timeout).await {
+        Err((what, e)) => out.fail(what, &e),
+        Ok(mut s) => {
+            out.connected = true;
+            out.local = s.local_addr().ok().map(|a| fmt_addr(&a));
+            out.peer = s.peer_addr().ok().map(|a| fmt_addr(&a));
+            let line = format!("{request}\n");
+            match tokio::time::timeout(timeout, probe_exchange(&mut s, line.as_bytes())).await {
+                Err(_) => out.error = Some(format!("no reply within {} ms", timeout.as_millis())),
+                Ok(Err((what, e))) => out.fail(what, &e),
+                Ok(Ok(raw)) if raw.is_empty() => {
+                    out.error = Some("connection closed before a reply (EOF)".into())
+                }
+                Ok(Ok(raw)) => {
+                    let text = String::from_utf8_lossy(&raw);
+                    let text = text.trim_end_matches(['\n', '\r']).to_string();
+                    out.reply = serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .filter(|v| v.is_object());
+                    out.reply_raw = Some(text);
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&out).expect("probe output serialises")
+    );
+}
+
+async fn probe_connect(
+    connect: SocketAddr,
+    bind: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, (&'static str, std::io::Error)> {
+    let s = if connect.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| ("socket: ", e))?;
+    if let Some(ip) = bind {
+        s.bind(SocketAddr::new(ip, 0)).map_err(|e| ("bind: ", e))?;
+    }
+    match tokio::time::timeout(timeout, s.connect(connect)).await {
+        Ok(r) => r.map_err(|e| ("", e)),
+        Err(_) => Err((
+            "",
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect timed out after {} ms", timeout.as_millis()),
+            ),
+        )),
+    }
+}
+
+/// Sends the request and reads one reply line (or whatever arrives before EOF).
+async fn probe_exchange(
+    s: &mut TcpStream,
+    request: &[u8],
+) -> Result<Vec<u8>, (&'static str, std::io::Error)> {
+    s.write_all(request).await.map_err(|e| ("write: ", e))?;
+    let mut br = BufReader::new(s.take(64 * 1024));
+    let mut buf = Vec::new();
+    br.read_until(b'\n', &mut buf)
+        .await
+        .map_err(|e| ("read: ", e))?;
+    Ok(buf)
+}
+
+// ---------------------------------------------------------------- sockopts
+
+fn record(
+    name: &str,
+    fd: i32,
+    level: i32,
+    optname: i32,
+    buflen: usize,
+    init: &[u8],
+    show: Option<usize>,
+) -> (SockoptRecord, Vec<u8>) {
+    let r = sock::raw_getsockopt(fd, level, optname, buflen, init);
+    let shown = &r.data[..show.unwrap_or(r.data.len()).min(r.data.len())];
+    (
+        SockoptRecord {
+            name: name.to_string(),
+            level,
+            optname,
+            buflen: buflen as u32,
+            rc: r.rc,
+            errno: r.errno,
+            optlen: r.optlen,
+            data_hex: hex(shown),
+        },
+        r.data,
+    )
+}
+
+fn sockopts(connect: SocketAddr, legacy: bool) -> Result<()> {
+    let s = std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {connect}"))?;
+    let fd = s.as_raw_fd();
+    let (sol, tcp, ip) = (libc::SOL_SOCKET, libc::IPPROTO_TCP, libc::SOL_IP);
+    let mut recs = vec![
+        record("SO_RCVBUF", fd, sol, libc::SO_RCVBUF, 4, &[], None).0,
+        record("SO_TYPE", fd, sol, libc::SO_TYPE, 4, &[], None).0,
+        record("TCP_NODELAY", fd, tcp, libc::TCP_NODELAY, 4, &[], None).0,
+        // Only the first 8 bytes (state, ca_state, retransmits, probes, backoff,
+        // options, wscale, flags) are stable; the rest are counters and timers.
+        record("TCP_INFO", fd, tcp, libc::TCP_INFO, 232, &[], Some(8)).0,
+        record("TCP_INFO", fd, tcp, libc::TCP_INFO, 15000, &[], Some(8)).0,
+        record(
+            "SO_ORIGINAL_DST",
+            fd,
+            ip,
+            sock::SO_ORIGINAL_DST,
+            16,
+            &[],
+            None,
+        )
+        .0,
+        record("IP_TOS", fd, ip, libc::IP_TOS, 4, &[], None).0,
+        record("SO_RCVBUF_NULL", fd, sol, libc::SO_RCVBUF, 0, &[], None).0,
+    ];
+    if legacy {
+        recs.extend(legacy_iptables()?);
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&recs).context("serialising sockopt records")?
+    );
+    Ok(())
+}
+
+/// The two getsockopt calls `iptables-legacy -L` makes on a raw socket: table
+/// info, then every entry (buflen = header + info.size, 15 KB and more with many
+/// rules — the size that trips programs clamping optlen at 4096).
+fn legacy_iptables() -> Result<Vec<SockoptRecord>> {
+    // SAFETY: plain socket(2); the fd is wrapped in an OwnedFd right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if raw < 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("socket(AF_INET, SOCK_RAW, IPPROTO_RAW) (needs CAP_NET_RAW): {e}");
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let fd = owned.as_raw_fd();
+    let mut name = [0u8; 32];
+    name[..6].copy_from_slice(b"filter");
+
+    let (info, data) = record(
+        "IPT_SO_GET_INFO",
+        fd,
+        libc::SOL_IP,
+        sock::IPT_SO_GET_INFO,
+        sock::IPT_GETINFO_LEN,
+        &name,
+        None,
+    );
+    // `size` is the last u32 of struct ipt_getinfo.
+    let size = if info.rc == 0 && data.len() >= sock::IPT_GETINFO_LEN {
+        let off = sock::IPT_GETINFO_LEN - 4;
+        u32::from_ne_bytes(data[off..off + 4].try_into().expect("4 bytes"))
+    } else {
+        0
+    };
+    let mut hdr = vec![0u8; sock::IPT_GET_ENTRIES_HDR_LEN];
+    hdr[..32].copy_from_slice(&name);
+    hdr[32..36].copy_from_slice(&size.to_ne_bytes());
+    let (entries, _) = record(
+        "IPT_SO_GET_ENTRIES",
+        fd,
+        libc::SOL_IP,
+        sock::IPT_SO_GET_ENTRIES,
+        sock::IPT_GET_ENTRIES_HDR_LEN + size as usize,
+        &hdr,
+        None,
+    );
+    Ok(vec![info, entries])
+}

@@ -1,0 +1,31 @@
+//! meshlane's test harness.
+//!
+//! * [`Sandbox`]: one simulated node (a network namespace holding a bridge) plus
+//!   pods (network namespaces on that bridge) and a cgroup v2 directory the test
+//!   processes run in, so BPF programs can be attached to it without touching the
+//!   rest of the machine. Everything is removed on drop, also on panic.
+//! * The `mtest` binary (sidecar stand-in, application server, probe client,
+//!   getsockopt reporter) and the serde types of what it prints ([`records`]).
+//! * Raw socket helpers ([`sock`]) shared by both.
+
+pub mod records;
+pub mod sandbox;
+pub mod sock;
+
+pub use records::{
+    read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
+    SidecarRecord, SockoptRecord,
+};
+pub use sandbox::{
+    cgroup2_root, cleanup_stale, mtest_bin, shared_dir, workspace_root, Pod, Proc, Sandbox,
+};
+pub use sock::{fmt_addr, original_dst};
+
+/// Istio's default proxy uid and gid (the sidecar runs as these).
+pub const PROXY_UID: u32 = 1337;
+/// An ordinary application uid for probes that should be captured.
+pub const APP_UID: u32 = 1000;
+/// Istio's outbound capture port.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Istio's inbound capture port.
+pub const INBOUND_PORT: u16 = 15006;

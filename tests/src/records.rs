@@ -1,0 +1,139 @@
+//! The JSON lines `mtest` writes, as serde types both the binary and the tests use,
+//! so a format change breaks the build instead of silently breaking assertions.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// One line of `mtest sidecar --log FILE`: one accepted connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidecarRecord {
+    /// The listener port that accepted it (15001 outbound, 15006 inbound by default).
+    pub listener: u16,
+    /// Client address as the proxy saw it.
+    pub peer: String,
+    /// Local address of the accepted socket (after REDIRECT: 127.0.0.1:15001 etc.).
+    pub local: String,
+    /// SO_ORIGINAL_DST, or null when it failed.
+    pub orig_dst: Option<String>,
+    pub orig_dst_error: Option<String>,
+    /// Local address of the proxy's upstream socket, when the connect succeeded.
+    pub upstream_local: Option<String>,
+    /// Why the upstream leg failed ("loop" when it would have reached the proxy itself).
+    pub upstream_error: Option<String>,
+}
+
+/// What `mtest server` replies: one JSON line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerReply {
+    pub server: String,
+    /// The server's accepted-socket local address (what the client reached).
+    pub local: String,
+    /// The client address as the server saw it.
+    pub peer: String,
+    /// The request line without its newline.
+    pub request: String,
+}
+
+/// What `mtest probe` prints: one JSON line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    pub connected: bool,
+    pub error: Option<String>,
+    /// Symbolic errno of `error` when it came from the kernel ("ECONNREFUSED").
+    #[serde(default)]
+    pub errno: Option<String>,
+    pub local: Option<String>,
+    pub peer: Option<String>,
+    /// The reply when it is an `mtest server` reply; other JSON objects (another
+    /// server's) are only in `reply_raw`.
+    #[serde(default, deserialize_with = "lenient_reply")]
+    pub reply: Option<ServerReply>,
+    pub reply_raw: Option<String>,
+}
+
+fn lenient_reply<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<ServerReply>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| serde_json::from_value(v).ok()))
+}
+
+impl ProbeResult {
+    /// Parses the probe's stdout (the last non-empty line, so stray output before it
+    /// does not matter).
+    pub fn parse(stdout: &str) -> Result<ProbeResult> {
+        let line = last_line(stdout)
+            .with_context(|| format!("probe printed no JSON line; stdout was {stdout:?}"))?;
+        serde_json::from_str(line).with_context(|| format!("parsing probe output {line:?}"))
+    }
+}
+
+/// One getsockopt report of `mtest sockopts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockoptRecord {
+    pub name: String,
+    pub level: i32,
+    pub optname: i32,
+    pub buflen: u32,
+    pub rc: i32,
+    pub errno: i32,
+    pub optlen: u32,
+    pub data_hex: String,
+}
+
+impl SockoptRecord {
+    /// Parses `mtest sockopts` stdout (a JSON array on the last non-empty line).
+    pub fn parse_list(stdout: &str) -> Result<Vec<SockoptRecord>> {
+        let line = last_line(stdout)
+            .with_context(|| format!("sockopts printed no JSON line; stdout was {stdout:?}"))?;
+        serde_json::from_str(line).with_context(|| format!("parsing sockopts output {line:?}"))
+    }
+}
+
+fn last_line(s: &str) -> Option<&str> {
+    s.lines().rev().map(str::trim).find(|l| !l.is_empty())
+}
+
+/// Reads every complete record of a sidecar log. A missing file means no
+/// connection yet, so it is an empty list; an unparsable line is skipped, because
+/// the sidecar may be half way through appending it.
+pub fn read_sidecar_log(path: &Path) -> Vec<SidecarRecord> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Polls the sidecar log until a record matches `pred`, for up to `timeout`.
+pub fn wait_sidecar_record(
+    path: &Path,
+    timeout: Duration,
+    pred: impl Fn(&SidecarRecord) -> bool,
+) -> Result<SidecarRecord> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(r) = read_sidecar_log(path).into_iter().find(&pred) {
+            return Ok(r);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "no matching sidecar record in {} after {:?}; log holds {:?}",
+                path.display(),
+                timeout,
+                read_sidecar_log(path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 3 s) for the record of the connection whose client address is `peer`.
+pub fn wait_sidecar_peer(path: &Path, peer: &str) -> Result<SidecarRecord> {
+    wait_sidecar_record(path, Duration::from_secs(3), |r| r.peer == peer)
+        .with_context(|| format!("waiting for a sidecar record with peer {peer}"))
+}

@@ -1,0 +1,788 @@
+//! Network-namespace sandbox: a node namespace with a bridge, pods on it, and a
+//! cgroup v2 directory for the processes, all torn down by Drop guards.
+
+use anyhow::{bail, Context, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// Where the per-subnet lock files and per-sandbox work directories live. /run is
+/// a tmpfs, so a reboot clears it along with the namespaces.
+const STATE_DIR: &str = "/run/meshlane-tests";
+/// Subnets 10.200.N.0/24 with N in this range are ours.
+const SUBNETS: std::ops::RangeInclusive<u8> = 1..=250;
+/// Default limit for [`Sandbox::run`].
+const RUN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One simulated node: a network namespace holding bridge `br0`
+/// (10.200.N.1/24), pods attached to it, and a cgroup every spawned process is
+/// moved into. Dropping it kills those processes and deletes everything.
+pub struct Sandbox {
+    index: u8,
+    tag: String,
+    /// Holds flock(LOCK_EX) on the subnet's lock file; closing it releases the
+    /// subnet, and the kernel closes it if the process dies.
+    lock: Option<File>,
+    node_netns: String,
+    /// Every namespace created, node first; deleted in reverse.
+    netns: Vec<String>,
+    cgroup: PathBuf,
+    cgroup_created: bool,
+    dir: PathBuf,
+    next_host: u8,
+    pods: Vec<Pod>,
+}
+
+/// A pod: a network namespace with `lo` and `eth0` (on the node's bridge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The pod's own cgroup, a child of the sandbox cgroup: programs attached to
+    /// the sandbox cgroup see it, and per-pod attachment is possible too.
+    pub cgroup: PathBuf,
+}
+
+impl Sandbox {
+    /// Allocates a free 10.200.N.0/24 (flock on /run/meshlane-tests/N.lock held
+    /// for the sandbox's life) and creates the node namespace
+    /// `mlt{N}-{tag}-node` with bridge br0 = 10.200.N.1/24, and the cgroup
+    /// `<cgroup2 root>/meshlane-test-{N}-{tag}`.
+    pub fn new(tag: &str) -> Result<Sandbox> {
+        let tag = sanitize(tag, 10);
+        if tag.is_empty() {
+            bail!("sandbox tag {tag:?} has no [a-z0-9-] characters");
+        }
+        std::fs::create_dir_all(STATE_DIR)
+            .with_context(|| format!("creating state directory {STATE_DIR}"))?;
+        let (index, lock) = allocate_subnet()?;
+        // A previous run that was SIGKILLed held this subnet; its leftovers carry
+        // the subnet number, and holding the lock makes them ours to remove.
+        remove_leftovers(index);
+
+        let root = cgroup2_root()?;
+        let node_netns = format!("mlt{index}-{tag}-node");
+        let mut sb = Sandbox {
+            index,
+            cgroup: root.join(format!("meshlane-test-{index}-{tag}")),
+            dir: Path::new(STATE_DIR).join(format!("{index}-{tag}")),
+            tag,
+            lock: Some(lock),
+            node_netns: node_netns.clone(),
+            netns: Vec::new(),
+            cgroup_created: false,
+            next_host: 2,
+            pods: Vec::new(),
+        };
+        // From here on every early return drops `sb`, which removes what exists.
+        std::fs::create_dir_all(&sb.dir)
+            .with_context(|| format!("creating sandbox directory {}", sb.dir.display()))?;
+        // Sidecars and probes run as non-root uids and write their logs here.
+        std::fs::set_permissions(&sb.dir, std::fs::Permissions::from_mode(0o1777))
+            .with_context(|| format!("chmod 1777 {}", sb.dir.display()))?;
+
+        std::fs::create_dir(&sb.cgroup)
+            .with_context(|| format!("creating cgroup {}", sb.cgroup.display()))?;
+        sb.cgroup_created = true;
+
+        sb.add_netns(&node_netns)?;
+        let gw = format!("{}/24", sb.gateway());
+        ip(&["-n", &node_netns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &node_netns, "addr", "add", &gw, "dev", "br0"])?;
+        ip(&["-n", &node_netns, "link", "set", "br0", "up"])?;
+        Ok(sb)
+    }
+
+    /// Creates pod namespace `mlt{N}-{tag}-{name}` with lo up and eth0 (a veth
+    /// whose peer is on br0) = 10.200.N.{next}/24, default route via .1, and a
+    /// child cgroup `{name}` of the sandbox cgroup.
+    pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let clean = sanitize(name, 10);
+        if clean != name || name.is_empty() || name == "node" {
+            bail!("pod name {name:?} must be 1-10 chars of [a-z0-9-] and not \"node\"");
+        }
+        if self.pods.iter().any(|p| p.name == name) {
+            bail!("pod {name:?} already exists in sandbox {}", self.tag);
+        }
+        if self.next_host == 255 {
+            bail!(
+                "sandbox {} has no addresses left for pod {name:?}",
+                self.tag
+            );
+        }
+        let host = self.next_host;
+        self.next_host += 1;
+        let ip_addr = Ipv4Addr::new(10, 200, self.index, host);
+        let netns = format!("mlt{}-{}-{}", self.index, self.tag, name);
+        self.add_netns(&netns)?;
+
+        // The node end's name only has to be unique inside the node namespace.
+        let node_if = format!("veth{host}");
+        let node = self.node_netns.clone();
+        ip(&[
+            "-n", &node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &netns,
+        ])?;
+        ip(&["-n", &node, "link", "set", &node_if, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip_addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway().to_string(),
+        ])?;
+
+        let cgroup = self.cgroup.join(name);
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating pod cgroup {}", cgroup.display()))?;
+        let pod = Pod {
+            name: name.to_string(),
+            netns,
+            ip: ip_addr,
+            cgroup,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// The sandbox cgroup (attach BPF programs here; pods' cgroups are children).
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Name of the node namespace (usable with `ip netns exec` / `ip -n`).
+    pub fn node_netns(&self) -> &str {
+        &self.node_netns
+    }
+
+    /// N of 10.200.N.0/24.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// The bridge address, pods' default gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, self.index, 1)
+    }
+
+    /// A world-writable scratch directory removed with the sandbox (logs etc.).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pods created so far.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// Spawns `program args` in `pod`'s network namespace and cgroup as
+    /// uid/gid, stdout piped (see [`Proc::wait_ready`]), stderr inherited.
+    pub fn spawn(
+        &self,
+        pod: &Pod,
+        uid: u32,
+        gid: u32,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<Proc> {
+        self.spawn_with(pod, uid, gid, program, args, Stdio::inherit())
+    }
+
+    fn spawn_with(
+        &self,
+        pod: &Pod,
+        uid: u32,
+        gid: u32,
+        program: &Path,
+        args: &[&str],
+        stderr: Stdio,
+    ) -> Result<Proc> {
+        let desc = format!(
+            "{} {} (pod {}, uid {uid}, gid {gid})",
+            program.display(),
+            args.join(" "),
+            pod.name
+        );
+        let ns_path = format!("/run/netns/{}", pod.netns);
+        let ns = File::open(&ns_path).with_context(|| format!("opening netns {ns_path}"))?;
+        let procs_path = pod.cgroup.join("cgroup.procs");
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(&procs_path)
+            .with_context(|| format!("opening {}", procs_path.display()))?;
+        let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
+
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        // std applies Command::uid/gid before pre_exec, after which setns and the
+        // cgroup write would be refused; so everything happens here, in order:
+        // namespace, cgroup, then drop privileges. Only async-signal-safe libc
+        // calls: this runs between fork and exec.
+        let pre_exec = move || -> std::io::Result<()> {
+            // SAFETY: plain syscalls on fds the parent keeps open until spawn returns.
+            unsafe {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let groups = [gid as libc::gid_t];
+                if libc::setgroups(1, groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        };
+        // SAFETY: the closure only makes async-signal-safe syscalls.
+        unsafe {
+            cmd.pre_exec(pre_exec);
+        }
+        let mut child = cmd.spawn().with_context(|| format!("spawning {desc}"))?;
+        drop((ns, procs));
+
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            child,
+            lines: rx,
+            desc,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Runs `program args` like [`Sandbox::spawn`] to completion (20 s limit) and
+    /// returns its stdout; a non-zero exit is an error carrying stderr.
+    pub fn run(
+        &self,
+        pod: &Pod,
+        uid: u32,
+        gid: u32,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<String> {
+        self.run_timeout(pod, uid, gid, program, args, RUN_TIMEOUT)
+    }
+
+    /// [`Sandbox::run`] with an explicit time limit.
+    pub fn run_timeout(
+        &self,
+        pod: &Pod,
+        uid: u32,
+        gid: u32,
+        program: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<String> {
+        let mut proc = self.spawn_with(pod, uid, gid, program, args, Stdio::piped())?;
+        let stderr = proc.child.stderr.take().expect("stderr was piped");
+        let err_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(stderr).read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = proc
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", proc.desc))?
+            {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                // Proc's Drop kills and reaps it.
+                bail!("{} did not finish within {timeout:?}", proc.desc);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // The process is gone, so the pipes reach EOF once drained.
+        let mut out = Vec::new();
+        while let Ok(line) = proc.lines.recv_timeout(Duration::from_secs(2)) {
+            out.push(line);
+        }
+        let stdout = out.join("\n");
+        let stderr = err_thread.join().unwrap_or_default();
+        if !status.success() {
+            bail!(
+                "{} failed with {status}; stderr: {}; stdout: {}",
+                proc.desc,
+                stderr.trim(),
+                stdout.trim()
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// Runs a command as root inside `netns` (via `ip netns exec`, not in the
+    /// sandbox cgroup), with stdin from `stdin_file` if given; returns stdout.
+    pub fn netns_exec(
+        &self,
+        netns: &str,
+        program: &str,
+        args: &[&str],
+        stdin_file: Option<&Path>,
+    ) -> Result<String> {
+        let mut full = vec!["netns", "exec", netns, program];
+        full.extend_from_slice(args);
+        let mut cmd = Command::new("ip");
+        cmd.args(&full);
+        if let Some(f) = stdin_file {
+            let file = File::open(f).with_context(|| format!("opening {}", f.display()))?;
+            cmd.stdin(file);
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        let line = format!(
+            "ip {}{}",
+            full.join(" "),
+            stdin_file
+                .map(|f| format!(" < {}", f.display()))
+                .unwrap_or_default()
+        );
+        let out = cmd.output().with_context(|| format!("running {line}"))?;
+        if !out.status.success() {
+            bail!(
+                "{line} failed with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Loads an iptables-save file into `pod`'s namespace with
+    /// `iptables-restore` (nf_tables backend) or `iptables-legacy-restore`.
+    pub fn iptables_restore(&self, pod: &Pod, rules: &Path, legacy: bool) -> Result<()> {
+        let prog = if legacy {
+            "iptables-legacy-restore"
+        } else {
+            "iptables-restore"
+        };
+        self.netns_exec(&pod.netns, prog, &[], Some(rules))
+            .with_context(|| format!("loading {} into pod {}", rules.display(), pod.name))?;
+        Ok(())
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        ip(&["netns", "add", name])?;
+        self.netns.push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.cgroup_created {
+            if let Err(e) = remove_cgroup(&self.cgroup) {
+                eprintln!("meshlane-tests: cleanup: {e:#}");
+            }
+        }
+        for ns in self.netns.iter().rev() {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("meshlane-tests: cleanup: {e:#}");
+            }
+        }
+        if self.dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                eprintln!(
+                    "meshlane-tests: cleanup: removing {}: {e}",
+                    self.dir.display()
+                );
+            }
+        }
+        // Released last, so nobody reuses the subnet while its names still exist.
+        self.lock.take();
+    }
+}
+
+/// A process started by [`Sandbox::spawn`]; killed and reaped on drop.
+pub struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+    desc: String,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    /// Reads stdout lines until one is exactly `ready`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.trim() == "ready" => return Ok(()),
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "{} not ready after {timeout:?}; stdout so far: {:?}",
+                    self.desc,
+                    self.seen
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    bail!(
+                        "{} closed stdout before printing ready (exit status {status:?}); stdout: {:?}",
+                        self.desc,
+                        self.seen
+                    )
+                }
+            }
+        }
+    }
+
+    /// The next stdout line, or None at EOF or timeout.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process now (Drop does the same).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The cgroup v2 mount point, from /proc/mounts (/sys/fs/cgroup on unified
+/// hosts, /sys/fs/cgroup/unified on hybrid ones).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
+        })
+        .next()
+        .context("no cgroup2 filesystem in /proc/mounts")
+}
+
+/// Path of the `mtest` binary: $MESHLANE_MTEST, else `mtest` in the profile
+/// directory of the running executable (target/debug/mtest for
+/// target/debug/deps/foo-hash or target/debug/xtask).
+pub fn mtest_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESHLANE_MTEST") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("cannot read /proc/self/exe");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    let candidate = dir.join("mtest");
+    if candidate.is_file() {
+        return candidate;
+    }
+    panic!(
+        "mtest binary not found at {} (next to {}); build it with `cargo build -p meshlane-tests` \
+         using the same target directory, or set MESHLANE_MTEST",
+        candidate.display(),
+        exe.display()
+    );
+}
+
+/// The workspace root (parent of this package's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The shared data directory: $MESHLANE_SHARED, else `<workspace root>/../shared`.
+pub fn shared_dir() -> PathBuf {
+    match std::env::var_os("MESHLANE_SHARED") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_root().join("..").join("shared"),
+    }
+}
+
+fn sanitize(s: &str, max: usize) -> String {
+    s.chars()
+        .map(|c| c.to_ascii_lowercase())
+        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
+        .take(max)
+        .collect()
+}
+
+/// /proc/mounts escapes space, tab, newline and backslash as octal.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs `ip args`, failing with the command line and ip's stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed with {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Takes the first subnet whose lock file we can flock without waiting. The
+/// start is spread by pid so parallel test binaries rarely contend.
+fn allocate_subnet() -> Result<(u8, File)> {
+    let count = SUBNETS.len();
+    let start = std::process::id() as usize % count;
+    for k in 0..count {
+        let index = *SUBNETS.start() + ((start + k) % count) as u8;
+        if let Some(file) = try_lock(index)? {
+            // The holder's pid, for whoever wonders who owns a subnet.
+            let _ = file.set_len(0);
+            let _ = writeln!(&file, "{}", std::process::id());
+            return Ok((index, file));
+        }
+    }
+    bail!("all {count} test subnets 10.200.N.0/24 are in use (locks in {STATE_DIR})")
+}
+
+/// flock(LOCK_EX|LOCK_NB) on subnet `index`'s lock file; None when held elsewhere.
+fn try_lock(index: u8) -> Result<Option<File>> {
+    let path = Path::new(STATE_DIR).join(format!("{index}.lock"));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    // SAFETY: flock on an fd we own. Locks belong to the open file description,
+    // so threads of this process exclude each other too.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(err).with_context(|| format!("flock {}", path.display()))
+}
+
+/// Removes what killed test processes left behind (namespaces, cgroups,
+/// directories) for every subnet nobody holds now; returns how many subnets had
+/// leftovers. [`Sandbox::new`] already does this for the subnet it takes; this is
+/// for a sweep after an interrupted run (e.g. Ctrl-C of `cargo test`).
+pub fn cleanup_stale() -> Result<usize> {
+    std::fs::create_dir_all(STATE_DIR)
+        .with_context(|| format!("creating state directory {STATE_DIR}"))?;
+    let mut cleaned = 0;
+    for index in SUBNETS {
+        // Checked before locking, so a sweep creates no lock files; checked
+        // again under the lock, because the holder may have just finished.
+        if !has_leftovers(index) {
+            continue;
+        }
+        let Some(lock) = try_lock(index)? else {
+            continue;
+        };
+        if has_leftovers(index) {
+            remove_leftovers(index);
+            cleaned += 1;
+        }
+        drop(lock);
+    }
+    Ok(cleaned)
+}
+
+fn has_leftovers(index: u8) -> bool {
+    let ns_prefix = format!("mlt{index}-");
+    let cg_prefix = format!("meshlane-test-{index}-");
+    let dir_prefix = format!("{index}-");
+    let any = |dir: &Path, prefix: &str| {
+        std::fs::read_dir(dir).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        })
+    };
+    any(Path::new("/run/netns"), &ns_prefix)
+        || cgroup2_root().is_ok_and(|r| any(&r, &cg_prefix))
+        || any(Path::new(STATE_DIR), &dir_prefix)
+}
+
+/// Removes namespaces, cgroups and directories of subnet `index` left by a
+/// process that died without cleaning up. Best effort: failures only warn.
+fn remove_leftovers(index: u8) {
+    let ns_prefix = format!("mlt{index}-");
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&ns_prefix) {
+                if let Err(e) = ip(&["netns", "del", &name]) {
+                    eprintln!("meshlane-tests: removing stale netns: {e:#}");
+                }
+            }
+        }
+    }
+    if let Ok(root) = cgroup2_root() {
+        let cg_prefix = format!("meshlane-test-{index}-");
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&cg_prefix) {
+                    if let Err(e) = remove_cgroup(&e.path()) {
+                        eprintln!("meshlane-tests: removing stale cgroup: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+    let dir_prefix = format!("{index}-");
+    if let Ok(entries) = std::fs::read_dir(STATE_DIR) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&dir_prefix) && e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Kills every process in the cgroup subtree, waits for them to leave, and
+/// removes the directories bottom-up (rmdir fails while a child cgroup or a
+/// live process remains).
+fn remove_cgroup(cg: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // cgroup.kill (5.14+) kills the whole subtree atomically, including
+        // processes forked while we kill.
+        if std::fs::write(cg.join("cgroup.kill"), "1").is_err() {
+            kill_listed(cg);
+        }
+        if subtree_empty(cg) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("processes still in cgroup {} after 10 s", cg.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rmdir_tree(cg, deadline)
+}
+
+fn child_cgroups(cg: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(cg)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn kill_listed(cg: &Path) {
+    for child in child_cgroups(cg) {
+        kill_listed(&child);
+    }
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // SAFETY: sending a signal; a pid that already exited just fails.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn subtree_empty(cg: &Path) -> bool {
+    let own = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+    own.trim().is_empty() && child_cgroups(cg).iter().all(|c| subtree_empty(c))
+}
+
+fn rmdir_tree(cg: &Path, deadline: Instant) -> Result<()> {
+    for child in child_cgroups(cg) {
+        rmdir_tree(&child, deadline)?;
+    }
+    loop {
+        match std::fs::remove_dir(cg) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // EBUSY while killed tasks finish exiting.
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e).with_context(|| format!("rmdir cgroup {}", cg.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_unescape() {
+        assert_eq!(unescape_mount(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mount("/sys/fs/cgroup"), "/sys/fs/cgroup");
+    }
+
+    #[test]
+    fn sanitize_names() {
+        assert_eq!(sanitize("Harness_IPT", 10), "harnessipt");
+        assert_eq!(sanitize("abcdefghijklmnop", 10), "abcdefghij");
+    }
+}
