@@ -8,10 +8,12 @@
 //!   getsockopt reporter) and the serde types of what it prints ([`records`]).
 //! * Raw socket helpers ([`sock`]) shared by both.
 
+pub mod agent;
 pub mod records;
 pub mod sandbox;
 pub mod sock;
 
+pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, PodSpec};
 pub use records::{
     read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
     SidecarRecord, SockoptRecord,

@@ -43,7 +43,9 @@ pub fn raw_getsockopt(
     buflen: usize,
     init: &[u8],
 ) -> RawSockopt {
-    let mut buf = vec![0u8; buflen];
+    // A recognisable fill: whatever the caller's buffer holds after the call is
+    // reported, so a hook that scribbles on it (even on failure) shows up.
+    let mut buf = vec![0xa5u8; buflen];
     let n = init.len().min(buflen);
     buf[..n].copy_from_slice(&init[..n]);
     let mut optlen = buflen as libc::socklen_t;
@@ -59,10 +61,6 @@ pub fn raw_getsockopt(
     } else {
         io::Error::last_os_error().raw_os_error().unwrap_or(0)
     };
-    // On failure the kernel copied nothing back; the buffer would only echo `init`.
-    if rc != 0 {
-        buf.clear();
-    }
     buf.truncate((optlen as usize).min(buflen));
     RawSockopt {
         rc,

@@ -459,6 +459,13 @@ fn record(
 }
 
 fn sockopts(connect: SocketAddr, legacy: bool) -> Result<()> {
+    // The iptables queries come first: the TCP connection below moves the
+    // table's packet counters, which are part of the answer.
+    let legacy_recs = if legacy {
+        legacy_iptables()?
+    } else {
+        Vec::new()
+    };
     let s = std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(3))
         .with_context(|| format!("connecting to {connect}"))?;
     let fd = s.as_raw_fd();
@@ -484,9 +491,7 @@ fn sockopts(connect: SocketAddr, legacy: bool) -> Result<()> {
         record("IP_TOS", fd, ip, libc::IP_TOS, 4, &[], None).0,
         record("SO_RCVBUF_NULL", fd, sol, libc::SO_RCVBUF, 0, &[], None).0,
     ];
-    if legacy {
-        recs.extend(legacy_iptables()?);
-    }
+    recs.extend(legacy_recs);
     println!(
         "{}",
         serde_json::to_string(&recs).context("serialising sockopt records")?

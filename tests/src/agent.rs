@@ -1,0 +1,288 @@
+//! Running the real `meshlane` agent against a sandbox: a pods file the test
+//! writes, a bpffs directory and state directory of the sandbox's own, and
+//! the programs attached to the sandbox's cgroup only. Drop runs
+//! `meshlane cleanup`, so nothing stays attached or pinned, also on panic.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{Pod, Sandbox};
+
+/// Path of the `meshlane` binary: $MESHLANE_BIN, else `meshlane` in the
+/// profile directory of the running executable.
+pub fn meshlane_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESHLANE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("cannot read /proc/self/exe");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    let candidate = dir.join("meshlane");
+    assert!(
+        candidate.is_file(),
+        "meshlane binary not found at {}; build it with `cargo xtask build-ebpf && cargo build -p meshlane` \
+         (cargo xtask test does both), or set MESHLANE_BIN",
+        candidate.display()
+    );
+    candidate
+}
+
+/// How a test describes a pod for the pods file.
+#[derive(Clone, Debug, Default)]
+pub struct PodSpec {
+    pub name: String,
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub meshed: bool,
+    pub annotations: Vec<(String, String)>,
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub proxy_env: Vec<(String, String)>,
+}
+
+impl PodSpec {
+    pub fn meshed(pod: &Pod) -> Self {
+        Self {
+            name: pod.name.clone(),
+            ip: Some(pod.ip),
+            meshed: true,
+            ..Default::default()
+        }
+    }
+    pub fn plain(pod: &Pod) -> Self {
+        Self {
+            name: pod.name.clone(),
+            ip: Some(pod.ip),
+            meshed: false,
+            ..Default::default()
+        }
+    }
+    pub fn annotate(mut self, k: &str, v: &str) -> Self {
+        self.annotations.push((k.into(), v.into()));
+        self
+    }
+
+    /// The Pod object as `kubectl get pod -o json` would print it (the parts
+    /// meshlane reads, and some it must ignore).
+    pub fn to_json(&self) -> Value {
+        let mut ann = serde_json::Map::new();
+        if self.meshed {
+            ann.insert(
+                "sidecar.istio.io/status".into(),
+                json!("{\"containers\":[\"istio-proxy\"]}"),
+            );
+        }
+        for (k, v) in &self.annotations {
+            ann.insert(k.clone(), json!(v));
+        }
+        let mut containers = vec![
+            json!({"name": "app", "image": "example/app:1", "ports": [{"containerPort": 9080}]}),
+        ];
+        if self.meshed {
+            let mut sc = serde_json::Map::new();
+            if let Some(u) = self.run_as_user {
+                sc.insert("runAsUser".into(), json!(u));
+            }
+            if let Some(g) = self.run_as_group {
+                sc.insert("runAsGroup".into(), json!(g));
+            }
+            let env: Vec<Value> = self
+                .proxy_env
+                .iter()
+                .map(|(k, v)| json!({"name": k, "value": v}))
+                .collect();
+            containers.push(json!({"name": "istio-proxy", "image": "istio/proxyv2:1.24", "securityContext": sc, "env": env}));
+        }
+        let status = match self.ip {
+            Some(ip) => {
+                json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]})
+            }
+            None => json!({"phase": "Pending"}),
+        };
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": self.name, "namespace": "default", "annotations": ann, "uid": format!("uid-{}", self.name)},
+            "spec": {"containers": containers, "nodeName": "node-1"},
+            "status": status,
+        })
+    }
+}
+
+pub fn pod_list(pods: &[PodSpec]) -> String {
+    let items: Vec<Value> = pods.iter().map(PodSpec::to_json).collect();
+    serde_json::to_string_pretty(&json!({"apiVersion": "v1", "kind": "PodList", "items": items}))
+        .expect("json")
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub pods_file: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    stderr_log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `meshlane run` for the sandbox with these pods and waits until
+    /// every meshed pod with an IP is active.
+    pub fn start(sb: &Sandbox, pods: &[PodSpec]) -> Result<Agent> {
+        let pods_file = sb.dir().join("pods.json");
+        std::fs::write(&pods_file, pod_list(pods))?;
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}", sb.index()));
+        let state_dir = sb.dir().join("agent-state");
+        let stderr_log = sb.dir().join("agent.log");
+        let mut agent = Agent {
+            child: None,
+            pods_file,
+            bpffs,
+            state_dir,
+            stderr_log,
+        };
+        // A previous run of this sandbox index that was SIGKILLed may have left pins.
+        agent.cleanup();
+        let log = std::fs::File::create(&agent.stderr_log)?;
+        let child = Command::new(meshlane_bin())
+            .arg("run")
+            .arg("--pods")
+            .arg(&agent.pods_file)
+            .arg("--cgroup")
+            .arg(sb.cgroup())
+            .arg("--bpffs")
+            .arg(&agent.bpffs)
+            .arg("--state-dir")
+            .arg(&agent.state_dir)
+            .env("MESHLANE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting meshlane run")?;
+        agent.child = Some(child);
+        let expect_active: Vec<String> = pods
+            .iter()
+            .filter(|p| p.meshed && p.ip.is_some())
+            .map(|p| format!("default/{}", p.name))
+            .collect();
+        agent.wait_status(Duration::from_secs(15), |st| {
+            expect_active
+                .iter()
+                .all(|name| pod_state(st, name).as_deref() == Some("active"))
+        })?;
+        Ok(agent)
+    }
+
+    pub fn write_pods(&self, pods: &[PodSpec]) -> Result<()> {
+        // Replace atomically, as kubectl-driven tooling and editors do.
+        let tmp = self.pods_file.with_extension("tmp");
+        std::fs::write(&tmp, pod_list(pods))?;
+        std::fs::rename(&tmp, &self.pods_file)?;
+        Ok(())
+    }
+
+    pub fn write_raw(&self, text: &str) -> Result<()> {
+        let tmp = self.pods_file.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.pods_file)?;
+        Ok(())
+    }
+
+    /// The agent's status.json.
+    pub fn status(&self) -> Result<Value> {
+        let p = self.state_dir.join("status.json");
+        let b = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(serde_json::from_slice(&b)?)
+    }
+
+    /// `meshlane status --json` output.
+    pub fn status_cmd(&self) -> Result<Value> {
+        let out = Command::new(meshlane_bin())
+            .args(["status", "--json", "--bpffs"])
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "meshlane status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn wait_status(&mut self, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(s) = c.try_wait()? {
+                    bail!("meshlane run exited with {s}; its log:\n{}", self.log());
+                }
+            }
+            if let Ok(st) = self.status() {
+                if ok(&st) {
+                    return Ok(st);
+                }
+                if start.elapsed() > timeout {
+                    bail!("agent status did not reach the expected state in {timeout:?}: {st:#}\nlog:\n{}", self.log());
+                }
+            } else if start.elapsed() > timeout {
+                bail!(
+                    "agent wrote no status in {timeout:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    fn cleanup(&mut self) {
+        let _ = Command::new(meshlane_bin())
+            .args(["cleanup", "--bpffs"])
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.cleanup();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.bpffs.exists() {
+            eprintln!(
+                "WARNING: {} still exists after meshlane cleanup",
+                self.bpffs.display()
+            );
+        }
+    }
+}
+
+/// The state of pod `name` in an agent status document.
+pub fn pod_state(st: &Value, name: &str) -> Option<String> {
+    pod_entry(st, name)?
+        .get("state")?
+        .as_str()
+        .map(String::from)
+}
+
+pub fn pod_entry<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
+    st.get("pods")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+}
