@@ -1,1 +1,178 @@
-fn main() {}
+//! `cargo xtask`: set-up, build, test and demo for meshlane.
+//!
+//! Every command first installs what is missing (Debian packages, the
+//! nightly's rust-src, bpf-linker built against LLVM 22) and says what it is
+//! doing; running it again does nothing it already did.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the build and test dependencies (idempotent).
+    Setup,
+    /// Build the kernel programs (nightly, bpfel-unknown-none, bpf-linker).
+    BuildEbpf,
+    /// Build everything and run the unit and namespaced integration tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run meshlane on a sandbox node and show where traffic goes.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup()?;
+            build_ebpf()
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            build_all()?;
+            test(&args)
+        }
+        Cmd::Demo => {
+            setup()?;
+            build_all()?;
+            demo::run()
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+fn say(msg: &str) {
+    eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests and demo
+/// drive (ip, iptables for the conformance comparison, bpftool to inspect,
+/// haproxy as a real SO_ORIGINAL_DST-reading proxy).
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "bpftool", "iproute2", "iptables", "haproxy", "iperf3"];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn setup() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("meshlane's set-up and tests load eBPF programs and create network namespaces: run as root");
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        say("apt packages: all present");
+    } else {
+        say(&format!("installing apt packages: {}", missing.join(" ")));
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+    if has_src {
+        say("nightly rust-src: present");
+    } else {
+        say("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if linker_ok {
+        say(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+    } else {
+        say(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
+        run(Command::new("cargo")
+            .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        .or_else(|_| {
+            // Without --locked if the lock file pins something this toolchain refuses.
+            run(Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        })?;
+    }
+    Ok(())
+}
+
+/// A cargo for the nightly eBPF build, free of the variables the outer
+/// (stable) cargo set for us.
+fn nightly_cargo() -> Command {
+    let mut c = Command::new("cargo");
+    c.arg("+nightly");
+    for v in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "CARGO", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn build_ebpf() -> Result<()> {
+    let dir = root().join("ebpf/programs");
+    say("building the kernel programs (ebpf/programs, nightly, bpfel-unknown-none)");
+    run(nightly_cargo().arg("build").arg("--release").current_dir(&dir))?;
+    let obj = dir.join("target/bpfel-unknown-none/release/meshlane");
+    if !obj.is_file() {
+        bail!("expected the eBPF object at {}", obj.display());
+    }
+    say(&format!("eBPF object: {}", obj.display()));
+    Ok(())
+}
+
+fn build_all() -> Result<()> {
+    build_ebpf()?;
+    say("building the agent (with the eBPF object embedded), the test sidecar and the tests");
+    run(Command::new("cargo").args(["build", "--workspace", "--bins"]).current_dir(root()))?;
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    say("running unit and integration tests (cargo test --workspace)");
+    let shared = root().join("../shared");
+    if std::env::var_os("MESHLANE_SHARED").is_none() && !shared.is_dir() {
+        bail!("shared data not found at {} (set MESHLANE_SHARED)", shared.display());
+    }
+    run(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]).args(extra).current_dir(root()))?;
+    say("all tests passed");
+    Ok(())
+}
