@@ -97,7 +97,7 @@ struct RawEnv {
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawStatus {
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
     #[serde(default, rename = "podIPs")]
     pod_ips: Vec<RawPodIp>,

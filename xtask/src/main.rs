@@ -57,7 +57,10 @@ fn main() -> Result<()> {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 fn say(msg: &str) {
@@ -76,8 +79,16 @@ fn run(cmd: &mut Command) -> Result<()> {
 /// Debian packages: LLVM 22 for bpf-linker, and the tools the tests and demo
 /// drive (ip, iptables for the conformance comparison, bpftool to inspect,
 /// haproxy as a real SO_ORIGINAL_DST-reading proxy).
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "bpftool", "iproute2", "iptables", "haproxy", "iperf3"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "haproxy",
+    "iperf3",
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -89,7 +100,9 @@ fn setup() -> Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -106,12 +119,22 @@ fn setup() -> Result<()> {
     let has_src = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        });
     if has_src {
         say("nightly rust-src: present");
     } else {
         say("adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker_ok = Command::new("bpf-linker")
         .arg("--version")
@@ -120,9 +143,17 @@ fn setup() -> Result<()> {
     if linker_ok {
         say(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
     } else {
-        say(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
+        say(&format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        ));
         run(Command::new("cargo")
-            .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         .or_else(|_| {
@@ -141,7 +172,18 @@ fn setup() -> Result<()> {
 fn nightly_cargo() -> Command {
     let mut c = Command::new("cargo");
     c.arg("+nightly");
-    for v in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "CARGO", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for v in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "CARGO",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         c.env_remove(v);
     }
     c
@@ -150,7 +192,10 @@ fn nightly_cargo() -> Command {
 fn build_ebpf() -> Result<()> {
     let dir = root().join("ebpf/programs");
     say("building the kernel programs (ebpf/programs, nightly, bpfel-unknown-none)");
-    run(nightly_cargo().arg("build").arg("--release").current_dir(&dir))?;
+    run(nightly_cargo()
+        .arg("build")
+        .arg("--release")
+        .current_dir(&dir))?;
     let obj = dir.join("target/bpfel-unknown-none/release/meshlane");
     if !obj.is_file() {
         bail!("expected the eBPF object at {}", obj.display());
@@ -162,7 +207,9 @@ fn build_ebpf() -> Result<()> {
 fn build_all() -> Result<()> {
     build_ebpf()?;
     say("building the agent (with the eBPF object embedded), the test sidecar and the tests");
-    run(Command::new("cargo").args(["build", "--workspace", "--bins"]).current_dir(root()))?;
+    run(Command::new("cargo")
+        .args(["build", "--workspace", "--bins"])
+        .current_dir(root()))?;
     Ok(())
 }
 
@@ -170,9 +217,15 @@ fn test(extra: &[String]) -> Result<()> {
     say("running unit and integration tests (cargo test --workspace)");
     let shared = root().join("../shared");
     if std::env::var_os("MESHLANE_SHARED").is_none() && !shared.is_dir() {
-        bail!("shared data not found at {} (set MESHLANE_SHARED)", shared.display());
+        bail!(
+            "shared data not found at {} (set MESHLANE_SHARED)",
+            shared.display()
+        );
     }
-    run(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]).args(extra).current_dir(root()))?;
+    run(Command::new("cargo")
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .current_dir(root()))?;
     say("all tests passed");
     Ok(())
 }
