@@ -201,8 +201,8 @@ pub fn run() -> Result<()> {
     ];
 
     println!(
-        "{:<46} {:<20} {:<14} {:<10} {:<22} {}",
-        "CONNECTION", "TO", "LANDED", "EXPECTED", "ORIGINAL DST SEEN", ""
+        "{:<46} {:<20} {:<14} {:<10} {:<22} RESULT",
+        "CONNECTION", "TO", "LANDED", "EXPECTED", "ORIGINAL DST SEEN"
     );
     let mut failures = 0;
     for c in &cases {

@@ -64,7 +64,7 @@ impl MapLists {
     fn port_in(&self, list: u16, port: u16) -> bool {
         let key = PortKey::new(self.netns_cookie, list, port);
         // SAFETY: the value is only tested for presence, never held.
-        unsafe { PORTS.get(&key).is_some() }
+        unsafe { PORTS.get(key).is_some() }
     }
 
     #[inline(always)]

@@ -91,7 +91,7 @@ unsafe fn track(ctx: &SockOpsContext) {
             }
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             let key = flow_key(ops, netns_cookie, true);
-            if IN_FLIGHT.insert(&key, &orig, 0).is_err() {
+            if IN_FLIGHT.insert(key, orig, 0).is_err() {
                 count(stat::RECORD_FAILED);
                 return;
             }
@@ -105,7 +105,7 @@ unsafe fn track(ctx: &SockOpsContext) {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             let key = flow_key(ops, netns_cookie, false);
             // SAFETY: copied out at once.
-            let Some(orig) = (unsafe { IN_FLIGHT.get(&key) }) else {
+            let Some(orig) = (unsafe { IN_FLIGHT.get(key) }) else {
                 return;
             };
             let mut mine = OrigDst {
@@ -127,13 +127,11 @@ unsafe fn track(ctx: &SockOpsContext) {
             if st.is_null() {
                 count(stat::RECORD_FAILED);
             }
-            let _ = IN_FLIGHT.remove(&key);
+            let _ = IN_FLIGHT.remove(key);
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE {
-                let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-                let _ = IN_FLIGHT.remove(&flow_key(ops, netns_cookie, true));
-            }
+        BPF_SOCK_OPS_STATE_CB if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+            let _ = IN_FLIGHT.remove(flow_key(ops, netns_cookie, true));
         }
         _ => {}
     }
