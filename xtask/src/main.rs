@@ -214,7 +214,7 @@ fn build_all() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    say("running unit and integration tests (cargo test --workspace)");
+    say("running unit, property and integration tests (cargo test --workspace)");
     let shared = root().join("../shared");
     if std::env::var_os("MESHLANE_SHARED").is_none() && !shared.is_dir() {
         bail!(
@@ -222,10 +222,51 @@ fn test(extra: &[String]) -> Result<()> {
             shared.display()
         );
     }
-    run(Command::new("cargo")
+    let mut child = Command::new("cargo")
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
-        .current_dir(root()))?;
-    say("all tests passed");
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Echo the output and add up every binary's "test result" line, so the
+    // run ends with one total instead of the last binary's (often empty) doc-test line.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let out = child.stdout.take().expect("piped");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut w = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    let ok = status.success() && failed == 0 && passed > 0;
+    say(if ok {
+        "all tests passed"
+    } else {
+        "TESTS FAILED"
+    });
+    // The total is the run's last line.
+    if ignored > 0 {
+        println!("meshlane: {passed} passed, {failed} failed, {ignored} skipped");
+    } else {
+        println!("meshlane: {passed} passed, {failed} failed");
+    }
+    if !ok {
+        bail!("tests failed ({failed} failed, {passed} passed; cargo test exited with {status})");
+    }
     Ok(())
 }
