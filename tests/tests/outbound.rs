@@ -543,3 +543,36 @@ fn getsockopt_passes_everything_else_through() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn udp_is_never_touched() -> Result<()> {
+    let n = node("udp")?;
+    let mut echo = n.sb.spawn(
+        &n.b,
+        0,
+        0,
+        mtest(),
+        &["udp-echo", "--name", "b", "--listen", "0.0.0.0:9080"],
+    )?;
+    echo.wait_ready(READY)?;
+    let _agent = Agent::start(&n.sb, &n.default_pods())?;
+    let to = format!("{}:9080", n.b.ip);
+    for (uid, what) in [(APP_UID, "app"), (PROXY_UID, "proxy")] {
+        let out =
+            n.sb.run(&n.a, uid, uid, mtest(), &["udp-probe", "--connect", &to])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        assert_eq!(
+            v["peer"].as_str(),
+            Some(to.as_str()),
+            "{what}: UDP connect() must not be rewritten: {v}"
+        );
+        let reply = v["reply"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no UDP reply: {v}"));
+        assert!(
+            reply.starts_with(&format!("b from {}:", n.a.ip)),
+            "{what}: reply came from b directly: {reply}"
+        );
+    }
+    Ok(())
+}

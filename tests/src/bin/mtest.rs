@@ -74,6 +74,19 @@ enum Cmd {
         #[arg(long, default_value = "hello")]
         request: String,
     },
+    /// UDP responder: answers each datagram with "NAME from PEER".
+    UdpEcho {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// UDP client: connect() (the call cgroup/connect4 sees), send one
+    /// datagram, print one JSON line with the reply.
+    UdpProbe {
+        #[arg(long)]
+        connect: SocketAddr,
+    },
     /// Print raw getsockopt results of a connected TCP socket as a JSON list.
     Sockopts {
         #[arg(long)]
@@ -91,6 +104,8 @@ fn main() -> Result<()> {
             connect,
             legacy_iptables,
         } => sockopts(connect, legacy_iptables),
+        Cmd::UdpEcho { name, listen } => udp_echo(&name, listen),
+        Cmd::UdpProbe { connect } => udp_probe(connect),
         cmd => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -114,7 +129,9 @@ fn main() -> Result<()> {
                         probe(connect, bind, Duration::from_millis(timeout_ms), request).await;
                         Ok(())
                     }
-                    Cmd::Sockopts { .. } => unreachable!("handled above"),
+                    Cmd::Sockopts { .. } | Cmd::UdpEcho { .. } | Cmd::UdpProbe { .. } => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }
@@ -544,4 +561,39 @@ fn legacy_iptables() -> Result<Vec<SockoptRecord>> {
         None,
     );
     Ok(vec![info, entries])
+}
+
+// ---------------------------------------------------------------- udp
+
+fn udp_echo(name: &str, listen: SocketAddr) -> Result<()> {
+    let s = std::net::UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    println!("ready");
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let (_, peer) = s.recv_from(&mut buf).context("recv_from")?;
+        let _ = s.send_to(format!("{name} from {peer}").as_bytes(), peer);
+    }
+}
+
+fn udp_probe(connect: SocketAddr) -> Result<()> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").context("binding UDP")?;
+    let out = match s.connect(connect) {
+        Err(e) => serde_json::json!({"connected": false, "error": e.to_string()}),
+        Ok(()) => {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let peer = s.peer_addr().map(|a| a.to_string()).ok();
+            let local = s.local_addr().map(|a| a.to_string()).ok();
+            let _ = s.send(b"ping");
+            let mut buf = [0u8; 2048];
+            match s.recv(&mut buf) {
+                Ok(n) => serde_json::json!({"connected": true, "peer": peer, "local": local,
+                    "reply": String::from_utf8_lossy(&buf[..n])}),
+                Err(e) => serde_json::json!({"connected": true, "peer": peer, "local": local,
+                    "error": e.to_string()}),
+            }
+        }
+    };
+    println!("{out}");
+    Ok(())
 }
