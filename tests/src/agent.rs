@@ -3,7 +3,7 @@
 //! the programs attached to the sandbox's cgroup only. Drop runs
 //! `meshlane cleanup`, so nothing stays attached or pinned, also on panic.
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,22 +16,11 @@ use crate::{Pod, Sandbox};
 /// Path of the `meshlane` binary: $MESHLANE_BIN, else `meshlane` in the
 /// profile directory of the running executable.
 pub fn meshlane_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHLANE_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("cannot read /proc/self/exe");
-    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.file_name().is_some_and(|n| n == "deps") {
-        dir.pop();
-    }
-    let candidate = dir.join("meshlane");
-    assert!(
-        candidate.is_file(),
-        "meshlane binary not found at {}; build it with `cargo xtask build-ebpf && cargo build -p meshlane` \
-         (cargo xtask test does both), or set MESHLANE_BIN",
-        candidate.display()
-    );
-    candidate
+    crate::sandbox::sibling_bin(
+        "meshlane",
+        "MESHLANE_BIN",
+        "cargo xtask build-ebpf && cargo build -p meshlane",
+    )
 }
 
 /// How a test describes a pod for the pods file.

@@ -506,7 +506,13 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 /// directory of the running executable (target/debug/mtest for
 /// target/debug/deps/foo-hash or target/debug/xtask).
 pub fn mtest_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHLANE_MTEST") {
+    sibling_bin("mtest", "MESHLANE_MTEST", "cargo build -p meshlane-tests")
+}
+
+/// A binary of this workspace: `$env` if set, else `name` next to the
+/// running executable's profile directory, built by `how` if missing.
+pub fn sibling_bin(name: &str, env: &str, how: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("cannot read /proc/self/exe");
@@ -514,16 +520,15 @@ pub fn mtest_bin() -> PathBuf {
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
     }
-    let candidate = dir.join("mtest");
-    if candidate.is_file() {
-        return candidate;
-    }
-    panic!(
-        "mtest binary not found at {} (next to {}); build it with `cargo build -p meshlane-tests` \
-         using the same target directory, or set MESHLANE_MTEST",
+    let candidate = dir.join(name);
+    assert!(
+        candidate.is_file(),
+        "{name} binary not found at {} (next to {}); build it with `{how}` \
+         using the same target directory, or set {env}",
         candidate.display(),
         exe.display()
     );
+    candidate
 }
 
 /// The workspace root (parent of this package's manifest directory).
