@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod bpf;
+mod iptables;
 mod netns;
 mod podconfig;
 mod pods;
@@ -59,6 +60,15 @@ enum Command {
         #[command(flatten)]
         at: Where,
     },
+    /// Print the iptables-restore rules Istio would write for a pod, from
+    /// meshlane's reading of it (to compare with, or migrate from, Istio).
+    Iptables {
+        #[arg(long, value_name = "FILE")]
+        pods: PathBuf,
+        /// The pod: NAME or NAMESPACE/NAME.
+        #[arg(long)]
+        pod: String,
+    },
     /// Stop the agent, detach and unpin everything meshlane owns.
     Cleanup {
         #[command(flatten)]
@@ -107,6 +117,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Iptables { pods, pod } => print_iptables(&pods, &pod),
         Command::Cleanup { at } => cleanup(&at),
     }
 }
@@ -135,5 +146,38 @@ fn cleanup(at: &Where) -> Result<()> {
         removed.len(),
         at.bpffs.display()
     );
+    Ok(())
+}
+
+fn print_iptables(file: &std::path::Path, name: &str) -> Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading pods file {}", file.display()))?;
+    let all = pods::parse(&text).with_context(|| format!("pods file {}", file.display()))?;
+    let matches: Vec<&pods::Pod> = all
+        .iter()
+        .filter(|p| p.key() == name || (!name.contains('/') && p.name == name))
+        .collect();
+    let pod = match matches.as_slice() {
+        [p] => *p,
+        [] => anyhow::bail!("no pod {name:?} in {}", file.display()),
+        _ => anyhow::bail!(
+            "{name:?} names several pods in {}: use NAMESPACE/NAME",
+            file.display()
+        ),
+    };
+    if !pod.meshed {
+        anyhow::bail!("pod {} is not meshed (no istio-proxy container, no sidecar.istio.io/status): Istio writes no rules", pod.key());
+    }
+    let cfg = podconfig::MeshConfig::from_pod(pod);
+    for e in &cfg.errors {
+        eprintln!("warning: pod {}: {e}", pod.key());
+    }
+    match iptables::render(&cfg) {
+        Some(rules) => print!("{rules}"),
+        None => eprintln!(
+            "pod {}: interceptionMode NONE: Istio writes no rules",
+            pod.key()
+        ),
+    }
     Ok(())
 }

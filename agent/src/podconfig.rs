@@ -33,6 +33,8 @@ pub mod annotation {
 
 /// Proxy environment variable that turns DNS capture on.
 pub const DNS_CAPTURE_ENV: &str = "ISTIO_META_DNS_CAPTURE";
+/// Proxy environment variable that makes Istio drop conntrack-INVALID packets.
+pub const INVALID_DROP_ENV: &str = "INVALID_DROP";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Mode {
@@ -102,6 +104,10 @@ pub struct MeshConfig {
     pub exclude_inbound_ports: Vec<u16>,
     pub status_port: u16,
     pub dns_capture: bool,
+    /// `INVALID_DROP=true`: Istio drops conntrack-INVALID packets. meshlane
+    /// keeps no conntrack state, so there is nothing to drop; kept for the
+    /// rules rendering.
+    pub invalid_drop: bool,
     pub errors: Vec<ConfigError>,
     /// Annotations meshlane does not act on (yet), reported, not fatal.
     pub unsupported: Vec<String>,
@@ -183,6 +189,7 @@ impl MeshConfig {
             exclude_inbound_ports: vec![ports::STATUS, ports::HEALTH, ports::STATS],
             status_port: ports::STATUS,
             dns_capture: false,
+            invalid_drop: false,
             errors: Vec::new(),
             unsupported: Vec::new(),
         }
@@ -321,15 +328,21 @@ impl MeshConfig {
         }
         cfg.exclude_inbound_ports = excl_in;
 
-        if let Some(v) = pod.proxy_env.get(DNS_CAPTURE_ENV) {
-            match v.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "t" => cfg.dns_capture = true,
-                "false" | "0" | "f" | "" => cfg.dns_capture = false,
-                _ => err(
-                    &format!("istio-proxy env {DNS_CAPTURE_ENV}"),
-                    v,
-                    "expected true or false".into(),
-                ),
+        for (var, field) in [
+            (DNS_CAPTURE_ENV, &mut cfg.dns_capture),
+            (INVALID_DROP_ENV, &mut cfg.invalid_drop),
+        ] {
+            if let Some(v) = pod.proxy_env.get(var) {
+                // Go's strconv.ParseBool, as Istio reads these.
+                match v.trim() {
+                    "1" | "t" | "T" | "true" | "TRUE" | "True" => *field = true,
+                    "0" | "f" | "F" | "false" | "FALSE" | "False" => *field = false,
+                    _ => err(
+                        &format!("istio-proxy env {var}"),
+                        v,
+                        "expected true or false".into(),
+                    ),
+                }
             }
         }
         for key in [
