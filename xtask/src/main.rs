@@ -34,6 +34,8 @@ enum Cmd {
     },
     /// Build, then run meshlane on a sandbox node and show where traffic goes.
     Demo,
+    /// Run the conformance suite (Istio's real rules vs meshlane, every golden case) and print its tables.
+    Conformance,
 }
 
 fn main() -> Result<()> {
@@ -52,6 +54,22 @@ fn main() -> Result<()> {
             setup()?;
             build_all()?;
             demo::run()
+        }
+        Cmd::Conformance => {
+            setup()?;
+            build_all()?;
+            say("conformance: every golden case under iptables-restore and under meshlane");
+            run(Command::new("cargo")
+                .args([
+                    "test",
+                    "-p",
+                    "meshlane-tests",
+                    "--test",
+                    "conformance",
+                    "--",
+                    "--nocapture",
+                ])
+                .current_dir(root()))
         }
     }
 }

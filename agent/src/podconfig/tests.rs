@@ -176,6 +176,9 @@ fn rule_matches(tokens: &[&str], p: &Packet) -> Option<(String, Option<u16>)> {
 /// Walks nat OUTPUT. Returns the REDIRECT port, or None when the packet is
 /// left alone.
 fn iptables_outcome(rules: &str, p: &Packet) -> Option<u16> {
+    if !routable(p) {
+        return None;
+    }
     let mut table = "";
     let mut chains: BTreeMap<String, Vec<Vec<&str>>> = BTreeMap::new();
     for line in rules.lines() {
@@ -213,6 +216,13 @@ fn iptables_outcome(rules: &str, p: &Packet) -> Option<u16> {
         None
     }
     walk(&chains, "OUTPUT", p, 0).flatten()
+}
+
+/// What the kernel makes of a connect before any rule: a socket bound to a
+/// loopback address cannot reach an address off the pod (no route), so
+/// nothing is redirected under either mechanism.
+fn routable(p: &Packet) -> bool {
+    !p.src.is_loopback() || p.out_lo
 }
 
 /// What meshlane does for the same connect: the redirect port, or None.

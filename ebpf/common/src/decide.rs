@@ -41,6 +41,9 @@ pub struct Connect {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
     NotTcp,
+    /// Bound to a loopback address but dialling off the pod: the kernel
+    /// refuses the route before any rule sees a packet.
+    LoopbackSourceOffPod,
     ExcludedOutboundPort,
     InboundPassthroughSource,
     ProxyUid,
@@ -97,6 +100,9 @@ pub fn decide_connect<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> V
     // include list names a loopback range.
     let app_local_returns = !cfg.has(flags::INCLUDE_OUTBOUND_HAS_LOOPBACK);
 
+    if ip::is_loopback(c.bound_addr) && !local {
+        return Verdict::Pass(Pass::LoopbackSourceOffPod);
+    }
     // -p tcp --dport P -j RETURN (excludeOutboundPorts)
     if lists.outbound_port_excluded(port) {
         return Verdict::Pass(Pass::ExcludedOutboundPort);
