@@ -106,6 +106,8 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "haproxy",
     "iperf3",
+    "curl",
+    "python3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
