@@ -386,6 +386,28 @@ impl Sandbox {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Starts `mtest server --name NAME --listen L...` in `pod` as root and
+    /// waits until every listener is bound.
+    pub fn start_server(&self, pod: &Pod, name: &str, listens: &[&str]) -> Result<Proc> {
+        let mut args = vec!["server", "--name", name];
+        for l in listens {
+            args.extend(["--listen", l]);
+        }
+        let mut p = self.spawn(pod, 0, 0, &mtest_bin(), &args)?;
+        p.wait_ready(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
+    /// Removes every rule and custom chain meshlane's comparisons load into
+    /// `pod` (nat, mangle, raw).
+    pub fn iptables_flush(&self, pod: &Pod) -> Result<()> {
+        for table in ["nat", "mangle", "raw"] {
+            self.netns_exec(&pod.netns, "iptables", &["-t", table, "-F"], None)?;
+            self.netns_exec(&pod.netns, "iptables", &["-t", table, "-X"], None)?;
+        }
+        Ok(())
+    }
+
     /// Loads an iptables-save file into `pod`'s namespace with
     /// `iptables-restore` (nf_tables backend) or `iptables-legacy-restore`.
     pub fn iptables_restore(&self, pod: &Pod, rules: &Path, legacy: bool) -> Result<()> {

@@ -213,17 +213,12 @@ fn run_case(idx: usize, case: &Case) -> Result<(usize, Vec<String>)> {
     let pod = sb.add_pod("pod")?;
     let peer = sb.add_pod("peer")?;
     let (uid, gid) = proxy_ids(case);
-    let mut procs: Vec<Proc> = Vec::new();
-    for (p, name) in [(&pod, "app"), (&peer, "peer")] {
-        let mut args = vec!["server".to_string(), "--name".into(), name.into()];
-        for port in PORTS {
-            args.extend(["--listen".into(), format!("0.0.0.0:{port}")]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut s = sb.spawn(p, 0, 0, mtest(), &args)?;
-        s.wait_ready(Duration::from_secs(10))?;
-        procs.push(s);
-    }
+    let listens: Vec<String> = PORTS.iter().map(|p| format!("0.0.0.0:{p}")).collect();
+    let listens: Vec<&str> = listens.iter().map(String::as_str).collect();
+    let mut procs: Vec<Proc> = vec![
+        sb.start_server(&pod, "app", &listens)?,
+        sb.start_server(&peer, "peer", &listens)?,
+    ];
     let log = sb.dir().join("sidecar.jsonl");
     let mut sidecar = sb.spawn(
         &pod,
@@ -241,10 +236,7 @@ fn run_case(idx: usize, case: &Case) -> Result<(usize, Vec<String>)> {
         .iter()
         .map(|p| run_probe(&sb, &pod, &peer, &log, p))
         .collect::<Result<_>>()?;
-    for table in ["nat", "mangle", "raw"] {
-        sb.netns_exec(&pod.netns, "iptables", &["-t", table, "-F"], None)?;
-        sb.netns_exec(&pod.netns, "iptables", &["-t", table, "-X"], None)?;
-    }
+    sb.iptables_flush(&pod)?;
     // A fresh log for the second run, so no record of the first can match.
     std::fs::OpenOptions::new()
         .write(true)

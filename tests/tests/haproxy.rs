@@ -111,10 +111,7 @@ fn same_http_response_through_haproxy_under_iptables_and_meshlane() -> Result<()
         .iter()
         .filter(|l| l.contains("outbound original_dst/orig"))
         .count();
-    for table in ["nat", "mangle", "raw"] {
-        sb.netns_exec(&a.netns, "iptables", &["-t", table, "-F"], None)?;
-        sb.netns_exec(&a.netns, "iptables", &["-t", table, "-X"], None)?;
-    }
+    sb.iptables_flush(&a)?;
 
     // meshlane.
     let under_meshlane = {

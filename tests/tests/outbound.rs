@@ -35,20 +35,11 @@ fn node(tag: &str) -> Result<Node> {
     let a = sb.add_pod("a")?;
     let b = sb.add_pod("b")?;
     let c = sb.add_pod("c")?;
-    let mut procs = Vec::new();
-    for (pod, name, listens) in [
-        (&a, "a", vec!["0.0.0.0:9080", "0.0.0.0:15008"]),
-        (&b, "b", vec!["0.0.0.0:9080", "0.0.0.0:9081"]),
-        (&c, "c", vec!["0.0.0.0:9080"]),
-    ] {
-        let mut args = vec!["server", "--name", name];
-        for l in &listens {
-            args.extend(["--listen", l]);
-        }
-        let mut p = sb.spawn(pod, 0, 0, mtest(), &args)?;
-        p.wait_ready(READY)?;
-        procs.push(p);
-    }
+    let mut procs = vec![
+        sb.start_server(&a, "a", &["0.0.0.0:9080", "0.0.0.0:15008"])?,
+        sb.start_server(&b, "b", &["0.0.0.0:9080", "0.0.0.0:9081"])?,
+        sb.start_server(&c, "c", &["0.0.0.0:9080"])?,
+    ];
     let log = sb.dir().join("sidecar-a.jsonl");
     let mut sidecar = sb.spawn(
         &a,

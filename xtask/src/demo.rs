@@ -32,19 +32,13 @@ pub fn run() -> Result<()> {
     let (pp, rv, istiod) = (&pods[0], &pods[1], &pods[2]);
     let mut procs: Vec<Proc> = Vec::new();
     let mut logs = Vec::new();
-    for (pod, listens) in [
-        (pp, vec!["0.0.0.0:9080", "127.0.0.1:15000", "0.0.0.0:15090"]),
-        (rv, vec!["0.0.0.0:9080"]),
-        (istiod, vec!["0.0.0.0:15012", "0.0.0.0:9080"]),
-    ] {
-        let mut args = vec!["server", "--name", pod.name.as_str()];
-        for l in &listens {
-            args.extend(["--listen", l]);
-        }
-        let mut p = sb.spawn(pod, 0, 0, &mtest, &args)?;
-        p.wait_ready(Duration::from_secs(10))?;
-        procs.push(p);
-    }
+    procs.push(sb.start_server(
+        pp,
+        &pp.name,
+        &["0.0.0.0:9080", "127.0.0.1:15000", "0.0.0.0:15090"],
+    )?);
+    procs.push(sb.start_server(rv, &rv.name, &["0.0.0.0:9080"])?);
+    procs.push(sb.start_server(istiod, &istiod.name, &["0.0.0.0:15012", "0.0.0.0:9080"])?);
     for pod in [pp, rv] {
         let log = sb.dir().join(format!("sidecar-{}.jsonl", pod.name));
         let mut p = sb.spawn(
