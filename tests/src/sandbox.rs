@@ -232,8 +232,17 @@ impl Sandbox {
             .with_context(|| format!("opening {}", procs_path.display()))?;
         let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
 
-        let mut cmd = Command::new(program);
+        // Unprivileged processes must not depend on the checkout's
+        // permissions (a clone under a 0700 directory is common): run from the
+        // world-accessible sandbox dir, from a copy of the binary if needed.
+        let program = if uid == 0 {
+            program.to_path_buf()
+        } else {
+            self.runnable_copy(program)?
+        };
+        let mut cmd = Command::new(&program);
         cmd.args(args)
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
@@ -384,6 +393,33 @@ impl Sandbox {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `program` if every user can reach and run it, else a copy of it in the
+    /// sandbox's world-accessible directory (made once per program).
+    fn runnable_copy(&self, program: &Path) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let open_to_all =
+            |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
+        if program
+            .ancestors()
+            .all(|p| p.as_os_str().is_empty() || open_to_all(p))
+        {
+            return Ok(program.to_path_buf());
+        }
+        let bin_dir = self.dir.join("bin");
+        std::fs::create_dir_all(&bin_dir)?;
+        std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755))?;
+        let copy = bin_dir.join(program.file_name().context("program has a file name")?);
+        if !copy.exists() {
+            let tmp = copy.with_extension("partial");
+            std::fs::copy(program, &tmp).with_context(|| {
+                format!("copying {} for an unprivileged user", program.display())
+            })?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::rename(&tmp, &copy)?;
+        }
+        Ok(copy)
     }
 
     /// Starts `mtest server --name NAME --listen L...` in `pod` as root and
