@@ -274,7 +274,18 @@ impl Sandbox {
         unsafe {
             cmd.pre_exec(pre_exec);
         }
-        let mut child = cmd.spawn().with_context(|| format!("spawning {desc}"))?;
+        // ETXTBSY: a fork in another test thread may briefly hold the write fd
+        // of a freshly copied binary (until its exec closes it). Retry.
+        let mut attempts = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.with_context(|| format!("spawning {desc}"))?,
+            }
+        };
         drop((ns, procs));
 
         let stdout = child.stdout.take().expect("stdout was piped");
