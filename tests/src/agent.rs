@@ -122,6 +122,12 @@ impl Agent {
     /// Starts `meshlane run` for the sandbox with these pods and waits until
     /// every meshed pod with an IP is active.
     pub fn start(sb: &Sandbox, pods: &[PodSpec]) -> Result<Agent> {
+        Self::start_with_args(sb, pods, &[])
+    }
+
+    /// [`Agent::start`] with extra `meshlane run` arguments (e.g. a feature
+    /// switch). An agent that refuses them fails with its log in the error.
+    pub fn start_with_args(sb: &Sandbox, pods: &[PodSpec], extra: &[&str]) -> Result<Agent> {
         let pods_file = sb.dir().join("pods.json");
         std::fs::write(&pods_file, pod_list(pods))?;
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}", sb.index()));
@@ -147,6 +153,7 @@ impl Agent {
             .arg(&agent.bpffs)
             .arg("--state-dir")
             .arg(&agent.state_dir)
+            .args(extra)
             .env("MESHLANE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -9,6 +9,7 @@
 //! * Raw socket helpers ([`sock`]) shared by both.
 
 pub mod agent;
+pub mod bench;
 pub mod records;
 pub mod sandbox;
 pub mod sock;

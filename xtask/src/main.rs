@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -36,6 +37,8 @@ enum Cmd {
     Demo,
     /// Run the conformance suite (Istio's real rules vs meshlane, every golden case) and print its tables.
     Conformance,
+    /// Benchmark meshlane against iptables and against no interception (release build).
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -54,6 +57,11 @@ fn main() -> Result<()> {
             setup()?;
             build_all()?;
             demo::run()
+        }
+        Cmd::Bench(args) => {
+            setup()?;
+            build_ebpf()?;
+            bench::bench(&args)
         }
         Cmd::Conformance => {
             setup()?;
@@ -81,11 +89,11 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn say(msg: &str) {
+pub fn say(msg: &str) {
     eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("running {shown}"))?;
     if !status.success() {
@@ -273,6 +281,13 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    match bench::smoke() {
+        Ok(()) => passed += 1,
+        Err(e) => {
+            eprintln!("bench smoke run failed: {e:#}");
+            failed += 1;
+        }
+    }
     let ok = status.success() && failed == 0 && passed > 0;
     say(if ok {
         "all tests passed"
