@@ -78,7 +78,10 @@ impl Agent {
         info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
         let mut maps = Maps::open(&opts.layout)?;
         maps.set_shortcut(opts.shortcut)?;
-        info!(shortcut = opts.shortcut, "same-node shortcut for new connections");
+        info!(
+            shortcut = opts.shortcut,
+            "same-node shortcut for new connections"
+        );
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
         Ok(Self {
@@ -255,9 +258,10 @@ impl Agent {
             }
         }
         for (key, a) in want {
-            let unchanged = old.get(&key).is_some_and(|o| {
-                o.cookie == a.cookie && o.entries == a.entries && o.ips == a.ips
-            }) && self.opts.layout.netns_link(a.cookie).exists();
+            let unchanged = old
+                .get(&key)
+                .is_some_and(|o| o.cookie == a.cookie && o.entries == a.entries && o.ips == a.ips)
+                && self.opts.layout.netns_link(a.cookie).exists();
             if unchanged {
                 self.applied.insert(key, a);
                 continue;

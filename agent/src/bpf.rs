@@ -21,7 +21,9 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash,
+    },
     programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
@@ -237,9 +239,9 @@ pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
     let prog = ebpf
         .program_mut(SK_LOOKUP_PROGRAM)
         .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing from the eBPF object"))?;
-    <&mut SkLookup>::try_from(prog)?
-        .load()
-        .with_context(|| format!("loading program {SK_LOOKUP_PROGRAM} (sk_lookup): the kernel refused it"))?;
+    <&mut SkLookup>::try_from(prog)?.load().with_context(|| {
+        format!("loading program {SK_LOOKUP_PROGRAM} (sk_lookup): the kernel refused it")
+    })?;
     let prog = ebpf.program_mut(SK_LOOKUP_PROGRAM).expect("present above");
     prog.pin(layout.prog(SK_LOOKUP_PROGRAM))
         .with_context(|| format!("pinning program {SK_LOOKUP_PROGRAM}"))?;
@@ -248,9 +250,9 @@ pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
     let prog = ebpf
         .program_mut(SK_MSG_PROGRAM)
         .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing from the eBPF object"))?;
-    <&mut SkMsg>::try_from(prog)?
-        .load()
-        .with_context(|| format!("loading program {SK_MSG_PROGRAM} (sk_msg): the kernel refused it"))?;
+    <&mut SkMsg>::try_from(prog)?.load().with_context(|| {
+        format!("loading program {SK_MSG_PROGRAM} (sk_msg): the kernel refused it")
+    })?;
     let prog = ebpf.program_mut(SK_MSG_PROGRAM).expect("present above");
     prog.pin(layout.prog(SK_MSG_PROGRAM))
         .with_context(|| format!("pinning program {SK_MSG_PROGRAM}"))?;
@@ -279,8 +281,14 @@ pub fn attach_netns(layout: &Layout, cookie: u64, netns: &Path) -> Result<()> {
         .with_context(|| format!("opening pinned program {SK_LOOKUP_PROGRAM}"))?;
     let ns = fs::File::open(netns)
         .with_context(|| format!("opening network namespace {}", netns.display()))?;
-    let link = link_create(prog.as_fd(), ns.as_fd(), bpf_attach_type::BPF_SK_LOOKUP)
-        .with_context(|| format!("attaching sk_lookup to network namespace {}", netns.display()))?;
+    let link = link_create(prog.as_fd(), ns.as_fd(), bpf_attach_type::BPF_SK_LOOKUP).with_context(
+        || {
+            format!(
+                "attaching sk_lookup to network namespace {}",
+                netns.display()
+            )
+        },
+    )?;
     obj_pin(link.as_fd(), &pin).with_context(|| format!("pinning link {}", pin.display()))?;
     Ok(())
 }
@@ -299,7 +307,12 @@ pub fn detach_netns(layout: &Layout, cookie: u64) -> Result<()> {
 /// programs stop running before their maps go.
 pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for dir in [layout.links(), layout.netns_links(), layout.progs(), layout.maps()] {
+    for dir in [
+        layout.links(),
+        layout.netns_links(),
+        layout.progs(),
+        layout.maps(),
+    ] {
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd.flatten() {
                 fs::remove_file(e.path())
@@ -393,7 +406,11 @@ fn link_create(
 /// Attaches a program to a map (sk_msg to a sockhash). The attachment lives
 /// as long as the map, not the program fd: aya would detach it when its
 /// program handle drops.
-fn prog_attach(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: bpf_attach_type) -> Result<()> {
+fn prog_attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach: bpf_attach_type,
+) -> Result<()> {
     let mut attr = ProgAttachAttr {
         target_fd: target.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,

@@ -34,8 +34,7 @@ pub fn register_existing(
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .filter(|pid: &u32| {
-            fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| (m.dev(), m.ino()) == ns_id)
+            fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == ns_id)
         })
         .collect();
     let Some(first) = pids.first() else {
@@ -83,7 +82,12 @@ pub fn register_existing(
                 .insert(ListenerKey::new(cookie, port), sock.as_raw_fd(), 0)
                 .with_context(|| format!("registering listener on port {port} of pid {pid}"))?;
             done.push(port);
-            if done.len() == wanted.values().collect::<std::collections::BTreeSet<_>>().len() {
+            if done.len()
+                == wanted
+                    .values()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            {
                 break 'pids;
             }
         }

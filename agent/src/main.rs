@@ -142,7 +142,10 @@ fn main() -> Result<()> {
         Command::Iptables { pods, pod } => print_iptables(&pods, &pod),
         Command::Shortcut { state, at } => {
             let mut maps = bpf::Maps::open(&bpf::Layout::new(&at.bpffs)).with_context(|| {
-                format!("no meshlane maps under {} (is the agent installed?)", at.bpffs.display())
+                format!(
+                    "no meshlane maps under {} (is the agent installed?)",
+                    at.bpffs.display()
+                )
             })?;
             maps.set_shortcut(state == OnOff::On)?;
             eprintln!(

@@ -117,7 +117,8 @@ pub struct Report {
     /// The node-wide shortcut switch as the kernel sees it.
     pub shortcut: Option<bool>,
     /// Per-pod counters, by pod name.
-    pub pod_counters: std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
+    pub pod_counters:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// Names of the global counters, in `stat` order.
@@ -285,7 +286,11 @@ pub fn print(r: &Report) {
                 if p.state == PodState::Active {
                     println!(
                         "      inbound capture {}, proxy {}",
-                        if p.inbound_attached { "attached" } else { "NOT attached" },
+                        if p.inbound_attached {
+                            "attached"
+                        } else {
+                            "NOT attached"
+                        },
                         match p.proxy_listening {
                             Some(true) => "listening",
                             Some(false) => "NOT listening yet",

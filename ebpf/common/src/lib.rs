@@ -466,11 +466,29 @@ mod layout_tests {
         assert_eq!(a.peer(), b);
         assert_eq!(a.peer().peer(), a);
         // Inside a pod over loopback: scoped by the namespace.
-        let c = ConnKey::new(7, 0x0a00_0001u32.to_be(), 40000, ip::LOCALHOST.to_be(), 15001);
+        let c = ConnKey::new(
+            7,
+            0x0a00_0001u32.to_be(),
+            40000,
+            ip::LOCALHOST.to_be(),
+            15001,
+        );
         assert_eq!(c.scope, 7);
-        let d = ConnKey::new(7, ip::LOCALHOST.to_be(), 15001, 0x0a00_0001u32.to_be(), 40000);
+        let d = ConnKey::new(
+            7,
+            ip::LOCALHOST.to_be(),
+            15001,
+            0x0a00_0001u32.to_be(),
+            40000,
+        );
         assert_eq!(c.peer(), d);
-        let other_pod = ConnKey::new(8, ip::LOCALHOST.to_be(), 15001, 0x0a00_0001u32.to_be(), 40000);
+        let other_pod = ConnKey::new(
+            8,
+            ip::LOCALHOST.to_be(),
+            15001,
+            0x0a00_0001u32.to_be(),
+            40000,
+        );
         assert_ne!(c.peer(), other_pod);
     }
 

@@ -57,8 +57,13 @@ unsafe fn lookup(ctx: &SkLookupContext) -> u32 {
         src_addr: u32::from_be(field!(l, remote_ip4)),
         dst_port: field!(l, local_port) as u16,
     };
-    if decide_inbound(&cfg, &MapLists { netns_cookie: cookie }, &arrival)
-        != InboundVerdict::Capture
+    if decide_inbound(
+        &cfg,
+        &MapLists {
+            netns_cookie: cookie,
+        },
+        &arrival,
+    ) != InboundVerdict::Capture
     {
         return sk_action::SK_PASS;
     }

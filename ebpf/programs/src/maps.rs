@@ -82,7 +82,7 @@ pub fn setting_on(index: u32) -> bool {
 /// Counts `index` (a `meshlane_common::pod_stat`) for the pod of `netns_cookie`.
 #[inline(always)]
 pub fn pod_count(netns_cookie: u64, index: usize) {
-    if let Some(c) = POD_STATS.get_ptr_mut(&netns_cookie) {
+    if let Some(c) = POD_STATS.get_ptr_mut(netns_cookie) {
         // Per-CPU value: no other writer while we run.
         unsafe {
             if let Some(slot) = (*c).get_mut(index) {

@@ -142,9 +142,8 @@ unsafe fn publish_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
     }
     // Ask for state changes of this socket so the entry is removed when it
     // closes, whether or not the proxy side took it.
-    let _ = ctx.set_cb_flags(
-        (field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
-    );
+    let _ =
+        ctx.set_cb_flags((field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 /// Accepted side: the proxy's end of a redirected connection takes the
@@ -170,8 +169,7 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
                 src_addr: u32::from_be(field!(ops, remote_ip4)),
                 dst_port: local_port,
             };
-            if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival)
-                != InboundVerdict::Capture
+            if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival) != InboundVerdict::Capture
             {
                 return;
             }
