@@ -87,6 +87,38 @@ enum Cmd {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// Byte-stream server: echo, or hash and answer a digest at EOF.
+    StreamServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        echo: bool,
+        /// Wait this long before reading each connection (a stalled reader).
+        #[arg(long, default_value_t = 0)]
+        stall_ms: u64,
+    },
+    /// Byte-stream client: deterministic payloads, checked end to end;
+    /// prints one JSON line.
+    StreamClient {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        conns: u32,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 65536)]
+        write_size: usize,
+        #[arg(long, value_enum, default_value = "write")]
+        method: meshlane_tests::stream::Method,
+        #[arg(long)]
+        echo: bool,
+        /// Read this many echoed bytes, then close with the rest unread.
+        #[arg(long)]
+        close_after: Option<u64>,
+        /// Report how many bytes were sent after this many milliseconds.
+        #[arg(long)]
+        sample_after_ms: Option<u64>,
+    },
     /// Print raw getsockopt results of a connected TCP socket as a JSON list.
     Sockopts {
         #[arg(long)]
@@ -106,6 +138,34 @@ fn main() -> Result<()> {
         } => sockopts(connect, legacy_iptables),
         Cmd::UdpEcho { name, listen } => udp_echo(&name, listen),
         Cmd::UdpProbe { connect } => udp_probe(connect),
+        Cmd::StreamServer {
+            listen,
+            echo,
+            stall_ms,
+        } => meshlane_tests::stream::serve(listen, echo, Duration::from_millis(stall_ms)),
+        Cmd::StreamClient {
+            connect,
+            conns,
+            bytes,
+            write_size,
+            method,
+            echo,
+            close_after,
+            sample_after_ms,
+        } => {
+            let r = meshlane_tests::stream::client(&meshlane_tests::stream::ClientOpts {
+                connect,
+                conns,
+                bytes,
+                write_size,
+                method,
+                echo,
+                close_after,
+                sample_after: sample_after_ms.map(Duration::from_millis),
+            });
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         cmd => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -129,7 +189,11 @@ fn main() -> Result<()> {
                         probe(connect, bind, Duration::from_millis(timeout_ms), request).await;
                         Ok(())
                     }
-                    Cmd::Sockopts { .. } | Cmd::UdpEcho { .. } | Cmd::UdpProbe { .. } => {
+                    Cmd::Sockopts { .. }
+                    | Cmd::UdpEcho { .. }
+                    | Cmd::UdpProbe { .. }
+                    | Cmd::StreamServer { .. }
+                    | Cmd::StreamClient { .. } => {
                         unreachable!("handled above")
                     }
                 }
