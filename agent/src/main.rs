@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod bpf;
 mod iptables;
+mod listeners;
 mod netns;
 mod podconfig;
 mod pods;
@@ -37,6 +38,12 @@ struct Where {
     state_dir: PathBuf,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Attach the programs and keep the maps true to the pods in FILE.
@@ -52,6 +59,19 @@ enum Command {
         /// Load this eBPF object instead of the one built into the binary.
         #[arg(long)]
         ebpf_object: Option<PathBuf>,
+        /// Same-node socket shortcut for new connections between meshed
+        /// sockets (a pod opts out with `meshlane.io/shortcut: "false"`).
+        /// `meshlane shortcut on|off` flips it while running.
+        #[arg(long, value_enum, default_value = "off", env = "MESHLANE_SHORTCUT")]
+        shortcut: OnOff,
+    },
+    /// Turn the same-node shortcut on or off for new connections, without
+    /// restarting anything (connections already shortcut keep it until they close).
+    Shortcut {
+        #[arg(value_enum)]
+        state: OnOff,
+        #[command(flatten)]
+        at: Where,
     },
     /// Attached programs, pods and their state, map occupancy.
     Status {
@@ -90,6 +110,7 @@ fn main() -> Result<()> {
             cgroup,
             at,
             ebpf_object,
+            shortcut,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -101,6 +122,7 @@ fn main() -> Result<()> {
                 layout: bpf::Layout::new(at.bpffs),
                 state_dir: at.state_dir,
                 ebpf_object,
+                shortcut: shortcut == OnOff::On,
             };
             let agent = agent::Agent::start(opts)?;
             tokio::runtime::Builder::new_current_thread()
@@ -118,6 +140,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Iptables { pods, pod } => print_iptables(&pods, &pod),
+        Command::Shortcut { state, at } => {
+            let mut maps = bpf::Maps::open(&bpf::Layout::new(&at.bpffs)).with_context(|| {
+                format!(
+                    "no meshlane maps under {} (is the agent installed?)",
+                    at.bpffs.display()
+                )
+            })?;
+            maps.set_shortcut(state == OnOff::On)?;
+            eprintln!(
+                "shortcut {} for new connections",
+                if state == OnOff::On { "on" } else { "off" }
+            );
+            Ok(())
+        }
         Command::Cleanup { at } => cleanup(&at),
     }
 }

@@ -122,17 +122,23 @@ impl Agent {
     /// Starts `meshlane run` for the sandbox with these pods and waits until
     /// every meshed pod with an IP is active.
     pub fn start(sb: &Sandbox, pods: &[PodSpec]) -> Result<Agent> {
-        Self::start_with_args(sb, pods, &[])
+        Self::start_on(sb, 1, pods, &[])
     }
 
-    /// [`Agent::start`] with extra `meshlane run` arguments (e.g. a feature
-    /// switch). An agent that refuses them fails with its log in the error.
-    pub fn start_with_args(sb: &Sandbox, pods: &[PodSpec], extra: &[&str]) -> Result<Agent> {
-        let pods_file = sb.dir().join("pods.json");
+    /// Starts the agent of node 1 or 2 of the sandbox (each node has its own
+    /// cgroup, bpffs directory, state and pods file), with extra `meshlane
+    /// run` arguments.
+    pub fn start_on(sb: &Sandbox, node: u8, pods: &[PodSpec], extra: &[&str]) -> Result<Agent> {
+        let suffix = if node == 1 {
+            String::new()
+        } else {
+            format!("-n{node}")
+        };
+        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
         std::fs::write(&pods_file, pod_list(pods))?;
-        let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}", sb.index()));
-        let state_dir = sb.dir().join("agent-state");
-        let stderr_log = sb.dir().join("agent.log");
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}{suffix}", sb.index()));
+        let state_dir = sb.dir().join(format!("agent-state{suffix}"));
+        let stderr_log = sb.dir().join(format!("agent{suffix}.log"));
         let mut agent = Agent {
             child: None,
             pods_file,
@@ -148,12 +154,12 @@ impl Agent {
             .arg("--pods")
             .arg(&agent.pods_file)
             .arg("--cgroup")
-            .arg(sb.cgroup())
+            .arg(sb.node_cgroup(node))
+            .args(extra)
             .arg("--bpffs")
             .arg(&agent.bpffs)
             .arg("--state-dir")
             .arg(&agent.state_dir)
-            .args(extra)
             .env("MESHLANE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

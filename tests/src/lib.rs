@@ -6,13 +6,15 @@
 //!   rest of the machine. Everything is removed on drop, also on panic.
 //! * The `mtest` binary (sidecar stand-in, application server, probe client,
 //!   getsockopt reporter) and the serde types of what it prints ([`records`]).
-//! * Raw socket helpers ([`sock`]) shared by both.
+//! * Raw socket helpers ([`sock`]) shared by both, and the checksummed byte
+//!   streams of the shortcut tests ([`stream`]).
 
 pub mod agent;
 pub mod bench;
 pub mod records;
 pub mod sandbox;
 pub mod sock;
+pub mod stream;
 
 pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, PodSpec};
 pub use records::{

@@ -9,8 +9,11 @@
 //! |---|---|---|---|
 //! | plain | `direct`, `explicit` | sidecar dials B:15006 itself | sidecar forwards to B:9080 |
 //! | iptables | `iptables` | Istio's basic.rules | Istio's basic.rules |
-//! | meshlane | `meshlane` | agent, `--shortcut=off` | agent (inbound: see notes) |
-//! | shortcut | `meshlane+shortcut` | agent, `--shortcut=on` | agent (inbound: see notes) |
+//! | meshlane | `meshlane` | agent, `--shortcut=off` | agent (sk_lookup inbound capture) |
+//! | shortcut | `meshlane+shortcut` | agent, `--shortcut=on` | agent (sk_lookup inbound capture) |
+//!
+//! An agent without inbound capture gets Istio's PREROUTING rules in pod B
+//! instead, and the run says so in its notes.
 //!
 //! Each pod's namespace gets the same TCP settings (ephemeral range
 //! 1024-65535, tcp_tw_reuse=1) so hundreds of thousands of short connections
@@ -541,7 +544,7 @@ fn build(kind: BedKind, proxy: Proxy) -> Result<Testbed> {
             } else {
                 "--shortcut=off"
             };
-            let agent = match Agent::start_with_args(&sb, &pods, &[flag]) {
+            let agent = match Agent::start_on(&sb, 1, &pods, &[flag]) {
                 Ok(agent) => agent,
                 // An agent from before the switch has no shortcut at all:
                 // without the flag it is exactly "shortcut off".
@@ -557,13 +560,19 @@ fn build(kind: BedKind, proxy: Proxy) -> Result<Testbed> {
                     agent_error(&e)
                 ),
             };
-            let status = agent.status_cmd()?;
-            let inbound = status["programs"].as_array().is_some_and(|ps| {
-                ps.iter().any(|p| {
-                    p["hook"].as_str().is_some_and(|h| h.contains("sk_lookup"))
-                        && p["attached"].as_bool() == Some(true)
-                })
-            });
+            // Inbound capture (sk_lookup) is attached per pod once the agent
+            // sees the pod's namespace; an agent without it never attaches.
+            let mut inbound = false;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !inbound && Instant::now() < deadline {
+                inbound = agent.status().ok().is_some_and(|st| {
+                    crate::pod_entry(&st, &format!("default/{}", b.name))
+                        .is_some_and(|p| p["inbound_attached"].as_bool() == Some(true))
+                });
+                if !inbound {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
             if !inbound {
                 let rules = inbound_only_rules(
                     &std::fs::read_to_string(&basic)

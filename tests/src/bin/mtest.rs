@@ -95,6 +95,38 @@ enum Cmd {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// Byte-stream server: echo, or hash and answer a digest at EOF.
+    StreamServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        echo: bool,
+        /// Wait this long before reading each connection (a stalled reader).
+        #[arg(long, default_value_t = 0)]
+        stall_ms: u64,
+    },
+    /// Byte-stream client: deterministic payloads, checked end to end;
+    /// prints one JSON line.
+    StreamClient {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        conns: u32,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 65536)]
+        write_size: usize,
+        #[arg(long, value_enum, default_value = "write")]
+        method: meshlane_tests::stream::Method,
+        #[arg(long)]
+        echo: bool,
+        /// Read this many echoed bytes, then close with the rest unread.
+        #[arg(long)]
+        close_after: Option<u64>,
+        /// Report how many bytes were sent after this many milliseconds.
+        #[arg(long)]
+        sample_after_ms: Option<u64>,
+    },
     /// Print raw getsockopt results of a connected TCP socket as a JSON list.
     Sockopts {
         #[arg(long)]
@@ -114,6 +146,34 @@ fn main() -> Result<()> {
         } => sockopts(connect, legacy_iptables),
         Cmd::UdpEcho { name, listen } => udp_echo(&name, listen),
         Cmd::UdpProbe { connect } => udp_probe(connect),
+        Cmd::StreamServer {
+            listen,
+            echo,
+            stall_ms,
+        } => meshlane_tests::stream::serve(listen, echo, Duration::from_millis(stall_ms)),
+        Cmd::StreamClient {
+            connect,
+            conns,
+            bytes,
+            write_size,
+            method,
+            echo,
+            close_after,
+            sample_after_ms,
+        } => {
+            let r = meshlane_tests::stream::client(&meshlane_tests::stream::ClientOpts {
+                connect,
+                conns,
+                bytes,
+                write_size,
+                method,
+                echo,
+                close_after,
+                sample_after: sample_after_ms.map(Duration::from_millis),
+            });
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         cmd => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -142,7 +202,11 @@ fn main() -> Result<()> {
                         probe(connect, bind, Duration::from_millis(timeout_ms), request).await;
                         Ok(())
                     }
-                    Cmd::Sockopts { .. } | Cmd::UdpEcho { .. } | Cmd::UdpProbe { .. } => {
+                    Cmd::Sockopts { .. }
+                    | Cmd::UdpEcho { .. }
+                    | Cmd::UdpProbe { .. }
+                    | Cmd::StreamServer { .. }
+                    | Cmd::StreamClient { .. } => {
                         unreachable!("handled above")
                     }
                 }
@@ -199,11 +263,11 @@ impl Sidecar {
         }
     }
 
-    fn is_loop(&self, orig: SocketAddrV4, local: SocketAddr) -> bool {
-        let orig_sa = SocketAddr::V4(orig);
-        if fmt_addr(&orig_sa) == fmt_addr(&local) {
-            return true;
-        }
+    /// The original destination is one of the proxy's own listeners: going
+    /// there would loop. (An original destination equal to the accepted
+    /// socket's local address is normal for TPROXY-style capture, where the
+    /// socket keeps the address the client dialled.)
+    fn is_loop(&self, orig: SocketAddrV4) -> bool {
         let ip = IpAddr::V4(*orig.ip());
         self.ports.contains(&orig.port())
             && (orig.ip().is_loopback() || orig.ip().is_unspecified() || self.own.contains(&ip))
@@ -305,7 +369,7 @@ async fn sidecar_conn(sc: Arc<Sidecar>, client: TcpStream, port: u16, inbound: b
                 }
             };
             rec.orig_dst = Some(orig.to_string());
-            if local_sa.is_some_and(|l| sc.is_loop(orig, l)) {
+            if sc.is_loop(orig) {
                 rec.upstream_error = Some("loop".into());
                 sc.write(&rec);
                 return;
