@@ -97,6 +97,15 @@ pub struct Report {
     pub cpu_client_us: f64,
     pub cpu_others_us: f64,
     pub softirq_us: f64,
+    /// Context switches of the listed processes' threads in the window.
+    #[serde(default)]
+    pub ctxsw_others: u64,
+    /// Operations and bytes of the whole run, warm-up included (to relate
+    /// to counters read outside the client, such as the agent's).
+    #[serde(default)]
+    pub ops_total: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
 }
 
 const WARMUP: u8 = 0;
@@ -152,6 +161,7 @@ struct CpuMark {
     client_us: f64,
     others_us: f64,
     softirq_us: f64,
+    ctxsw: u64,
 }
 
 fn cpu_mark(pids: &[u32]) -> CpuMark {
@@ -159,6 +169,7 @@ fn cpu_mark(pids: &[u32]) -> CpuMark {
         client_us: self_cpu_us(),
         others_us: pids.iter().filter_map(|&p| sys::process_cpu_us(p)).sum(),
         softirq_us: sys::softirq_us().unwrap_or(0.0),
+        ctxsw: pids.iter().filter_map(|&p| sys::context_switches(p)).sum(),
     }
 }
 
@@ -324,6 +335,9 @@ fn report(
         cpu_client_us: c1.client_us - c0.client_us,
         cpu_others_us: c1.others_us - c0.others_us,
         softirq_us: c1.softirq_us - c0.softirq_us,
+        ctxsw_others: c1.ctxsw.saturating_sub(c0.ctxsw),
+        ops_total: sh.ops.load(Ordering::Relaxed),
+        bytes_total: sh.bytes.load(Ordering::Relaxed),
     }
 }
 
@@ -537,6 +551,7 @@ fn hold(args: &ClientArgs) -> Result<Report> {
         client_us: 0.0,
         others_us: 0.0,
         softirq_us: 0.0,
+        ctxsw: 0,
     };
     let ops = shared.ops.load(Ordering::Relaxed);
     Ok(report(Shape::Hold, &shared, ops, 0, opened, &none, &none))

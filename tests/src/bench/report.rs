@@ -59,6 +59,13 @@ const P99: Metric = Metric {
     value: |r| positive(r.p99_us),
 };
 
+const CTXSW: Metric = Metric {
+    key: "ctxsw_per_op",
+    label: "context switches per request (sidecars, server, agent)",
+    higher_is_better: false,
+    value: |r| (r.ops > 0).then(|| r.ctxsw_others as f64 / r.ops as f64),
+};
+
 /// The metrics of a shape; the first is the one charted and judged.
 pub fn metrics(bench: Bench) -> Vec<Metric> {
     match bench {
@@ -79,6 +86,10 @@ pub fn metrics(bench: Bench) -> Vec<Metric> {
                 label: "softirq µs per connection (whole machine)",
                 ..SOFTIRQ
             },
+            Metric {
+                label: "context switches per connection (sidecars, server, agent)",
+                ..CTXSW
+            },
         ],
         Bench::Rr64 | Bench::Rr16k => vec![
             P50,
@@ -91,6 +102,7 @@ pub fn metrics(bench: Bench) -> Vec<Metric> {
             },
             CPU,
             SOFTIRQ,
+            CTXSW,
         ],
         Bench::Stream1k | Bench::Stream64k => vec![
             Metric {
@@ -564,6 +576,7 @@ pub fn markdown(res: &Results) -> String {
             );
         }
     }
+    bpf_table(res, &mut s);
     // Notes.
     let mut notes: Vec<String> = Vec::new();
     for i in &res.modes {
@@ -606,6 +619,30 @@ pub fn markdown(res: &Results) -> String {
             }
         }
     }
+    for sr in &res.shapes {
+        if let Some(runs) = sr.runs.get(&Mode::MeshlaneShortcut) {
+            let msgs: u64 = runs.shortcut_msgs.iter().sum();
+            let (ops, bytes): (u64, u64) = runs
+                .reports
+                .iter()
+                .fold((0, 0), |(o, b), r| (o + r.ops_total, b + r.bytes_total));
+            if let Some(avg) = bytes.checked_div(msgs) {
+                let per = if bytes > 0 {
+                    format!("{} payload bytes per message", fmt_count(avg))
+                } else {
+                    format!(
+                        "{:.2} messages per request",
+                        msgs as f64 / ops.max(1) as f64
+                    )
+                };
+                notes.push(format!(
+                    "{} in meshlane+shortcut: {} messages redirected by the shortcut, {per}",
+                    sr.bench.name(),
+                    fmt_count(msgs)
+                ));
+            }
+        }
+    }
     for sc in &res.scale {
         for f in &sc.failures {
             notes.push(format!("scale in {}: {f}", sc.mode.name()));
@@ -627,6 +664,70 @@ pub fn markdown(res: &Results) -> String {
         }
     }
     s
+}
+
+/// With `--bpf-stats`: what meshlane's programs cost per request (or per
+/// MB streamed), from the kernel's own run-time accounting.
+fn bpf_table(res: &Results, s: &mut String) {
+    let mut lines = Vec::new();
+    for sr in &res.shapes {
+        for (mode, runs) in &sr.runs {
+            if runs.bpf.is_empty() {
+                continue;
+            }
+            let mut by_prog: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+            for run in &runs.bpf {
+                for (k, &(n, t)) in run {
+                    let e = by_prog.entry(k.as_str()).or_default();
+                    e.0 += n;
+                    e.1 += t;
+                }
+            }
+            let (ops, bytes): (u64, u64) = runs
+                .reports
+                .iter()
+                .fold((0, 0), |(o, b), r| (o + r.ops_total, b + r.bytes_total));
+            let per = if bytes > 0 {
+                bytes as f64 / 1e6
+            } else {
+                ops as f64
+            };
+            if per == 0.0 {
+                continue;
+            }
+            let unit = if bytes > 0 { "MB" } else { "request" };
+            let total_ns: u64 = by_prog.values().map(|v| v.1).sum();
+            let total_runs: u64 = by_prog.values().map(|v| v.0).sum();
+            let detail: Vec<String> = by_prog
+                .iter()
+                .filter(|(_, v)| v.0 > 0)
+                .map(|(k, &(n, t))| {
+                    format!(
+                        "{k}: {:.2} runs, {:.0} ns each",
+                        n as f64 / per,
+                        t as f64 / n as f64
+                    )
+                })
+                .collect();
+            lines.push(format!(
+                "| {} | {} | {:.0} ns per {unit} | {:.2} | {} |",
+                sr.bench.name(),
+                mode.name(),
+                total_ns as f64 / per,
+                total_runs as f64 / per,
+                detail.join("; ")
+            ));
+        }
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nmeshlane's BPF programs, from the kernel's run-time accounting (`--bpf-stats`, warm-up included):\n\n| shape | mode | program time | program runs per request or MB | by program |\n|---|---|---:|---:|---|"
+        );
+        for l in lines {
+            let _ = writeln!(s, "{l}");
+        }
+    }
 }
 
 fn unavailable(res: &Results, mode: Mode) -> bool {

@@ -121,7 +121,7 @@ pub enum Proxy {
 }
 
 /// The repeated shapes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Bench {
     Crr,
@@ -226,7 +226,13 @@ pub struct Options {
     pub quick: bool,
     pub proxy: Proxy,
     pub modes: Vec<Mode>,
+    pub shapes: Vec<Bench>,
     pub skip_scale: bool,
+    /// Account BPF program run time (BPF_ENABLE_STATS) during the runs; it
+    /// adds two clock reads to every program run, so it is off by default.
+    pub bpf_stats: bool,
+    /// The test sidecar's relay read size (None: its default).
+    pub relay_buffer: Option<u32>,
 }
 
 /// How a mode came out.
@@ -244,6 +250,13 @@ pub struct Runs {
     pub reports: Vec<Report>,
     /// Conntrack drops in pods A and B during each run.
     pub conntrack_drops: Vec<u64>,
+    /// Messages the shortcut redirected during each run (agent modes).
+    #[serde(default)]
+    pub shortcut_msgs: Vec<u64>,
+    /// Per run, each meshlane program's runs and run time in ns (agent
+    /// modes with `--bpf-stats`).
+    #[serde(default)]
+    pub bpf: Vec<BTreeMap<String, (u64, u64)>>,
     pub failures: Vec<String>,
 }
 
@@ -381,6 +394,16 @@ impl Testbed {
         }
     }
 
+    fn bpf_stats(&self) -> Option<BTreeMap<String, (u64, u64)>> {
+        sys::bpf_prog_stats(&self.agent.as_ref()?.bpffs).ok()
+    }
+
+    /// The agent's count of messages redirected by the shortcut so far.
+    fn shortcut_msgs(&self) -> Option<u64> {
+        let st = self.agent.as_ref()?.status_cmd().ok()?;
+        st["counters"]["shortcut_redirected"].as_u64()
+    }
+
     fn conntrack_drops(&self) -> u64 {
         [&self.a, &self.b]
             .iter()
@@ -424,13 +447,16 @@ backend inbound
 fn start_sidecar(
     sb: &Sandbox,
     pod: &Pod,
-    proxy: Proxy,
+    opts: &Options,
     outbound_to: Option<SocketAddr>,
     inbound_to: Option<SocketAddr>,
 ) -> Result<Proc> {
-    match proxy {
+    match opts.proxy {
         Proxy::Test => {
             let mut args = vec!["sidecar".to_string(), "--log".into(), "/dev/null".into()];
+            if let Some(n) = opts.relay_buffer {
+                args.extend(["--relay-buffer".into(), n.to_string()]);
+            }
             if let Some(a) = outbound_to {
                 args.extend(["--outbound-to".into(), a.to_string()]);
             }
@@ -486,7 +512,7 @@ fn agent_error(e: &anyhow::Error) -> String {
     line.trim().chars().take(300).collect()
 }
 
-fn build(kind: BedKind, proxy: Proxy) -> Result<Testbed> {
+fn build(kind: BedKind, opts: &Options) -> Result<Testbed> {
     let tag = match kind {
         BedKind::Plain => "bench-pl",
         BedKind::Iptables => "bench-ipt",
@@ -525,8 +551,8 @@ fn build(kind: BedKind, proxy: Proxy) -> Result<Testbed> {
         BedKind::Plain => ((Some(b_inbound), None), (None, Some(b_app))),
         _ => ((None, None), (None, None)),
     };
-    let sidecar_a = start_sidecar(&sb, &a, proxy, a_to.0, a_to.1)?;
-    let sidecar_b = start_sidecar(&sb, &b, proxy, b_to.0, b_to.1)?;
+    let sidecar_a = start_sidecar(&sb, &a, opts, a_to.0, a_to.1)?;
+    let sidecar_b = start_sidecar(&sb, &b, opts, b_to.0, b_to.1)?;
     let sidecar_pids = vec![sidecar_a.pid(), sidecar_b.pid()];
     let mut notes = Vec::new();
     let basic = shared_dir().join("data/istio-cni-goldens/basic.rules");
@@ -683,7 +709,7 @@ pub fn run(opts: &Options) -> Result<Results> {
     for &m in &modes {
         beds.entry(m.bed()).or_insert_with(|| {
             say(&format!("building the {:?} testbed", m.bed()));
-            build(m.bed(), opts.proxy).map_err(|e| {
+            build(m.bed(), opts).map_err(|e| {
                 let why: String = format!("{e:#}").chars().take(400).collect();
                 say(&format!("{} unavailable: {why}", m.name()));
                 why
@@ -715,8 +741,13 @@ pub fn run(opts: &Options) -> Result<Results> {
         .collect();
     let bed_of = |m: Mode| beds[&m.bed()].as_ref().expect("live modes have a testbed");
 
+    let bpf_stats = if opts.bpf_stats {
+        Some(sys::enable_bpf_stats()?)
+    } else {
+        None
+    };
     let mut shapes = Vec::new();
-    for bench in Bench::ALL {
+    for bench in Bench::ALL.into_iter().filter(|b| opts.shapes.contains(b)) {
         let mut runs: BTreeMap<Mode, Runs> = live.iter().map(|&m| (m, Runs::default())).collect();
         say(&format!("{}: warm-up", bench.name()));
         for &m in &live {
@@ -740,6 +771,8 @@ pub fn run(opts: &Options) -> Result<Results> {
             for m in order {
                 let bed = bed_of(m);
                 let drops0 = bed.conntrack_drops();
+                let msgs0 = bed.shortcut_msgs();
+                let bpf0 = bpf_stats.as_ref().and_then(|_| bed.bpf_stats());
                 let args = shape_args(bench, plan, plan.warmup_ms, plan.duration_ms);
                 let r = runs.get_mut(&m).expect("every live mode has runs");
                 match run_client(bed, m, &args, limit_for(plan)) {
@@ -762,6 +795,19 @@ pub fn run(opts: &Options) -> Result<Results> {
                 }
                 r.conntrack_drops
                     .push(bed.conntrack_drops().saturating_sub(drops0));
+                if let (Some(a), Some(b)) = (msgs0, bed.shortcut_msgs()) {
+                    r.shortcut_msgs.push(b.saturating_sub(a));
+                }
+                if let (Some(a), Some(b)) = (bpf0, bed.bpf_stats()) {
+                    r.bpf.push(
+                        b.iter()
+                            .map(|(k, &(n, t))| {
+                                let (n0, t0) = a.get(k).copied().unwrap_or((0, 0));
+                                (k.clone(), (n.saturating_sub(n0), t.saturating_sub(t0)))
+                            })
+                            .collect(),
+                    );
+                }
             }
         }
         shapes.push(ShapeResult { bench, runs });
@@ -769,6 +815,7 @@ pub fn run(opts: &Options) -> Result<Results> {
 
     let mut scale = Vec::new();
     if !opts.skip_scale {
+        drop(bpf_stats);
         for &m in &live {
             say(&format!(
                 "scale in {}: {} kept connections, then {} short ones",

@@ -38,6 +38,28 @@ fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Context switches (voluntary + involuntary) of every thread of a process
+/// that is alive now.
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        total += parse_ctxt_switches(&status);
+    }
+    Some(total)
+}
+
+fn parse_ctxt_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Machine-wide softirq time in microseconds (all CPUs), from /proc/stat.
 pub fn softirq_us() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -175,6 +197,48 @@ fn bpftool(args: &[&str]) -> Result<serde_json::Value> {
         .with_context(|| format!("parsing the JSON of bpftool -j {}", args.join(" ")))
 }
 
+/// Turns on the kernel's run-time accounting of BPF programs for as long as
+/// the returned descriptor is open (BPF_ENABLE_STATS; closing it turns the
+/// accounting off again unless someone else holds it too).
+pub fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr: enable_stats.type = BPF_STATS_RUN_TIME (0), rest zero.
+    let attr = [0u8; 64];
+    // SAFETY: bpf(2) reads `attr` of the given size; the result is a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        bail!("bpf(BPF_ENABLE_STATS): {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Run count and total run time (ns) of every program pinned under
+/// `<bpffs>/progs`, by pin name (zero unless stats are enabled).
+pub fn bpf_prog_stats(bpffs: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
+    let dir = bpffs.join("progs");
+    let mut out = BTreeMap::new();
+    let rd = std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+    for e in rd.flatten() {
+        let v = bpftool(&["prog", "show", "pinned", &e.path().to_string_lossy()])?;
+        out.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            (
+                v["run_cnt"].as_u64().unwrap_or(0),
+                v["run_time_ns"].as_u64().unwrap_or(0),
+            ),
+        );
+    }
+    Ok(out)
+}
+
 /// The machine the numbers came from.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
@@ -285,6 +349,12 @@ mod tests {
         // comm with a space and a ')' inside; utime 150, stime 50.
         let line = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 150 50 0 0 20 0 3 0 1000 1000000 200";
         assert_eq!(parse_stat_cpu_ticks(line), Some(200));
+    }
+
+    #[test]
+    fn ctxt_switch_lines() {
+        let st = "Name:\tx\nvoluntary_ctxt_switches:\t10\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(parse_ctxt_switches(st), 13);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use meshlane_tests::bench::{
     client::{self, ClientArgs},
     report,
-    run::{self, Mode, Plan, Proxy},
+    run::{self, Bench, Mode, Plan, Proxy},
     server,
 };
 
@@ -40,9 +40,19 @@ enum Cmd {
         /// Where results.json, results.md and the charts go.
         #[arg(long)]
         out: PathBuf,
+        /// Shapes to run (comma separated); default: all.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        shapes: Vec<Bench>,
         /// Skip the 10k-connection and churn runs.
         #[arg(long)]
         no_scale: bool,
+        /// Account meshlane's BPF program run time per run (adds a little
+        /// overhead to every program run, so off by default).
+        #[arg(long)]
+        bpf_stats: bool,
+        /// The test sidecar's relay read size in bytes (default: its own).
+        #[arg(long)]
+        relay_buffer: Option<u32>,
         /// Override the repetitions per shape and mode.
         #[arg(long)]
         reps: Option<usize>,
@@ -72,8 +82,11 @@ fn main() -> Result<()> {
             quick,
             proxy,
             modes,
+            shapes,
             out,
             no_scale,
+            bpf_stats,
+            relay_buffer,
             reps,
             duration_ms,
         } => {
@@ -89,12 +102,20 @@ fn main() -> Result<()> {
             } else {
                 modes
             };
+            let shapes = if shapes.is_empty() {
+                Bench::ALL.to_vec()
+            } else {
+                shapes
+            };
             let results = run::run(&run::Options {
                 plan,
                 quick,
                 proxy,
                 modes,
+                shapes,
                 skip_scale: no_scale,
+                bpf_stats,
+                relay_buffer,
             })?;
             let md = report::write_all(&results, &out)?;
             println!("{md}");

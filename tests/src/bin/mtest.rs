@@ -61,6 +61,9 @@ enum Cmd {
         /// instead of to their original destination.
         #[arg(long, value_name = "ADDR")]
         inbound_to: Option<SocketAddrV4>,
+        /// Bytes the relay reads (and so writes) at most per call.
+        #[arg(long, default_value_t = RELAY_CHUNK as u32, value_parser = clap::value_parser!(u32).range(1..=16 << 20))]
+        relay_buffer: u32,
     },
     /// Application stand-in: answer one line with a JSON line.
     Server {
@@ -188,7 +191,10 @@ fn main() -> Result<()> {
                         inbound_port,
                         outbound_to,
                         inbound_to,
+                        relay_buffer,
                     } => {
+                        RELAY_SIZE
+                            .store(relay_buffer as usize, std::sync::atomic::Ordering::Relaxed);
                         let fixed = [outbound_to, inbound_to];
                         sidecar(log, outbound_port, inbound_port, fixed).await
                     }
@@ -235,10 +241,12 @@ fn io_err_text(e: &std::io::Error) -> String {
 /// syscalls per megabyte); the buffer is per worker thread, so ten thousand
 /// idle connections hold no relay memory.
 const RELAY_CHUNK: usize = 64 * 1024;
+/// The relay's read size, set once from `--relay-buffer`.
+static RELAY_SIZE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(RELAY_CHUNK);
 
 thread_local! {
-    static RELAY_BUF: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0u8; RELAY_CHUNK].into_boxed_slice());
+    static RELAY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Sidecar {
@@ -418,6 +426,10 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<()> {
         from.readable().await?;
         let step = RELAY_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
+            let size = RELAY_SIZE.load(std::sync::atomic::Ordering::Relaxed);
+            if buf.len() != size {
+                buf.resize(size, 0);
+            }
             let n = match from.try_read(&mut buf) {
                 Ok(0) => return Ok(Pumped::Eof),
                 Ok(n) => n,
@@ -467,6 +479,25 @@ async fn flush(to: &TcpStream, pending: &mut Vec<u8>) -> std::io::Result<()> {
 async fn connect_upstream(orig: SocketAddrV4, inbound: bool) -> Result<TcpStream, String> {
     let s = TcpSocket::new_v4().map_err(|e| format!("socket: {}", io_err_text(&e)))?;
     if inbound {
+        // The port is chosen at connect() (as Envoy and HAProxy do), where
+        // the kernel knows the whole 4-tuple and may reuse ports in
+        // TIME_WAIT; chosen at bind(), every port ever used recently is
+        // taken, and under connection churn each bind scans the whole range.
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a c_int on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("IP_BIND_ADDRESS_NO_PORT: {}", io_err_text(&e)));
+        }
         let src = SocketAddr::from((INBOUND_PASSTHROUGH_SRC, 0));
         s.bind(src)
             .map_err(|e| format!("bind {src}: {}", io_err_text(&e)))?;
