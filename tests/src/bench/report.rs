@@ -120,6 +120,12 @@ pub fn metrics(bench: Bench) -> Vec<Metric> {
                         .then(|| (r.cpu_client_us + r.cpu_others_us) / 1e6 / (r.bytes as f64 / 1e9))
                 },
             },
+            Metric {
+                key: "ctxsw_per_mb",
+                label: "context switches per MB (sidecars, server, agent)",
+                higher_is_better: false,
+                value: |r| (r.bytes > 0).then(|| r.ctxsw_others as f64 / (r.bytes as f64 / 1e6)),
+            },
         ],
     }
 }

@@ -221,6 +221,7 @@ impl Plan {
     }
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub plan: Plan,
     pub quick: bool,
@@ -233,6 +234,8 @@ pub struct Options {
     pub bpf_stats: bool,
     /// The test sidecar's relay read size (None: its default).
     pub relay_buffer: Option<u32>,
+    /// The open-file limit the run's processes inherit (set by [`run`]).
+    pub nofile: u64,
 }
 
 /// How a mode came out.
@@ -418,12 +421,16 @@ fn mbench_bin() -> PathBuf {
 
 /// The HAProxy configuration for one pod: forward to the original
 /// destination, or to fixed addresses when nothing intercepts.
-fn haproxy_cfg(outbound_to: Option<SocketAddr>, inbound_to: Option<SocketAddr>) -> String {
+fn haproxy_cfg(
+    outbound_to: Option<SocketAddr>,
+    inbound_to: Option<SocketAddr>,
+    maxconn: u64,
+) -> String {
     let out = outbound_to.map_or("0.0.0.0:0".to_string(), |a| a.to_string());
     let inb = inbound_to.map_or("0.0.0.0:0".to_string(), |a| a.to_string());
     format!(
         "global
-    maxconn 100000
+    maxconn {maxconn}
     nbthread 2
 defaults
     mode tcp
@@ -470,7 +477,10 @@ fn start_sidecar(
         }
         Proxy::Haproxy => {
             let cfg = sb.dir().join(format!("haproxy-{}.cfg", pod.name));
-            std::fs::write(&cfg, haproxy_cfg(outbound_to, inbound_to))
+            // HAProxy refuses to start when maxconn needs more descriptors
+            // than the limit allows (two per connection plus its own).
+            let maxconn = (opts.nofile.saturating_sub(2 * FD_HEADROOM) / 2).clamp(1000, 100_000);
+            std::fs::write(&cfg, haproxy_cfg(outbound_to, inbound_to, maxconn))
                 .with_context(|| format!("writing {}", cfg.display()))?;
             let cfg_s = cfg.to_str().context("sandbox paths are UTF-8")?.to_string();
             let p = sb.spawn(
@@ -681,6 +691,9 @@ fn say(msg: &str) {
 pub fn run(opts: &Options) -> Result<Results> {
     let root = crate::workspace_root();
     let nofile = sys::raise_nofile(1 << 20)?;
+    let mut opts = opts.clone();
+    opts.nofile = nofile;
+    let opts = &opts;
     let mut machine = sys::machine(&root);
     let started_utc = utc_now();
     let mut notes = Vec::new();
@@ -1046,12 +1059,14 @@ mod tests {
 
     #[test]
     fn haproxy_config_names_fixed_upstreams() {
-        let c = haproxy_cfg(None, None);
+        let c = haproxy_cfg(None, None, 9000);
+        assert!(c.contains("maxconn 9000\n"));
         assert!(c.contains("server orig 0.0.0.0:0\n"));
         assert!(c.contains("server app 0.0.0.0:0 source 127.0.0.6\n"));
         let c = haproxy_cfg(
             Some("10.0.0.3:15006".parse().unwrap()),
             Some("10.0.0.3:9080".parse().unwrap()),
+            9000,
         );
         assert!(c.contains("server orig 10.0.0.3:15006\n"));
         assert!(c.contains("server app 10.0.0.3:9080 source 127.0.0.6\n"));

@@ -116,6 +116,7 @@ fn main() -> Result<()> {
                 skip_scale: no_scale,
                 bpf_stats,
                 relay_buffer,
+                nofile: 0,
             })?;
             let md = report::write_all(&results, &out)?;
             println!("{md}");
