@@ -116,6 +116,8 @@ pub struct Agent {
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
     stderr_log: PathBuf,
+    /// `meshlane run` arguments, to start the agent again.
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Agent {
@@ -139,33 +141,32 @@ impl Agent {
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}{suffix}", sb.index()));
         let state_dir = sb.dir().join(format!("agent-state{suffix}"));
         let stderr_log = sb.dir().join(format!("agent{suffix}.log"));
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--pods".into(),
+            pods_file.clone().into(),
+            "--cgroup".into(),
+            sb.node_cgroup(node).into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        args.extend([
+            "--bpffs".into(),
+            bpffs.clone().into(),
+            "--state-dir".into(),
+            state_dir.clone().into(),
+        ]);
         let mut agent = Agent {
             child: None,
             pods_file,
             bpffs,
             state_dir,
             stderr_log,
+            args,
         };
         // A previous run of this sandbox index that was SIGKILLed may have left pins.
         agent.cleanup();
-        let log = std::fs::File::create(&agent.stderr_log)?;
-        let child = Command::new(meshlane_bin())
-            .arg("run")
-            .arg("--pods")
-            .arg(&agent.pods_file)
-            .arg("--cgroup")
-            .arg(sb.node_cgroup(node))
-            .args(extra)
-            .arg("--bpffs")
-            .arg(&agent.bpffs)
-            .arg("--state-dir")
-            .arg(&agent.state_dir)
-            .env("MESHLANE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting meshlane run")?;
-        agent.child = Some(child);
+        let _ = std::fs::remove_file(&agent.stderr_log);
+        agent.spawn()?;
         let expect_active: Vec<String> = pods
             .iter()
             .filter(|p| p.meshed && p.ip.is_some())
@@ -177,6 +178,51 @@ impl Agent {
                 .all(|name| pod_state(st, name).as_deref() == Some("active"))
         })?;
         Ok(agent)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)?;
+        let child = Command::new(meshlane_bin())
+            .args(&self.args)
+            .env("MESHLANE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting meshlane run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the agent process with `signal` (SIGKILL or SIGTERM) and reaps
+    /// it, leaving everything it pinned in place (what a crash or a
+    /// DaemonSet rollout does).
+    pub fn stop_process(&mut self, signal: i32) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, signal) };
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again on the same pins and waits until it runs with
+    /// every meshed pod active.
+    pub fn restart(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(self.state_dir.join("status.json"));
+        self.spawn()?;
+        let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+        self.wait_status(Duration::from_secs(15), |st| {
+            st["pid"].as_u64() == Some(u64::from(pid))
+                && st["pods"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .filter(|p| p["config"].is_object() || p["state"] == "active")
+                        .all(|p| p["state"] == "active")
+                })
+        })?;
+        Ok(())
     }
 
     pub fn write_pods(&self, pods: &[PodSpec]) -> Result<()> {
