@@ -118,10 +118,35 @@ pub struct Agent {
     stderr_log: PathBuf,
 }
 
+/// How a test starts the agent beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Command prefix, e.g. `setpriv` with the capability set a deployment grants.
+    pub wrapper: Vec<String>,
+    /// Attach here instead of the sandbox's cgroup (e.g. a read-only bind mount of it).
+    pub cgroup: Option<PathBuf>,
+}
+
 impl Agent {
     /// Starts `meshlane run` for the sandbox with these pods and waits until
     /// every meshed pod with an IP is active.
     pub fn start(sb: &Sandbox, pods: &[PodSpec]) -> Result<Agent> {
+        let mut agent = Self::spawn_with(sb, pods, &Launch::default())?;
+        let expect_active: Vec<String> = pods
+            .iter()
+            .filter(|p| p.meshed && p.ip.is_some())
+            .map(|p| format!("default/{}", p.name))
+            .collect();
+        agent.wait_status(Duration::from_secs(15), |st| {
+            expect_active
+                .iter()
+                .all(|name| pod_state(st, name).as_deref() == Some("active"))
+        })?;
+        Ok(agent)
+    }
+
+    /// Starts `meshlane run` as `launch` says and returns without waiting.
+    pub fn spawn_with(sb: &Sandbox, pods: &[PodSpec], launch: &Launch) -> Result<Agent> {
         let pods_file = sb.dir().join("pods.json");
         std::fs::write(&pods_file, pod_list(pods))?;
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}", sb.index()));
@@ -136,13 +161,22 @@ impl Agent {
         };
         // A previous run of this sandbox index that was SIGKILLed may have left pins.
         agent.cleanup();
+        let _ = std::fs::remove_file(agent.state_dir.join("status.json"));
         let log = std::fs::File::create(&agent.stderr_log)?;
-        let child = Command::new(meshlane_bin())
+        let mut cmd = match launch.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(meshlane_bin());
+                c
+            }
+            None => Command::new(meshlane_bin()),
+        };
+        let child = cmd
             .arg("run")
             .arg("--pods")
             .arg(&agent.pods_file)
             .arg("--cgroup")
-            .arg(sb.cgroup())
+            .arg(launch.cgroup.as_deref().unwrap_or(sb.cgroup()))
             .arg("--bpffs")
             .arg(&agent.bpffs)
             .arg("--state-dir")
@@ -153,17 +187,32 @@ impl Agent {
             .spawn()
             .context("starting meshlane run")?;
         agent.child = Some(child);
-        let expect_active: Vec<String> = pods
-            .iter()
-            .filter(|p| p.meshed && p.ip.is_some())
-            .map(|p| format!("default/{}", p.name))
-            .collect();
-        agent.wait_status(Duration::from_secs(15), |st| {
-            expect_active
-                .iter()
-                .all(|name| pod_state(st, name).as_deref() == Some("active"))
-        })?;
         Ok(agent)
+    }
+
+    /// Stops the agent with SIGTERM, as the kubelet does, without cleanup:
+    /// interception must stay in place.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().context("agent not running")?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("agent did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's exit status if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn write_pods(&self, pods: &[PodSpec]) -> Result<()> {

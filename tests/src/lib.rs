@@ -9,11 +9,12 @@
 //! * Raw socket helpers ([`sock`]) shared by both.
 
 pub mod agent;
+pub mod chart;
 pub mod records;
 pub mod sandbox;
 pub mod sock;
 
-pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, PodSpec};
+pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, Launch, PodSpec};
 pub use records::{
     read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
     SidecarRecord, SockoptRecord,
