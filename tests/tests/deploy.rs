@@ -1135,3 +1135,85 @@ fn with_host_pid_sys_ptrace_is_what_finds_unpinned_pod_namespaces() -> Result<()
     eprintln!("with {caps:?}: the unpinned namespace is found through /proc");
     Ok(())
 }
+
+// ---- migrating from Istio's iptables rules --------------------------------------
+
+/// During a migration a pod can have Istio's rules (written by istio-init or
+/// Istio's CNI before meshlane ran) and meshlane's programs at once. Every
+/// connection must still reach the sidecar once, with the right original
+/// destination: meshlane rewrites at connect() to 127.0.0.1:15001/15006,
+/// which Istio's rules leave alone, and inbound stays with the rules until
+/// the pod restarts without them.
+#[test]
+fn pods_keeping_istios_rules_during_the_migration_are_captured_once() -> Result<()> {
+    use meshlane_tests::{shared_dir, wait_sidecar_peer};
+    let n = node("deploymig")?;
+    let a_app = n.sb.start_server(&n.a, "a", &["0.0.0.0:9080"])?;
+    n.sb.iptables_restore(
+        &n.a,
+        &shared_dir().join("data/istio-cni-goldens/basic.rules"),
+        false,
+    )?;
+    let mut agent = Agent::start(&n.sb, &[PodSpec::meshed(&n.a), PodSpec::plain(&n.b)])?;
+    let probe = |from: &Pod, uid: u32, to: &str| -> ProbeResult {
+        let out =
+            n.sb.run(from, uid, uid, mtest(), &["probe", "--connect", to])
+                .expect("probe");
+        ProbeResult::parse(&out).expect("probe output")
+    };
+    let once = |p: &ProbeResult, listener: u16, orig: &str, what: &str| {
+        assert!(p.connected, "{what}: {p:?}");
+        let local = p.local.clone().expect("local");
+        let rec = wait_sidecar_peer(&n.log, &local).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(rec.listener, listener, "{what}: {rec:?}");
+        assert_eq!(rec.orig_dst.as_deref(), Some(orig), "{what}: {rec:?}");
+        let hops = read_sidecar_log(&n.log)
+            .iter()
+            .filter(|r| r.orig_dst.as_deref() == Some(orig))
+            .count();
+        assert_eq!(hops, 1, "{what}: reached the sidecar {hops} times");
+    };
+    let b9080 = format!("{}:9080", n.b.ip);
+    let a9080 = format!("{}:9080", n.a.ip);
+    once(
+        &probe(&n.a, APP_UID, &b9080),
+        15001,
+        &b9080,
+        "app -> b, rules and meshlane",
+    );
+    once(
+        &probe(&n.a, PROXY_UID, &a9080),
+        15006,
+        &a9080,
+        "proxy -> own pod IP",
+    );
+    let p = probe(&n.a, PROXY_UID, &b9080);
+    assert_eq!(
+        p.reply.as_ref().map(|r| r.server.as_str()),
+        Some("b"),
+        "proxy -> b direct: {p:?}"
+    );
+    // Inbound is the rules' (meshlane has no inbound capture yet).
+    let p = probe(&n.b, APP_UID, &a9080);
+    assert!(p.connected, "b -> a: {p:?}");
+    let rec = wait_sidecar_peer(&n.log, p.local.as_deref().expect("local"))?;
+    assert_eq!(
+        (rec.listener, rec.orig_dst.as_deref()),
+        (15006, Some(a9080.as_str())),
+        "{rec:?}"
+    );
+
+    // The pod restarted without Istio's rules: meshlane alone captures it.
+    n.sb.iptables_flush(&n.a)?;
+    let c = probe(&n.a, APP_UID, &b9080);
+    assert!(c.connected, "{c:?}");
+    let rec = wait_sidecar_peer(&n.log, c.local.as_deref().expect("local"))?;
+    assert_eq!(
+        (rec.listener, rec.orig_dst.as_deref()),
+        (15001, Some(b9080.as_str())),
+        "{rec:?}"
+    );
+    agent.stop()?;
+    drop(a_app);
+    Ok(())
+}
