@@ -42,6 +42,7 @@ fn scenarios() -> Vec<(&'static str, Json)> {
                 "http": {"bindAddress": "0.0.0.0", "port": 15999},
                 "host": {"bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup/unified", "netns": "/var/run/netns"},
                 "hostPID": true,
+                "priorityClassName": "",
                 "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"memory": "1Gi"}},
                 "uninstall": {"nodes": 3},
             }),
@@ -242,6 +243,10 @@ fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
             json!([{"operator": "Exists"}]),
             "{name}"
         );
+        match r.v("priorityClassName").as_str() {
+            Some("") => assert!(pod.get("priorityClassName").is_none(), "{name}"),
+            p => assert_eq!(pod["priorityClassName"].as_str(), p, "{name}"),
+        }
         assert_eq!(
             ds["spec"]["updateStrategy"]["rollingUpdate"],
             json!({"maxUnavailable": 1}),
