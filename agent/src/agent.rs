@@ -20,19 +20,28 @@ use tracing::{error, info, warn};
 use crate::{
     bpf::{self, Layout, Maps},
     listeners, netns,
-    podconfig::{MapEntries, MeshConfig, Mode},
+    podconfig::{MapEntries, MeshConfig, Mode, NodeDefaults},
     pods::{self, Pod},
     status::{AgentStatus, PodState, PodStatus},
 };
 
+/// Everything `meshlane run` was told, parsed. `--print-options` prints it as
+/// JSON with one key per flag (the flag's name in snake case), so a test can
+/// check that a deployment's settings reach the agent.
+#[derive(serde::Serialize)]
 pub struct Options {
+    #[serde(rename = "pods")]
     pub pods_file: PathBuf,
     pub cgroup: PathBuf,
+    #[serde(rename = "bpffs")]
     pub layout: Layout,
     pub state_dir: PathBuf,
     pub ebpf_object: Option<PathBuf>,
     /// The node-wide same-node shortcut switch (`--shortcut`).
     pub shortcut: bool,
+    /// Proxy identity and capture ports for pods that do not say otherwise.
+    #[serde(flatten)]
+    pub defaults: NodeDefaults,
 }
 
 /// How often the pods file is looked at; a change applies within a second.
@@ -202,7 +211,7 @@ impl Agent {
                 status.push(st);
                 continue;
             }
-            let cfg = MeshConfig::from_pod(pod);
+            let cfg = MeshConfig::from_pod_with(pod, &self.opts.defaults);
             for e in &cfg.errors {
                 warn!(pod = %pod.key(), "{e}");
             }

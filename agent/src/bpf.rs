@@ -86,7 +86,8 @@ pub fn program_hooks() -> impl Iterator<Item = (&'static str, &'static str)> {
 }
 
 /// Where meshlane's objects are pinned.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(transparent)]
 pub struct Layout {
     pub root: PathBuf,
 }
@@ -411,8 +412,17 @@ pub fn detach_netns(layout: &Layout, cookie: u64) -> Result<()> {
 }
 
 /// Detaches and unpins everything under `layout`. Links first, so the
-/// programs stop running before their maps go.
+/// programs stop running before their maps go. Something already gone is not
+/// an error: two cleanups on one node (the uninstall Job may place two pods
+/// there) race, and both must succeed.
 pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
+    fn gone_is_fine(r: std::io::Result<()>) -> std::io::Result<bool> {
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
     let mut removed = Vec::new();
     for dir in [
         layout.links(),
@@ -422,19 +432,18 @@ pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
     ] {
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd.flatten() {
-                fs::remove_file(e.path())
-                    .with_context(|| format!("unpinning {}", e.path().display()))?;
-                removed.push(e.path());
+                if gone_is_fine(fs::remove_file(e.path()))
+                    .with_context(|| format!("unpinning {}", e.path().display()))?
+                {
+                    removed.push(e.path());
+                }
             }
         }
-        if dir.exists() {
-            fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
+        gone_is_fine(fs::remove_dir(&dir))
+            .with_context(|| format!("removing {}", dir.display()))?;
     }
-    if layout.root.exists() {
-        fs::remove_dir(&layout.root)
-            .with_context(|| format!("removing {}", layout.root.display()))?;
-    }
+    gone_is_fine(fs::remove_dir(&layout.root))
+        .with_context(|| format!("removing {}", layout.root.display()))?;
     Ok(removed)
 }
 

@@ -118,6 +118,17 @@ pub struct Agent {
     stderr_log: PathBuf,
     /// `meshlane run` arguments, to start the agent again.
     args: Vec<std::ffi::OsString>,
+    /// Command prefix (see [`Launch::wrapper`]).
+    wrapper: Vec<String>,
+}
+
+/// How a test starts the agent beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Command prefix, e.g. `setpriv` with the capability set a deployment grants.
+    pub wrapper: Vec<String>,
+    /// Attach here instead of the sandbox's cgroup (e.g. a read-only bind mount of it).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Agent {
@@ -131,6 +142,32 @@ impl Agent {
     /// cgroup, bpffs directory, state and pods file), with extra `meshlane
     /// run` arguments.
     pub fn start_on(sb: &Sandbox, node: u8, pods: &[PodSpec], extra: &[&str]) -> Result<Agent> {
+        let mut agent = Self::spawn_on(sb, node, pods, extra, &Launch::default())?;
+        let expect_active: Vec<String> = pods
+            .iter()
+            .filter(|p| p.meshed && p.ip.is_some())
+            .map(|p| format!("default/{}", p.name))
+            .collect();
+        agent.wait_status(Duration::from_secs(15), |st| {
+            expect_active
+                .iter()
+                .all(|name| pod_state(st, name).as_deref() == Some("active"))
+        })?;
+        Ok(agent)
+    }
+
+    /// Starts `meshlane run` on node 1 as `launch` says and returns without waiting.
+    pub fn spawn_with(sb: &Sandbox, pods: &[PodSpec], launch: &Launch) -> Result<Agent> {
+        Self::spawn_on(sb, 1, pods, &[], launch)
+    }
+
+    fn spawn_on(
+        sb: &Sandbox,
+        node: u8,
+        pods: &[PodSpec],
+        extra: &[&str],
+        launch: &Launch,
+    ) -> Result<Agent> {
         let suffix = if node == 1 {
             String::new()
         } else {
@@ -146,7 +183,11 @@ impl Agent {
             "--pods".into(),
             pods_file.clone().into(),
             "--cgroup".into(),
-            sb.node_cgroup(node).into(),
+            launch
+                .cgroup
+                .clone()
+                .unwrap_or_else(|| sb.node_cgroup(node).to_path_buf())
+                .into(),
         ];
         args.extend(extra.iter().map(Into::into));
         args.extend([
@@ -162,21 +203,13 @@ impl Agent {
             state_dir,
             stderr_log,
             args,
+            wrapper: launch.wrapper.clone(),
         };
         // A previous run of this sandbox index that was SIGKILLed may have left pins.
         agent.cleanup();
         let _ = std::fs::remove_file(&agent.stderr_log);
+        let _ = std::fs::remove_file(agent.state_dir.join("status.json"));
         agent.spawn()?;
-        let expect_active: Vec<String> = pods
-            .iter()
-            .filter(|p| p.meshed && p.ip.is_some())
-            .map(|p| format!("default/{}", p.name))
-            .collect();
-        agent.wait_status(Duration::from_secs(15), |st| {
-            expect_active
-                .iter()
-                .all(|name| pod_state(st, name).as_deref() == Some("active"))
-        })?;
         Ok(agent)
     }
 
@@ -185,7 +218,15 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&self.stderr_log)?;
-        let child = Command::new(meshlane_bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(meshlane_bin());
+                c
+            }
+            None => Command::new(meshlane_bin()),
+        };
+        let child = cmd
             .args(&self.args)
             .env("MESHLANE_LOG", "info")
             .stdout(Stdio::null())
@@ -223,6 +264,31 @@ impl Agent {
                 })
         })?;
         Ok(())
+    }
+
+    /// Stops the agent with SIGTERM, as the kubelet does, without cleanup:
+    /// interception must stay in place.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().context("agent not running")?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("agent did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's exit status if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn write_pods(&self, pods: &[PodSpec]) -> Result<()> {

@@ -10,12 +10,13 @@
 //!   streams of the shortcut tests ([`stream`]).
 
 pub mod agent;
+pub mod chart;
 pub mod records;
 pub mod sandbox;
 pub mod sock;
 pub mod stream;
 
-pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, PodSpec};
+pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, Launch, PodSpec};
 pub use records::{
     read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
     SidecarRecord, SockoptRecord,

@@ -628,3 +628,55 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn node_defaults_apply_where_the_pod_says_nothing() {
+    let node = NodeDefaults::new(2102, 4140, 4143).expect("valid");
+    let mut p = pod_with(&[]);
+    let c = MeshConfig::from_pod_with(&p, &node);
+    assert_eq!((c.proxy_uid, c.proxy_gid), (2102, 2102));
+    let k = c.pod_config(&[POD_IP]);
+    assert_eq!(
+        (k.proxy_uid, k.outbound_capture_port, k.inbound_capture_port),
+        (2102, 4140, 4143),
+        "the kernel gets the node's ports"
+    );
+    // runAsUser 0 or unset: the node default; anything else wins.
+    p.proxy_run_as_user = Some(0);
+    assert_eq!(MeshConfig::from_pod_with(&p, &node).proxy_uid, 2102);
+    p.proxy_run_as_user = Some(1_000_670_000);
+    p.proxy_run_as_group = Some(1_000_670_001);
+    let c = MeshConfig::from_pod_with(&p, &node);
+    assert_eq!((c.proxy_uid, c.proxy_gid), (1_000_670_000, 1_000_670_001));
+    assert_eq!(c.outbound_capture_port, 4140, "ports stay node-wide");
+    // Istio's defaults are what from_pod uses.
+    assert_eq!(
+        MeshConfig::from_pod(&pod_with(&[])),
+        MeshConfig::from_pod_with(&pod_with(&[]), &NodeDefaults::ISTIO)
+    );
+    // The rendered rules use the node's ports too.
+    let rules = crate::iptables::render(&MeshConfig::from_pod_with(&pod_with(&[]), &node))
+        .expect("captured");
+    assert!(rules.contains("--to-ports 4140"), "{rules}");
+    assert!(rules.contains("--to-ports 4143"), "{rules}");
+    assert!(
+        !rules.contains("15001") && !rules.contains("15006"),
+        "{rules}"
+    );
+}
+
+#[test]
+fn bad_node_defaults_name_the_flag_and_value() {
+    let e = NodeDefaults::new(0, 15001, 15006).unwrap_err();
+    assert!(e.contains("--proxy-uid 0"), "{e}");
+    let e = NodeDefaults::new(1337, 0, 15006).unwrap_err();
+    assert!(e.contains("--outbound-capture-port 0"), "{e}");
+    let e = NodeDefaults::new(1337, 15001, 0).unwrap_err();
+    assert!(e.contains("--inbound-capture-port 0"), "{e}");
+    let e = NodeDefaults::new(1337, 15006, 15006).unwrap_err();
+    assert!(e.contains("both 15006"), "{e}");
+    assert_eq!(
+        NodeDefaults::new(1337, 15001, 15006),
+        Ok(NodeDefaults::ISTIO)
+    );
+}
