@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod vmtest;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -36,6 +37,8 @@ enum Cmd {
     Demo,
     /// Run the conformance suite (Istio's real rules vs meshlane, every golden case) and print its tables.
     Conformance,
+    /// Boot other kernels under qemu and run the namespaced integration suite in each (see vmtest.rs).
+    VmTest(vmtest::Opts),
 }
 
 fn main() -> Result<()> {
@@ -54,6 +57,11 @@ fn main() -> Result<()> {
             setup()?;
             build_all()?;
             demo::run()
+        }
+        Cmd::VmTest(opts) => {
+            setup()?;
+            build_all()?;
+            vmtest::run_vm_test(&opts)
         }
         Cmd::Conformance => {
             setup()?;
@@ -108,6 +116,12 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "python3",
+    // `cargo xtask vm-test`: qemu (TCG), a static busybox for the guest's
+    // initramfs, and the decompressors for Debian's kernel modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
