@@ -13,8 +13,10 @@
 //!
 //! Kernels come from Debian's package lists (`apt-get download`) and are
 //! cached under target/vm/. The default matrix is Debian 12's kernel, the
-//! newest kernel series the package lists offer, and the host's kernel (booted
-//! from /boot if readable, otherwise run natively and said so).
+//! newest kernel series the package lists offer, the host's kernel (booted
+//! from /boot if readable, otherwise run natively and said so), and Debian
+//! 11's 5.10, which the start-up probes are expected to refuse: that row
+//! checks the refusal on a real old kernel.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -33,9 +35,10 @@ use crate::{root, run, say};
 #[derive(clap::Args, Debug)]
 pub struct Opts {
     /// Kernel rows: `debian12`, `newest` (newest series in the package lists),
+    /// `debian11` (5.10, from Debian 11's lists kept under target/vm/),
     /// `host`, a Debian package name (`linux-image-…`), a .deb file, or a
-    /// directory holding an unpacked one. Repeatable; default: debian12,
-    /// newest, host.
+    /// directory holding an unpacked one. Repeatable; default: debian11,
+    /// debian12, newest, host.
     #[arg(long = "kernel", value_name = "DEB-PACKAGE-OR-PATH")]
     kernels: Vec<String>,
     /// Only tests whose name contains this (libtest filter, passed to every binary).
@@ -72,19 +75,23 @@ const MODULES: &[&str] = &[
     "nf_tables",
     "nft_compat",
     "nft_chain_nat",
+    // iptables-nft puts a counter on every rule; built in since 5.13 or so,
+    // a module on 5.10 (and the guest has no modprobe to autoload it).
+    "nft_counter",
+    "nft_ct",
+    "nft_nat",
+    "nft_redir",
     "nf_nat",
     "nf_conntrack",
     "xt_REDIRECT",
     "xt_TPROXY",
     "xt_owner",
     "xt_mark",
-    "xt_MARK",
     "xt_tcpudp",
     "xt_multiport",
     "xt_conntrack",
     "xt_socket",
     "xt_connmark",
-    "xt_CONNMARK",
     "xt_comment",
     "ip_tables",
     "iptable_nat",
@@ -95,7 +102,52 @@ const MODULES: &[&str] = &[
 /// The marker a start-up refusal carries (agent/src/probe.rs).
 const REFUSAL_MARK: &str = "meshlane cannot run on this kernel";
 
+/// The rows named in `MESHLANE_VM_TEST` (comma-separated), for
+/// `cargo xtask test`: (passed, failed, skipped, every row usable).
+pub fn ci_rows(rows: &str) -> Result<(u64, u64, u64, bool)> {
+    let opts = Opts {
+        kernels: rows
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(String::from)
+            .collect(),
+        filter: None,
+        full: false,
+        timeout_min: 20,
+        test_threads: 2,
+    };
+    say(&format!("MESHLANE_VM_TEST={rows}: kernel rows under qemu"));
+    let rows = run_rows(&opts)?;
+    let (p, f, s) = totals(&rows);
+    Ok((
+        p as u64,
+        f as u64,
+        s as u64,
+        rows.iter().all(|r| r.broken.is_none()),
+    ))
+}
+
+fn totals(rows: &[Row]) -> (usize, usize, usize) {
+    rows.iter().fold((0, 0, 0), |acc, r| {
+        let (p, f, s) = r.counts();
+        (acc.0 + p, acc.1 + f, acc.2 + s)
+    })
+}
+
 pub fn run_vm_test(opts: &Opts) -> Result<()> {
+    let rows = run_rows(opts)?;
+    let (passed, failed, skipped) = totals(&rows);
+    println!("vm-test: {passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 || rows.iter().any(|r| r.broken.is_some()) {
+        bail!("vm-test: {failed} failed across {} kernel rows", rows.len());
+    }
+    Ok(())
+}
+
+/// Runs every row, prints each and the matrix, and writes the matrix to
+/// target/vm/matrix.txt.
+fn run_rows(opts: &Opts) -> Result<Vec<Row>> {
     let started = chrono_now();
     let work = vm_dir();
     fs::create_dir_all(&work)?;
@@ -108,7 +160,12 @@ pub fn run_vm_test(opts: &Opts) -> Result<()> {
         );
     }
     let specs: Vec<String> = if opts.kernels.is_empty() {
-        vec!["debian12".into(), "newest".into(), "host".into()]
+        vec![
+            "debian11".into(),
+            "debian12".into(),
+            "newest".into(),
+            "host".into(),
+        ]
     } else {
         opts.kernels.clone()
     };
@@ -140,19 +197,11 @@ pub fn run_vm_test(opts: &Opts) -> Result<()> {
     let report = matrix(&rows, &started);
     println!("{report}");
     fs::write(work.join("matrix.txt"), &report)?;
-    let (passed, failed, skipped) = rows.iter().fold((0, 0, 0), |acc, r| {
-        let (p, f, s) = r.counts();
-        (acc.0 + p, acc.1 + f, acc.2 + s)
-    });
     say(&format!(
         "matrix written to {}",
         work.join("matrix.txt").display()
     ));
-    println!("vm-test: {passed} passed, {failed} failed, {skipped} skipped");
-    if failed > 0 || rows.iter().any(|r| r.broken.is_some()) {
-        bail!("vm-test: {failed} failed across {} kernel rows", rows.len());
-    }
-    Ok(())
+    Ok(rows)
 }
 
 fn target_dir() -> PathBuf {
@@ -281,13 +330,20 @@ impl Kernel {
                 }
             }
             "debian12" => {
-                let pkg = meta_depends("linux-image-amd64")?;
-                Self::package(&format!("debian12 {pkg}"), &pkg, &kernels)
+                let apt = Apt::default();
+                let pkg = meta_depends(&apt, "linux-image-amd64")?;
+                Self::package(&apt, &format!("debian12 {pkg}"), &pkg, &kernels)
             }
             "newest" => {
+                let apt = Apt::default();
                 let meta = newest_series_meta()?;
-                let pkg = meta_depends(&meta)?;
-                Self::package(&format!("newest {pkg}"), &pkg, &kernels)
+                let pkg = meta_depends(&apt, &meta)?;
+                Self::package(&apt, &format!("newest {pkg}"), &pkg, &kernels)
+            }
+            "debian11" => {
+                let apt = Apt::bullseye(work)?;
+                let pkg = meta_depends(&apt, "linux-image-amd64")?;
+                Self::package(&apt, &format!("debian11 {pkg}"), &pkg, &kernels)
             }
             s if s.ends_with(".deb") => {
                 let deb = fs::canonicalize(s).with_context(|| format!("--kernel {s}"))?;
@@ -302,15 +358,15 @@ impl Kernel {
                 Self::from_tree(&format!("{stem} (file)"), &dir)
             }
             s if Path::new(s).is_dir() => Self::from_tree(s, Path::new(s)),
-            s if s.starts_with("linux-image-") => Self::package(s, s, &kernels),
+            s if s.starts_with("linux-image-") => Self::package(&Apt::default(), s, s, &kernels),
             other => bail!(
-                "--kernel {other:?}: expected debian12, newest, host, a linux-image-… package name, a .deb file or an unpacked package directory"
+                "--kernel {other:?}: expected debian12, newest, debian11, host, a linux-image-… package name, a .deb file or an unpacked package directory"
             ),
         }
     }
 
     /// Downloads (once) and unpacks a Debian kernel package.
-    fn package(label: &str, pkg: &str, kernels: &Path) -> Result<Kernel> {
+    fn package(apt: &Apt, label: &str, pkg: &str, kernels: &Path) -> Result<Kernel> {
         let dir = kernels.join(pkg);
         if !dir.join("boot").is_dir() {
             let dl = kernels.join("debs");
@@ -320,8 +376,9 @@ impl Kernel {
                 Some(d) => d,
                 None => {
                     say(&format!("downloading {pkg} (apt-get download)"));
-                    run(Command::new("apt-get")
-                        .args(["-q", "-o", "APT::Sandbox::User=root", "download", pkg])
+                    run(apt
+                        .cmd("apt-get")
+                        .args(["-q", "download", pkg])
                         .current_dir(&dl))
                     .with_context(|| format!("apt-get download {pkg}"))?;
                     find_deb(&dl, pkg).with_context(|| {
@@ -370,16 +427,72 @@ fn uname_r() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn apt_cache(args: &[&str]) -> Result<String> {
-    let out = Command::new("apt-cache").args(args).output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// apt with the machine's own package lists, or with a private set of lists
+/// for an older Debian release (under target/vm/apt-NAME; the machine's
+/// sources are not touched).
+#[derive(Default)]
+struct Apt {
+    opts: Vec<String>,
+}
+
+impl Apt {
+    /// Debian 11 (bullseye), whose 5.10 kernel is the oldest row offered.
+    fn bullseye(work: &Path) -> Result<Apt> {
+        let d = work.join("apt-debian11");
+        for sub in ["lists/partial", "cache/archives/partial", "parts"] {
+            fs::create_dir_all(d.join(sub))?;
+        }
+        let key = "signed-by=/usr/share/keyrings/debian-archive-keyring.gpg";
+        fs::write(
+            d.join("sources.list"),
+            format!(
+                "deb [{key}] http://deb.debian.org/debian bullseye main\n\
+                 deb [{key}] http://deb.debian.org/debian-security bullseye-security main\n"
+            ),
+        )?;
+        let p = |s: &str| d.join(s).display().to_string();
+        let apt = Apt {
+            opts: [
+                format!("Dir::Etc::SourceList={}", p("sources.list")),
+                format!("Dir::Etc::SourceParts={}", p("parts")),
+                format!("Dir::State::Lists={}", p("lists")),
+                format!("Dir::Cache={}", p("cache")),
+            ]
+            .into_iter()
+            .flat_map(|o| ["-o".to_string(), o])
+            .collect(),
+        };
+        let has_lists = fs::read_dir(d.join("lists"))?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"));
+        if !has_lists {
+            say("fetching Debian 11's package lists into target/vm/apt-debian11 (apt-get update)");
+            run(apt.cmd("apt-get").args(["update", "-qq"]))?;
+        }
+        Ok(apt)
+    }
+
+    fn cmd(&self, tool: &str) -> Command {
+        let mut c = Command::new(tool);
+        c.args(&self.opts).args(["-o", "APT::Sandbox::User=root"]);
+        c
+    }
+
+    fn cache(&self, args: &[&str]) -> Result<String> {
+        let out = self.cmd("apt-cache").args(args).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn is_host(&self) -> bool {
+        self.opts.is_empty()
+    }
 }
 
 /// The versioned kernel package a meta-package (`linux-image-amd64`)
 /// depends on, reading the package lists after `apt-get update` if needed.
-fn meta_depends(meta: &str) -> Result<String> {
+fn meta_depends(apt: &Apt, meta: &str) -> Result<String> {
     for attempt in 0..2 {
-        let text = apt_cache(&["depends", meta])?;
+        let text = apt.cache(&["depends", meta])?;
         if let Some(pkg) = text.lines().find_map(|l| {
             l.trim()
                 .strip_prefix("Depends: ")
@@ -388,7 +501,7 @@ fn meta_depends(meta: &str) -> Result<String> {
         }) {
             return Ok(pkg);
         }
-        if attempt == 0 {
+        if attempt == 0 && apt.is_host() {
             say("package lists have no kernel packages: apt-get update");
             run(Command::new("apt-get").args(["update", "-qq"]))?;
         }
@@ -400,7 +513,7 @@ fn meta_depends(meta: &str) -> Result<String> {
 /// (on Debian 12: the 6.12 series that came through backports), or the
 /// default meta-package if there is none.
 fn newest_series_meta() -> Result<String> {
-    let text = apt_cache(&[
+    let text = Apt::default().cache(&[
         "search",
         "--names-only",
         r"^linux-image-[0-9]+\.[0-9]+-amd64$",
@@ -700,7 +813,14 @@ poweroff -f
 "#;
 
 fn build_initramfs(img: &Image, work: &Path) -> Result<PathBuf> {
-    let key = img.release.replace('/', "_");
+    // Rebuilt when the module list or the init script changes.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&(INIT, MODULES), &mut h);
+    let key = format!(
+        "{}-{:016x}",
+        img.release.replace('/', "_"),
+        std::hash::Hasher::finish(&h)
+    );
     let out = work.join("initramfs").join(format!("{key}.cpio"));
     let busybox = Path::new("/bin/busybox");
     let fresh = |p: &Path| -> bool {
@@ -755,7 +875,7 @@ fn runner_script(bins: &[TestBin], meshlane: &Path, opts: &Opts, results: &str) 
     let _ = writeln!(s, "R={results}");
     let _ = writeln!(
         s,
-        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1"
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0"
     );
     if let Some(shared) = std::env::var_os("MESHLANE_SHARED") {
         let _ = writeln!(
@@ -1078,14 +1198,28 @@ impl Row {
         if let Some(b) = &self.broken {
             return format!("BROKEN: {b}");
         }
-        let (p, f, s) = self.counts();
+        let (p, f, _) = self.counts();
+        let refused = self
+            .tests
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Refused)
+            .count();
+        let skipped = self
+            .tests
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Skipped(_)))
+            .count();
         let mut v = if f > 0 {
-            format!("FAIL ({p} passed, {f} failed, {s} skipped)")
+            format!("FAIL ({p} passed, {f} failed, {skipped} skipped")
         } else {
-            format!("pass ({p} passed, {s} skipped)")
+            format!("pass ({p} passed, {skipped} skipped")
         };
+        if refused > 0 {
+            v.push_str(&format!(", {refused} refused"));
+        }
+        v.push(')');
         if let Some(r) = &self.refused {
-            v = format!("refused at start-up: {r}; {v}");
+            v = format!("refused at start-up: {r} Tests: {v}");
         }
         v
     }
@@ -1109,6 +1243,7 @@ fn collect(
             .find(|l| l.contains(REFUSAL_MARK))
             .unwrap_or("meshlane probe failed")
             .trim()
+            .trim_start_matches("Error: ")
             .to_string()
     });
     let mut tests = Vec::new();
@@ -1154,6 +1289,34 @@ fn collect(
     })
 }
 
+/// `test NAME ... ok|FAILED|ignored[, reason]`, also when a test's own
+/// output without a newline ran into the start of the line.
+fn test_line(line: &str) -> Option<(String, Outcome)> {
+    let mut from = 0;
+    while let Some(pos) = line[from..].find("test ") {
+        let rest = &line[from + pos + 5..];
+        from += pos + 5;
+        let Some((name, verdict)) = rest.split_once(" ... ") else {
+            continue;
+        };
+        if name.is_empty() || name.contains(' ') {
+            continue;
+        }
+        let o = match verdict.trim() {
+            "ok" => Outcome::Pass,
+            "FAILED" => Outcome::Fail(String::new()),
+            v if v.starts_with("ignored") => Outcome::Skipped(
+                v.strip_prefix("ignored, ")
+                    .unwrap_or("ignored (no reason given)")
+                    .to_string(),
+            ),
+            _ => continue,
+        };
+        return Some((name.to_string(), o));
+    }
+    None
+}
+
 /// Per test: pass, FAIL with the first lines of its panic, or skipped with
 /// the reason (an `#[ignore = "…"]` reason, or a `SKIPPED: …` line the test
 /// printed, which `--show-output` attributes to it).
@@ -1161,23 +1324,34 @@ fn parse_libtest(out: &str) -> Vec<(String, Outcome)> {
     let mut results: Vec<(String, Outcome)> = Vec::new();
     let mut sections: BTreeMap<String, String> = BTreeMap::new();
     let mut current: Option<String> = None;
+    // `test NAME ... ` whose verdict a child's output pushed to a later line.
+    let mut pending: Option<String> = None;
     for line in out.lines() {
-        if let Some(rest) = line.strip_prefix("test ") {
-            if let Some((name, verdict)) = rest.split_once(" ... ") {
-                let o = match verdict.trim() {
-                    "ok" => Some(Outcome::Pass),
-                    "FAILED" => Some(Outcome::Fail(String::new())),
-                    v if v.starts_with("ignored") => Some(Outcome::Skipped(
-                        v.strip_prefix("ignored, ")
-                            .unwrap_or("ignored (no reason given)")
-                            .to_string(),
-                    )),
-                    _ => None,
-                };
-                if let Some(o) = o {
-                    results.push((name.trim().to_string(), o));
-                    continue;
-                }
+        if let Some((name, o)) = test_line(line) {
+            results.push((name, o));
+            pending = None;
+            continue;
+        }
+        if let Some(name) = line
+            .trim_start()
+            .strip_prefix("test ")
+            .and_then(|r| r.split_once(" ... "))
+            .map(|(n, _)| n.to_string())
+            .filter(|n| !n.contains(' '))
+        {
+            pending = Some(name);
+            continue;
+        }
+        if let Some(name) = &pending {
+            let verdict = match line.trim() {
+                "ok" => Some(Outcome::Pass),
+                "FAILED" => Some(Outcome::Fail(String::new())),
+                _ => None,
+            };
+            if let Some(o) = verdict {
+                results.push((name.clone(), o));
+                pending = None;
+                continue;
             }
         }
         if let Some(name) = line
@@ -1207,6 +1381,15 @@ fn parse_libtest(out: &str) -> Vec<(String, Outcome)> {
                 {
                     *o = Outcome::Skipped(reason);
                 }
+            }
+            Outcome::Fail(msg) if text.contains(REFUSAL_MARK) => {
+                // The agent refused this kernel at start-up: that line says it all.
+                *msg = text
+                    .lines()
+                    .find(|l| l.contains(REFUSAL_MARK))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
             }
             Outcome::Fail(msg) => {
                 *msg = text
@@ -1307,9 +1490,10 @@ mod tests {
         let out = "\
 running 4 tests
 test a ... ok
-test b ... FAILED
+    Permission denied (os error 13)test b ... FAILED
 test c ... ignored, needs sk_lookup
-test d ... ok
+test d ... removed 0 pinned objects
+ok
 
 successes:
 
