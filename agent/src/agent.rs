@@ -75,6 +75,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(opts: Options) -> Result<Self> {
+        crate::probe::require(
+            &bpf::object_bytes(opts.ebpf_object.as_deref())?,
+            &opts.cgroup,
+        )?;
         bpf::ensure_bpffs(&opts.layout.root)?;
         let object = bpf::object_bytes(opts.ebpf_object.as_deref())?;
         let adopted = opts.layout.has_links()

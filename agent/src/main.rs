@@ -12,6 +12,7 @@ mod listeners;
 mod netns;
 mod podconfig;
 mod pods;
+mod probe;
 mod status;
 
 #[derive(Parser)]
@@ -104,6 +105,15 @@ enum Command {
         #[arg(long)]
         pod: String,
     },
+    /// Check every kernel feature the programs need (yes/no each); exits non-zero naming what is missing.
+    Probe {
+        /// cgroup-v2 directory to probe cgroup links under (default: the cgroup2 root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Probe for this eBPF object instead of the one built into the binary.
+        #[arg(long)]
+        ebpf_object: Option<PathBuf>,
+    },
     /// Stop the agent, detach and unpin everything meshlane owns.
     Cleanup {
         #[command(flatten)]
@@ -187,6 +197,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Cleanup { at } => cleanup(&at),
+        Command::Probe {
+            cgroup,
+            ebpf_object,
+        } => probe::run_cli(
+            &bpf::object_bytes(ebpf_object.as_deref())?,
+            cgroup.as_deref(),
+        ),
     }
 }
 

@@ -26,6 +26,15 @@ pub use sandbox::{
 };
 pub use sock::{fmt_addr, original_dst};
 
+/// Marks the running test as skipped for `reason` (a missing kernel feature,
+/// say): prints `SKIPPED: reason`, which `cargo xtask vm-test` reports per
+/// test as skipped-with-reason. The caller returns right after; a skipped
+/// test is never counted as a pass there.
+pub fn skip_loudly(reason: &str) {
+    println!("SKIPPED: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
+
 /// Istio's default proxy uid and gid (the sidecar runs as these).
 pub const PROXY_UID: u32 = 1337;
 /// An ordinary application uid for probes that should be captured.

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod vmtest;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -38,6 +39,8 @@ enum Cmd {
     Conformance,
     /// Render deploy/chart/meshlane with its default values into deploy/manifests.
     RenderManifests,
+    /// Boot other kernels under qemu and run the namespaced integration suite in each (see vmtest.rs).
+    VmTest(vmtest::Opts),
 }
 
 fn main() -> Result<()> {
@@ -62,6 +65,11 @@ fn main() -> Result<()> {
             setup()?;
             build_all()?;
             demo::run()
+        }
+        Cmd::VmTest(opts) => {
+            setup()?;
+            build_all()?;
+            vmtest::run_vm_test(&opts)
         }
         Cmd::Conformance => {
             setup()?;
@@ -116,6 +124,12 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "python3",
+    // `cargo xtask vm-test`: qemu (TCG), a static busybox for the guest's
+    // initramfs, and the decompressors for Debian's kernel modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -340,7 +354,19 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    let ok = status.success() && failed == 0 && passed > 0;
+    // Kernel rows under qemu, only when asked: MESHLANE_VM_TEST=debian12
+    // (comma-separated rows, as `vm-test --kernel`); .ci/run sets it.
+    let vm_ok = match std::env::var("MESHLANE_VM_TEST") {
+        Ok(rows) if !rows.trim().is_empty() => {
+            let (p, f, s, ok) = vmtest::ci_rows(&rows)?;
+            passed += p;
+            failed += f;
+            ignored += s;
+            ok
+        }
+        _ => true,
+    };
+    let ok = status.success() && vm_ok && failed == 0 && passed > 0;
     say(if ok {
         "all tests passed"
     } else {
