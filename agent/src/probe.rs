@@ -134,6 +134,7 @@ const H_SK_STORAGE_GET: u32 = 107;
 const H_SK_STORAGE_DELETE: u32 = 108;
 const H_NETNS_COOKIE: u32 = 122;
 const H_SK_ASSIGN: u32 = 124;
+const H_SK_RELEASE: u32 = 86;
 
 fn hook_name(prog_type: u32, attach: Option<u32>) -> String {
     match (prog_type, attach) {
@@ -182,6 +183,7 @@ fn helper_name(id: u32) -> String {
         H_SK_STORAGE_DELETE => "bpf_sk_storage_delete".into(),
         H_NETNS_COOKIE => "bpf_get_netns_cookie".into(),
         H_SK_ASSIGN => "bpf_sk_assign".into(),
+        H_SK_RELEASE => "bpf_sk_release".into(),
         other => format!("bpf helper #{other}"),
     }
 }
@@ -221,7 +223,17 @@ fn helper_min(prog_type: u32, attach: Option<u32>, helper: u32) -> Option<&'stat
         // fab60e29fcc6 "... in BPF_PROG_TYPE_SK_MSG" (Xu Liu, 2021)
         (PT_SOCK_OPS | PT_SK_MSG, H_NETNS_COOKIE) => "5.15",
         // e9ddbb7707ff: sk_lookup programs select a socket with bpf_sk_assign()
-        (PT_SK_LOOKUP, H_SK_ASSIGN) => "5.9",
+        // and release what a sockmap lookup returned.
+        (PT_SK_LOOKUP, H_SK_ASSIGN | H_SK_RELEASE) => "5.9",
+        // Socket lookups (and so bpf_sk_release) in cgroup sock_addr programs
+        // came with "bpf: Support socket lookup in CGROUP_SOCK_ADDR progs"
+        // (Andrey Ignatov, v5.0 cycle). Not re-checked: the probe asks the
+        // kernel either way, only this message's version depends on it.
+        (PT_SOCK_ADDR, H_SK_RELEASE) => "5.0",
+        // Not confirmed which release allowed it in cgroup sockopt programs;
+        // the same series as sockops (5.15) is assumed for the message. The
+        // probe itself asks the kernel.
+        (PT_SOCKOPT, H_NETNS_COOKIE) => "5.15",
         _ => return None,
     })
 }
