@@ -56,7 +56,16 @@ pub struct Opts {
 }
 
 /// Test binaries that run by default; conformance only with --full.
-const QUICK_SUITE: &[&str] = &["kernel", "outbound", "cli", "harness_iptables", "haproxy"];
+const QUICK_SUITE: &[&str] = &[
+    "kernel",
+    "outbound",
+    "inbound",
+    "shortcut",
+    "restart",
+    "cli",
+    "harness_iptables",
+    "haproxy",
+];
 /// The binary that runs first and alone: it checks the start-up probes and
 /// is the first to start an agent, which mounts bpffs when it is missing.
 const FIRST: &str = "kernel";
