@@ -78,7 +78,7 @@ fn stream(s: &Setup, port: u16, args: &[&str]) -> Result<StreamResult> {
         APP_UID,
         mtest(),
         &full,
-        Duration::from_secs(90),
+        Duration::from_secs(240),
     )?;
     let r: StreamResult = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
     Ok(r)
