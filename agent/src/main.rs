@@ -12,6 +12,7 @@ mod listeners;
 mod netns;
 mod podconfig;
 mod pods;
+mod probe;
 mod status;
 
 #[derive(Parser)]
@@ -64,6 +65,21 @@ enum Command {
         /// `meshlane shortcut on|off` flips it while running.
         #[arg(long, value_enum, default_value = "off", env = "MESHLANE_SHORTCUT")]
         shortcut: OnOff,
+        /// Proxy uid for pods whose istio-proxy container sets no runAsUser
+        /// (the container's runAsUser/runAsGroup still win). The gid follows
+        /// the uid unless runAsGroup says otherwise.
+        #[arg(long, value_name = "UID", default_value_t = meshlane_common::ports::PROXY_UID)]
+        proxy_uid: u32,
+        /// The proxy's listener for redirected outbound connections.
+        #[arg(long, value_name = "PORT", default_value_t = meshlane_common::ports::OUTBOUND_CAPTURE)]
+        outbound_capture_port: u16,
+        /// The proxy's listener for redirected inbound connections.
+        #[arg(long, value_name = "PORT", default_value_t = meshlane_common::ports::INBOUND_CAPTURE)]
+        inbound_capture_port: u16,
+        /// Print the parsed options as JSON and exit, without touching the
+        /// kernel (to check what a deployment really passes).
+        #[arg(long)]
+        print_options: bool,
     },
     /// Turn the same-node shortcut on or off for new connections, without
     /// restarting anything (connections already shortcut keep it until they close).
@@ -89,6 +105,15 @@ enum Command {
         #[arg(long)]
         pod: String,
     },
+    /// Check every kernel feature the programs need (yes/no each); exits non-zero naming what is missing.
+    Probe {
+        /// cgroup-v2 directory to probe cgroup links under (default: the cgroup2 root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Probe for this eBPF object instead of the one built into the binary.
+        #[arg(long)]
+        ebpf_object: Option<PathBuf>,
+    },
     /// Stop the agent, detach and unpin everything meshlane owns.
     Cleanup {
         #[command(flatten)]
@@ -111,11 +136,21 @@ fn main() -> Result<()> {
             at,
             ebpf_object,
             shortcut,
+            proxy_uid,
+            outbound_capture_port,
+            inbound_capture_port,
+            print_options,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => agent::cgroup2_root()?,
             };
+            let defaults = podconfig::NodeDefaults::new(
+                proxy_uid,
+                outbound_capture_port,
+                inbound_capture_port,
+            )
+            .map_err(anyhow::Error::msg)?;
             let opts = agent::Options {
                 pods_file: pods,
                 cgroup,
@@ -123,7 +158,14 @@ fn main() -> Result<()> {
                 state_dir: at.state_dir,
                 ebpf_object,
                 shortcut: shortcut == OnOff::On,
+                defaults,
             };
+            if print_options {
+                let mut v = serde_json::to_value(&opts)?;
+                v["log_level"] = cli.log_level.clone().into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             let agent = agent::Agent::start(opts)?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -155,6 +197,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Cleanup { at } => cleanup(&at),
+        Command::Probe {
+            cgroup,
+            ebpf_object,
+        } => probe::run_cli(
+            &bpf::object_bytes(ebpf_object.as_deref())?,
+            cgroup.as_deref(),
+        ),
     }
 }
 

@@ -11,12 +11,13 @@
 
 pub mod agent;
 pub mod bench;
+pub mod chart;
 pub mod records;
 pub mod sandbox;
 pub mod sock;
 pub mod stream;
 
-pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, PodSpec};
+pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, Launch, PodSpec};
 pub use records::{
     read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
     SidecarRecord, SockoptRecord,
@@ -25,6 +26,15 @@ pub use sandbox::{
     cgroup2_root, cleanup_stale, mtest_bin, shared_dir, workspace_root, Pod, Proc, Sandbox,
 };
 pub use sock::{fmt_addr, original_dst};
+
+/// Marks the running test as skipped for `reason` (a missing kernel feature,
+/// say): prints `SKIPPED: reason`, which `cargo xtask vm-test` reports per
+/// test as skipped-with-reason. The caller returns right after; a skipped
+/// test is never counted as a pass there.
+pub fn skip_loudly(reason: &str) {
+    println!("SKIPPED: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
 
 /// Istio's default proxy uid and gid (the sidecar runs as these).
 pub const PROXY_UID: u32 = 1337;

@@ -187,6 +187,12 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
                 return false;
             };
             let (local_port, _) = ports_of(ops);
+            // Addressed to the capture port itself, or REDIRECTed there by
+            // iptables rules still in the pod (a migration in progress):
+            // conntrack, not us, knows the original destination.
+            if local_port == cfg.inbound_capture_port {
+                return false;
+            }
             let arrival = Arrival {
                 tcp: true,
                 src_addr: u32::from_be(field!(ops, remote_ip4)),

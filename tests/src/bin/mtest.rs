@@ -53,6 +53,10 @@ enum Cmd {
         outbound_port: u16,
         #[arg(long, default_value_t = 15006)]
         inbound_port: u16,
+        /// Start as root, make both listeners IP_TRANSPARENT (what Envoy does
+        /// for Istio's TPROXY mode), then run as UID:GID.
+        #[arg(long, value_name = "UID:GID")]
+        transparent_as: Option<String>,
         /// Forward outbound-listener connections here instead of to their
         /// original destination (no interception: the app dials 15001 itself).
         #[arg(long, value_name = "ADDR")]
@@ -189,6 +193,7 @@ fn main() -> Result<()> {
                         log,
                         outbound_port,
                         inbound_port,
+                        transparent_as,
                         outbound_to,
                         inbound_to,
                         relay_buffer,
@@ -196,7 +201,7 @@ fn main() -> Result<()> {
                         RELAY_SIZE
                             .store(relay_buffer as usize, std::sync::atomic::Ordering::Relaxed);
                         let fixed = [outbound_to, inbound_to];
-                        sidecar(log, outbound_port, inbound_port, fixed).await
+                        sidecar(log, outbound_port, inbound_port, transparent_as, fixed).await
                     }
                     Cmd::Server { name, listen } => server(name, listen).await,
                     Cmd::Probe {
@@ -298,10 +303,53 @@ fn raise_nofile_limit() {
     }
 }
 
+/// A listener on 0.0.0.0:`port`, IP_TRANSPARENT when asked.
+fn sidecar_listener(port: u16, transparent: bool) -> Result<TcpListener> {
+    let s = TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    if transparent {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with a live int.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_TRANSPARENT,
+                std::ptr::from_ref(&one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("IP_TRANSPARENT (needs CAP_NET_ADMIN: start as root)");
+        }
+    }
+    s.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        .with_context(|| format!("binding listener 0.0.0.0:{port}"))?;
+    Ok(s.listen(1024)?)
+}
+
+/// Drops to `UID:GID` for good (all threads: glibc's setuid is process-wide).
+fn drop_to(ids: &str) -> Result<()> {
+    let (u, g) = ids
+        .split_once(':')
+        .with_context(|| format!("--transparent-as {ids:?}: expected UID:GID"))?;
+    let (u, g): (u32, u32) = (u.parse()?, g.parse()?);
+    // SAFETY: plain credential syscalls.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0 || libc::setuid(u) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("dropping privileges");
+        }
+    }
+    Ok(())
+}
+
 async fn sidecar(
     log: PathBuf,
     outbound: u16,
     inbound: u16,
+    transparent_as: Option<String>,
     fixed: [Option<SocketAddrV4>; 2],
 ) -> Result<()> {
     raise_nofile_limit();
@@ -321,12 +369,12 @@ async fn sidecar(
             }
         })
         .collect();
-    let out_l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, outbound))
-        .await
-        .with_context(|| format!("binding outbound listener 0.0.0.0:{outbound}"))?;
-    let in_l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, inbound))
-        .await
-        .with_context(|| format!("binding inbound listener 0.0.0.0:{inbound}"))?;
+    let transparent = transparent_as.is_some();
+    let out_l = sidecar_listener(outbound, transparent)?;
+    let in_l = sidecar_listener(inbound, transparent)?;
+    if let Some(ids) = &transparent_as {
+        drop_to(ids)?;
+    }
     let sc = Arc::new(Sidecar {
         log: Mutex::new(file),
         ports: [outbound, inbound],
