@@ -714,6 +714,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// True while the process has not exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process now (Drop does the same).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

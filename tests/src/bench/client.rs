@@ -484,11 +484,13 @@ fn churn(args: &ClientArgs) -> Result<Report> {
     Ok(report(Shape::Churn, &shared, ops, 0, elapsed, &c0, &c1))
 }
 
-/// Opens `conns` connections over a few threads, one request each; prints
-/// `held N`, waits for the release file (bounded by `duration_ms`), closes
-/// everything. `elapsed_s` is the time to open them all.
+/// Opens `conns` connections over a few threads, one request each (giving
+/// up on the rest after `duration_ms / 2`); prints `held N`, waits for the
+/// release file (bounded by `duration_ms`), closes everything. `elapsed_s`
+/// is the time to open them.
 fn hold(args: &ClientArgs) -> Result<Report> {
     const OPENERS: u32 = 4;
+    let open_deadline = Instant::now() + Duration::from_millis(args.duration_ms / 2);
     let release = args
         .release_file
         .clone()
@@ -507,7 +509,10 @@ fn hold(args: &ClientArgs) -> Result<Report> {
             let mut h = Histogram::new();
             let mut kept = Vec::with_capacity(n as usize);
             let mut consecutive = 0;
-            while (kept.len() as u32) < n && consecutive < MAX_CONSECUTIVE_ERRORS {
+            while (kept.len() as u32) < n
+                && consecutive < MAX_CONSECUTIVE_ERRORS
+                && Instant::now() < open_deadline
+            {
                 let t = Instant::now();
                 match connect(a.connect).and_then(|mut s| {
                     exchange(&mut s, &req, &mut resp)?;

@@ -38,8 +38,12 @@ use crate::{shared_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
 /// The application's port in pod B.
 pub const APP_PORT: u16 = 9080;
 const READY: Duration = Duration::from_secs(15);
-/// Descriptors a sidecar needs besides two per connection.
+/// Descriptors a sidecar needs besides two per connection (the kept
+/// connections are sized with this).
 const FD_HEADROOM: u64 = 100;
+/// HAProxy's own descriptors besides two per connection (it asks for
+/// 2 x maxconn + 18 with our two listeners).
+const HAPROXY_FDS: u64 = 40;
 
 #[derive(
     Clone,
@@ -428,6 +432,14 @@ fn haproxy_cfg(
 ) -> String {
     let out = outbound_to.map_or("0.0.0.0:0".to_string(), |a| a.to_string());
     let inb = inbound_to.map_or("0.0.0.0:0".to_string(), |a| a.to_string());
+    // Without an original destination HAProxy dials the listener's own
+    // address: refuse instead of looping (the test sidecar does the same).
+    // With a fixed upstream (explicit mode) the app dials 15001 itself.
+    let guard = |fixed: Option<SocketAddr>, port: u16| match fixed {
+        None => format!("    tcp-request connection reject if {{ dst_port {port} }}\n"),
+        Some(_) => String::new(),
+    };
+    let (out_guard, in_guard) = (guard(outbound_to, 15001), guard(inbound_to, 15006));
     format!(
         "global
     maxconn {maxconn}
@@ -439,12 +451,12 @@ defaults
     timeout server 300s
 frontend outbound
     bind 0.0.0.0:15001
-    default_backend outbound
+{out_guard}    default_backend outbound
 backend outbound
     server orig {out}
 frontend inbound
     bind 0.0.0.0:15006
-    default_backend inbound
+{in_guard}    default_backend inbound
 backend inbound
     server app {inb} source 127.0.0.6
 "
@@ -478,8 +490,11 @@ fn start_sidecar(
         Proxy::Haproxy => {
             let cfg = sb.dir().join(format!("haproxy-{}.cfg", pod.name));
             // HAProxy refuses to start when maxconn needs more descriptors
-            // than the limit allows (two per connection plus its own).
-            let maxconn = (opts.nofile.saturating_sub(2 * FD_HEADROOM) / 2).clamp(1000, 100_000);
+            // than the limit allows (two per connection plus a few of its
+            // own), and must take every kept connection: one left in the
+            // accept queue past the client's patience loses its conntrack
+            // entry, and with it its original destination.
+            let maxconn = (opts.nofile.saturating_sub(HAPROXY_FDS) / 2).clamp(1000, 100_000);
             std::fs::write(&cfg, haproxy_cfg(outbound_to, inbound_to, maxconn))
                 .with_context(|| format!("writing {}", cfg.display()))?;
             let cfg_s = cfg.to_str().context("sandbox paths are UTF-8")?.to_string();
@@ -922,7 +937,9 @@ fn scale_run(bed: &Testbed, mode: Mode, plan: &Plan) -> ScaleResult {
                         got_held = true;
                         break;
                     }
-                    Some(_) | None => {}
+                    Some(_) => {}
+                    None if !p.running() => break,
+                    None => {}
                 }
             }
             if got_held {
@@ -933,14 +950,20 @@ fn scale_run(bed: &Testbed, mode: Mode, plan: &Plan) -> ScaleResult {
             let _ = std::fs::write(&release, b"");
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
-                if let Some(l) = p.next_line(Duration::from_secs(1)) {
-                    if l.starts_with('{') {
+                match p.next_line(Duration::from_secs(1)) {
+                    Some(l) if l.starts_with('{') => {
                         match serde_json::from_str::<Report>(&l) {
                             Ok(r) => hold = Some(r),
                             Err(e) => failures.push(format!("hold report {l:?}: {e}")),
                         }
                         break;
                     }
+                    Some(_) => {}
+                    None if !p.running() => {
+                        failures.push("hold: the client exited without a report".into());
+                        break;
+                    }
+                    None => {}
                 }
             }
         }
@@ -1062,6 +1085,7 @@ mod tests {
         let c = haproxy_cfg(None, None, 9000);
         assert!(c.contains("maxconn 9000\n"));
         assert!(c.contains("server orig 0.0.0.0:0\n"));
+        assert!(c.contains("reject if { dst_port 15001 }"));
         assert!(c.contains("server app 0.0.0.0:0 source 127.0.0.6\n"));
         let c = haproxy_cfg(
             Some("10.0.0.3:15006".parse().unwrap()),
@@ -1070,5 +1094,6 @@ mod tests {
         );
         assert!(c.contains("server orig 10.0.0.3:15006\n"));
         assert!(c.contains("server app 10.0.0.3:9080 source 127.0.0.6\n"));
+        assert!(!c.contains("reject"), "{c}");
     }
 }
