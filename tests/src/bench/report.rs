@@ -393,7 +393,9 @@ pub fn goals(res: &Results, rows: &[Row]) -> Vec<Goal> {
 
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
-    if a >= 10_000.0 {
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 10_000.0 {
         let s = format!("{v:.0}");
         // Thousands separators for readability.
         let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
@@ -931,6 +933,7 @@ mod tests {
         assert_eq!(fmt_num(1234.4), "1234");
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(1.234), "1.23");
+        assert_eq!(fmt_num(0.0), "0");
         assert_eq!(fmt_bytes(3 * 1024 * 1024), "3.0 MiB");
     }
 
