@@ -58,7 +58,7 @@ pub struct Opts {
 /// Test binaries that run by default; conformance only with --full.
 /// (inbound, shortcut and restart passed inside the 6.1 guest, but after them
 /// the guest's results directory was gone and the row was reported broken:
-/// left out of the default list until that is understood; `--filter` runs them.)
+/// left out of the default list until that is understood.)
 const QUICK_SUITE: &[&str] = &["kernel", "outbound", "cli", "harness_iptables", "haproxy"];
 /// The binary that runs first and alone: it checks the start-up probes and
 /// is the first to start an agent, which mounts bpffs when it is missing.
