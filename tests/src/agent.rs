@@ -1,8 +1,13 @@
 //! Running the real `meshlane` agent against a sandbox: a pods file the test
-//! writes, a bpffs directory and state directory of the sandbox's own, and
-//! the programs attached to the sandbox's cgroup only. Drop runs
+//! writes (or another pod source, see [`Agent::start_with`]), a bpffs
+//! directory and state directory of the sandbox's own, and the programs
+//! attached to the sandbox's cgroup only. Its HTTP endpoints listen on a port
+//! of 127.0.0.1 the kernel picks ([`Agent::http_get`]). Drop runs
 //! `meshlane cleanup`, so nothing stays attached or pinned, also on panic.
 use std::{
+    ffi::OsString,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -124,6 +129,23 @@ impl Agent {
     pub fn start(sb: &Sandbox, pods: &[PodSpec]) -> Result<Agent> {
         let pods_file = sb.dir().join("pods.json");
         std::fs::write(&pods_file, pod_list(pods))?;
+        let expect_active: Vec<String> = pods
+            .iter()
+            .filter(|p| p.meshed && p.ip.is_some())
+            .map(|p| format!("default/{}", p.name))
+            .collect();
+        Self::start_with(
+            sb,
+            &["--pods".into(), pods_file.into_os_string()],
+            &expect_active,
+        )
+    }
+
+    /// Starts `meshlane run ARGS...` for the sandbox (ARGS name the pod
+    /// source) and waits until the agent has written its status and every
+    /// pod named in `expect_active` is active.
+    pub fn start_with(sb: &Sandbox, args: &[OsString], expect_active: &[String]) -> Result<Agent> {
+        let pods_file = sb.dir().join("pods.json");
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}", sb.index()));
         let state_dir = sb.dir().join("agent-state");
         let stderr_log = sb.dir().join("agent.log");
@@ -139,8 +161,8 @@ impl Agent {
         let log = std::fs::File::create(&agent.stderr_log)?;
         let child = Command::new(meshlane_bin())
             .arg("run")
-            .arg("--pods")
-            .arg(&agent.pods_file)
+            .args(args)
+            .args(["--http-addr", "127.0.0.1:0"])
             .arg("--cgroup")
             .arg(sb.cgroup())
             .arg("--bpffs")
@@ -153,11 +175,6 @@ impl Agent {
             .spawn()
             .context("starting meshlane run")?;
         agent.child = Some(child);
-        let expect_active: Vec<String> = pods
-            .iter()
-            .filter(|p| p.meshed && p.ip.is_some())
-            .map(|p| format!("default/{}", p.name))
-            .collect();
         agent.wait_status(Duration::from_secs(15), |st| {
             expect_active
                 .iter()
@@ -228,6 +245,58 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Where the agent serves /healthz, /readyz and /metrics.
+    pub fn http_addr(&self) -> Result<SocketAddr> {
+        let st = self.status()?;
+        let a = st
+            .get("http_addr")
+            .and_then(Value::as_str)
+            .context("status.json has no http_addr")?;
+        Ok(a.parse()?)
+    }
+
+    /// GET `path` from the agent's HTTP endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let addr = self.http_addr()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connecting to the agent's {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("GET {path}: no HTTP response: {text:?}"))?;
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("GET {path}: bad status line in {head:?}"))?;
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            bail!("GET {path}: unexpected chunked answer");
+        }
+        Ok((code, body.to_string()))
+    }
+
+    /// The value of the metric sample `series` (as written on the page,
+    /// labels included) in a /metrics page.
+    pub fn metric(page: &str, series: &str) -> Option<f64> {
+        page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     pub fn log(&self) -> String {

@@ -7,8 +7,11 @@
 //! * The `mtest` binary (sidecar stand-in, application server, probe client,
 //!   getsockopt reporter) and the serde types of what it prints ([`records`]).
 //! * Raw socket helpers ([`sock`]) shared by both.
+//! * [`fakeapi::FakeApi`]: a Kubernetes API server stand-in (real HTTP, list
+//!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
+pub mod fakeapi;
 pub mod records;
 pub mod sandbox;
 pub mod sock;
