@@ -3,8 +3,9 @@
 //! Each round: take the pods the source (a pods file or the API server, see
 //! `source.rs`) last reported, find each meshed pod's network namespace by
 //! its IP, and write the difference between what the maps hold and what they
-//! should hold. A new snapshot from the source starts a round at once. A pod's problems (bad annotation, no namespace yet, a failed
-//! map write) are reported for that pod and never touch the others.
+//! should hold. A new snapshot from the source starts a round at once. A
+//! pod's problems (bad annotation, no namespace yet, a failed map write) are
+//! reported for that pod and never touch the others.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -14,13 +15,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::Key;
-use meshlane_common::{CidrKeyData, PortKey};
+use meshlane_common::{CidrKeyData, ListenerKey, PortKey};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     bpf::{self, Layout, Maps},
-    http, netns,
+    http, listeners, netns,
     podconfig::{MapEntries, MeshConfig, Mode},
     pods::Pod,
     source::{Snapshot, Source},
@@ -33,6 +34,8 @@ pub struct Options {
     pub layout: Layout,
     pub state_dir: PathBuf,
     pub ebpf_object: Option<PathBuf>,
+    /// The node-wide same-node shortcut switch (`--shortcut`).
+    pub shortcut: bool,
 }
 
 /// How often the loop looks whether a netns retry or recheck is due.
@@ -44,6 +47,8 @@ const RECHECK: Duration = Duration::from_secs(5);
 
 struct Applied {
     cookie: u64,
+    netns: PathBuf,
+    ips: Vec<Ipv4Addr>,
     entries: MapEntries,
 }
 
@@ -78,7 +83,12 @@ impl Agent {
             return Err(e);
         }
         info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
-        let maps = Maps::open(&opts.layout)?;
+        let mut maps = Maps::open(&opts.layout)?;
+        maps.set_shortcut(opts.shortcut)?;
+        info!(
+            shortcut = opts.shortcut,
+            "same-node shortcut for new connections"
+        );
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
         Ok(Self {
@@ -226,6 +236,8 @@ impl Agent {
                                 pod.key(),
                                 Applied {
                                     cookie,
+                                    netns: path.clone(),
+                                    ips: pod.ips.clone(),
                                     entries: cfg.entries(cookie, &pod.ips),
                                 },
                             );
@@ -249,7 +261,7 @@ impl Agent {
         let old = std::mem::take(&mut self.applied);
         for (key, a) in &old {
             let keep = want.get(key);
-            self.remove_stale(a, keep.map(|k| &k.entries), keep.map(|k| k.cookie));
+            self.remove_stale(a, keep);
             if keep.is_none() {
                 info!(pod = %key, cookie = a.cookie, "pod entries removed");
             }
@@ -257,7 +269,8 @@ impl Agent {
         for (key, a) in want {
             let unchanged = old
                 .get(&key)
-                .is_some_and(|o| o.cookie == a.cookie && o.entries == a.entries);
+                .is_some_and(|o| o.cookie == a.cookie && o.entries == a.entries && o.ips == a.ips)
+                && self.opts.layout.netns_link(a.cookie).exists();
             if unchanged {
                 self.applied.insert(key, a);
                 continue;
@@ -276,10 +289,11 @@ impl Agent {
                     }
                     // Whatever part was written is removed so the kernel
                     // never sees half a pod.
-                    self.remove_stale(&a, None, None);
+                    self.remove_stale(&a, None);
                 }
             }
         }
+        self.check_listeners(&mut status);
         for st in &status {
             let was = self.status.iter().find(|o| o.name == st.name);
             if st.state == PodState::WaitingForNetns
@@ -292,11 +306,56 @@ impl Agent {
         Ok(())
     }
 
+    /// Reports whether each active pod's proxy listens, and registers
+    /// listeners that predate the programs (sockops only sees new ones).
+    fn check_listeners(&mut self, status: &mut [PodStatus]) {
+        let registered: BTreeSet<ListenerKey> = self.maps.listeners.keys().flatten().collect();
+        for (key, a) in &self.applied {
+            let p = &a.entries.pod;
+            let want = [p.inbound_capture_port, p.outbound_capture_port];
+            let missing: Vec<u16> = want
+                .into_iter()
+                .filter(|port| !registered.contains(&ListenerKey::new(a.cookie, *port)))
+                .collect();
+            let mut found = Vec::new();
+            if !missing.is_empty() {
+                match listeners::register_existing(&mut self.maps, a.cookie, &a.netns, &missing) {
+                    Ok(ports) => {
+                        for port in &ports {
+                            info!(pod = %key, port, "registered a proxy listener that predates the programs");
+                        }
+                        found = ports;
+                    }
+                    Err(e) => warn!(pod = %key, "looking for the proxy's listeners: {e:#}"),
+                }
+            }
+            if let Some(st) = status.iter_mut().find(|s| &s.name == key) {
+                st.inbound_attached = self.opts.layout.netns_link(a.cookie).exists();
+                st.proxy_listening = Some(
+                    !missing.contains(&p.inbound_capture_port)
+                        || found.contains(&p.inbound_capture_port),
+                );
+            }
+        }
+    }
+
     /// Removes the entries of `old` that `new` (for `new_cookie`) does not
     /// have. The pod entry goes first so the kernel stops using the lists.
-    fn remove_stale(&mut self, old: &Applied, new: Option<&MapEntries>, new_cookie: Option<u64>) {
+    fn remove_stale(&mut self, old: &Applied, new: Option<&Applied>) {
+        let new_cookie = new.map(|n| n.cookie);
+        let new_ips = new.map(|n| n.ips.as_slice()).unwrap_or_default();
+        let new = new.map(|n| &n.entries);
         if new_cookie != Some(old.cookie) {
             let _ = self.maps.pods.remove(&old.cookie);
+            if let Err(e) = bpf::detach_netns(&self.opts.layout, old.cookie) {
+                warn!(cookie = old.cookie, "{e:#}");
+            }
+            let _ = self.maps.pod_stats.remove(&old.cookie);
+        }
+        for ip in &old.ips {
+            if new_cookie != Some(old.cookie) || !new_ips.contains(ip) {
+                let _ = self.maps.pod_by_ip.remove(&ip.to_bits());
+            }
         }
         let keep_ports: BTreeSet<PortKey> = new
             .map(|n| n.ports.iter().copied().collect())
@@ -331,10 +390,20 @@ impl Agent {
                 .insert(&Key::new(*len, *data), 1, 0)
                 .context("CIDRS insert")?;
         }
+        for ip in &a.ips {
+            self.maps
+                .pod_by_ip
+                .insert(ip.to_bits(), a.cookie, 0)
+                .with_context(|| format!("POD_BY_IP insert {ip}"))?;
+        }
+        self.maps
+            .add_pod_stats(a.cookie)
+            .context("POD_STATS insert")?;
         self.maps
             .pods
             .insert(a.cookie, a.entries.pod, 0)
             .context("PODS insert")?;
+        bpf::attach_netns(&self.opts.layout, a.cookie, &a.netns)?;
         Ok(())
     }
 

@@ -6,10 +6,13 @@
 //! <bpffs>/maps/<MAP>     the maps (pod config, lists, in-flight, stats)
 //! <bpffs>/progs/<PROG>   the programs
 //! <bpffs>/links/<PROG>   one bpf link per program, attached to the cgroup
+//! <bpffs>/netns/<COOKIE> the inbound (sk_lookup) link of one pod's network
+//!                        namespace
 //! ```
 //!
-//! Links are pinned, so interception outlives the agent process; removing the
-//! link pins (`meshlane cleanup`) detaches everything.
+//! The shortcut's sk_msg program is attached to the `SOCKS` map itself and
+//! lives as long as that map. Links are pinned, so interception outlives the
+//! agent process; removing the pins (`meshlane cleanup`) detaches everything.
 use std::{
     fs,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -18,12 +21,17 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray},
-    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash,
+    },
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::bpf_attach_type;
-use meshlane_common::{names, stat, CidrKeyData, FlowKey, OrigDst, PodConfig, PortKey};
+use meshlane_common::{
+    names, setting, stat, CidrKeyData, ConnKey, FlowKey, ListenerKey, OrigDst, PodConfig,
+    PodCounters, PortKey,
+};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at build time.
 static EMBEDDED_OBJECT: &[u8] =
@@ -64,9 +72,17 @@ const PROGRAMS: &[(&str, Kind, bpf_attach_type, &str)] = &[
     ),
 ];
 
+/// Inbound capture, attached per pod network namespace by the agent.
+pub const SK_LOOKUP_PROGRAM: &str = "capture_inbound";
+/// The shortcut, attached to the `SOCKS` sockhash.
+pub const SK_MSG_PROGRAM: &str = "shortcut_send";
+
 /// Program names and hooks, for status output.
 pub fn program_hooks() -> impl Iterator<Item = (&'static str, &'static str)> {
-    PROGRAMS.iter().map(|(n, _, _, h)| (*n, *h))
+    PROGRAMS.iter().map(|(n, _, _, h)| (*n, *h)).chain([
+        (SK_LOOKUP_PROGRAM, "sk_lookup (per pod netns)"),
+        (SK_MSG_PROGRAM, "sk_msg (SOCKS sockhash)"),
+    ])
 }
 
 /// Where meshlane's objects are pinned.
@@ -93,6 +109,16 @@ impl Layout {
     }
     pub fn link(&self, name: &str) -> PathBuf {
         self.links().join(name)
+    }
+    /// Per-pod inbound links, named by netns cookie.
+    pub fn netns_links(&self) -> PathBuf {
+        self.root.join("netns")
+    }
+    pub fn netns_link(&self, cookie: u64) -> PathBuf {
+        self.netns_links().join(cookie.to_string())
+    }
+    pub fn prog(&self, name: &str) -> PathBuf {
+        self.progs().join(name)
     }
     /// True when any link is pinned (interception is in place).
     pub fn has_links(&self) -> bool {
@@ -154,6 +180,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         dir.join("maps"),
         dir.join("progs"),
         dir.join("links"),
+        dir.join("netns"),
     ] {
         fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -207,14 +234,85 @@ pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
         obj_pin(link.as_fd(), &lpath)
             .with_context(|| format!("pinning link {}", lpath.display()))?;
     }
+
+    // Inbound capture: loaded and pinned here, attached per pod later.
+    let prog = ebpf
+        .program_mut(SK_LOOKUP_PROGRAM)
+        .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing from the eBPF object"))?;
+    <&mut SkLookup>::try_from(prog)?.load().with_context(|| {
+        format!("loading program {SK_LOOKUP_PROGRAM} (sk_lookup): the kernel refused it")
+    })?;
+    let prog = ebpf.program_mut(SK_LOOKUP_PROGRAM).expect("present above");
+    prog.pin(layout.prog(SK_LOOKUP_PROGRAM))
+        .with_context(|| format!("pinning program {SK_LOOKUP_PROGRAM}"))?;
+
+    // The shortcut: the verdict program lives on the sockhash.
+    let prog = ebpf
+        .program_mut(SK_MSG_PROGRAM)
+        .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing from the eBPF object"))?;
+    <&mut SkMsg>::try_from(prog)?.load().with_context(|| {
+        format!("loading program {SK_MSG_PROGRAM} (sk_msg): the kernel refused it")
+    })?;
+    let prog = ebpf.program_mut(SK_MSG_PROGRAM).expect("present above");
+    prog.pin(layout.prog(SK_MSG_PROGRAM))
+        .with_context(|| format!("pinning program {SK_MSG_PROGRAM}"))?;
+    let prog_fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+    let socks = ebpf
+        .map(names::SOCKS)
+        .ok_or_else(|| anyhow!("map {} missing from the eBPF object", names::SOCKS))?;
+    let socks = SockHash::<_, ConnKey>::try_from(socks)?;
+    prog_attach(
+        prog_fd.as_fd(),
+        socks.fd().as_fd(),
+        bpf_attach_type::BPF_SK_MSG_VERDICT,
+    )
+    .context("attaching the shortcut (sk_msg) to the SOCKS sockhash")?;
     Ok(())
+}
+
+/// Attaches inbound capture to a pod's network namespace and pins the link
+/// under the pod's netns cookie. Idempotent: an existing pin is kept.
+pub fn attach_netns(layout: &Layout, cookie: u64, netns: &Path) -> Result<()> {
+    let pin = layout.netns_link(cookie);
+    if pin.exists() {
+        return Ok(());
+    }
+    let prog = open_pinned_fd(&layout.prog(SK_LOOKUP_PROGRAM))
+        .with_context(|| format!("opening pinned program {SK_LOOKUP_PROGRAM}"))?;
+    let ns = fs::File::open(netns)
+        .with_context(|| format!("opening network namespace {}", netns.display()))?;
+    let link = link_create(prog.as_fd(), ns.as_fd(), bpf_attach_type::BPF_SK_LOOKUP).with_context(
+        || {
+            format!(
+                "attaching sk_lookup to network namespace {}",
+                netns.display()
+            )
+        },
+    )?;
+    obj_pin(link.as_fd(), &pin).with_context(|| format!("pinning link {}", pin.display()))?;
+    Ok(())
+}
+
+/// Detaches inbound capture from a pod's namespace (a no-op if it is gone).
+pub fn detach_netns(layout: &Layout, cookie: u64) -> Result<()> {
+    let pin = layout.netns_link(cookie);
+    match fs::remove_file(&pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("unpinning {}", pin.display())),
+    }
 }
 
 /// Detaches and unpins everything under `layout`. Links first, so the
 /// programs stop running before their maps go.
 pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for dir in [layout.links(), layout.progs(), layout.maps()] {
+    for dir in [
+        layout.links(),
+        layout.netns_links(),
+        layout.progs(),
+        layout.maps(),
+    ] {
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd.flatten() {
                 fs::remove_file(e.path())
@@ -235,8 +333,21 @@ pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
 
 // The raw bpf(2) calls aya 0.14 does not offer for every program type: a
 // cgroup link for any attach type, and pinning an fd.
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    _pad: u32,
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -292,6 +403,36 @@ fn link_create(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Attaches a program to a map (sk_msg to a sockhash). The attachment lives
+/// as long as the map, not the program fd: aya would detach it when its
+/// program handle drops.
+fn prog_attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach: bpf_attach_type,
+) -> Result<()> {
+    let mut attr = ProgAttachAttr {
+        target_fd: target.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: attach as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_ATTACH, &mut attr).context("bpf(BPF_PROG_ATTACH)")?;
+    Ok(())
+}
+
+/// Opens any pinned object as an fd.
+fn open_pinned_fd(path: &Path) -> Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = ObjPinAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr).context("bpf(BPF_OBJ_GET)")?;
+    // SAFETY: the kernel returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     let mut attr = ObjPinAttr {
@@ -310,6 +451,11 @@ pub struct Maps {
     pub cidrs: LpmTrie<MapData, CidrKeyData, u32>,
     pub in_flight: HashMap<MapData, FlowKey, OrigDst>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub pod_stats: PerCpuHashMap<MapData, u64, PodCounters>,
+    pub pod_by_ip: HashMap<MapData, u32, u64>,
+    pub listeners: SockHash<MapData, ListenerKey>,
+    pub socks: SockHash<MapData, ConnKey>,
+    pub settings: Array<MapData, u32>,
 }
 
 fn open_map(layout: &Layout, name: &str) -> Result<Map> {
@@ -327,7 +473,48 @@ impl Maps {
             cidrs: LpmTrie::try_from(open_map(layout, names::CIDRS)?)?,
             in_flight: HashMap::try_from(open_map(layout, names::IN_FLIGHT)?)?,
             stats: PerCpuArray::try_from(open_map(layout, names::STATS)?)?,
+            pod_stats: PerCpuHashMap::try_from(open_map(layout, names::POD_STATS)?)?,
+            pod_by_ip: HashMap::try_from(open_map(layout, names::POD_BY_IP)?)?,
+            listeners: SockHash::try_from(open_map(layout, names::LISTENERS)?)?,
+            socks: SockHash::try_from(open_map(layout, names::SOCKS)?)?,
+            settings: Array::try_from(open_map(layout, names::SETTINGS)?)?,
         })
+    }
+
+    /// Turns the same-node shortcut on or off for new connections.
+    pub fn set_shortcut(&mut self, on: bool) -> Result<()> {
+        self.settings
+            .set(setting::SHORTCUT, u32::from(on), 0)
+            .context("writing SETTINGS")?;
+        Ok(())
+    }
+
+    pub fn shortcut(&self) -> Result<bool> {
+        Ok(self.settings.get(&setting::SHORTCUT, 0)? != 0)
+    }
+
+    /// Creates a pod's zeroed per-CPU counters, unless they exist.
+    pub fn add_pod_stats(&mut self, cookie: u64) -> Result<()> {
+        if self.pod_stats.get(&cookie, 0).is_ok() {
+            return Ok(());
+        }
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = PerCpuValues::try_from(vec![PodCounters::default(); n])?;
+        self.pod_stats.insert(cookie, zero, 0)?;
+        Ok(())
+    }
+
+    /// A pod's counters summed over CPUs (zero if it has none).
+    pub fn pod_counters(&self, cookie: u64) -> PodCounters {
+        let mut sum = PodCounters::default();
+        if let Ok(v) = self.pod_stats.get(&cookie, 0) {
+            for cpu in v.iter() {
+                for (s, c) in sum.iter_mut().zip(cpu.iter()) {
+                    *s += c;
+                }
+            }
+        }
+        sum
     }
 
     /// Counters summed over CPUs, indexed by `meshlane_common::stat`.
@@ -343,6 +530,9 @@ impl Maps {
             ports: self.ports.keys().count(),
             cidrs: self.cidrs.keys().count(),
             in_flight: self.in_flight.keys().count(),
+            pod_by_ip: self.pod_by_ip.keys().count(),
+            listeners: self.listeners.keys().count(),
+            shortcut_sockets: self.socks.keys().count(),
         }
     }
 }
@@ -353,4 +543,10 @@ pub struct Occupancy {
     pub ports: usize,
     pub cidrs: usize,
     pub in_flight: usize,
+    #[serde(default)]
+    pub pod_by_ip: usize,
+    #[serde(default)]
+    pub listeners: usize,
+    #[serde(default)]
+    pub shortcut_sockets: usize,
 }

@@ -10,6 +10,7 @@ mod bpf;
 mod http;
 mod iptables;
 mod k8s;
+mod listeners;
 mod metrics;
 mod netns;
 mod podconfig;
@@ -41,6 +42,12 @@ struct Where {
     state_dir: PathBuf,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Attach the programs and keep the maps true to this node's pods: from
@@ -69,6 +76,19 @@ enum Command {
         /// Load this eBPF object instead of the one built into the binary.
         #[arg(long)]
         ebpf_object: Option<PathBuf>,
+        /// Same-node socket shortcut for new connections between meshed
+        /// sockets (a pod opts out with `meshlane.io/shortcut: "false"`).
+        /// `meshlane shortcut on|off` flips it while running.
+        #[arg(long, value_enum, default_value = "off", env = "MESHLANE_SHORTCUT")]
+        shortcut: OnOff,
+    },
+    /// Turn the same-node shortcut on or off for new connections, without
+    /// restarting anything (connections already shortcut keep it until they close).
+    Shortcut {
+        #[arg(value_enum)]
+        state: OnOff,
+        #[command(flatten)]
+        at: Where,
     },
     /// Attached programs, pods and their state, map occupancy.
     Status {
@@ -110,6 +130,7 @@ fn main() -> Result<()> {
             cgroup,
             at,
             ebpf_object,
+            shortcut,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -132,6 +153,7 @@ fn main() -> Result<()> {
                 layout: bpf::Layout::new(at.bpffs),
                 state_dir: at.state_dir,
                 ebpf_object,
+                shortcut: shortcut == OnOff::On,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -154,6 +176,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Iptables { pods, pod } => print_iptables(&pods, &pod),
+        Command::Shortcut { state, at } => {
+            let mut maps = bpf::Maps::open(&bpf::Layout::new(&at.bpffs)).with_context(|| {
+                format!(
+                    "no meshlane maps under {} (is the agent installed?)",
+                    at.bpffs.display()
+                )
+            })?;
+            maps.set_shortcut(state == OnOff::On)?;
+            eprintln!(
+                "shortcut {} for new connections",
+                if state == OnOff::On { "on" } else { "off" }
+            );
+            Ok(())
+        }
         Command::Cleanup { at } => cleanup(&at),
     }
 }

@@ -1,5 +1,7 @@
 //! The Prometheus text exposition of `/metrics`: the kernel's counters (per
-//! CPU, summed), the maps' occupancy, and the agent's view of its pods.
+//! CPU, summed; node-wide and per pod, the latter keyed by netns cookie and
+//! labelled with the pod's name), the maps' occupancy, and the agent's view
+//! of its pods.
 //!
 //! Counters are `meshlane_<what>_total`; pods by state and map occupancy are
 //! gauges. Kernel counters start from zero when the agent installs the
@@ -7,7 +9,7 @@
 //! expects).
 use std::{collections::BTreeMap, fmt::Write};
 
-use meshlane_common::{capacity, names, stat};
+use meshlane_common::{capacity, names, pod_stat, stat, PodCounters};
 
 use crate::{bpf::Maps, http::Health, status::PodState};
 
@@ -121,82 +123,33 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         return o.0;
     };
     if let Ok(c) = maps.counters() {
-        let at = |i: u32| c.get(i as usize).copied().unwrap_or(0);
+        kernel_counters(&mut o, &|i: u32| c.get(i as usize).copied().unwrap_or(0));
+    }
+    pod_counters(&mut o, h, maps);
+    if let Ok(on) = maps.shortcut() {
         o.family(
-            "meshlane_connects_inspected_total",
-            "counter",
-            "TCP connect() calls in meshed pods that the connect4 program decided on.",
+            "meshlane_shortcut_enabled",
+            "gauge",
+            "1 when new connections between meshed sockets on this node take the same-node shortcut.",
         );
-        o.sample(
-            "meshlane_connects_inspected_total",
-            &[],
-            at(stat::CONNECT_MESHED),
-        );
-        o.family(
-            "meshlane_redirects_total",
-            "counter",
-            "Connections redirected to the proxy, by direction (outbound to 15001, inbound to 15006, dns to 15053).",
-        );
-        for (dir, i) in [
-            ("outbound", stat::REDIRECT_OUTBOUND),
-            ("inbound", stat::REDIRECT_INBOUND),
-            ("dns", stat::REDIRECT_DNS),
-        ] {
-            o.sample("meshlane_redirects_total", &[("direction", dir)], at(i));
-        }
-        o.family(
-            "meshlane_orig_dst_lookups_total",
-            "counter",
-            "getsockopt(SO_ORIGINAL_DST) calls, answered or not.",
-        );
-        o.sample(
-            "meshlane_orig_dst_lookups_total",
-            &[],
-            at(stat::ORIG_DST_ANSWERED) + at(stat::ORIG_DST_MISS),
-        );
-        o.family(
-            "meshlane_orig_dst_misses_total",
-            "counter",
-            "getsockopt(SO_ORIGINAL_DST) on a socket meshlane did not redirect (the caller gets the kernel's answer).",
-        );
-        o.sample(
-            "meshlane_orig_dst_misses_total",
-            &[],
-            at(stat::ORIG_DST_MISS),
-        );
-        o.family(
-            "meshlane_orig_dst_record_failures_total",
-            "counter",
-            "Redirected connections whose original destination could not be recorded (map full, no socket storage).",
-        );
-        o.sample(
-            "meshlane_orig_dst_record_failures_total",
-            &[],
-            at(stat::RECORD_FAILED),
-        );
-        o.family(
-            "meshlane_source_bind_failures_total",
-            "counter",
-            "Redirects where binding the pod's address as source failed (the proxy then sees 127.0.0.1).",
-        );
-        o.sample(
-            "meshlane_source_bind_failures_total",
-            &[],
-            at(stat::BIND_FAILED),
-        );
+        o.sample("meshlane_shortcut_enabled", &[], u8::from(on));
     }
     let occ = maps.occupancy();
+    let maps_list = [
+        (names::PODS, occ.pods, capacity::PODS),
+        (names::PORTS, occ.ports, capacity::PORTS),
+        (names::CIDRS, occ.cidrs, capacity::CIDRS),
+        (names::IN_FLIGHT, occ.in_flight, capacity::IN_FLIGHT),
+        (names::POD_BY_IP, occ.pod_by_ip, capacity::POD_BY_IP),
+        (names::LISTENERS, occ.listeners, capacity::LISTENERS),
+        (names::SOCKS, occ.shortcut_sockets, capacity::SOCKS),
+    ];
     o.family(
         "meshlane_map_entries",
         "gauge",
         "Entries in each of meshlane's maps.",
     );
-    for (name, n) in [
-        (names::PODS, occ.pods),
-        (names::PORTS, occ.ports),
-        (names::CIDRS, occ.cidrs),
-        (names::IN_FLIGHT, occ.in_flight),
-    ] {
+    for (name, n, _) in maps_list {
         o.sample("meshlane_map_entries", &[("map", name)], n);
     }
     o.family(
@@ -204,15 +157,156 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         "gauge",
         "Maximum entries of each of meshlane's maps.",
     );
-    for (name, n) in [
-        (names::PODS, capacity::PODS),
-        (names::PORTS, capacity::PORTS),
-        (names::CIDRS, capacity::CIDRS),
-        (names::IN_FLIGHT, capacity::IN_FLIGHT),
-    ] {
-        o.sample("meshlane_map_capacity", &[("map", name)], n);
+    for (name, _, cap) in maps_list {
+        o.sample("meshlane_map_capacity", &[("map", name)], cap);
     }
     o.0
+}
+
+/// The node-wide counters of the kernel programs (`STATS`).
+fn kernel_counters(o: &mut Out, at: &dyn Fn(u32) -> u64) {
+    let simple: &[(&str, u32, &str)] = &[
+        (
+            "meshlane_connects_inspected_total",
+            stat::CONNECT_MESHED,
+            "TCP connect() calls in meshed pods that the connect4 program decided on.",
+        ),
+        (
+            "meshlane_orig_dst_misses_total",
+            stat::ORIG_DST_MISS,
+            "getsockopt(SO_ORIGINAL_DST) on a socket meshlane did not redirect (the caller gets the kernel's answer).",
+        ),
+        (
+            "meshlane_orig_dst_record_failures_total",
+            stat::RECORD_FAILED,
+            "Redirected connections whose original destination could not be recorded (map full, no socket storage).",
+        ),
+        (
+            "meshlane_source_bind_failures_total",
+            stat::BIND_FAILED,
+            "Redirects where binding the pod's address as source failed (the proxy then sees 127.0.0.1).",
+        ),
+        (
+            "meshlane_not_ready_refused_total",
+            stat::NOT_READY_REFUSED,
+            "Captured connections refused because the proxy did not listen yet (as iptables would).",
+        ),
+        (
+            "meshlane_not_ready_bypassed_total",
+            stat::NOT_READY_BYPASSED,
+            "Captured connections passed untouched because the proxy did not listen yet (meshlane.io/bypass-until-ready).",
+        ),
+        (
+            "meshlane_shortcut_sockets_total",
+            stat::SHORTCUT_SOCKETS,
+            "Sockets put into the same-node shortcut.",
+        ),
+        (
+            "meshlane_shortcut_redirects_total",
+            stat::SHORTCUT_REDIRECTED,
+            "Messages the same-node shortcut delivered straight into the peer socket.",
+        ),
+        (
+            "meshlane_shortcut_no_peer_total",
+            stat::SHORTCUT_NO_PEER,
+            "Shortcut sockets whose peer was not there at their first send (they use TCP for life).",
+        ),
+        (
+            "meshlane_listeners_registered_total",
+            stat::LISTENERS_REGISTERED,
+            "Proxy listeners registered at listen() for inbound capture.",
+        ),
+        (
+            "meshlane_kernel_map_update_errors_total",
+            stat::UPDATE_FAILED,
+            "Map updates the kernel programs could not make (a sockhash full, ...).",
+        ),
+    ];
+    for &(name, i, help) in simple {
+        o.family(name, "counter", help);
+        o.sample(name, &[], at(i));
+    }
+    o.family(
+        "meshlane_redirects_total",
+        "counter",
+        "Connections handed to the proxy, by direction: outbound (app to 15001), inbound (from \
+         outside the pod to 15006), own_pod (the proxy to its own pod, to 15006), dns (to 15053).",
+    );
+    for (dir, i) in [
+        ("outbound", stat::REDIRECT_OUTBOUND),
+        ("inbound", stat::INBOUND_CAPTURED),
+        ("own_pod", stat::REDIRECT_INBOUND),
+        ("dns", stat::REDIRECT_DNS),
+    ] {
+        o.sample("meshlane_redirects_total", &[("direction", dir)], at(i));
+    }
+    o.family(
+        "meshlane_orig_dst_lookups_total",
+        "counter",
+        "getsockopt(SO_ORIGINAL_DST) calls, answered or not.",
+    );
+    o.sample(
+        "meshlane_orig_dst_lookups_total",
+        &[],
+        at(stat::ORIG_DST_ANSWERED) + at(stat::ORIG_DST_MISS),
+    );
+}
+
+/// The per-pod counters (`POD_STATS`, keyed by netns cookie) of the pods the
+/// agent captures, labelled with the pod's name.
+fn pod_counters(o: &mut Out, h: &Health, maps: &Maps) {
+    let pods: Vec<(&str, PodCounters)> = h
+        .pods
+        .iter()
+        .filter(|p| p.state == PodState::Active)
+        .filter_map(|p| Some((p.name.as_str(), maps.pod_counters(p.netns_cookie?))))
+        .collect();
+    o.family(
+        "meshlane_pod_redirects_total",
+        "counter",
+        "Connections handed to a pod's proxy, by pod and direction (as meshlane_redirects_total).",
+    );
+    for (pod, c) in &pods {
+        for (dir, i) in [
+            ("outbound", pod_stat::REDIRECT_OUTBOUND),
+            ("inbound", pod_stat::INBOUND_CAPTURED),
+            ("own_pod", pod_stat::REDIRECT_INBOUND),
+            ("dns", pod_stat::REDIRECT_DNS),
+        ] {
+            o.sample(
+                "meshlane_pod_redirects_total",
+                &[("pod", pod), ("direction", dir)],
+                c[i],
+            );
+        }
+    }
+    for (name, i, help) in [
+        (
+            "meshlane_pod_orig_dst_answered_total",
+            pod_stat::ORIG_DST_ANSWERED,
+            "getsockopt(SO_ORIGINAL_DST) answered for a pod's sockets.",
+        ),
+        (
+            "meshlane_pod_not_ready_refused_total",
+            pod_stat::NOT_READY_REFUSED,
+            "A pod's captured connections refused while its proxy did not listen.",
+        ),
+        (
+            "meshlane_pod_not_ready_bypassed_total",
+            pod_stat::NOT_READY_BYPASSED,
+            "A pod's captured connections passed while its proxy did not listen.",
+        ),
+        (
+            "meshlane_pod_shortcut_sockets_total",
+            pod_stat::SHORTCUT_SOCKETS,
+            "A pod's sockets put into the same-node shortcut.",
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for (pod, c) in &pods {
+            o.sample(name, &[("pod", pod)], c[i]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +323,8 @@ mod tests {
             netns: None,
             config_errors: Vec::new(),
             notes: Vec::new(),
+            inbound_attached: false,
+            proxy_listening: None,
             config: None,
         }
     }

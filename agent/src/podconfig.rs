@@ -29,6 +29,12 @@ pub mod annotation {
     pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
     pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
     pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+    /// meshlane's own: `"true"` lets connections pass untouched while the
+    /// proxy does not listen yet, instead of being refused as iptables does.
+    pub const BYPASS_UNTIL_READY: &str = "meshlane.io/bypass-until-ready";
+    /// meshlane's own: `"false"` keeps this pod's sockets off the same-node
+    /// socket shortcut.
+    pub const SHORTCUT: &str = "meshlane.io/shortcut";
 }
 
 /// Proxy environment variable that turns DNS capture on.
@@ -108,6 +114,10 @@ pub struct MeshConfig {
     /// keeps no conntrack state, so there is nothing to drop; kept for the
     /// rules rendering.
     pub invalid_drop: bool,
+    /// `meshlane.io/bypass-until-ready`.
+    pub bypass_until_ready: bool,
+    /// `meshlane.io/shortcut` (default true; the node-wide switch still rules).
+    pub shortcut: bool,
     pub errors: Vec<ConfigError>,
     /// Annotations meshlane does not act on (yet), reported, not fatal.
     pub unsupported: Vec<String>,
@@ -166,6 +176,15 @@ fn parse_cidr(s: &str) -> Result<Option<Cidr>, String> {
     Ok(Some(Cidr { addr, len }))
 }
 
+/// Go's strconv.ParseBool, as Istio reads its booleans.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim() {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 fn is_v6_loopback(s: &str) -> bool {
     let a = s.split('/').next().unwrap_or("");
     a.parse::<std::net::Ipv6Addr>()
@@ -190,6 +209,8 @@ impl MeshConfig {
             status_port: ports::STATUS,
             dns_capture: false,
             invalid_drop: false,
+            bypass_until_ready: false,
+            shortcut: true,
             errors: Vec::new(),
             unsupported: Vec::new(),
         }
@@ -333,15 +354,24 @@ impl MeshConfig {
             (INVALID_DROP_ENV, &mut cfg.invalid_drop),
         ] {
             if let Some(v) = pod.proxy_env.get(var) {
-                // Go's strconv.ParseBool, as Istio reads these.
-                match v.trim() {
-                    "1" | "t" | "T" | "true" | "TRUE" | "True" => *field = true,
-                    "0" | "f" | "F" | "false" | "FALSE" | "False" => *field = false,
-                    _ => err(
+                match parse_bool(v) {
+                    Some(b) => *field = b,
+                    None => err(
                         &format!("istio-proxy env {var}"),
                         v,
                         "expected true or false".into(),
                     ),
+                }
+            }
+        }
+        for (key, field) in [
+            (annotation::BYPASS_UNTIL_READY, &mut cfg.bypass_until_ready),
+            (annotation::SHORTCUT, &mut cfg.shortcut),
+        ] {
+            if let Some(v) = ann.get(key) {
+                match parse_bool(v) {
+                    Some(b) => *field = b,
+                    None => err(key, v, "expected \"true\" or \"false\"".into()),
                 }
             }
         }
@@ -380,6 +410,12 @@ impl MeshConfig {
         }
         if self.mode == Mode::Tproxy {
             p.flags |= flags::TPROXY;
+        }
+        if self.bypass_until_ready {
+            p.flags |= flags::BYPASS_UNTIL_READY;
+        }
+        if !self.shortcut {
+            p.flags |= flags::NO_SHORTCUT;
         }
         for (i, a) in ips.iter().take(MAX_POD_IPS).enumerate() {
             p.ips[i] = a.to_bits();

@@ -40,6 +40,13 @@ pub struct PodStatus {
     pub netns: Option<String>,
     pub config_errors: Vec<String>,
     pub notes: Vec<String>,
+    /// Inbound capture (sk_lookup) is attached to the pod's namespace.
+    #[serde(default)]
+    pub inbound_attached: bool,
+    /// The proxy listens on the pod's inbound capture port (None: not known,
+    /// the pod is not active).
+    #[serde(default)]
+    pub proxy_listening: Option<bool>,
     #[serde(skip_deserializing)]
     pub config: Option<MeshConfig>,
 }
@@ -54,6 +61,8 @@ impl PodStatus {
             netns: None,
             config_errors: Vec::new(),
             notes: Vec::new(),
+            inbound_attached: false,
+            proxy_listening: None,
             config: None,
         }
     }
@@ -116,7 +125,50 @@ pub struct Report {
     pub agent: Option<AgentReport>,
     pub maps: Option<Occupancy>,
     pub counters: Option<std::collections::BTreeMap<&'static str, u64>>,
+    /// The node-wide shortcut switch as the kernel sees it.
+    pub shortcut: Option<bool>,
+    /// Per-pod counters, by pod name.
+    pub pod_counters:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
 }
+
+/// Names of the global counters, in `stat` order.
+pub const COUNTER_NAMES: &[(&str, u32)] = {
+    use meshlane_common::stat::*;
+    &[
+        ("connect_meshed", CONNECT_MESHED),
+        ("redirect_outbound", REDIRECT_OUTBOUND),
+        ("redirect_inbound", REDIRECT_INBOUND),
+        ("redirect_dns", REDIRECT_DNS),
+        ("orig_dst_answered", ORIG_DST_ANSWERED),
+        ("orig_dst_miss", ORIG_DST_MISS),
+        ("record_failed", RECORD_FAILED),
+        ("bind_failed", BIND_FAILED),
+        ("inbound_captured", INBOUND_CAPTURED),
+        ("not_ready_refused", NOT_READY_REFUSED),
+        ("not_ready_bypassed", NOT_READY_BYPASSED),
+        ("shortcut_sockets", SHORTCUT_SOCKETS),
+        ("shortcut_redirected", SHORTCUT_REDIRECTED),
+        ("shortcut_no_peer", SHORTCUT_NO_PEER),
+        ("listeners_registered", LISTENERS_REGISTERED),
+        ("update_failed", UPDATE_FAILED),
+    ]
+};
+
+/// Names of the per-pod counters, in `pod_stat` order.
+pub const POD_COUNTER_NAMES: &[(&str, usize)] = {
+    use meshlane_common::pod_stat::*;
+    &[
+        ("redirect_outbound", REDIRECT_OUTBOUND),
+        ("redirect_inbound", REDIRECT_INBOUND),
+        ("redirect_dns", REDIRECT_DNS),
+        ("inbound_captured", INBOUND_CAPTURED),
+        ("not_ready_refused", NOT_READY_REFUSED),
+        ("not_ready_bypassed", NOT_READY_BYPASSED),
+        ("orig_dst_answered", ORIG_DST_ANSWERED),
+        ("shortcut_sockets", SHORTCUT_SOCKETS),
+    ]
+};
 
 #[derive(Debug, Serialize)]
 pub struct ProgramReport {
@@ -145,32 +197,39 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         .map(|(name, hook)| ProgramReport {
             name,
             hook,
-            attached: links.iter().any(|l| l == name),
+            attached: links.iter().any(|l| l == name)
+                || (name == bpf::SK_LOOKUP_PROGRAM || name == bpf::SK_MSG_PROGRAM)
+                    && layout.prog(name).exists(),
         })
         .collect();
-    let (maps, counters) = match Maps::open(layout) {
-        Ok(m) => {
+    let maps_open = Maps::open(layout).ok();
+    let (maps, counters) = match &maps_open {
+        Some(m) => {
             let c = m.counters().ok().map(|c| {
-                use meshlane_common::stat::*;
-                [
-                    ("connect_meshed", CONNECT_MESHED),
-                    ("redirect_outbound", REDIRECT_OUTBOUND),
-                    ("redirect_inbound", REDIRECT_INBOUND),
-                    ("redirect_dns", REDIRECT_DNS),
-                    ("orig_dst_answered", ORIG_DST_ANSWERED),
-                    ("orig_dst_miss", ORIG_DST_MISS),
-                    ("record_failed", RECORD_FAILED),
-                    ("bind_failed", BIND_FAILED),
-                ]
-                .into_iter()
-                .map(|(n, i)| (n, c[i as usize]))
-                .collect()
+                COUNTER_NAMES
+                    .iter()
+                    .map(|&(n, i)| (n, c[i as usize]))
+                    .collect()
             });
             (Some(m.occupancy()), c)
         }
-        Err(_) => (None, None),
+        None => (None, None),
     };
-    let agent = AgentStatus::load(state_dir)?.map(|s| AgentReport {
+    let shortcut = maps_open.as_ref().and_then(|m| m.shortcut().ok());
+    let loaded = AgentStatus::load(state_dir)?;
+    let mut pod_counters = std::collections::BTreeMap::new();
+    if let (Some(m), Some(st)) = (&maps_open, &loaded) {
+        for p in &st.pods {
+            if let Some(cookie) = p.netns_cookie {
+                let c = m.pod_counters(cookie);
+                pod_counters.insert(
+                    p.name.clone(),
+                    POD_COUNTER_NAMES.iter().map(|&(n, i)| (n, c[i])).collect(),
+                );
+            }
+        }
+    }
+    let agent = loaded.map(|s| AgentReport {
         running: s.agent_alive(),
         pid: s.pid,
         pods_file: s.pods_file,
@@ -188,6 +247,8 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         agent,
         maps,
         counters,
+        shortcut,
+        pod_counters,
     })
 }
 
@@ -249,6 +310,21 @@ pub fn print(r: &Report) {
                         .map(|c| c.to_string())
                         .unwrap_or_else(|| "-".into())
                 );
+                if p.state == PodState::Active {
+                    println!(
+                        "      inbound capture {}, proxy {}",
+                        if p.inbound_attached {
+                            "attached"
+                        } else {
+                            "NOT attached"
+                        },
+                        match p.proxy_listening {
+                            Some(true) => "listening",
+                            Some(false) => "NOT listening yet",
+                            None => "unknown",
+                        }
+                    );
+                }
                 for e in &p.config_errors {
                     println!("      error: {e}");
                 }
@@ -260,9 +336,12 @@ pub fn print(r: &Report) {
     }
     if let Some(m) = &r.maps {
         println!(
-            "maps: PODS {} entries, PORTS {}, CIDRS {}, IN_FLIGHT {}",
-            m.pods, m.ports, m.cidrs, m.in_flight
+            "maps: PODS {} entries, PORTS {}, CIDRS {}, IN_FLIGHT {}, POD_BY_IP {}, LISTENERS {}, SOCKS {}",
+            m.pods, m.ports, m.cidrs, m.in_flight, m.pod_by_ip, m.listeners, m.shortcut_sockets
         );
+    }
+    if let Some(on) = r.shortcut {
+        println!("shortcut: {}", if on { "on" } else { "off" });
     }
     if let Some(c) = &r.counters {
         let line: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -127,28 +127,43 @@ impl Agent {
     /// Starts `meshlane run` for the sandbox with these pods and waits until
     /// every meshed pod with an IP is active.
     pub fn start(sb: &Sandbox, pods: &[PodSpec]) -> Result<Agent> {
-        let pods_file = sb.dir().join("pods.json");
+        Self::start_on(sb, 1, pods, &[])
+    }
+
+    /// Starts the agent of node 1 or 2 of the sandbox (each node has its own
+    /// cgroup, bpffs directory, state and pods file), with extra `meshlane
+    /// run` arguments.
+    pub fn start_on(sb: &Sandbox, node: u8, pods: &[PodSpec], extra: &[&str]) -> Result<Agent> {
+        let pods_file = sb.dir().join(format!("pods{}.json", node_suffix(node)));
         std::fs::write(&pods_file, pod_list(pods))?;
         let expect_active: Vec<String> = pods
             .iter()
             .filter(|p| p.meshed && p.ip.is_some())
             .map(|p| format!("default/{}", p.name))
             .collect();
-        Self::start_with(
-            sb,
-            &["--pods".into(), pods_file.into_os_string()],
-            &expect_active,
-        )
+        let mut args: Vec<OsString> = vec!["--pods".into(), pods_file.into_os_string()];
+        args.extend(extra.iter().map(OsString::from));
+        Self::start_with_on(sb, node, &args, &expect_active)
     }
 
-    /// Starts `meshlane run ARGS...` for the sandbox (ARGS name the pod
-    /// source) and waits until the agent has written its status and every
-    /// pod named in `expect_active` is active.
+    /// Starts node 1's `meshlane run ARGS...` (ARGS name the pod source, for
+    /// one other than a pods file) and waits until the agent has written its
+    /// status and every pod named in `expect_active` is active.
     pub fn start_with(sb: &Sandbox, args: &[OsString], expect_active: &[String]) -> Result<Agent> {
-        let pods_file = sb.dir().join("pods.json");
-        let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}", sb.index()));
-        let state_dir = sb.dir().join("agent-state");
-        let stderr_log = sb.dir().join("agent.log");
+        Self::start_with_on(sb, 1, args, expect_active)
+    }
+
+    fn start_with_on(
+        sb: &Sandbox,
+        node: u8,
+        args: &[OsString],
+        expect_active: &[String],
+    ) -> Result<Agent> {
+        let suffix = node_suffix(node);
+        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}{suffix}", sb.index()));
+        let state_dir = sb.dir().join(format!("agent-state{suffix}"));
+        let stderr_log = sb.dir().join(format!("agent{suffix}.log"));
         let mut agent = Agent {
             child: None,
             pods_file,
@@ -162,9 +177,10 @@ impl Agent {
         let child = Command::new(meshlane_bin())
             .arg("run")
             .args(args)
+            // A port of its own, so agents of parallel tests never clash.
             .args(["--http-addr", "127.0.0.1:0"])
             .arg("--cgroup")
-            .arg(sb.cgroup())
+            .arg(sb.node_cgroup(node))
             .arg("--bpffs")
             .arg(&agent.bpffs)
             .arg("--state-dir")
@@ -327,6 +343,14 @@ impl Drop for Agent {
                 self.bpffs.display()
             );
         }
+    }
+}
+
+fn node_suffix(node: u8) -> String {
+    if node == 1 {
+        String::new()
+    } else {
+        format!("-n{node}")
     }
 }
 

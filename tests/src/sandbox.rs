@@ -38,6 +38,17 @@ pub struct Sandbox {
     dir: PathBuf,
     next_host: u8,
     pods: Vec<Pod>,
+    /// The second node, once [`Sandbox::add_node2`] made it.
+    node2: Option<Node2>,
+}
+
+/// A second node: namespace `mlt{N}-{tag}-n2` with its own bridge
+/// (10.200.N.129/25), a veth to the first node, and a cgroup of its own (a
+/// sibling of the first node's, so each node's agent sees only its pods).
+struct Node2 {
+    netns: String,
+    cgroup: PathBuf,
+    next_host: u8,
 }
 
 /// A pod: a network namespace with `lo` and `eth0` (on the node's bridge).
@@ -49,6 +60,8 @@ pub struct Pod {
     /// The pod's own cgroup, a child of the sandbox cgroup: programs attached to
     /// the sandbox cgroup see it, and per-pod attachment is possible too.
     pub cgroup: PathBuf,
+    /// 1 or 2: which node the pod runs on.
+    pub node: u8,
 }
 
 impl Sandbox {
@@ -81,6 +94,7 @@ impl Sandbox {
             cgroup_created: false,
             next_host: 2,
             pods: Vec::new(),
+            node2: None,
         };
         // From here on every early return drops `sb`, which removes what exists.
         std::fs::create_dir_all(&sb.dir)
@@ -94,7 +108,8 @@ impl Sandbox {
         sb.cgroup_created = true;
 
         sb.add_netns(&node_netns)?;
-        let gw = format!("{}/24", sb.gateway());
+        // /25: the upper half of the subnet is the second node's, if any.
+        let gw = format!("{}/25", sb.gateway());
         ip(&["-n", &node_netns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &node_netns, "addr", "add", &gw, "dev", "br0"])?;
         ip(&["-n", &node_netns, "link", "set", "br0", "up"])?;
@@ -102,9 +117,104 @@ impl Sandbox {
     }
 
     /// Creates pod namespace `mlt{N}-{tag}-{name}` with lo up and eth0 (a veth
-    /// whose peer is on br0) = 10.200.N.{next}/24, default route via .1, and a
+    /// whose peer is on br0) = 10.200.N.{next}/25, default route via .1, and a
     /// child cgroup `{name}` of the sandbox cgroup.
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        self.add_pod_on(1, name)
+    }
+
+    /// Creates the second node: namespace `mlt{N}-{tag}-n2` with bridge br0 =
+    /// 10.200.N.129/25, joined to the first node by a veth (169.254.N.1 and
+    /// .2/30) with routes both ways, and cgroup
+    /// `<cgroup2 root>/meshlane-test-{N}-{tag}-n2`.
+    pub fn add_node2(&mut self) -> Result<()> {
+        if self.node2.is_some() {
+            return Ok(());
+        }
+        let netns = format!("mlt{}-{}-n2", self.index, self.tag);
+        let cgroup = self
+            .cgroup
+            .with_file_name(format!("meshlane-test-{}-{}-n2", self.index, self.tag));
+        std::fs::create_dir(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        self.node2 = Some(Node2 {
+            netns: netns.clone(),
+            cgroup,
+            next_host: 130,
+        });
+        self.add_netns(&netns)?;
+        let n1 = self.node_netns.clone();
+        let i = self.index;
+        ip(&["-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("10.200.{i}.129/25"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "br0", "up"])?;
+        ip(&[
+            "-n", &n1, "link", "add", "tonode2", "type", "veth", "peer", "name", "tonode1",
+            "netns", &netns,
+        ])?;
+        ip(&[
+            "-n",
+            &n1,
+            "addr",
+            "add",
+            &format!("169.254.{i}.1/30"),
+            "dev",
+            "tonode2",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("169.254.{i}.2/30"),
+            "dev",
+            "tonode1",
+        ])?;
+        ip(&["-n", &n1, "link", "set", "tonode2", "up"])?;
+        ip(&["-n", &netns, "link", "set", "tonode1", "up"])?;
+        ip(&[
+            "-n",
+            &n1,
+            "route",
+            "add",
+            &format!("10.200.{i}.128/25"),
+            "via",
+            &format!("169.254.{i}.2"),
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &format!("10.200.{i}.0/25"),
+            "via",
+            &format!("169.254.{i}.1"),
+        ])?;
+        for ns in [&n1, &netns] {
+            self.netns_exec(ns, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"], None)?;
+        }
+        Ok(())
+    }
+
+    /// The cgroup of node 1 (the sandbox cgroup) or node 2.
+    pub fn node_cgroup(&self, node: u8) -> &Path {
+        match (node, &self.node2) {
+            (2, Some(n2)) => &n2.cgroup,
+            _ => &self.cgroup,
+        }
+    }
+
+    /// Creates a pod on node 1 or 2 (see [`Sandbox::add_pod`]; node 2's pods
+    /// are 10.200.N.130 and up, default route via .129).
+    pub fn add_pod_on(&mut self, node: u8, name: &str) -> Result<Pod> {
         let clean = sanitize(name, 10);
         if clean != name || name.is_empty() || name == "node" {
             bail!("pod name {name:?} must be 1-10 chars of [a-z0-9-] and not \"node\"");
@@ -112,21 +222,50 @@ impl Sandbox {
         if self.pods.iter().any(|p| p.name == name) {
             bail!("pod {name:?} already exists in sandbox {}", self.tag);
         }
-        if self.next_host == 255 {
-            bail!(
-                "sandbox {} has no addresses left for pod {name:?}",
-                self.tag
-            );
-        }
-        let host = self.next_host;
-        self.next_host += 1;
+        let (node_ns, gateway, parent_cgroup, host) = match node {
+            1 => {
+                if self.next_host == 127 {
+                    bail!(
+                        "sandbox {} has no addresses left for pod {name:?}",
+                        self.tag
+                    );
+                }
+                self.next_host += 1;
+                (
+                    self.node_netns.clone(),
+                    self.gateway(),
+                    self.cgroup.clone(),
+                    self.next_host - 1,
+                )
+            }
+            2 => {
+                let Some(n2) = self.node2.as_mut() else {
+                    bail!("pod {name:?} on node 2: call add_node2 first");
+                };
+                if n2.next_host == 255 {
+                    bail!(
+                        "node 2 of sandbox {} has no addresses left for pod {name:?}",
+                        self.tag
+                    );
+                }
+                n2.next_host += 1;
+                (
+                    n2.netns.clone(),
+                    Ipv4Addr::new(10, 200, self.index, 129),
+                    n2.cgroup.clone(),
+                    n2.next_host - 1,
+                )
+            }
+            _ => bail!("node {node}: the sandbox has nodes 1 and 2"),
+        };
         let ip_addr = Ipv4Addr::new(10, 200, self.index, host);
         let netns = format!("mlt{}-{}-{}", self.index, self.tag, name);
         self.add_netns(&netns)?;
 
         // The node end's name only has to be unique inside the node namespace.
         let node_if = format!("veth{host}");
-        let node = self.node_netns.clone();
+        let node_index = node;
+        let node = node_ns;
         ip(&[
             "-n", &node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns",
             &netns,
@@ -137,7 +276,7 @@ impl Sandbox {
             &netns,
             "addr",
             "add",
-            &format!("{ip_addr}/24"),
+            &format!("{ip_addr}/25"),
             "dev",
             "eth0",
         ])?;
@@ -149,10 +288,10 @@ impl Sandbox {
             "add",
             "default",
             "via",
-            &self.gateway().to_string(),
+            &gateway.to_string(),
         ])?;
 
-        let cgroup = self.cgroup.join(name);
+        let cgroup = parent_cgroup.join(name);
         std::fs::create_dir(&cgroup)
             .with_context(|| format!("creating pod cgroup {}", cgroup.display()))?;
         let pod = Pod {
@@ -160,6 +299,7 @@ impl Sandbox {
             netns,
             ip: ip_addr,
             cgroup,
+            node: node_index,
         };
         self.pods.push(pod.clone());
         Ok(pod)
@@ -477,6 +617,11 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        if let Some(n2) = &self.node2 {
+            if let Err(e) = remove_cgroup(&n2.cgroup) {
+                eprintln!("meshlane-tests: cleanup: {e:#}");
+            }
+        }
         if self.cgroup_created {
             if let Err(e) = remove_cgroup(&self.cgroup) {
                 eprintln!("meshlane-tests: cleanup: {e:#}");

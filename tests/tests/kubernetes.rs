@@ -35,8 +35,10 @@ fn mtest() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mtest"))
 }
 
-/// A sandbox node: meshed pod `a` (app server on 9080, test sidecar as uid
-/// 1337), `b` and `c` (servers on 9080), and a fake API server.
+/// A sandbox node: pod `a` (app server on 9080, test sidecar as uid 1337;
+/// meshed when the API server says so), `b` and `c` (servers on 9080, never
+/// meshed: a meshed pod without a sidecar refuses inbound connections, as
+/// under iptables), and a fake API server.
 struct Cluster {
     sb: Sandbox,
     a: Pod,
@@ -159,7 +161,7 @@ fn agent_pods(status: &Value) -> Vec<String> {
 #[test]
 fn watch_events_take_effect_within_a_second() -> Result<()> {
     let cl = cluster("k8sev")?;
-    cl.api.apply(cl.meshed(&cl.b));
+    cl.api.apply(api_pod(&PodSpec::plain(&cl.b), NODE));
     cl.api.apply(api_pod(&PodSpec::plain(&cl.c), NODE));
     // A meshed pod of another node that claims a's address: were the node's
     // field selector ignored, a would be captured (or in error) from the start.
@@ -167,7 +169,8 @@ fn watch_events_take_effect_within_a_second() -> Result<()> {
     far.name = "far".into();
     cl.api.apply(api_pod(&far, "node-2"));
 
-    let mut agent = cl.agent(&["b"])?;
+    let mut agent = cl.agent(&[])?;
+    agent.wait_status(READY, |s| pod_state(s, "default/c").is_some())?;
     let st = agent.status_cmd()?;
     assert_eq!(st["agent"]["pod_source"], "kubernetes (node node-1)");
     assert_eq!(
@@ -175,7 +178,7 @@ fn watch_events_take_effect_within_a_second() -> Result<()> {
         vec!["default/b".to_string(), "default/c".to_string()]
     );
     assert_eq!(
-        pod_state(&agent.status()?, "default/c").as_deref(),
+        pod_state(&agent.status()?, "default/b").as_deref(),
         Some("not-meshed")
     );
     for r in cl.api.requests() {
@@ -211,6 +214,10 @@ fn watch_events_take_effect_within_a_second() -> Result<()> {
     cl.api.apply(cl.meshed(&cl.a));
     let took = cl.until_captured(true, EVENT_LIMIT, "IP assignment");
     eprintln!("IP assignment applied after {took:?}");
+    // The maps change a moment before the status file is written.
+    agent.wait_status(EVENT_LIMIT, |s| {
+        pod_state(s, "default/a").as_deref() == Some("active")
+    })?;
     let st = agent.status_cmd()?;
     let a = pod_entry(&st["agent"], "default/a").expect("a in status");
     assert_eq!(a["state"], "active");
@@ -233,12 +240,13 @@ fn watch_events_take_effect_within_a_second() -> Result<()> {
     cl.api.delete("default", "a").expect("a was there");
     let took = cl.until_captured(false, EVENT_LIMIT, "pod delete");
     eprintln!("pod delete applied after {took:?}");
+    agent.wait_status(EVENT_LIMIT, |s| pod_entry(s, "default/a").is_none())?;
     let st = agent.status_cmd()?;
     assert_eq!(
         agent_pods(&st),
         vec!["default/b".to_string(), "default/c".to_string()]
     );
-    assert_eq!(st["maps"]["pods"], 1, "only b's entry is left: {st:#}");
+    assert_eq!(st["maps"]["pods"], 0, "a's entry is gone: {st:#}");
 
     // A finished pod holds on to its IP in status, but is no longer captured.
     cl.api.apply(cl.meshed(&cl.a));
@@ -255,8 +263,8 @@ fn running_pods_at_start_and_netns_after_ip() -> Result<()> {
     let mut cl = cluster("k8sns")?;
     // Pods that run before the agent starts are captured from its first list.
     cl.api.apply(cl.meshed(&cl.a));
-    cl.api.apply(cl.meshed(&cl.b));
-    let mut agent = cl.agent(&["a", "b"])?;
+    cl.api.apply(api_pod(&PodSpec::plain(&cl.b), NODE));
+    let mut agent = cl.agent(&["a"])?;
     assert!(
         cl.a_to_b_captured(),
         "a, running before the agent, is captured"
@@ -265,7 +273,20 @@ fn running_pods_at_start_and_netns_after_ip() -> Result<()> {
     // Pod d: the API server knows its IP before any network namespace on the
     // node holds it (its address is not configured yet).
     let d = cl.sb.add_pod("d")?;
-    let dev_addr = format!("{}/24", d.ip);
+    // The address and default route the sandbox gave d, to put back later.
+    let field_after = |out: String, key: &str| {
+        out.split_whitespace()
+            .skip_while(|w| *w != key)
+            .nth(1)
+            .map(String::from)
+            .unwrap_or_else(|| panic!("no {key} in {out:?}"))
+    };
+    let ip_out = |args: &[&str]| cl.sb.netns_exec(&d.netns, "ip", args, None);
+    let dev_addr = field_after(
+        ip_out(&["-o", "-4", "addr", "show", "dev", "eth0"])?,
+        "inet",
+    );
+    let gateway = field_after(ip_out(&["route", "show", "default"])?, "via");
     cl.sb.netns_exec(
         &d.netns,
         "ip",
@@ -301,13 +322,14 @@ fn running_pods_at_start_and_netns_after_ip() -> Result<()> {
         &["addr", "add", &dev_addr, "dev", "eth0"],
         None,
     )?;
+    ip_out(&["route", "add", "default", "via", &gateway])?;
     let t0 = Instant::now();
     let st = agent.wait_status(Duration::from_secs(3), |s| {
         pod_state(s, "default/d").as_deref() == Some("active")
     })?;
     eprintln!("netns found {:?} after the address appeared", t0.elapsed());
     assert!(pod_entry(&st, "default/d").expect("d")["netns_cookie"].is_u64());
-    assert_eq!(agent.status_cmd()?["maps"]["pods"], 3);
+    assert_eq!(agent.status_cmd()?["maps"]["pods"], 2);
     Ok(())
 }
 
@@ -315,8 +337,8 @@ fn running_pods_at_start_and_netns_after_ip() -> Result<()> {
 fn gone_and_api_server_restarts() -> Result<()> {
     let mut cl = cluster("k8sgone")?;
     cl.api.apply(cl.meshed(&cl.a));
-    cl.api.apply(cl.meshed(&cl.b));
-    let mut agent = cl.agent(&["a", "b"])?;
+    cl.api.apply(api_pod(&PodSpec::plain(&cl.b), NODE));
+    let mut agent = cl.agent(&["a"])?;
     assert!(cl.a_to_b_captured());
     let lists = |api: &FakeApi, since: usize| {
         api.requests()
@@ -411,9 +433,10 @@ fn gone_and_api_server_restarts() -> Result<()> {
         reqs[gone_at..].iter().any(|r| r.is_list()),
         "a list follows the 410: {reqs:#?}"
     );
+    agent.wait_status(EVENT_LIMIT, |s| pod_entry(s, "default/a").is_none())?;
     let st = agent.status_cmd()?;
     assert_eq!(agent_pods(&st), vec!["default/b".to_string()]);
-    assert_eq!(st["maps"]["pods"], 1);
+    assert_eq!(st["maps"]["pods"], 0);
 
     // 4. 410 as an ERROR event on an open watch (the watch cache expired):
     //    the agent lists again and the list replaces what it knew.
@@ -424,10 +447,9 @@ fn gone_and_api_server_restarts() -> Result<()> {
     let took = cl.until_captured(true, Duration::from_secs(2), "relist after 410 ERROR event");
     eprintln!("410 ERROR event: relisted and applied after {took:?}");
     assert!(lists(&cl.api, n) >= 1, "listed again");
-    assert_eq!(
-        pod_state(&agent.status()?, "default/a").as_deref(),
-        Some("active")
-    );
+    agent.wait_status(EVENT_LIMIT, |s| {
+        pod_state(s, "default/a").as_deref() == Some("active")
+    })?;
     // And a plain event after all that is on time.
     cl.api.delete("default", "a").expect("a");
     cl.until_captured(false, EVENT_LIMIT, "event after 410");
@@ -444,7 +466,7 @@ fn metric(page: &str, series: &str) -> f64 {
 fn health_readiness_and_metrics_deltas() -> Result<()> {
     let mut cl = cluster("k8smet")?;
     cl.api.apply(cl.meshed(&cl.a));
-    cl.api.apply(cl.meshed(&cl.b));
+    cl.api.apply(api_pod(&PodSpec::plain(&cl.b), NODE));
     cl.api.apply(api_pod(&PodSpec::plain(&cl.c), NODE));
     // The API server is down when the agent starts: alive, attached, not ready.
     cl.api.stop();
@@ -462,7 +484,6 @@ fn health_readiness_and_metrics_deltas() -> Result<()> {
     cl.api.start_again()?;
     agent.wait_status(Duration::from_secs(20), |s| {
         pod_state(s, "default/a").as_deref() == Some("active")
-            && pod_state(s, "default/b").as_deref() == Some("active")
     })?;
     let (code, body) = agent.http_get("/readyz")?;
     assert_eq!(code, 200, "{body}");
@@ -470,43 +491,64 @@ fn health_readiness_and_metrics_deltas() -> Result<()> {
     let (code, before) = agent.http_get("/metrics")?;
     assert_eq!(code, 200);
     assert_eq!(metric(&before, "meshlane_ready"), 1.0);
-    assert_eq!(metric(&before, "meshlane_pods{state=\"active\"}"), 2.0);
-    assert_eq!(metric(&before, "meshlane_pods{state=\"not-meshed\"}"), 1.0);
+    assert_eq!(metric(&before, "meshlane_pods{state=\"active\"}"), 1.0);
+    assert_eq!(metric(&before, "meshlane_pods{state=\"not-meshed\"}"), 2.0);
     assert_eq!(
         metric(&before, "meshlane_pods{state=\"waiting-for-netns\"}"),
         0.0
     );
     let st = agent.status_cmd()?;
-    for (map, key) in [("PODS", "pods"), ("PORTS", "ports"), ("CIDRS", "cidrs")] {
+    for (map, key) in [
+        ("PODS", "pods"),
+        ("PORTS", "ports"),
+        ("CIDRS", "cidrs"),
+        ("POD_BY_IP", "pod_by_ip"),
+        ("LISTENERS", "listeners"),
+    ] {
         assert_eq!(
             metric(&before, &format!("meshlane_map_entries{{map=\"{map}\"}}")),
             st["maps"][key].as_f64().expect("occupancy"),
             "{map}"
         );
     }
-    assert_eq!(metric(&before, "meshlane_map_entries{map=\"PODS\"}"), 2.0);
+    assert_eq!(metric(&before, "meshlane_map_entries{map=\"PODS\"}"), 1.0);
     assert_eq!(
         metric(&before, "meshlane_map_capacity{map=\"PODS\"}"),
         16384.0
     );
     assert_eq!(metric(&before, "meshlane_map_update_errors_total"), 0.0);
+    assert_eq!(metric(&before, "meshlane_shortcut_enabled"), 0.0);
 
-    // N app connections a -> b (outbound redirect; the sidecar asks for the
-    // original destination once and connects upstream once), one proxy
-    // connection to its own pod IP (inbound redirect, then the sidecar's
-    // connection from 127.0.0.6), and M SO_ORIGINAL_DST queries on plain
-    // sockets of unmeshed pod c (misses).
-    const N: usize = 5;
-    const M: usize = 3;
+    // Real connections, each with a known effect on the counters:
+    // - N from a's app to b: outbound redirect; the sidecar asks for the
+    //   original destination once and connects upstream once;
+    // - K from c to a's app: inbound capture; the sidecar asks once and
+    //   connects to a's app from 127.0.0.6;
+    // - 1 from a's proxy to its own pod IP: to 15006 (row 4), then the same;
+    // - M SO_ORIGINAL_DST queries on plain sockets of unmeshed pod c: misses.
+    const N: u64 = 5;
+    const K: u64 = 4;
+    const M: u64 = 3;
     for i in 0..N {
         assert!(cl.a_to_b_captured(), "connection {i} captured");
     }
-    let own = format!("{}:9080", cl.a.ip);
-    let p = cl.probe(&cl.a, PROXY_UID, &own);
-    let rec = read_sidecar_log(&cl.sidecar_log)
-        .into_iter()
-        .find(|r| Some(&r.peer) == p.local.as_ref())
-        .expect("proxy -> own pod IP went through the sidecar");
+    let a9080 = format!("{}:9080", cl.a.ip);
+    let sidecar_saw = |p: &ProbeResult| {
+        read_sidecar_log(&cl.sidecar_log)
+            .into_iter()
+            .find(|r| Some(&r.peer) == p.local.as_ref())
+    };
+    for i in 0..K {
+        let p = cl.probe(&cl.c, APP_UID, &a9080);
+        let rec = sidecar_saw(&p).unwrap_or_else(|| panic!("c -> a {i} not captured: {p:?}"));
+        assert_eq!(
+            (rec.listener, rec.orig_dst.as_deref()),
+            (15006, Some(a9080.as_str()))
+        );
+        assert_eq!(p.reply.as_ref().map(|r| r.server.as_str()), Some("a"));
+    }
+    let p = cl.probe(&cl.a, PROXY_UID, &a9080);
+    let rec = sidecar_saw(&p).expect("proxy -> own pod IP went through the sidecar");
     assert_eq!(rec.listener, 15006);
     let b9080 = format!("{}:9080", cl.b.ip);
     for _ in 0..M {
@@ -519,33 +561,60 @@ fn health_readiness_and_metrics_deltas() -> Result<()> {
         )?;
     }
     let after = agent.http_get("/metrics")?.1;
-    let delta = |s: &str| metric(&after, s) - metric(&before, s);
-    assert_eq!(
-        delta("meshlane_redirects_total{direction=\"outbound\"}"),
-        N as f64
+    let delta = |s: &str| (metric(&after, s) - metric(&before, s)) as u64;
+    let expect = [
+        ("meshlane_redirects_total{direction=\"outbound\"}", N),
+        ("meshlane_redirects_total{direction=\"inbound\"}", K),
+        ("meshlane_redirects_total{direction=\"own_pod\"}", 1),
+        ("meshlane_redirects_total{direction=\"dns\"}", 0),
+        // connect() in a meshed pod: N app + N upstream + 1 proxy + 1 upstream + K upstream.
+        ("meshlane_connects_inspected_total", 2 * N + 2 + K),
+        ("meshlane_orig_dst_lookups_total", N + K + 1 + M),
+        ("meshlane_orig_dst_misses_total", M),
+        ("meshlane_orig_dst_record_failures_total", 0),
+        ("meshlane_source_bind_failures_total", 0),
+        ("meshlane_not_ready_refused_total", 0),
+        ("meshlane_shortcut_redirects_total", 0),
+        ("meshlane_kernel_map_update_errors_total", 0),
+        ("meshlane_pod_source_errors_total", 0),
+        (
+            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"outbound\"}",
+            N,
+        ),
+        (
+            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"inbound\"}",
+            K,
+        ),
+        (
+            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"own_pod\"}",
+            1,
+        ),
+        (
+            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"dns\"}",
+            0,
+        ),
+        (
+            "meshlane_pod_orig_dst_answered_total{pod=\"default/a\"}",
+            N + K + 1,
+        ),
+    ];
+    let wrong: Vec<String> = expect
+        .iter()
+        .filter(|(s, want)| delta(s) != *want)
+        .map(|(s, want)| format!("{s}: moved by {}, expected {want}", delta(s)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{wrong:#?}\nbefore:\n{before}\nafter:\n{after}"
     );
-    assert_eq!(
-        delta("meshlane_redirects_total{direction=\"inbound\"}"),
-        1.0
-    );
-    assert_eq!(delta("meshlane_redirects_total{direction=\"dns\"}"), 0.0);
-    // Every connect() in a meshed pod: N app + N sidecar upstream, 1 proxy + 1 sidecar upstream.
-    assert_eq!(
-        delta("meshlane_connects_inspected_total"),
-        (2 * N + 2) as f64
-    );
-    assert_eq!(delta("meshlane_orig_dst_lookups_total"), (N + 1 + M) as f64);
-    assert_eq!(delta("meshlane_orig_dst_misses_total"), M as f64);
-    assert_eq!(delta("meshlane_orig_dst_record_failures_total"), 0.0);
-    assert_eq!(delta("meshlane_source_bind_failures_total"), 0.0);
-    assert_eq!(delta("meshlane_pod_source_errors_total"), 0.0);
 
-    // Pod removal shows in the gauges.
-    cl.api.delete("default", "b").expect("b");
-    agent.wait_status(EVENT_LIMIT, |s| pod_entry(s, "default/b").is_none())?;
+    // Pod removal shows in the gauges, and its per-pod series go.
+    cl.api.delete("default", "a").expect("a");
+    agent.wait_status(EVENT_LIMIT, |s| pod_entry(s, "default/a").is_none())?;
     let page = agent.http_get("/metrics")?.1;
-    assert_eq!(metric(&page, "meshlane_pods{state=\"active\"}"), 1.0);
-    assert_eq!(metric(&page, "meshlane_map_entries{map=\"PODS\"}"), 1.0);
+    assert_eq!(metric(&page, "meshlane_pods{state=\"active\"}"), 0.0);
+    assert_eq!(metric(&page, "meshlane_map_entries{map=\"PODS\"}"), 0.0);
+    assert!(!page.contains("pod=\"default/a\""), "{page}");
     Ok(())
 }
 

@@ -155,11 +155,68 @@ pub fn decide_connect<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> V
     Verdict::Pass(Pass::NotIncluded)
 }
 
-/// The decision for a TCP connection arriving at the pod from outside it
-/// (rows 9-10): true when it goes to the inbound listener.
+/// What the kernel knows when a connection request arrives at a pod's
+/// address (sk_lookup). Addresses in host byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub tcp: bool,
+    pub src_addr: u32,
+    pub dst_port: u16,
+}
+
+/// Why an arriving connection is left alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundPass {
+    /// Row 11: only TCP is captured.
+    NotTcp,
+    /// The connection starts inside the pod itself (loopback or the pod's
+    /// own address): connect() already took its decision (rows 2, 4, 7, and
+    /// the proxy's 127.0.0.6 passthrough to its app).
+    FromInsidePod,
+    /// Row 9: the tunnel port (REDIRECT mode only: Istio's TPROXY rules
+    /// capture it).
+    Tunnel,
+    /// Row 9: excludeInboundPorts, Istio's own ports, the status port.
+    ExcludedPort,
+    /// includeInboundPorts names other ports.
+    NotIncluded,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundVerdict {
+    Pass(InboundPass),
+    /// Row 10: to the proxy's inbound listener, keeping the destination as
+    /// the accepted socket's local address.
+    Capture,
+}
+
+/// The decision for a connection arriving at a meshed pod (rows 9-11 and
+/// the inbound annotations).
+#[inline(always)]
+pub fn decide_inbound<L: PodLists>(cfg: &PodConfig, lists: &L, a: &Arrival) -> InboundVerdict {
+    if !a.tcp {
+        return InboundVerdict::Pass(InboundPass::NotTcp);
+    }
+    if cfg.is_local(a.src_addr) {
+        return InboundVerdict::Pass(InboundPass::FromInsidePod);
+    }
+    if capture_inbound(cfg, lists, a.dst_port) {
+        InboundVerdict::Capture
+    } else if a.dst_port == cfg.tunnel_port && !cfg.has(flags::TPROXY) {
+        InboundVerdict::Pass(InboundPass::Tunnel)
+    } else if cfg.has(flags::INCLUDE_ALL_INBOUND_PORTS) {
+        InboundVerdict::Pass(InboundPass::ExcludedPort)
+    } else {
+        InboundVerdict::Pass(InboundPass::NotIncluded)
+    }
+}
+
+/// The port rule of rows 9-10: true when a TCP connection from outside the
+/// pod to `dst_port` goes to the inbound listener. Istio's REDIRECT rules
+/// return the tunnel port first; its TPROXY rules do not.
 #[inline(always)]
 pub fn capture_inbound<L: PodLists>(cfg: &PodConfig, lists: &L, dst_port: u16) -> bool {
-    if dst_port == cfg.tunnel_port {
+    if dst_port == cfg.tunnel_port && !cfg.has(flags::TPROXY) {
         return false;
     }
     if cfg.has(flags::INCLUDE_ALL_INBOUND_PORTS) {

@@ -76,6 +76,13 @@ pub mod flags {
     pub const INCLUDE_ALL_INBOUND_PORTS: u32 = 1 << 3;
     /// `sidecar.istio.io/interceptionMode: TPROXY`.
     pub const TPROXY: u32 = 1 << 4;
+    /// `meshlane.io/bypass-until-ready: "true"`: while the proxy does not
+    /// listen on a capture port, connections pass untouched instead of being
+    /// refused as iptables would refuse them.
+    pub const BYPASS_UNTIL_READY: u32 = 1 << 5;
+    /// `meshlane.io/shortcut: "false"`: this pod's sockets never take the
+    /// same-node socket shortcut.
+    pub const NO_SHORTCUT: u32 = 1 << 6;
 }
 
 /// One meshed pod, as the kernel sees it. Keyed by the pod's network
@@ -199,7 +206,9 @@ pub const fn cidr_key_data(list: u32, netns_cookie: u64, addr: u32) -> CidrKeyDa
 pub mod role {
     /// The app's connecting socket whose connect() was redirected.
     pub const REDIRECTED_CLIENT: u16 = 1;
-    /// The proxy's accepted socket of such a connection.
+    /// The proxy's accepted socket of a redirected connection, or of an
+    /// inbound connection captured by sk_lookup (then the original
+    /// destination is also the socket's own local address).
     pub const PROXY_ACCEPTED: u16 = 2;
 }
 
@@ -247,7 +256,146 @@ pub mod stat {
     pub const RECORD_FAILED: u32 = 6;
     /// bpf_bind() to the pod address failed (source falls back to 127.0.0.1).
     pub const BIND_FAILED: u32 = 7;
+    /// Inbound connections handed to the proxy's inbound listener by sk_lookup.
+    pub const INBOUND_CAPTURED: u32 = 8;
+    /// Captured connections (inbound or outbound) refused because the proxy
+    /// did not listen yet, as iptables would refuse them.
+    pub const NOT_READY_REFUSED: u32 = 9;
+    /// Captured connections passed untouched because the proxy did not listen
+    /// yet and the pod opted into `meshlane.io/bypass-until-ready`.
+    pub const NOT_READY_BYPASSED: u32 = 10;
+    /// Sockets put into the shortcut sockhash.
+    pub const SHORTCUT_SOCKETS: u32 = 11;
+    /// Messages sent straight into the peer socket by the shortcut.
+    pub const SHORTCUT_REDIRECTED: u32 = 12;
+    /// Shortcut sockets whose peer was not in the sockhash at their first
+    /// send: that socket uses TCP for its whole life.
+    pub const SHORTCUT_NO_PEER: u32 = 13;
+    /// Proxy listeners registered by sockops at listen().
+    pub const LISTENERS_REGISTERED: u32 = 14;
+    /// A map update of a kernel program failed (sockhash full, ...).
+    pub const UPDATE_FAILED: u32 = 15;
     pub const COUNT: u32 = 16;
+}
+
+/// Indexes into a pod's per-CPU counters in `POD_STATS` (keyed by netns cookie).
+pub mod pod_stat {
+    /// Connections of the pod's app redirected to the outbound listener.
+    pub const REDIRECT_OUTBOUND: usize = 0;
+    /// The proxy's own connections to its pod redirected to the inbound listener.
+    pub const REDIRECT_INBOUND: usize = 1;
+    /// DNS connections redirected to the DNS proxy.
+    pub const REDIRECT_DNS: usize = 2;
+    /// Connections from outside the pod handed to the inbound listener.
+    pub const INBOUND_CAPTURED: usize = 3;
+    /// Captured connections refused while the proxy was not listening.
+    pub const NOT_READY_REFUSED: usize = 4;
+    /// Captured connections passed while the proxy was not listening.
+    pub const NOT_READY_BYPASSED: usize = 5;
+    /// SO_ORIGINAL_DST answered for one of the pod's sockets.
+    pub const ORIG_DST_ANSWERED: usize = 6;
+    /// Sockets of the pod put into the shortcut sockhash.
+    pub const SHORTCUT_SOCKETS: usize = 7;
+    pub const COUNT: usize = 8;
+}
+
+/// The per-CPU value of `POD_STATS`.
+pub type PodCounters = [u64; pod_stat::COUNT];
+
+/// Indexes into the `SETTINGS` array, written by the agent.
+pub mod setting {
+    /// 1: new connections between meshed sockets on this node take the
+    /// sockhash shortcut; 0: they do not (connections already shortcut keep
+    /// it until they close, so no byte is reordered or lost).
+    pub const SHORTCUT: u32 = 0;
+    pub const COUNT: u32 = 4;
+}
+
+/// Key of the `LISTENERS` sockhash: a TCP listener in a network namespace.
+/// sockops registers every listener of the cgroup at listen(), so a proxy
+/// that listens before the agent knows its pod is found all the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub port: u32,
+    pub _pad: u32,
+}
+
+impl ListenerKey {
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            port: port as u32,
+            _pad: 0,
+        }
+    }
+}
+
+/// Key of the `SOCKS` sockhash (the same-node shortcut): one end of a TCP
+/// connection, named by its own 4-tuple. The other end of the connection is
+/// at [`ConnKey::peer`]. Pod addresses are unique on a node, so the tuple
+/// alone names a connection between pods; a loopback address is only
+/// meaningful inside one network namespace, so then the namespace is part of
+/// the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Netns cookie when either address is loopback, else 0.
+    pub scope: u64,
+    pub local_addr_be: u32,
+    pub remote_addr_be: u32,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl ConnKey {
+    /// Addresses in network order, ports in host order.
+    #[inline(always)]
+    pub const fn new(
+        netns_cookie: u64,
+        local_addr_be: u32,
+        local_port: u16,
+        remote_addr_be: u32,
+        remote_port: u16,
+    ) -> Self {
+        let loopback = ip::is_loopback(u32::from_be(local_addr_be))
+            || ip::is_loopback(u32::from_be(remote_addr_be));
+        Self {
+            scope: if loopback { netns_cookie } else { 0 },
+            local_addr_be,
+            remote_addr_be,
+            local_port,
+            remote_port,
+            _pad: 0,
+        }
+    }
+
+    /// The key under which the other end of this connection is stored.
+    #[inline(always)]
+    pub const fn peer(&self) -> Self {
+        Self {
+            scope: self.scope,
+            local_addr_be: self.remote_addr_be,
+            remote_addr_be: self.local_addr_be,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Per-socket shortcut decision, latched at a socket's first send so one
+/// direction of a byte stream never mixes the TCP path and the redirect.
+pub mod shortcut_state {
+    pub const UNDECIDED: u32 = 0;
+    pub const REDIRECT: u32 = 1;
+    pub const TCP: u32 = 2;
 }
 
 /// Names of the pinned objects under the agent's bpffs directory.
@@ -258,6 +406,12 @@ pub mod names {
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
     pub const STATS: &str = "STATS";
+    pub const POD_STATS: &str = "POD_STATS";
+    pub const POD_BY_IP: &str = "POD_BY_IP";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const SOCKS: &str = "SOCKS";
+    pub const SHORTCUT_STATE: &str = "SHORTCUT_STATE";
+    pub const SETTINGS: &str = "SETTINGS";
 }
 
 /// Map capacities, shared so the agent can report occupancy.
@@ -266,6 +420,13 @@ pub mod capacity {
     pub const PORTS: u32 = 65_536;
     pub const CIDRS: u32 = 65_536;
     pub const IN_FLIGHT: u32 = 65_536;
+    pub const POD_STATS: u32 = 16_384;
+    /// Pod addresses (up to `MAX_POD_IPS` per pod).
+    pub const POD_BY_IP: u32 = 65_536;
+    /// TCP listeners in the attached cgroup.
+    pub const LISTENERS: u32 = 65_536;
+    /// Shortcut sockets: two per connection between meshed sockets on the node.
+    pub const SOCKS: u32 = 262_144;
 }
 
 #[cfg(feature = "user")]
@@ -276,6 +437,8 @@ mod user {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::ConnKey {}
 }
 
 #[cfg(test)]
@@ -290,6 +453,43 @@ mod layout_tests {
         assert_eq!(size_of::<PortKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 8);
         assert_eq!(size_of::<FlowKey>(), 24);
+        assert_eq!(size_of::<ListenerKey>(), 16);
+        assert_eq!(size_of::<ConnKey>(), 24);
+    }
+
+    #[test]
+    fn conn_key_peer_is_the_other_end() {
+        // Pod to pod: no scope, and the peer of the peer is the key itself.
+        let a = ConnKey::new(7, 0x0a00_0001u32.to_be(), 40000, 0x0a00_0002u32.to_be(), 80);
+        assert_eq!(a.scope, 0);
+        let b = ConnKey::new(9, 0x0a00_0002u32.to_be(), 80, 0x0a00_0001u32.to_be(), 40000);
+        assert_eq!(a.peer(), b);
+        assert_eq!(a.peer().peer(), a);
+        // Inside a pod over loopback: scoped by the namespace.
+        let c = ConnKey::new(
+            7,
+            0x0a00_0001u32.to_be(),
+            40000,
+            ip::LOCALHOST.to_be(),
+            15001,
+        );
+        assert_eq!(c.scope, 7);
+        let d = ConnKey::new(
+            7,
+            ip::LOCALHOST.to_be(),
+            15001,
+            0x0a00_0001u32.to_be(),
+            40000,
+        );
+        assert_eq!(c.peer(), d);
+        let other_pod = ConnKey::new(
+            8,
+            ip::LOCALHOST.to_be(),
+            15001,
+            0x0a00_0001u32.to_be(),
+            40000,
+        );
+        assert_ne!(c.peer(), other_pod);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr, BPF_SK_STORAGE_GET_F_CREATE},
     helpers::generated::{
-        bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_sk_storage_get,
+        bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_map_lookup_elem,
+        bpf_sk_release, bpf_sk_storage_get,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -19,10 +20,10 @@ use aya_ebpf::{
 };
 use meshlane_common::{
     decide::{decide_connect, source_for, Capture, Connect, Verdict},
-    ip, role, stat, OrigDst,
+    flags, ip, pod_stat, role, stat, ListenerKey, OrigDst,
 };
 
-use crate::maps::{count, orig_dst_map, MapLists, PODS};
+use crate::maps::{count, orig_dst_map, pod_count, MapLists, LISTENERS, PODS};
 
 const AF_INET: u16 = 2;
 const SOCK_STREAM: u32 = 1;
@@ -84,6 +85,13 @@ unsafe fn redirect(ctx: &SockAddrContext) {
     let Some(capture_port) = verdict.port(&cfg) else {
         return;
     };
+    // A pod that opted into `meshlane.io/bypass-until-ready` is not sent to a
+    // proxy that does not listen yet (iptables would: connection refused).
+    if cfg.has(flags::BYPASS_UNTIL_READY) && !listening(netns_cookie, capture_port) {
+        count(stat::NOT_READY_BYPASSED);
+        pod_count(netns_cookie, pod_stat::NOT_READY_BYPASSED);
+        return;
+    }
 
     // Remember where the app wanted to go. Without it the proxy cannot
     // forward; we still redirect (a capture that fails is better than a
@@ -133,9 +141,29 @@ unsafe fn redirect(ctx: &SockAddrContext) {
         core::ptr::write_volatile(&raw mut sa.user_ip4, ip::LOCALHOST.to_be());
         core::ptr::write_volatile(&raw mut sa.user_port, u32::from(capture_port.to_be()));
     }
-    count(match verdict {
-        Verdict::Redirect(Capture::Inbound) => stat::REDIRECT_INBOUND,
-        Verdict::Redirect(Capture::Dns) => stat::REDIRECT_DNS,
-        _ => stat::REDIRECT_OUTBOUND,
-    });
+    let (global, per_pod) = match verdict {
+        Verdict::Redirect(Capture::Inbound) => (stat::REDIRECT_INBOUND, pod_stat::REDIRECT_INBOUND),
+        Verdict::Redirect(Capture::Dns) => (stat::REDIRECT_DNS, pod_stat::REDIRECT_DNS),
+        _ => (stat::REDIRECT_OUTBOUND, pod_stat::REDIRECT_OUTBOUND),
+    };
+    count(global);
+    pod_count(netns_cookie, per_pod);
+}
+
+/// True when the pod's proxy listens on `port` (its listener is registered).
+#[inline(always)]
+fn listening(netns_cookie: u64, port: u16) -> bool {
+    let key = ListenerKey::new(netns_cookie, port);
+    // SAFETY: a sockhash lookup returns a referenced socket, released here.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            core::ptr::from_ref(&LISTENERS).cast_mut().cast(),
+            core::ptr::from_ref(&key).cast(),
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }

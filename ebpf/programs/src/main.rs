@@ -3,13 +3,18 @@
 //! - `sockops.rs`: carries the original destination from the app's socket to
 //!   the proxy's accepted socket, and forgets it when sockets close;
 //! - `sockopt.rs`: cgroup/getsockopt, answers SO_ORIGINAL_DST;
-//! - `peername.rs`: cgroup/getpeername4, the app sees the address it dialled.
+//! - `peername.rs`: cgroup/getpeername4, the app sees the address it dialled;
+//! - `inbound.rs`: sk_lookup per pod namespace, inbound capture to 15006;
+//! - `shortcut.rs`: sk_msg on the shortcut sockhash, same-node sends go
+//!   straight into the peer socket.
 #![no_std]
 #![no_main]
 
 mod connect;
+mod inbound;
 mod maps;
 mod peername;
+mod shortcut;
 mod sockops;
 mod sockopt;
 

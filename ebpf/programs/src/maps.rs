@@ -2,12 +2,14 @@
 //! `meshlane_common`; the agent pins these under its bpffs directory.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray, SkStorage},
+    btf_maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, SkStorage, SockHash,
+    },
     macros::btf_map,
 };
 use meshlane_common::{
-    capacity, cidr_key_data, cidr_list, decide::PodLists, port_list, stat, CidrKeyData, FlowKey,
-    OrigDst, PodConfig, PortKey, CIDR_KEY_FIXED_BITS,
+    capacity, cidr_key_data, cidr_list, decide::PodLists, port_list, setting, stat, CidrKeyData,
+    ConnKey, FlowKey, ListenerKey, OrigDst, PodConfig, PodCounters, PortKey, CIDR_KEY_FIXED_BITS,
 };
 
 /// Meshed pods by network-namespace cookie. Written by the agent.
@@ -40,6 +42,55 @@ pub static IN_FLIGHT: HashMap<
 /// Per-CPU counters, indexed by `meshlane_common::stat`.
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-pod per-CPU counters, keyed by netns cookie. The agent creates a
+/// pod's entry with the pod and removes it with the pod.
+#[btf_map]
+pub static POD_STATS: PerCpuHashMap<u64, PodCounters, { capacity::POD_STATS as usize }> =
+    PerCpuHashMap::new();
+
+/// A pod's addresses (host byte order) to its netns cookie: sk_lookup sees
+/// the destination address, not the namespace. Written by the agent.
+#[btf_map]
+pub static POD_BY_IP: HashMap<u32, u64, { capacity::POD_BY_IP as usize }> = HashMap::new();
+
+/// TCP listeners on the proxies' capture ports, registered by sockops at
+/// listen() (and by the agent for listeners older than the programs); the
+/// kernel drops an entry when its socket closes.
+#[btf_map]
+pub static LISTENERS: SockHash<ListenerKey, { capacity::LISTENERS as usize }> = SockHash::new();
+
+/// Both ends of every connection between meshed sockets of this node: the
+/// same-node shortcut. Entries go when their socket closes.
+#[btf_map]
+pub static SOCKS: SockHash<ConnKey, { capacity::SOCKS as usize }> = SockHash::new();
+
+/// The shortcut decision of a socket, latched at its first send
+/// (`meshlane_common::shortcut_state`).
+#[btf_map]
+pub static SHORTCUT_STATE: SkStorage<u32> = SkStorage::new();
+
+/// Node-wide switches written by the agent (`meshlane_common::setting`).
+#[btf_map]
+pub static SETTINGS: Array<u32, { setting::COUNT as usize }> = Array::new();
+
+#[inline(always)]
+pub fn setting_on(index: u32) -> bool {
+    SETTINGS.get(index).is_some_and(|v| *v != 0)
+}
+
+/// Counts `index` (a `meshlane_common::pod_stat`) for the pod of `netns_cookie`.
+#[inline(always)]
+pub fn pod_count(netns_cookie: u64, index: usize) {
+    if let Some(c) = POD_STATS.get_ptr_mut(netns_cookie) {
+        // Per-CPU value: no other writer while we run.
+        unsafe {
+            if let Some(slot) = (*c).get_mut(index) {
+                *slot += 1;
+            }
+        }
+    }
+}
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -1,26 +1,39 @@
-//! Carries a redirected connection's original destination from the app's
-//! socket to the proxy's accepted socket, and forgets it when sockets close.
+//! Per-socket bookkeeping at TCP state changes, for every socket of the
+//! attached cgroup:
 //!
-//! The client's connect() completes (ACTIVE_ESTABLISHED) before the proxy's
-//! side of the handshake does (PASSIVE_ESTABLISHED): the client publishes the
-//! destination under the connection's 4-tuple in `IN_FLIGHT`, the proxy's new
-//! socket takes it into its own storage and removes the entry. If the proxy
-//! side never appears, the entry goes when the client socket closes.
+//! - original destinations: the client's connect() completes
+//!   (ACTIVE_ESTABLISHED) before the proxy's side of the handshake does
+//!   (PASSIVE_ESTABLISHED): the client publishes the destination under the
+//!   connection's 4-tuple in `IN_FLIGHT`, the proxy's new socket takes it
+//!   into its own storage and removes the entry. If the proxy side never
+//!   appears, the entry goes when the client socket closes. An inbound
+//!   connection captured by sk_lookup has its original destination as its
+//!   local address; it is recorded the same way for SO_ORIGINAL_DST.
+//! - proxy listeners: at listen() on a capture port, the listener goes into
+//!   `LISTENERS`, where sk_lookup and connect4 find it.
+//! - the same-node shortcut: both ends of a connection between meshed
+//!   sockets go into `SOCKS` (see `shortcut.rs`).
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bpf_sock_ops, BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use meshlane_common::{role, stat, FlowKey, OrigDst};
+use meshlane_common::{
+    decide::{decide_inbound, Arrival, InboundVerdict},
+    flags, ip, pod_stat, ports, role, setting, stat, ConnKey, FlowKey, ListenerKey, OrigDst,
+};
 
-use crate::maps::{count, orig_dst_map, IN_FLIGHT};
+use crate::maps::{
+    count, orig_dst_map, pod_count, setting_on, MapLists, IN_FLIGHT, LISTENERS, PODS, SOCKS,
+};
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[sock_ops]
 pub fn track_redirected(ctx: SockOpsContext) -> u32 {
@@ -37,13 +50,20 @@ macro_rules! field {
     };
 }
 
+/// The socket's ports: local in host order, remote in network order in the
+/// upper half of a u32 on little-endian (u32::from_be yields the port).
+#[inline(always)]
+fn ports_of(ops: *const bpf_sock_ops) -> (u16, u16) {
+    (
+        field!(ops, local_port) as u16,
+        u32::from_be(field!(ops, remote_port)) as u16,
+    )
+}
+
 /// The connection's key as the client sees it: local = client.
 #[inline(always)]
 fn flow_key(ops: *const bpf_sock_ops, netns_cookie: u64, local_is_client: bool) -> FlowKey {
-    // local_port is host order; remote_port is network order in the upper
-    // half of a u32 on little-endian (u32::from_be yields the port).
-    let local_port_be = (field!(ops, local_port) as u16).to_be();
-    let remote_port_be = (u32::from_be(field!(ops, remote_port)) as u16).to_be();
+    let (local_port, remote_port) = ports_of(ops);
     let local_ip4 = field!(ops, local_ip4);
     let remote_ip4 = field!(ops, remote_ip4);
     if local_is_client {
@@ -51,8 +71,8 @@ fn flow_key(ops: *const bpf_sock_ops, netns_cookie: u64, local_is_client: bool) 
             netns_cookie,
             client_addr_be: local_ip4,
             server_addr_be: remote_ip4,
-            client_port_be: local_port_be,
-            server_port_be: remote_port_be,
+            client_port_be: local_port.to_be(),
+            server_port_be: remote_port.to_be(),
             _pad: 0,
         }
     } else {
@@ -60,8 +80,8 @@ fn flow_key(ops: *const bpf_sock_ops, netns_cookie: u64, local_is_client: bool) 
             netns_cookie,
             client_addr_be: remote_ip4,
             server_addr_be: local_ip4,
-            client_port_be: remote_port_be,
-            server_port_be: local_port_be,
+            client_port_be: remote_port.to_be(),
+            server_port_be: local_port.to_be(),
             _pad: 0,
         }
     }
@@ -70,69 +90,183 @@ fn flow_key(ops: *const bpf_sock_ops, netns_cookie: u64, local_is_client: bool) 
 #[inline(always)]
 unsafe fn track(ctx: &SockOpsContext) {
     let ops: *const bpf_sock_ops = ctx.ops;
+    let op = field!(ops, op);
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        unsafe { register_listener(ctx) };
+        return;
+    }
     if field!(ops, family) != AF_INET {
         return;
     }
-    match field!(ops, op) {
+    match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let sk = field!(ops, __bindgen_anon_2.sk);
-            if sk.is_null() {
-                return;
-            }
-            let st =
-                unsafe { bpf_sk_storage_get(orig_dst_map(), sk.cast(), core::ptr::null_mut(), 0) }
-                    as *const OrigDst;
-            if st.is_null() {
-                return;
-            }
-            let orig = unsafe { *st };
-            if orig.role != role::REDIRECTED_CLIENT {
-                return;
-            }
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-            let key = flow_key(ops, netns_cookie, true);
-            if IN_FLIGHT.insert(key, orig, 0).is_err() {
-                count(stat::RECORD_FAILED);
-                return;
-            }
-            // Ask for state changes of this socket so the entry is removed
-            // when it closes, whether or not the proxy side took it.
-            let _ = ctx.set_cb_flags(
-                (field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
-            );
+            unsafe { publish_orig_dst(ctx, netns_cookie) };
+            unsafe { join_shortcut(ctx, netns_cookie) };
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-            let key = flow_key(ops, netns_cookie, false);
-            // SAFETY: copied out at once.
-            let Some(orig) = (unsafe { IN_FLIGHT.get(key) }) else {
-                return;
-            };
-            let mut mine = OrigDst {
-                role: role::PROXY_ACCEPTED,
-                ..*orig
-            };
-            let sk = field!(ops, __bindgen_anon_2.sk);
-            if sk.is_null() {
-                return;
-            }
-            let st = unsafe {
-                bpf_sk_storage_get(
-                    orig_dst_map(),
-                    sk.cast(),
-                    core::ptr::from_mut(&mut mine).cast(),
-                    BPF_SK_STORAGE_GET_F_CREATE.into(),
-                )
-            };
-            if st.is_null() {
-                count(stat::RECORD_FAILED);
-            }
-            let _ = IN_FLIGHT.remove(key);
+            unsafe { take_orig_dst(ctx, netns_cookie) };
+            unsafe { join_shortcut(ctx, netns_cookie) };
         }
         BPF_SOCK_OPS_STATE_CB if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             let _ = IN_FLIGHT.remove(flow_key(ops, netns_cookie, true));
         }
         _ => {}
+    }
+}
+
+/// Client side of a redirected connection: publish its original destination
+/// for the proxy's side.
+#[inline(always)]
+unsafe fn publish_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    let sk = field!(ops, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return;
+    }
+    let st = unsafe { bpf_sk_storage_get(orig_dst_map(), sk.cast(), core::ptr::null_mut(), 0) }
+        as *const OrigDst;
+    if st.is_null() {
+        return;
+    }
+    let orig = unsafe { *st };
+    if orig.role != role::REDIRECTED_CLIENT {
+        return;
+    }
+    let key = flow_key(ops, netns_cookie, true);
+    if IN_FLIGHT.insert(key, orig, 0).is_err() {
+        count(stat::RECORD_FAILED);
+        return;
+    }
+    // Ask for state changes of this socket so the entry is removed when it
+    // closes, whether or not the proxy side took it.
+    let _ =
+        ctx.set_cb_flags((field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// Accepted side: the proxy's end of a redirected connection takes the
+/// original destination from `IN_FLIGHT`; an inbound connection sk_lookup
+/// captured records its own local address.
+#[inline(always)]
+unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    let key = flow_key(ops, netns_cookie, false);
+    // SAFETY: copied out at once.
+    let mut mine = match unsafe { IN_FLIGHT.get(key) } {
+        Some(orig) => OrigDst {
+            role: role::PROXY_ACCEPTED,
+            ..*orig
+        },
+        None => {
+            let Some(cfg) = (unsafe { PODS.get(netns_cookie) }).copied() else {
+                return;
+            };
+            let (local_port, _) = ports_of(ops);
+            let arrival = Arrival {
+                tcp: true,
+                src_addr: u32::from_be(field!(ops, remote_ip4)),
+                dst_port: local_port,
+            };
+            if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival) != InboundVerdict::Capture
+            {
+                return;
+            }
+            OrigDst {
+                addr_be: field!(ops, local_ip4),
+                port_be: local_port.to_be(),
+                role: role::PROXY_ACCEPTED,
+            }
+        }
+    };
+    let sk = field!(ops, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return;
+    }
+    let st = unsafe {
+        bpf_sk_storage_get(
+            orig_dst_map(),
+            sk.cast(),
+            core::ptr::from_mut(&mut mine).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    };
+    if st.is_null() {
+        count(stat::RECORD_FAILED);
+    }
+    let _ = IN_FLIGHT.remove(key);
+}
+
+/// A listener on a capture port becomes findable by sk_lookup (inbound) and
+/// connect4 (is the proxy ready?). Registered whether or not the agent knows
+/// the pod yet: the proxy often listens before the pod's IP reaches the agent.
+#[inline(always)]
+unsafe fn register_listener(ctx: &SockOpsContext) {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    let family = field!(ops, family);
+    let any_or_pod = if family == AF_INET {
+        !ip::is_loopback(u32::from_be(field!(ops, local_ip4)))
+    } else if family == AF_INET6 {
+        // Only the any-address: a dual-stack listener that takes IPv4 too.
+        field!(ops, local_ip6[0]) == 0
+            && field!(ops, local_ip6[1]) == 0
+            && field!(ops, local_ip6[2]) == 0
+            && field!(ops, local_ip6[3]) == 0
+    } else {
+        false
+    };
+    if !any_or_pod {
+        return;
+    }
+    let port = field!(ops, local_port) as u16;
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    let wanted = match unsafe { PODS.get(netns_cookie) } {
+        Some(cfg) => port == cfg.inbound_capture_port || port == cfg.outbound_capture_port,
+        None => port == ports::INBOUND_CAPTURE || port == ports::OUTBOUND_CAPTURE,
+    };
+    if !wanted {
+        return;
+    }
+    let ops_mut = unsafe { &mut *ctx.ops };
+    match LISTENERS.update(
+        ListenerKey::new(netns_cookie, port),
+        ops_mut,
+        BPF_ANY.into(),
+    ) {
+        Ok(()) => count(stat::LISTENERS_REGISTERED),
+        Err(_) => count(stat::UPDATE_FAILED),
+    }
+}
+
+/// Both ends of a connection of a meshed pod go into the shortcut sockhash,
+/// unless the shortcut is off (node-wide or for the pod).
+#[inline(always)]
+unsafe fn join_shortcut(ctx: &SockOpsContext, netns_cookie: u64) {
+    if !setting_on(setting::SHORTCUT) {
+        return;
+    }
+    let Some(cfg) = (unsafe { PODS.get(netns_cookie) }) else {
+        return;
+    };
+    if cfg.has(flags::NO_SHORTCUT) {
+        return;
+    }
+    let ops: *const bpf_sock_ops = ctx.ops;
+    let (local_port, remote_port) = ports_of(ops);
+    let key = ConnKey::new(
+        netns_cookie,
+        field!(ops, local_ip4),
+        local_port,
+        field!(ops, remote_ip4),
+        remote_port,
+    );
+    let ops_mut = unsafe { &mut *ctx.ops };
+    match SOCKS.update(key, ops_mut, BPF_ANY.into()) {
+        Ok(()) => {
+            count(stat::SHORTCUT_SOCKETS);
+            pod_count(netns_cookie, pod_stat::SHORTCUT_SOCKETS);
+        }
+        Err(_) => count(stat::UPDATE_FAILED),
     }
 }

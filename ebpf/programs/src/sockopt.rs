@@ -8,12 +8,14 @@
 //! longer than a page becomes EFAULT. Setting optlen to 0 tells the kernel
 //! to leave the caller's buffer, length and error as they are.
 use aya_ebpf::{
-    bindings::bpf_sockopt, helpers::generated::bpf_sk_storage_get, macros::cgroup_sockopt,
+    bindings::bpf_sockopt,
+    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
+    macros::cgroup_sockopt,
     programs::SockoptContext,
 };
-use meshlane_common::{role, stat, OrigDst};
+use meshlane_common::{pod_stat, role, stat, OrigDst};
 
-use crate::maps::{count, orig_dst_map};
+use crate::maps::{count, orig_dst_map, pod_count};
 
 const SOL_IP: i32 = 0;
 const SO_ORIGINAL_DST: i32 = 80;
@@ -26,6 +28,10 @@ pub fn original_dst(ctx: SockoptContext) -> i32 {
     let so: &mut bpf_sockopt = unsafe { &mut *ctx.sockopt };
     if so.level == SOL_IP && so.optname == SO_ORIGINAL_DST && unsafe { answer(so) } {
         count(stat::ORIG_DST_ANSWERED);
+        pod_count(
+            unsafe { bpf_get_netns_cookie(ctx.sockopt.cast()) },
+            pod_stat::ORIG_DST_ANSWERED,
+        );
         return 1;
     }
     if so.level == SOL_IP && so.optname == SO_ORIGINAL_DST {

@@ -173,11 +173,11 @@ impl Sidecar {
         }
     }
 
-    fn is_loop(&self, orig: SocketAddrV4, local: SocketAddr) -> bool {
-        let orig_sa = SocketAddr::V4(orig);
-        if fmt_addr(&orig_sa) == fmt_addr(&local) {
-            return true;
-        }
+    /// The original destination is one of the proxy's own listeners: going
+    /// there would loop. (An original destination equal to the accepted
+    /// socket's local address is normal for TPROXY-style capture, where the
+    /// socket keeps the address the client dialled.)
+    fn is_loop(&self, orig: SocketAddrV4) -> bool {
         let ip = IpAddr::V4(*orig.ip());
         self.ports.contains(&orig.port())
             && (orig.ip().is_loopback() || orig.ip().is_unspecified() || self.own.contains(&ip))
@@ -253,7 +253,7 @@ async fn sidecar_conn(sc: Arc<Sidecar>, mut client: TcpStream, port: u16, inboun
         }
     };
     rec.orig_dst = Some(orig.to_string());
-    if local_sa.is_some_and(|l| sc.is_loop(orig, l)) {
+    if sc.is_loop(orig) {
         rec.upstream_error = Some("loop".into());
         sc.write(&rec);
         return;

@@ -325,3 +325,80 @@ fn source_follows_kernel_choice() {
     assert_eq!(source_for(&cfg, POD), Some(POD));
     assert_eq!(source_for(&cfg, 0x7f00_0005), None);
 }
+
+fn arrival(src: u32, port: u16) -> Arrival {
+    Arrival {
+        tcp: true,
+        src_addr: src,
+        dst_port: port,
+    }
+}
+
+#[test]
+fn inbound_rows_9_to_11() {
+    use InboundPass as IP;
+    let cfg = pod();
+    let l = default_lists();
+    let cap = |a: Arrival| decide_inbound(&cfg, &l, &a);
+    // Row 10: any other TCP port from another pod or node.
+    assert_eq!(cap(arrival(REMOTE, 9080)), InboundVerdict::Capture);
+    assert_eq!(cap(arrival(REMOTE, 15001)), InboundVerdict::Capture);
+    // Row 9: tunnel, Istio's own ports, the status port.
+    assert_eq!(
+        cap(arrival(REMOTE, 15008)),
+        InboundVerdict::Pass(IP::Tunnel)
+    );
+    for p in [15020, 15021, 15090] {
+        assert_eq!(
+            cap(arrival(REMOTE, p)),
+            InboundVerdict::Pass(IP::ExcludedPort),
+            "{p}"
+        );
+    }
+    // Row 11.
+    let udp = Arrival {
+        tcp: false,
+        ..arrival(REMOTE, 9080)
+    };
+    assert_eq!(cap(udp), InboundVerdict::Pass(IP::NotTcp));
+    // Connections that start inside the pod were decided at connect().
+    for src in [POD, ip::LOCALHOST, ip::INBOUND_PASSTHROUGH_SRC] {
+        assert_eq!(
+            cap(arrival(src, 9080)),
+            InboundVerdict::Pass(IP::FromInsidePod)
+        );
+    }
+}
+
+#[test]
+fn tproxy_captures_the_tunnel_port() {
+    let mut cfg = pod();
+    cfg.flags |= flags::TPROXY;
+    let l = default_lists();
+    assert_eq!(
+        decide_inbound(&cfg, &l, &arrival(REMOTE, 15008)),
+        InboundVerdict::Capture
+    );
+    assert_eq!(
+        decide_inbound(&cfg, &l, &arrival(REMOTE, 15020)),
+        InboundVerdict::Pass(InboundPass::ExcludedPort)
+    );
+}
+
+#[test]
+fn include_inbound_ports_limits_capture() {
+    let mut cfg = pod();
+    cfg.flags &= !flags::INCLUDE_ALL_INBOUND_PORTS;
+    let l = Lists {
+        in_incl_ports: std::vec![1111],
+        ..Default::default()
+    };
+    assert_eq!(
+        decide_inbound(&cfg, &l, &arrival(REMOTE, 1111)),
+        InboundVerdict::Capture
+    );
+    assert_eq!(
+        decide_inbound(&cfg, &l, &arrival(REMOTE, 9080)),
+        InboundVerdict::Pass(InboundPass::NotIncluded)
+    );
+}

@@ -1,0 +1,87 @@
+//! Inbound capture: a connection arriving at a meshed pod goes to the proxy's
+//! inbound listener, with no NAT and no conntrack.
+//!
+//! The program runs at socket lookup (sk_lookup), attached to each meshed
+//! pod's network namespace. For a connection that iptables would send to
+//! 15006 (`decide_inbound`: rows 9-11 and the inbound annotations), it hands
+//! the proxy's listening socket to the kernel as the lookup result. The
+//! accepted socket keeps the original destination as its local address, as
+//! TPROXY does; sockops records it for SO_ORIGINAL_DST.
+//!
+//! Why sk_lookup and not a rewrite: inbound connections have no connect() in
+//! the pod to hook, and a packet rewrite (tc) would need NAT state per
+//! connection, the very cost meshlane removes.
+use aya_ebpf::{
+    bindings::{bpf_sk_lookup, sk_action},
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use meshlane_common::{
+    decide::{decide_inbound, Arrival, InboundVerdict},
+    flags, pod_stat, stat, ListenerKey,
+};
+
+use crate::maps::{count, pod_count, MapLists, LISTENERS, PODS, POD_BY_IP};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+
+macro_rules! field {
+    ($l:expr, $f:ident) => {
+        unsafe { core::ptr::read_volatile(&raw const (*$l).$f) }
+    };
+}
+
+#[sk_lookup]
+pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's duration.
+    unsafe { lookup(&ctx) }
+}
+
+#[inline(always)]
+unsafe fn lookup(ctx: &SkLookupContext) -> u32 {
+    let l: *const bpf_sk_lookup = ctx.lookup;
+    if field!(l, family) != AF_INET {
+        return sk_action::SK_PASS;
+    }
+    let dst = u32::from_be(field!(l, local_ip4));
+    // SAFETY: copied out at once.
+    let Some(cookie) = (unsafe { POD_BY_IP.get(dst) }).copied() else {
+        return sk_action::SK_PASS;
+    };
+    let Some(cfg) = (unsafe { PODS.get(cookie) }).copied() else {
+        return sk_action::SK_PASS;
+    };
+    let arrival = Arrival {
+        tcp: field!(l, protocol) == IPPROTO_TCP,
+        src_addr: u32::from_be(field!(l, remote_ip4)),
+        dst_port: field!(l, local_port) as u16,
+    };
+    if decide_inbound(
+        &cfg,
+        &MapLists {
+            netns_cookie: cookie,
+        },
+        &arrival,
+    ) != InboundVerdict::Capture
+    {
+        return sk_action::SK_PASS;
+    }
+    let key = ListenerKey::new(cookie, cfg.inbound_capture_port);
+    if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+        count(stat::INBOUND_CAPTURED);
+        pod_count(cookie, pod_stat::INBOUND_CAPTURED);
+        return sk_action::SK_PASS;
+    }
+    // The proxy does not listen (yet). iptables would redirect to a closed
+    // port: the client gets a reset. A pod may opt out of that.
+    if cfg.has(flags::BYPASS_UNTIL_READY) {
+        count(stat::NOT_READY_BYPASSED);
+        pod_count(cookie, pod_stat::NOT_READY_BYPASSED);
+        sk_action::SK_PASS
+    } else {
+        count(stat::NOT_READY_REFUSED);
+        pod_count(cookie, pod_stat::NOT_READY_REFUSED);
+        sk_action::SK_DROP
+    }
+}
