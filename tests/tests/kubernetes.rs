@@ -398,7 +398,8 @@ fn gone_and_api_server_restarts() -> Result<()> {
         cl.api.apply(api_pod(&far, "node-2"));
     }
     let bookmark = cl.api.bookmark();
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing shows that the agent has read the bookmark; give it ample time.
+    std::thread::sleep(Duration::from_millis(1000));
     cl.api.compact();
     let n = cl.api.requests().len();
     cl.api.stop();
