@@ -73,7 +73,8 @@ impl Source {
 async fn watch_file(path: PathBuf, tx: watch::Sender<Snapshot>) {
     let mut tick = tokio::time::interval(FILE_POLL);
     let mut last: Option<Vec<u8>> = None;
-    loop {
+    // Ends when the agent has gone (it holds the receiver).
+    while !tx.is_closed() {
         tick.tick().await;
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -112,9 +113,6 @@ async fn watch_file(path: PathBuf, tx: watch::Sender<Snapshot>) {
                     s.errors += 1;
                 });
             }
-        }
-        if tx.is_closed() {
-            return;
         }
     }
 }
