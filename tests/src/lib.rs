@@ -12,6 +12,7 @@
 //!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
+pub mod bench;
 pub mod chart;
 pub mod fakeapi;
 pub mod records;

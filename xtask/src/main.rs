@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod vmtest;
 
@@ -41,6 +42,8 @@ enum Cmd {
     RenderManifests,
     /// Boot other kernels under qemu and run the namespaced integration suite in each (see vmtest.rs).
     VmTest(vmtest::Opts),
+    /// Benchmark meshlane against iptables and against no interception (release build).
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -71,6 +74,11 @@ fn main() -> Result<()> {
             build_all()?;
             vmtest::run_vm_test(&opts)
         }
+        Cmd::Bench(args) => {
+            setup()?;
+            build_ebpf()?;
+            bench::bench(&args)
+        }
         Cmd::Conformance => {
             setup()?;
             build_all()?;
@@ -97,11 +105,11 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn say(msg: &str) {
+pub fn say(msg: &str) {
     eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("running {shown}"))?;
     if !status.success() {
@@ -366,6 +374,15 @@ fn test(extra: &[String]) -> Result<()> {
         }
         _ => true,
     };
+    // `cargo xtask bench --quick` once, so the benchmark cannot rot (no
+    // thresholds: a run that completes passes).
+    match bench::smoke() {
+        Ok(()) => passed += 1,
+        Err(e) => {
+            eprintln!("bench smoke run failed: {e:#}");
+            failed += 1;
+        }
+    }
     let ok = status.success() && vm_ok && failed == 0 && passed > 0;
     say(if ok {
         "all tests passed"
