@@ -22,20 +22,30 @@ use tracing::{error, info, warn};
 use crate::{
     bpf::{self, Layout, Maps},
     http, listeners, netns,
-    podconfig::{MapEntries, MeshConfig, Mode},
+    podconfig::{MapEntries, MeshConfig, Mode, NodeDefaults},
     pods::Pod,
     source::{Snapshot, Source},
     status::{AgentStatus, PodState, PodStatus},
 };
 
+/// Everything `meshlane run` was told, parsed. `--print-options` prints it as
+/// JSON with one key per flag (the flag's name in snake case), so a test can
+/// check that a deployment's settings reach the agent.
+#[derive(serde::Serialize)]
 pub struct Options {
+    /// `pods`, `node_name` and `kubeconfig`: where pods come from.
+    #[serde(flatten)]
     pub source: Source,
     pub cgroup: PathBuf,
+    #[serde(rename = "bpffs")]
     pub layout: Layout,
     pub state_dir: PathBuf,
     pub ebpf_object: Option<PathBuf>,
     /// The node-wide same-node shortcut switch (`--shortcut`).
     pub shortcut: bool,
+    /// Proxy identity and capture ports for pods that do not say otherwise.
+    #[serde(flatten)]
+    pub defaults: NodeDefaults,
 }
 
 /// How often the loop looks whether a netns retry or recheck is due.
@@ -66,21 +76,34 @@ pub struct Agent {
     applied: BTreeMap<String, Applied>,
     status: Vec<PodStatus>,
     map_errors: u64,
+    /// Entries left by an earlier agent for pods that are gone were swept
+    /// (once, after the first complete pod list).
+    swept: bool,
 }
 
 impl Agent {
     pub fn start(opts: Options) -> Result<Self> {
         bpf::ensure_bpffs(&opts.layout.root)?;
         let object = bpf::object_bytes(opts.ebpf_object.as_deref())?;
-        if opts.layout.has_links() {
-            warn!(bpffs = %opts.layout.root.display(), "found interception pinned by an earlier agent: replacing it");
-            bpf::uninstall(&opts.layout)?;
-            bpf::ensure_bpffs(&opts.layout.root)?;
-        }
-        if let Err(e) = bpf::install(&object, &opts.cgroup, &opts.layout) {
-            // Leave nothing half-attached behind.
-            let _ = bpf::uninstall(&opts.layout);
-            return Err(e);
+        let adopted = opts.layout.has_links()
+            && match bpf::adopt(&object, &opts.layout) {
+                Ok(()) => {
+                    info!(bpffs = %opts.layout.root.display(), "adopted the interception an earlier agent pinned: programs replaced in place, maps kept, no gap");
+                    true
+                }
+                Err(e) => {
+                    warn!(bpffs = %opts.layout.root.display(), "cannot adopt the pinned interception ({e:#}); replacing it");
+                    bpf::uninstall(&opts.layout)?;
+                    bpf::ensure_bpffs(&opts.layout.root)?;
+                    false
+                }
+            };
+        if !adopted {
+            if let Err(e) = bpf::install(&object, &opts.cgroup, &opts.layout) {
+                // Leave nothing half-attached behind.
+                let _ = bpf::uninstall(&opts.layout);
+                return Err(e);
+            }
         }
         info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
         let mut maps = Maps::open(&opts.layout)?;
@@ -103,6 +126,7 @@ impl Agent {
             applied: BTreeMap::new(),
             status: Vec::new(),
             map_errors: 0,
+            swept: false,
         })
     }
 
@@ -197,7 +221,7 @@ impl Agent {
                 status.push(st);
                 continue;
             }
-            let cfg = MeshConfig::from_pod(pod);
+            let cfg = MeshConfig::from_pod_with(pod, &self.opts.defaults);
             for e in &cfg.errors {
                 warn!(pod = %pod.key(), "{e}");
             }
@@ -293,6 +317,11 @@ impl Agent {
                 }
             }
         }
+        // Only a complete pod list tells which adopted entries are stale.
+        if !self.swept && self.synced {
+            self.sweep();
+            self.swept = true;
+        }
         self.check_listeners(&mut status);
         for st in &status {
             let was = self.status.iter().find(|o| o.name == st.name);
@@ -304,6 +333,58 @@ impl Agent {
         }
         self.status = status;
         Ok(())
+    }
+
+    /// Removes whatever the maps hold that no current pod wants: what an
+    /// earlier agent wrote for pods deleted or changed while no agent ran.
+    fn sweep(&mut self) {
+        let cookies: BTreeSet<u64> = self.applied.values().map(|a| a.cookie).collect();
+        let ports: BTreeSet<PortKey> = self
+            .applied
+            .values()
+            .flat_map(|a| a.entries.ports.iter().copied())
+            .collect();
+        let cidrs: BTreeSet<(u32, CidrKeyData)> = self
+            .applied
+            .values()
+            .flat_map(|a| a.entries.cidrs.iter().copied())
+            .collect();
+        let ips: BTreeSet<(u32, u64)> = self
+            .applied
+            .values()
+            .flat_map(|a| a.ips.iter().map(|ip| (ip.to_bits(), a.cookie)))
+            .collect();
+        let mut removed = 0usize;
+        for c in self.maps.pods.keys().flatten().collect::<Vec<_>>() {
+            if !cookies.contains(&c) {
+                let _ = self.maps.pods.remove(&c);
+                let _ = self.maps.pod_stats.remove(&c);
+                let _ = bpf::detach_netns(&self.opts.layout, c);
+                removed += 1;
+            }
+        }
+        for k in self.maps.ports.keys().flatten().collect::<Vec<_>>() {
+            if !ports.contains(&k) {
+                let _ = self.maps.ports.remove(&k);
+                removed += 1;
+            }
+        }
+        for k in self.maps.cidrs.keys().flatten().collect::<Vec<_>>() {
+            if !cidrs.contains(&(k.prefix_len(), k.data())) {
+                let _ = self.maps.cidrs.remove(&k);
+                removed += 1;
+            }
+        }
+        let by_ip: Vec<(u32, u64)> = self.maps.pod_by_ip.iter().flatten().collect();
+        for (ip, c) in by_ip {
+            if !ips.contains(&(ip, c)) {
+                let _ = self.maps.pod_by_ip.remove(&ip);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            info!(removed, "swept map entries of pods that are gone");
+        }
     }
 
     /// Reports whether each active pod's proxy listens, and registers

@@ -86,7 +86,8 @@ pub fn program_hooks() -> impl Iterator<Item = (&'static str, &'static str)> {
 }
 
 /// Where meshlane's objects are pinned.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(transparent)]
 pub struct Layout {
     pub root: PathBuf,
 }
@@ -270,6 +271,113 @@ pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// Takes over the interception an earlier agent pinned, without a moment
+/// without it: the programs of `object` are loaded against the pinned maps
+/// (their state, socket storage and sockhashes included, carries over) and
+/// swapped into the pinned links with BPF_LINK_UPDATE, which the kernel does
+/// atomically. Fails, changing nothing attached, when a pinned map is
+/// missing or its layout differs from the object's (an upgrade that changed
+/// a map: the caller then replaces everything).
+pub fn adopt(object: &[u8], layout: &Layout) -> Result<()> {
+    let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    for name in names::ALL {
+        let path = layout.map(name);
+        let pinned = MapData::from_pin(&path)
+            .with_context(|| format!("pinned map {} is missing", path.display()))?;
+        let info = pinned.info().context("reading pinned map info")?;
+        let def = parsed
+            .maps
+            .get(*name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+        let same = info.key_size() == def.key_size()
+            && info.value_size() == def.value_size()
+            && info.max_entries() == def.max_entries()
+            && info.map_type().ok().map(|t| t as u32) == Some(def.map_type());
+        if !same {
+            bail!(
+                "pinned map {name} has another layout (key {} value {} entries {}) than this build's (key {} value {} entries {})",
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+                def.key_size(),
+                def.value_size(),
+                def.max_entries()
+            );
+        }
+    }
+    for &(name, _, _, _) in PROGRAMS {
+        if !layout.link(name).exists() {
+            bail!("pinned link {} is missing", layout.link(name).display());
+        }
+    }
+    let mut loader = EbpfLoader::new();
+    for name in names::ALL {
+        loader.map_pin_path(name, layout.map(name));
+    }
+    let mut ebpf = loader
+        .load(object)
+        .context("loading the eBPF object against the pinned maps")?;
+    let swap = |ebpf: &mut Ebpf, name: &str, links: Vec<PathBuf>| -> Result<()> {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+        let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+        for l in links {
+            let link = open_pinned_fd(&l)?;
+            link_update(link.as_fd(), fd.as_fd())
+                .with_context(|| format!("replacing the program of link {}", l.display()))?;
+        }
+        let ppath = layout.prog(name);
+        let _ = fs::remove_file(&ppath);
+        prog.pin(&ppath)
+            .with_context(|| format!("pinning program {name} at {}", ppath.display()))?;
+        Ok(())
+    };
+    for &(name, kind, _, hook) in PROGRAMS {
+        let prog = ebpf.program_mut(name).expect("checked by swap");
+        let loaded = match kind {
+            Kind::SockAddr => <&mut CgroupSockAddr>::try_from(prog)?.load(),
+            Kind::Sockopt => <&mut CgroupSockopt>::try_from(prog)?.load(),
+            Kind::SockOps => <&mut SockOps>::try_from(prog)?.load(),
+        };
+        loaded
+            .with_context(|| format!("loading program {name} ({hook}): the kernel refused it"))?;
+        swap(&mut ebpf, name, vec![layout.link(name)])?;
+    }
+    let prog = ebpf
+        .program_mut(SK_LOOKUP_PROGRAM)
+        .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing from the eBPF object"))?;
+    <&mut SkLookup>::try_from(prog)?.load()?;
+    let netns_links: Vec<PathBuf> = fs::read_dir(layout.netns_links())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    swap(&mut ebpf, SK_LOOKUP_PROGRAM, netns_links)?;
+    let prog = ebpf
+        .program_mut(SK_MSG_PROGRAM)
+        .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing from the eBPF object"))?;
+    <&mut SkMsg>::try_from(prog)?.load()?;
+    swap(&mut ebpf, SK_MSG_PROGRAM, Vec::new())?;
+    let prog_fd = ebpf
+        .program(SK_MSG_PROGRAM)
+        .expect("loaded above")
+        .fd()?
+        .as_fd()
+        .try_clone_to_owned()?;
+    let socks = SockHash::<_, ConnKey>::try_from(
+        ebpf.map(names::SOCKS)
+            .ok_or_else(|| anyhow!("map {} missing", names::SOCKS))?,
+    )?;
+    // Attaching to a sockhash replaces its verdict program; sockets already
+    // in it keep the one they joined with until they close.
+    prog_attach(
+        prog_fd.as_fd(),
+        socks.fd().as_fd(),
+        bpf_attach_type::BPF_SK_MSG_VERDICT,
+    )
+    .context("attaching the shortcut (sk_msg) to the pinned SOCKS sockhash")?;
+    Ok(())
+}
+
 /// Attaches inbound capture to a pod's network namespace and pins the link
 /// under the pod's netns cookie. Idempotent: an existing pin is kept.
 pub fn attach_netns(layout: &Layout, cookie: u64, netns: &Path) -> Result<()> {
@@ -304,8 +412,17 @@ pub fn detach_netns(layout: &Layout, cookie: u64) -> Result<()> {
 }
 
 /// Detaches and unpins everything under `layout`. Links first, so the
-/// programs stop running before their maps go.
+/// programs stop running before their maps go. Something already gone is not
+/// an error: two cleanups on one node (the uninstall Job may place two pods
+/// there) race, and both must succeed.
 pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
+    fn gone_is_fine(r: std::io::Result<()>) -> std::io::Result<bool> {
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
     let mut removed = Vec::new();
     for dir in [
         layout.links(),
@@ -315,19 +432,18 @@ pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
     ] {
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd.flatten() {
-                fs::remove_file(e.path())
-                    .with_context(|| format!("unpinning {}", e.path().display()))?;
-                removed.push(e.path());
+                if gone_is_fine(fs::remove_file(e.path()))
+                    .with_context(|| format!("unpinning {}", e.path().display()))?
+                {
+                    removed.push(e.path());
+                }
             }
         }
-        if dir.exists() {
-            fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
+        gone_is_fine(fs::remove_dir(&dir))
+            .with_context(|| format!("removing {}", dir.display()))?;
     }
-    if layout.root.exists() {
-        fs::remove_dir(&layout.root)
-            .with_context(|| format!("removing {}", layout.root.display()))?;
-    }
+    gone_is_fine(fs::remove_dir(&layout.root))
+        .with_context(|| format!("removing {}", layout.root.display()))?;
     Ok(removed)
 }
 
@@ -337,6 +453,27 @@ const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Swaps the program of a link in one step (no window without a program).
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).context("bpf(BPF_LINK_UPDATE)")?;
+    Ok(())
+}
 
 #[repr(C)]
 #[derive(Default)]

@@ -98,8 +98,8 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
     let tproxy = cfg.mode == Mode::Tproxy;
     let (uid, gid) = (cfg.proxy_uid, cfg.proxy_gid);
     let (out_port, in_port, tunnel) = (
-        ports::OUTBOUND_CAPTURE,
-        ports::INBOUND_CAPTURE,
+        cfg.outbound_capture_port,
+        cfg.inbound_capture_port,
         ports::TUNNEL,
     );
     let mut b = Builder::default();

@@ -81,6 +81,21 @@ enum Command {
         /// `meshlane shortcut on|off` flips it while running.
         #[arg(long, value_enum, default_value = "off", env = "MESHLANE_SHORTCUT")]
         shortcut: OnOff,
+        /// Proxy uid for pods whose istio-proxy container sets no runAsUser
+        /// (the container's runAsUser/runAsGroup still win). The gid follows
+        /// the uid unless runAsGroup says otherwise.
+        #[arg(long, value_name = "UID", default_value_t = meshlane_common::ports::PROXY_UID)]
+        proxy_uid: u32,
+        /// The proxy's listener for redirected outbound connections.
+        #[arg(long, value_name = "PORT", default_value_t = meshlane_common::ports::OUTBOUND_CAPTURE)]
+        outbound_capture_port: u16,
+        /// The proxy's listener for redirected inbound connections.
+        #[arg(long, value_name = "PORT", default_value_t = meshlane_common::ports::INBOUND_CAPTURE)]
+        inbound_capture_port: u16,
+        /// Print the parsed options as JSON and exit, without touching the
+        /// kernel (to check what a deployment really passes).
+        #[arg(long)]
+        print_options: bool,
     },
     /// Turn the same-node shortcut on or off for new connections, without
     /// restarting anything (connections already shortcut keep it until they close).
@@ -131,6 +146,10 @@ fn main() -> Result<()> {
             at,
             ebpf_object,
             shortcut,
+            proxy_uid,
+            outbound_capture_port,
+            inbound_capture_port,
+            print_options,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -147,6 +166,12 @@ fn main() -> Result<()> {
                      NODE_NAME (from the downward API, spec.nodeName); or pass --pods FILE"
                 ),
             };
+            let defaults = podconfig::NodeDefaults::new(
+                proxy_uid,
+                outbound_capture_port,
+                inbound_capture_port,
+            )
+            .map_err(anyhow::Error::msg)?;
             let opts = agent::Options {
                 source,
                 cgroup,
@@ -154,7 +179,15 @@ fn main() -> Result<()> {
                 state_dir: at.state_dir,
                 ebpf_object,
                 shortcut: shortcut == OnOff::On,
+                defaults,
             };
+            if print_options {
+                let mut v = serde_json::to_value(&opts)?;
+                v["log_level"] = cli.log_level.clone().into();
+                v["http_addr"] = http_addr.to_string().into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?

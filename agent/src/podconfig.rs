@@ -93,12 +93,71 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Node-wide defaults for every pod on the node (`meshlane run --proxy-uid
+/// --outbound-capture-port --inbound-capture-port`). What a pod says for
+/// itself wins where Istio lets it: the istio-proxy container's
+/// `runAsUser`/`runAsGroup` (0 or unset falls back to these). The capture
+/// ports have no per-pod setting in Istio, so they are node-wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeDefaults {
+    pub proxy_uid: u32,
+    pub outbound_capture_port: u16,
+    pub inbound_capture_port: u16,
+}
+
+impl NodeDefaults {
+    /// Istio's own: uid 1337, 15001 and 15006.
+    pub const ISTIO: Self = Self {
+        proxy_uid: ports::PROXY_UID,
+        outbound_capture_port: ports::OUTBOUND_CAPTURE,
+        inbound_capture_port: ports::INBOUND_CAPTURE,
+    };
+
+    /// Validated defaults; the error names the flag and the value.
+    pub fn new(
+        proxy_uid: u32,
+        outbound_capture_port: u16,
+        inbound_capture_port: u16,
+    ) -> Result<Self, String> {
+        if proxy_uid == 0 {
+            return Err("--proxy-uid 0: uid 0 would make every root process the proxy, whose connections are never captured".into());
+        }
+        for (flag, port) in [
+            ("--outbound-capture-port", outbound_capture_port),
+            ("--inbound-capture-port", inbound_capture_port),
+        ] {
+            if port == 0 {
+                return Err(format!("{flag} 0: the proxy cannot listen on port 0"));
+            }
+        }
+        if outbound_capture_port == inbound_capture_port {
+            return Err(format!(
+                "--outbound-capture-port and --inbound-capture-port are both {outbound_capture_port}: the proxy tells outbound from inbound by the port"
+            ));
+        }
+        Ok(Self {
+            proxy_uid,
+            outbound_capture_port,
+            inbound_capture_port,
+        })
+    }
+}
+
+impl Default for NodeDefaults {
+    fn default() -> Self {
+        Self::ISTIO
+    }
+}
+
 /// One pod's interception settings, typed and validated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MeshConfig {
     pub mode: Mode,
     pub proxy_uid: u32,
     pub proxy_gid: u32,
+    /// The proxy's listeners redirected connections go to (node-wide).
+    pub outbound_capture_port: u16,
+    pub inbound_capture_port: u16,
     pub include_outbound_cidrs: Set<Cidr>,
     /// IPv6 entries of the include list are kept out of the IPv4 decision but
     /// still count for Istio's "loopback included" rule.
@@ -199,6 +258,8 @@ impl MeshConfig {
             mode: Mode::Redirect,
             proxy_uid: ports::PROXY_UID,
             proxy_gid: ports::PROXY_UID,
+            outbound_capture_port: ports::OUTBOUND_CAPTURE,
+            inbound_capture_port: ports::INBOUND_CAPTURE,
             include_outbound_cidrs: Set::All,
             include_outbound_has_loopback: false,
             exclude_outbound_cidrs: Vec::new(),
@@ -216,8 +277,17 @@ impl MeshConfig {
         }
     }
 
+    /// The pod's settings with Istio's defaults where it says nothing.
     pub fn from_pod(pod: &Pod) -> Self {
+        Self::from_pod_with(pod, &NodeDefaults::ISTIO)
+    }
+
+    /// The pod's settings with the node's defaults where it says nothing.
+    pub fn from_pod_with(pod: &Pod, node: &NodeDefaults) -> Self {
         let mut cfg = Self::istio_default();
+        cfg.proxy_uid = node.proxy_uid;
+        cfg.outbound_capture_port = node.outbound_capture_port;
+        cfg.inbound_capture_port = node.inbound_capture_port;
         let ann = &pod.annotations;
         let mut errors = Vec::new();
         let mut err = |annotation: &str, value: &str, reason: String| {
@@ -395,6 +465,8 @@ impl MeshConfig {
         let mut p = PodConfig::istio_default();
         p.proxy_uid = self.proxy_uid;
         p.proxy_gid = self.proxy_gid;
+        p.outbound_capture_port = self.outbound_capture_port;
+        p.inbound_capture_port = self.inbound_capture_port;
         p.flags = 0;
         if self.include_outbound_cidrs == Set::All {
             p.flags |= flags::INCLUDE_ALL_OUTBOUND_CIDRS;

@@ -121,6 +121,19 @@ pub struct Agent {
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
     stderr_log: PathBuf,
+    /// `meshlane run` arguments, to start the agent again.
+    args: Vec<std::ffi::OsString>,
+    /// Command prefix (see [`Launch::wrapper`]).
+    wrapper: Vec<String>,
+}
+
+/// How a test starts the agent beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Command prefix, e.g. `setpriv` with the capability set a deployment grants.
+    pub wrapper: Vec<String>,
+    /// Attach here instead of the sandbox's cgroup (e.g. a read-only bind mount of it).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Agent {
@@ -134,69 +147,177 @@ impl Agent {
     /// cgroup, bpffs directory, state and pods file), with extra `meshlane
     /// run` arguments.
     pub fn start_on(sb: &Sandbox, node: u8, pods: &[PodSpec], extra: &[&str]) -> Result<Agent> {
-        let pods_file = sb.dir().join(format!("pods{}.json", node_suffix(node)));
-        std::fs::write(&pods_file, pod_list(pods))?;
+        let mut agent = Self::spawn_on(sb, node, pods, extra, &Launch::default(), None)?;
         let expect_active: Vec<String> = pods
             .iter()
             .filter(|p| p.meshed && p.ip.is_some())
             .map(|p| format!("default/{}", p.name))
             .collect();
-        let mut args: Vec<OsString> = vec!["--pods".into(), pods_file.into_os_string()];
-        args.extend(extra.iter().map(OsString::from));
-        Self::start_with_on(sb, node, &args, &expect_active)
-    }
-
-    /// Starts node 1's `meshlane run ARGS...` (ARGS name the pod source, for
-    /// one other than a pods file) and waits until the agent has written its
-    /// status and every pod named in `expect_active` is active.
-    pub fn start_with(sb: &Sandbox, args: &[OsString], expect_active: &[String]) -> Result<Agent> {
-        Self::start_with_on(sb, 1, args, expect_active)
-    }
-
-    fn start_with_on(
-        sb: &Sandbox,
-        node: u8,
-        args: &[OsString],
-        expect_active: &[String],
-    ) -> Result<Agent> {
-        let suffix = node_suffix(node);
-        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
-        let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}{suffix}", sb.index()));
-        let state_dir = sb.dir().join(format!("agent-state{suffix}"));
-        let stderr_log = sb.dir().join(format!("agent{suffix}.log"));
-        let mut agent = Agent {
-            child: None,
-            pods_file,
-            bpffs,
-            state_dir,
-            stderr_log,
-        };
-        // A previous run of this sandbox index that was SIGKILLed may have left pins.
-        agent.cleanup();
-        let log = std::fs::File::create(&agent.stderr_log)?;
-        let child = Command::new(meshlane_bin())
-            .arg("run")
-            .args(args)
-            // A port of its own, so agents of parallel tests never clash.
-            .args(["--http-addr", "127.0.0.1:0"])
-            .arg("--cgroup")
-            .arg(sb.node_cgroup(node))
-            .arg("--bpffs")
-            .arg(&agent.bpffs)
-            .arg("--state-dir")
-            .arg(&agent.state_dir)
-            .env("MESHLANE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting meshlane run")?;
-        agent.child = Some(child);
         agent.wait_status(Duration::from_secs(15), |st| {
             expect_active
                 .iter()
                 .all(|name| pod_state(st, name).as_deref() == Some("active"))
         })?;
         Ok(agent)
+    }
+
+    /// Starts node 1's `meshlane run` with the pod source `source` names
+    /// instead of a pods file, and waits until the agent has written its
+    /// status and every pod named in `expect_active` is active.
+    pub fn start_with(
+        sb: &Sandbox,
+        source: &[OsString],
+        expect_active: &[String],
+    ) -> Result<Agent> {
+        let mut agent = Self::spawn_on(sb, 1, &[], &[], &Launch::default(), Some(source))?;
+        agent.wait_status(Duration::from_secs(15), |st| {
+            expect_active
+                .iter()
+                .all(|name| pod_state(st, name).as_deref() == Some("active"))
+        })?;
+        Ok(agent)
+    }
+
+    /// Starts `meshlane run` on node 1 as `launch` says and returns without waiting.
+    pub fn spawn_with(sb: &Sandbox, pods: &[PodSpec], launch: &Launch) -> Result<Agent> {
+        Self::spawn_on(sb, 1, pods, &[], launch, None)
+    }
+
+    fn spawn_on(
+        sb: &Sandbox,
+        node: u8,
+        pods: &[PodSpec],
+        extra: &[&str],
+        launch: &Launch,
+        // Arguments naming the pod source instead of `--pods FILE`.
+        source: Option<&[OsString]>,
+    ) -> Result<Agent> {
+        let suffix = if node == 1 {
+            String::new()
+        } else {
+            format!("-n{node}")
+        };
+        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
+        std::fs::write(&pods_file, pod_list(pods))?;
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}{suffix}", sb.index()));
+        let state_dir = sb.dir().join(format!("agent-state{suffix}"));
+        let stderr_log = sb.dir().join(format!("agent{suffix}.log"));
+        let mut args: Vec<OsString> = vec!["run".into()];
+        match source {
+            Some(source) => args.extend(source.iter().cloned()),
+            None => args.extend(["--pods".into(), pods_file.clone().into()]),
+        }
+        args.extend([
+            // A port of its own, so agents of parallel tests never clash.
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--cgroup".into(),
+            launch
+                .cgroup
+                .clone()
+                .unwrap_or_else(|| sb.node_cgroup(node).to_path_buf())
+                .into(),
+        ]);
+        args.extend(extra.iter().map(Into::into));
+        args.extend([
+            "--bpffs".into(),
+            bpffs.clone().into(),
+            "--state-dir".into(),
+            state_dir.clone().into(),
+        ]);
+        let mut agent = Agent {
+            child: None,
+            pods_file,
+            bpffs,
+            state_dir,
+            stderr_log,
+            args,
+            wrapper: launch.wrapper.clone(),
+        };
+        // A previous run of this sandbox index that was SIGKILLed may have left pins.
+        agent.cleanup();
+        let _ = std::fs::remove_file(&agent.stderr_log);
+        let _ = std::fs::remove_file(agent.state_dir.join("status.json"));
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)?;
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(meshlane_bin());
+                c
+            }
+            None => Command::new(meshlane_bin()),
+        };
+        let child = cmd
+            .args(&self.args)
+            .env("MESHLANE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting meshlane run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the agent process with `signal` (SIGKILL or SIGTERM) and reaps
+    /// it, leaving everything it pinned in place (what a crash or a
+    /// DaemonSet rollout does).
+    pub fn stop_process(&mut self, signal: i32) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, signal) };
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again on the same pins and waits until it runs with
+    /// every meshed pod active.
+    pub fn restart(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(self.state_dir.join("status.json"));
+        self.spawn()?;
+        let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+        self.wait_status(Duration::from_secs(15), |st| {
+            st["pid"].as_u64() == Some(u64::from(pid))
+                && st["pods"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .filter(|p| p["config"].is_object() || p["state"] == "active")
+                        .all(|p| p["state"] == "active")
+                })
+        })?;
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM, as the kubelet does, without cleanup:
+    /// interception must stay in place.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().context("agent not running")?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("agent did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's exit status if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn write_pods(&self, pods: &[PodSpec]) -> Result<()> {
@@ -343,14 +464,6 @@ impl Drop for Agent {
                 self.bpffs.display()
             );
         }
-    }
-}
-
-fn node_suffix(node: u8) -> String {
-    if node == 1 {
-        String::new()
-    } else {
-        format!("-n{node}")
     }
 }
 

@@ -6,17 +6,20 @@
 //!   rest of the machine. Everything is removed on drop, also on panic.
 //! * The `mtest` binary (sidecar stand-in, application server, probe client,
 //!   getsockopt reporter) and the serde types of what it prints ([`records`]).
-//! * Raw socket helpers ([`sock`]) shared by both.
+//! * Raw socket helpers ([`sock`]) shared by both, and the checksummed byte
+//!   streams of the shortcut tests ([`stream`]).
 //! * [`fakeapi::FakeApi`]: a Kubernetes API server stand-in (real HTTP, list
 //!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
+pub mod chart;
 pub mod fakeapi;
 pub mod records;
 pub mod sandbox;
 pub mod sock;
+pub mod stream;
 
-pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, PodSpec};
+pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, Launch, PodSpec};
 pub use records::{
     read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
     SidecarRecord, SockoptRecord,

@@ -10,8 +10,11 @@
 //! records where it landed, the original destination the sidecar saw, and the
 //! peer address the app saw.
 //!
-//! Pending, printed and counted, never hidden: inbound rows (connections from
-//! the peer into the pod) until inbound capture lands; UDP DNS.
+//! Inbound rows (connections from the peer into the pod) are compared like
+//! the others. TPROXY cases run as Istio sets them up: the CNI's policy
+//! routing (fwmark 1337 -> table 133, local default via lo) next to the
+//! rules, and a sidecar whose listeners are IP_TRANSPARENT, as Envoy's are.
+//! Pending, printed and counted, never hidden: UDP DNS.
 use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
@@ -199,12 +202,8 @@ fn proxy_ids(case: &Case) -> (u32, u32) {
     (uid, gid)
 }
 
-/// TPROXY cases: their rules capture inbound with mangle marks and policy
-/// routing (which the CNI sets up outside the rules file), so local traffic
-/// in them depends on inbound capture, which meshlane does not have yet.
-fn pending_reason(case: &Case) -> Option<&'static str> {
-    (case.spec["annotations"]["sidecar.istio.io/interceptionMode"] == "TPROXY")
-        .then_some("TPROXY: pending inbound capture")
+fn is_tproxy(case: &Case) -> bool {
+    case.spec["annotations"]["sidecar.istio.io/interceptionMode"] == "TPROXY"
 }
 
 /// Runs one case under both mechanisms; returns (rows, differences).
@@ -220,23 +219,54 @@ fn run_case(idx: usize, case: &Case) -> Result<(usize, Vec<String>)> {
         sb.start_server(&peer, "peer", &listens)?,
     ];
     let log = sb.dir().join("sidecar.jsonl");
-    let mut sidecar = sb.spawn(
-        &pod,
-        uid,
-        gid,
-        mtest(),
-        &["sidecar", "--log", log.to_str().context("utf-8")?],
-    )?;
+    let ids = format!("{uid}:{gid}");
+    let log_s = log.to_str().context("utf-8")?;
+    let mut sidecar = if is_tproxy(case) {
+        sb.spawn(
+            &pod,
+            0,
+            0,
+            mtest(),
+            &["sidecar", "--log", log_s, "--transparent-as", &ids],
+        )?
+    } else {
+        sb.spawn(&pod, uid, gid, mtest(), &["sidecar", "--log", log_s])?
+    };
     sidecar.wait_ready(Duration::from_secs(10))?;
     procs.push(sidecar);
     let matrix = probes(uid, gid, &pod, &peer);
 
+    // What Istio's CNI adds beside the rules in TPROXY mode.
+    let policy_routing: [&[&str]; 2] = [
+        &[
+            "rule",
+            "add",
+            "fwmark",
+            "1337/0xfff",
+            "pref",
+            "32764",
+            "lookup",
+            "133",
+        ],
+        &[
+            "route", "add", "local", "default", "dev", "lo", "table", "133",
+        ],
+    ];
+    if is_tproxy(case) {
+        for args in policy_routing {
+            sb.netns_exec(&pod.netns, "ip", args, None)?;
+        }
+    }
     sb.iptables_restore(&pod, &case.rules, false)?;
     let under_iptables: Vec<Outcome> = matrix
         .iter()
         .map(|p| run_probe(&sb, &pod, &peer, &log, p))
         .collect::<Result<_>>()?;
     sb.iptables_flush(&pod)?;
+    if is_tproxy(case) {
+        sb.netns_exec(&pod.netns, "ip", &["rule", "del", "pref", "32764"], None)?;
+        sb.netns_exec(&pod.netns, "ip", &["route", "flush", "table", "133"], None)?;
+    }
     // A fresh log for the second run, so no record of the first can match.
     std::fs::OpenOptions::new()
         .write(true)
@@ -256,7 +286,6 @@ fn run_case(idx: usize, case: &Case) -> Result<(usize, Vec<String>)> {
         "OWNER", "DESTINATION", "IPTABLES", "MESHLANE"
     );
     let mut diffs = Vec::new();
-    let mut pending = 0;
     let mut landed_counts: BTreeMap<String, usize> = BTreeMap::new();
     for ((p, a), b) in matrix.iter().zip(&under_iptables).zip(&under_meshlane) {
         let same = a == b;
@@ -268,30 +297,16 @@ fn run_case(idx: usize, case: &Case) -> Result<(usize, Vec<String>)> {
             dst,
             a.to_string(),
             b.to_string(),
-            if p.inbound {
-                "pending"
-            } else if same {
-                "yes"
-            } else {
-                "NO"
-            }
+            if same { "yes" } else { "NO" }
         );
-        if p.inbound {
-            // Counted as pending whether or not it differs: meshlane has no
-            // inbound capture yet, so agreement here would be by accident.
-            pending += 1;
-            diffs.push(format!(
-                "[inbound: pending inbound capture] {}: {} -> {}: iptables {a} | meshlane {b}",
-                case.name, p.owner, dst
-            ));
-        } else if !same {
+        if !same {
             diffs.push(format!(
                 "{}: {} -> {}: iptables {a} | meshlane {b}",
                 case.name, p.owner, dst
             ));
         }
     }
-    println!("landed under iptables: {landed_counts:?}; inbound rows pending: {pending}");
+    println!("landed under iptables: {landed_counts:?}");
     Ok((matrix.len(), diffs))
 }
 
@@ -301,29 +316,16 @@ fn probe_matrix_matches_istio_rules_for_every_case() -> Result<()> {
     assert_eq!(cases.len(), 9);
     let mut rows = 0;
     let mut diffs = Vec::new();
-    let mut pending = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let (n, d) = run_case(i, case)?;
         rows += n;
-        for x in d {
-            if x.starts_with('[') {
-                pending.push(x);
-            } else if let Some(why) = pending_reason(case) {
-                pending.push(format!("[{why}] {x}"));
-            } else {
-                diffs.push(x);
-            }
-        }
+        diffs.extend(d);
     }
     println!(
-        "\nconformance: {rows} probes over {} cases: {} differences, {} pending",
+        "\nconformance: {rows} probes over {} cases: {} differences, 0 pending",
         cases.len(),
         diffs.len(),
-        pending.len()
     );
-    for p in &pending {
-        println!("PENDING {p}");
-    }
     println!("pending (not probed): UDP DNS, until UDP DNS capture exists");
     assert!(
         diffs.is_empty(),

@@ -156,3 +156,166 @@ fn same_http_response_through_haproxy_under_iptables_and_meshlane() -> Result<()
     );
     Ok(())
 }
+
+/// Starts `python3 -m http.server` serving `body` on `port` in `pod`.
+fn web(sb: &Sandbox, pod: &Pod, port: u16, body: &str) -> Result<Proc> {
+    let site = sb.dir().join(format!("site-{}-{port}", pod.name));
+    std::fs::create_dir_all(&site)?;
+    std::fs::write(site.join("index.html"), body)?;
+    let port_s = port.to_string();
+    let p = sb.spawn(
+        pod,
+        APP_UID,
+        APP_UID,
+        Path::new("/usr/bin/python3"),
+        &[
+            "-m",
+            "http.server",
+            &port_s,
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+            site.to_str().context("utf-8")?,
+        ],
+    )?;
+    wait_listening(sb, pod, port)?;
+    Ok(p)
+}
+
+fn haproxy(sb: &Sandbox, pod: &Pod) -> Result<Proc> {
+    let cfg = sb.dir().join(format!("haproxy-{}.cfg", pod.name));
+    std::fs::write(&cfg, HAPROXY_CFG)?;
+    let p = sb.spawn(
+        pod,
+        PROXY_UID,
+        PROXY_UID,
+        Path::new("/usr/sbin/haproxy"),
+        &["-db", "-f", cfg.to_str().context("utf-8")?],
+    )?;
+    wait_listening(sb, pod, 15001)?;
+    wait_listening(sb, pod, 15006)?;
+    Ok(p)
+}
+
+fn curl_as(sb: &Sandbox, pod: &Pod, uid: u32, url: &str) -> Result<String> {
+    sb.run(
+        pod,
+        uid,
+        uid,
+        Path::new("/usr/bin/curl"),
+        &["-sS", "--max-time", "5", url],
+    )
+    .with_context(|| format!("curl {url} from {} as {uid}", pod.name))
+}
+
+/// New HAProxy log lines of `p` that mention `what`.
+fn count_new(p: &mut Proc, log: &mut Vec<String>, what: &str) -> usize {
+    let before = log.len();
+    drain(p, log);
+    log[before..].iter().filter(|l| l.contains(what)).count()
+}
+
+/// The six traffic types of INTERCEPTION.md, in the two-node sandbox, with
+/// HAProxy as every meshed pod's sidecar and one meshlane agent per node.
+#[test]
+fn six_traffic_types_through_haproxy_across_two_nodes() -> Result<()> {
+    let mut sb = Sandbox::new("haproxy6")?;
+    sb.add_node2()?;
+    let a = sb.add_pod("a")?;
+    let b = sb.add_pod("b")?;
+    let r = sb.add_pod_on(2, "r")?;
+    let p = sb.add_pod_on(2, "p")?;
+    let _procs = [
+        web(&sb, &b, 9080, "b app\n")?,
+        web(&sb, &b, 15090, "b stats\n")?,
+        web(&sb, &r, 9080, "r app\n")?,
+        web(&sb, &p, 15012, "istiod\n")?,
+    ];
+    // b's proxy admin, on localhost only.
+    let _admin = sb.start_server(&b, "b-admin", &["127.0.0.1:15000"])?;
+    let mut ha = haproxy(&sb, &a)?;
+    let mut hb = haproxy(&sb, &b)?;
+    let mut hr = haproxy(&sb, &r)?;
+    let (mut la, mut lb, mut lr) = (Vec::new(), Vec::new(), Vec::new());
+    let _agent1 = Agent::start_on(&sb, 1, &[PodSpec::meshed(&a), PodSpec::meshed(&b)], &[])?;
+    let _agent2 = Agent::start_on(&sb, 2, &[PodSpec::meshed(&r), PodSpec::plain(&p)], &[])?;
+    const OUT: &str = "outbound original_dst/orig";
+    const IN: &str = "inbound inbound_passthrough/app";
+
+    // 1. remote pod -> local pod: r (node 2) -> b:9080 through r's and b's HAProxy.
+    let body = curl_as(&sb, &r, APP_UID, &format!("http://{}:9080/", b.ip))?;
+    assert_eq!(body.trim(), "b app");
+    assert_eq!(
+        count_new(&mut hr, &mut lr, OUT),
+        1,
+        "type 1, r outbound: {lr:#?}"
+    );
+    assert_eq!(
+        count_new(&mut hb, &mut lb, IN),
+        1,
+        "type 1, b inbound: {lb:#?}"
+    );
+
+    // 2. local pod -> remote pod: a -> r:9080.
+    let body = curl_as(&sb, &a, APP_UID, &format!("http://{}:9080/", r.ip))?;
+    assert_eq!(body.trim(), "r app");
+    assert_eq!(
+        count_new(&mut ha, &mut la, OUT),
+        1,
+        "type 2, a outbound: {la:#?}"
+    );
+    assert_eq!(
+        count_new(&mut hr, &mut lr, IN),
+        1,
+        "type 2, r inbound: {lr:#?}"
+    );
+
+    // 3. Prometheus (p, not meshed, node 2) -> b:15090: untouched.
+    let body = curl_as(&sb, &p, APP_UID, &format!("http://{}:15090/", b.ip))?;
+    assert_eq!(body.trim(), "b stats");
+    assert_eq!(
+        count_new(&mut hb, &mut lb, "15090"),
+        0,
+        "type 3 went through b's proxy"
+    );
+    assert_eq!(
+        count_new(&mut hb, &mut lb, IN),
+        0,
+        "type 3 went through b's proxy"
+    );
+
+    // 4. local pod -> local pod: a -> b:9080 on the same node.
+    let body = curl_as(&sb, &a, APP_UID, &format!("http://{}:9080/", b.ip))?;
+    assert_eq!(body.trim(), "b app");
+    assert_eq!(
+        count_new(&mut ha, &mut la, OUT),
+        1,
+        "type 4, a outbound: {la:#?}"
+    );
+    assert_eq!(
+        count_new(&mut hb, &mut lb, IN),
+        1,
+        "type 4, b inbound: {lb:#?}"
+    );
+
+    // 5. proxy-internal localhost: uid 1337 in b -> 127.0.0.1:15000.
+    let out = sb.run(
+        &b,
+        PROXY_UID,
+        PROXY_UID,
+        mtest(),
+        &["probe", "--connect", "127.0.0.1:15000"],
+    )?;
+    assert!(out.contains("\"server\":\"b-admin\""), "type 5: {out}");
+    assert_eq!(count_new(&mut hb, &mut lb, "inbound"), 0, "type 5 captured");
+
+    // 6. sidecar -> control plane: uid 1337 in b -> istiod:15012 on node 2.
+    let body = curl_as(&sb, &b, PROXY_UID, &format!("http://{}:15012/", p.ip))?;
+    assert_eq!(body.trim(), "istiod");
+    assert_eq!(count_new(&mut hb, &mut lb, OUT), 0, "type 6 captured");
+    Ok(())
+}
+
+fn mtest() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mtest"))
+}

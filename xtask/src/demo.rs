@@ -1,7 +1,10 @@
-//! `cargo xtask demo`: a sandbox node with two meshed pods and one plain pod,
-//! a sidecar in each meshed pod, the real agent, and the outbound traffic
+//! `cargo xtask demo`: a two-node sandbox (node 1: product and reviews,
+//! meshed, and istiod, plain; node 2: ratings, meshed, and prom, plain), a
+//! sidecar in each meshed pod, one real agent per node, and the traffic
 //! types sent through it. Prints where each connection landed against what
-//! the decision table says, and removes everything afterwards.
+//! the decision table says, then walks whole requests hop by hop through
+//! both sidecars (the seed's productpage -> reviews), and removes
+//! everything afterwards.
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -17,7 +20,8 @@ struct Case {
     gid: u32,
     to: String,
     bind: Option<&'static str>,
-    /// "15001", "15006" or the name of the server reached directly.
+    /// "POD:15001" / "POD:15006" (that pod's sidecar first) or the name of
+    /// the server reached directly.
     expect: &'static str,
     expect_orig: Option<String>,
 }
@@ -25,11 +29,14 @@ struct Case {
 pub fn run() -> Result<()> {
     let mtest = mtest_bin();
     let mut sb = Sandbox::new("demo")?;
-    let pods: Vec<Pod> = ["product", "reviews", "istiod"]
+    sb.add_node2()?;
+    let mut pods: Vec<Pod> = ["product", "reviews", "istiod"]
         .iter()
         .map(|n| sb.add_pod(n))
         .collect::<Result<_>>()?;
-    let (pp, rv, istiod) = (&pods[0], &pods[1], &pods[2]);
+    pods.push(sb.add_pod_on(2, "ratings")?);
+    pods.push(sb.add_pod_on(2, "prom")?);
+    let (pp, rv, istiod, ra) = (&pods[0], &pods[1], &pods[2], &pods[3]);
     let mut procs: Vec<Proc> = Vec::new();
     let mut logs = Vec::new();
     procs.push(sb.start_server(
@@ -39,7 +46,9 @@ pub fn run() -> Result<()> {
     )?);
     procs.push(sb.start_server(rv, &rv.name, &["0.0.0.0:9080"])?);
     procs.push(sb.start_server(istiod, &istiod.name, &["0.0.0.0:15012", "0.0.0.0:9080"])?);
-    for pod in [pp, rv] {
+    procs.push(sb.start_server(ra, &ra.name, &["0.0.0.0:9080"])?);
+    let mut sidecar_pods = Vec::new();
+    for pod in [pp, rv, ra] {
         let log = sb.dir().join(format!("sidecar-{}.jsonl", pod.name));
         let mut p = sb.spawn(
             pod,
@@ -51,11 +60,15 @@ pub fn run() -> Result<()> {
         p.wait_ready(Duration::from_secs(10))?;
         procs.push(p);
         logs.push(log);
+        sidecar_pods.push(pod.name.clone());
     }
-    println!("sandbox: node {} with pods:", sb.node_netns());
+    println!("sandbox: node 1 {} with pods:", sb.node_netns());
     println!("  product     {} (meshed, sidecar uid {PROXY_UID})", pp.ip);
     println!("  reviews     {} (meshed, sidecar uid {PROXY_UID})", rv.ip);
     println!("  istiod      {} (not meshed)", istiod.ip);
+    println!("node 2, joined by a veth:");
+    println!("  ratings     {} (meshed, sidecar uid {PROXY_UID})", ra.ip);
+    println!("  prom        {} (not meshed)", pods[4].ip);
     let agent = Agent::start(
         &sb,
         &[
@@ -64,11 +77,28 @@ pub fn run() -> Result<()> {
             PodSpec::plain(istiod),
         ],
     )?;
+    let agent2 = Agent::start_on(
+        &sb,
+        2,
+        &[PodSpec::meshed(ra), PodSpec::plain(&pods[4])],
+        &[],
+    )?;
     println!(
-        "agent: attached to cgroup {} (bpffs {})\n",
+        "agents: node 1 on cgroup {} (bpffs {}), node 2 on cgroup {} (bpffs {})\n",
         sb.cgroup().display(),
-        agent.bpffs.display()
+        agent.bpffs.display(),
+        sb.node_cgroup(2).display(),
+        agent2.bpffs.display()
     );
+    // The first sidecar record of a connection from `peer`, in any pod.
+    let record_of = |peer: &str| {
+        logs.iter().zip(&sidecar_pods).find_map(|(log, name)| {
+            read_sidecar_log(log)
+                .into_iter()
+                .find(|r| r.peer == peer)
+                .map(|r| (name.clone(), r))
+        })
+    };
 
     let ip = |p: &Pod, port: u16| format!("{}:{port}", p.ip);
     let cases = vec![
@@ -79,7 +109,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(rv, 9080),
             bind: None,
-            expect: "15001",
+            expect: "product:15001",
             expect_orig: Some(ip(rv, 9080)),
         },
         Case {
@@ -89,7 +119,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(istiod, 9080),
             bind: None,
-            expect: "15001",
+            expect: "product:15001",
             expect_orig: Some(ip(istiod, 9080)),
         },
         Case {
@@ -103,13 +133,23 @@ pub fn run() -> Result<()> {
             expect_orig: None,
         },
         Case {
-            what: "proxy -> remote pod (row 3)",
+            what: "proxy -> meshed pod (row 3, then row 10)",
             from: 0,
             uid: PROXY_UID,
             gid: PROXY_UID,
             to: ip(rv, 9080),
             bind: None,
-            expect: "reviews",
+            expect: "reviews:15006",
+            expect_orig: Some(ip(rv, 9080)),
+        },
+        Case {
+            what: "proxy -> plain pod (row 3)",
+            from: 0,
+            uid: PROXY_UID,
+            gid: PROXY_UID,
+            to: ip(istiod, 9080),
+            bind: None,
+            expect: "istiod",
             expect_orig: None,
         },
         Case {
@@ -119,7 +159,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: ip(pp, 9080),
             bind: None,
-            expect: "15006",
+            expect: "product:15006",
             expect_orig: Some(ip(pp, 9080)),
         },
         Case {
@@ -129,7 +169,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: "127.0.0.6:15002".into(),
             bind: None,
-            expect: "15006",
+            expect: "product:15006",
             expect_orig: Some("127.0.0.6:15002".into()),
         },
         Case {
@@ -163,13 +203,13 @@ pub fn run() -> Result<()> {
             expect_orig: None,
         },
         Case {
-            what: "proxy gid only -> remote (row 8)",
+            what: "proxy gid only -> plain pod (row 8)",
             from: 0,
             uid: APP_UID,
             gid: PROXY_UID,
-            to: ip(rv, 9080),
+            to: ip(istiod, 9080),
             bind: None,
-            expect: "reviews",
+            expect: "istiod",
             expect_orig: None,
         },
         Case {
@@ -179,23 +219,43 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(pp, 9080),
             bind: None,
-            expect: "15001",
+            expect: "reviews:15001",
             expect_orig: Some(ip(pp, 9080)),
         },
         Case {
-            what: "plain pod -> reviews (not meshed)",
+            what: "plain pod -> reviews:9080 (inbound, row 10)",
             from: 2,
             uid: APP_UID,
             gid: APP_UID,
             to: ip(rv, 9080),
             bind: None,
-            expect: "reviews",
+            expect: "reviews:15006",
+            expect_orig: Some(ip(rv, 9080)),
+        },
+        Case {
+            what: "node 2 plain pod -> reviews:9080 (row 10)",
+            from: 4,
+            uid: APP_UID,
+            gid: APP_UID,
+            to: ip(rv, 9080),
+            bind: None,
+            expect: "reviews:15006",
+            expect_orig: Some(ip(rv, 9080)),
+        },
+        Case {
+            what: "node 2 prom -> product:15090 (type 3, row 9)",
+            from: 4,
+            uid: APP_UID,
+            gid: APP_UID,
+            to: ip(pp, 15090),
+            bind: None,
+            expect: "product",
             expect_orig: None,
         },
     ];
 
     println!(
-        "{:<46} {:<20} {:<14} {:<10} {:<22} RESULT",
+        "{:<46} {:<20} {:<14} {:<14} {:<22} RESULT",
         "CONNECTION", "TO", "LANDED", "EXPECTED", "ORIGINAL DST SEEN"
     );
     let mut failures = 0;
@@ -206,45 +266,108 @@ pub fn run() -> Result<()> {
         }
         let out = sb.run(&pods[c.from], c.uid, c.gid, &mtest, &args)?;
         let p = ProbeResult::parse(&out)?;
-        let rec = if c.from < 2 {
-            p.local.as_ref().and_then(|l| {
-                read_sidecar_log(&logs[c.from])
-                    .into_iter()
-                    .find(|r| &r.peer == l)
-            })
-        } else {
-            None
-        };
+        let rec = p.local.as_deref().and_then(record_of);
         let (landed, orig) = match (&rec, &p.reply) {
-            (Some(r), _) => (format!("sidecar:{}", r.listener), r.orig_dst.clone()),
+            (Some((pod, r)), _) => (format!("{pod}:{}", r.listener), r.orig_dst.clone()),
             (None, Some(reply)) => (reply.server.clone(), None),
             (None, None) => (
                 format!("refused/{}", p.errno.clone().unwrap_or_default()),
                 None,
             ),
         };
-        let expected = if c.expect.starts_with("150") {
-            format!("sidecar:{}", c.expect)
-        } else {
-            c.expect.to_string()
-        };
+        let expected = c.expect.to_string();
         let ok = landed == expected && orig == c.expect_orig;
         if !ok {
             failures += 1;
         }
         println!(
-            "{:<46} {:<20} {:<14} {:<10} {:<22} {}",
+            "{:<46} {:<20} {:<14} {:<14} {:<22} {}",
             c.what,
             c.to,
             landed,
-            expected.trim_start_matches("sidecar:"),
+            expected,
             orig.unwrap_or_else(|| "-".into()),
+            if ok { "OK" } else { "MISMATCH" }
+        );
+    }
+
+    // Whole requests, hop by hop: app -> its sidecar (15001) -> the other
+    // pod's sidecar (15006) -> that pod's app from 127.0.0.6.
+    println!("\nrequests through both sidecars:");
+    let walks = [
+        (
+            "productpage -> reviews (same node)",
+            0,
+            ip(rv, 9080),
+            "reviews",
+        ),
+        (
+            "productpage -> ratings (other node)",
+            0,
+            ip(ra, 9080),
+            "ratings",
+        ),
+        (
+            "ratings -> productpage (from node 2)",
+            3,
+            ip(pp, 9080),
+            "product",
+        ),
+    ];
+    for (what, from, to, server) in &walks {
+        let out = sb.run(
+            &pods[*from],
+            APP_UID,
+            APP_UID,
+            &mtest,
+            &["probe", "--connect", to],
+        )?;
+        let p = ProbeResult::parse(&out)?;
+        let mut hops = vec![format!(
+            "{} app {}",
+            pods[*from].name,
+            p.local.clone().unwrap_or_default()
+        )];
+        let first = p.local.as_deref().and_then(record_of);
+        let second = first
+            .as_ref()
+            .and_then(|(_, r)| r.upstream_local.as_deref())
+            .and_then(record_of);
+        for (pod, r) in first.iter().chain(second.iter()) {
+            hops.push(format!(
+                "{pod} sidecar :{} (orig {})",
+                r.listener,
+                r.orig_dst.clone().unwrap_or_default()
+            ));
+        }
+        let reply = p.reply.clone();
+        if let Some(r) = &reply {
+            hops.push(format!("{} app (saw {})", r.server, r.peer));
+        }
+        let ok = first.as_ref().is_some_and(|(_, r)| r.listener == 15001)
+            && second.as_ref().is_some_and(|(_, r)| {
+                r.listener == 15006 && r.orig_dst.as_deref() == Some(to.as_str())
+            })
+            && reply
+                .as_ref()
+                .is_some_and(|r| r.server == *server && r.peer.starts_with("127.0.0.6:"));
+        if !ok {
+            failures += 1;
+        }
+        println!(
+            "  {what}: {}  {}",
+            hops.join(" -> "),
             if ok { "OK" } else { "MISMATCH" }
         );
     }
     println!();
     let st = agent.status_cmd()?;
-    println!("agent counters: {}", st["counters"]);
+    println!("node 1 agent counters: {}", st["counters"]);
+    println!(
+        "node 2 agent counters: {}",
+        agent2.status_cmd()?["counters"]
+    );
+    drop(agent2);
     drop(agent);
     drop(procs);
     drop(sb);
@@ -252,12 +375,12 @@ pub fn run() -> Result<()> {
     if failures > 0 {
         bail!(
             "{failures} of {} connections did not land where the decision table says",
-            cases.len()
+            cases.len() + walks.len()
         );
     }
     println!(
         "all {} connections landed where the decision table says",
-        cases.len()
+        cases.len() + walks.len()
     );
     Ok(())
 }

@@ -36,11 +36,19 @@ enum Cmd {
     Demo,
     /// Run the conformance suite (Istio's real rules vs meshlane, every golden case) and print its tables.
     Conformance,
+    /// Render deploy/chart/meshlane with its default values into deploy/manifests.
+    RenderManifests,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup(),
+        Cmd::RenderManifests => {
+            for p in meshlane_tests::chart::write_manifests()? {
+                say(&format!("wrote {}", p.display()));
+            }
+            Ok(())
+        }
         Cmd::BuildEbpf => {
             setup()?;
             build_ebpf()
@@ -111,6 +119,18 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Helm's own template engine for tests/tests/deploy.rs, which checks that the
+/// chart renders the same under it as under the test renderer. No helm
+/// binary comes from the package registries we reach; helm-python-sdk ships
+/// Helm v4's Go SDK as a library in its wheel.
+const HELM_PY_VERSION: &str = "0.2.2";
+
+fn helm_python_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "/opt/meshlane-tools/helm-python-sdk-{HELM_PY_VERSION}"
+    ))
+}
 
 fn setup() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -184,6 +204,52 @@ fn setup() -> Result<()> {
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         })?;
     }
+    setup_helm_python()?;
+    Ok(())
+}
+
+fn setup_helm_python() -> Result<()> {
+    let dir = helm_python_dir();
+    if dir.join("helm_python").is_dir() {
+        say(&format!("helm-python-sdk {HELM_PY_VERSION}: present"));
+        return Ok(());
+    }
+    let has_pip = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_pip {
+        say("installing python3-pip");
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "python3-pip",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    say(&format!(
+        "installing helm-python-sdk {HELM_PY_VERSION} (Helm's engine, for the chart test) into {}",
+        dir.display()
+    ));
+    // Into a scratch directory first, so a broken install never looks present.
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+        ])
+        .args(["--no-deps", "--target"])
+        .arg(&tmp)
+        .arg(format!("helm-python-sdk=={HELM_PY_VERSION}")))?;
+    std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} into place", tmp.display()))?;
     Ok(())
 }
 
@@ -243,6 +309,7 @@ fn test(extra: &[String]) -> Result<()> {
         );
     }
     let mut child = Command::new("cargo")
+        .env("MESHLANE_HELM_PYTHONPATH", helm_python_dir())
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
         .current_dir(root())

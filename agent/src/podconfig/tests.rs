@@ -87,6 +87,8 @@ struct Packet {
     dport: u16,
     tcp: bool,
     out_lo: bool,
+    /// The packet mark, for Istio's TPROXY mangle rules.
+    mark: u32,
 }
 
 fn cidr_match(spec: &str, a: Ipv4Addr) -> bool {
@@ -125,10 +127,38 @@ fn rule_matches(tokens: &[&str], p: &Packet) -> Option<(String, Option<u16>)> {
                     .split(',')
                     .any(|x| x.parse::<u16>().unwrap() == p.dport)
             }
-            "-o" => {
+            "-o" | "-i" => {
+                // Local traffic leaves on lo and comes back in on lo.
                 i += 1;
-                assert_eq!(tokens[i], "lo", "only -o lo is modelled");
+                assert_eq!(tokens[i], "lo", "only lo is modelled");
                 p.out_lo
+            }
+            "--mark" => {
+                i += 1;
+                let (v, m) = tokens[i]
+                    .split_once('/')
+                    .map_or((tokens[i], "0xffffffff"), |(v, m)| (v, m));
+                let m = u32::from_str_radix(m.trim_start_matches("0x"), 16).unwrap();
+                p.mark & m == v.parse::<u32>().unwrap()
+            }
+            // Only a connection's first packet is modelled: never established.
+            "--ctstate" => {
+                i += 1;
+                false
+            }
+            "--set-mark" | "--on-port" => {
+                i += 1;
+                to_port = Some(tokens[i].parse().unwrap());
+                i += 1;
+                continue;
+            }
+            "--tproxy-mark" => {
+                i += 2;
+                continue;
+            }
+            "--save-mark" | "--restore-mark" => {
+                i += 1;
+                continue;
             }
             "-s" => {
                 i += 1;
@@ -215,7 +245,78 @@ fn iptables_outcome(rules: &str, p: &Packet) -> Option<u16> {
         }
         None
     }
-    walk(&chains, "OUTPUT", p, 0).flatten()
+    walk(&chains, "OUTPUT", p, 0)
+        .flatten()
+        .or_else(|| mangle_outcome(rules, p))
+}
+
+/// What Istio's mangle rules (TPROXY mode) do to a local packet nat left
+/// alone: marked in OUTPUT, then on its way in over lo, PREROUTING may
+/// TPROXY it to a port. Returns that port.
+fn mangle_outcome(rules: &str, p: &Packet) -> Option<u16> {
+    if !p.out_lo || !p.tcp {
+        return None;
+    }
+    let mut table = "";
+    let mut chains: BTreeMap<String, Vec<Vec<&str>>> = BTreeMap::new();
+    for line in rules.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim();
+        } else if table == "mangle" {
+            if let Some(r) = line
+                .strip_prefix("-A ")
+                .or_else(|| line.strip_prefix("-I "))
+            {
+                let mut toks: Vec<&str> = r.split_whitespace().collect();
+                let chain = toks.remove(0).to_string();
+                // "-I CHAIN N": insert at position N (1-based).
+                let rules = chains.entry(chain).or_default();
+                if line.starts_with("-I ") {
+                    let n: usize = toks.remove(0).parse().unwrap();
+                    rules.insert(n - 1, toks);
+                } else {
+                    rules.push(toks);
+                }
+            }
+        }
+    }
+    enum Flow {
+        Next,
+        Stop(Option<u16>),
+    }
+    fn walk(
+        chains: &BTreeMap<String, Vec<Vec<&str>>>,
+        chain: &str,
+        p: &mut Packet,
+        depth: u32,
+    ) -> Flow {
+        assert!(depth < 8, "jump loop");
+        for rule in chains.get(chain).map(Vec::as_slice).unwrap_or_default() {
+            if let Some((target, value)) = rule_matches(rule, p) {
+                match target.as_str() {
+                    "RETURN" => return Flow::Next,
+                    "MARK" => p.mark = u32::from(value.expect("--set-mark")),
+                    "CONNMARK" => {}
+                    "ACCEPT" => return Flow::Stop(None),
+                    "TPROXY" => return Flow::Stop(value),
+                    sub => {
+                        if let Flow::Stop(v) = walk(chains, sub, p, depth + 1) {
+                            return Flow::Stop(v);
+                        }
+                    }
+                }
+            }
+        }
+        Flow::Next
+    }
+    let mut q = *p;
+    if let Flow::Stop(v) = walk(&chains, "OUTPUT", &mut q, 0) {
+        return v;
+    }
+    match walk(&chains, "PREROUTING", &mut q, 0) {
+        Flow::Stop(v) => v,
+        Flow::Next => None,
+    }
 }
 
 /// What the kernel makes of a connect before any rule: a socket bound to a
@@ -263,6 +364,7 @@ fn packet(
         dport,
         tcp,
         out_lo: local,
+        mark: 0,
     }
 }
 
@@ -525,4 +627,56 @@ proptest! {
             "annotations {:?} dns {} custom {}: {:?}\n{}", ann, dns, custom, p, rules
         );
     }
+}
+
+#[test]
+fn node_defaults_apply_where_the_pod_says_nothing() {
+    let node = NodeDefaults::new(2102, 4140, 4143).expect("valid");
+    let mut p = pod_with(&[]);
+    let c = MeshConfig::from_pod_with(&p, &node);
+    assert_eq!((c.proxy_uid, c.proxy_gid), (2102, 2102));
+    let k = c.pod_config(&[POD_IP]);
+    assert_eq!(
+        (k.proxy_uid, k.outbound_capture_port, k.inbound_capture_port),
+        (2102, 4140, 4143),
+        "the kernel gets the node's ports"
+    );
+    // runAsUser 0 or unset: the node default; anything else wins.
+    p.proxy_run_as_user = Some(0);
+    assert_eq!(MeshConfig::from_pod_with(&p, &node).proxy_uid, 2102);
+    p.proxy_run_as_user = Some(1_000_670_000);
+    p.proxy_run_as_group = Some(1_000_670_001);
+    let c = MeshConfig::from_pod_with(&p, &node);
+    assert_eq!((c.proxy_uid, c.proxy_gid), (1_000_670_000, 1_000_670_001));
+    assert_eq!(c.outbound_capture_port, 4140, "ports stay node-wide");
+    // Istio's defaults are what from_pod uses.
+    assert_eq!(
+        MeshConfig::from_pod(&pod_with(&[])),
+        MeshConfig::from_pod_with(&pod_with(&[]), &NodeDefaults::ISTIO)
+    );
+    // The rendered rules use the node's ports too.
+    let rules = crate::iptables::render(&MeshConfig::from_pod_with(&pod_with(&[]), &node))
+        .expect("captured");
+    assert!(rules.contains("--to-ports 4140"), "{rules}");
+    assert!(rules.contains("--to-ports 4143"), "{rules}");
+    assert!(
+        !rules.contains("15001") && !rules.contains("15006"),
+        "{rules}"
+    );
+}
+
+#[test]
+fn bad_node_defaults_name_the_flag_and_value() {
+    let e = NodeDefaults::new(0, 15001, 15006).unwrap_err();
+    assert!(e.contains("--proxy-uid 0"), "{e}");
+    let e = NodeDefaults::new(1337, 0, 15006).unwrap_err();
+    assert!(e.contains("--outbound-capture-port 0"), "{e}");
+    let e = NodeDefaults::new(1337, 15001, 0).unwrap_err();
+    assert!(e.contains("--inbound-capture-port 0"), "{e}");
+    let e = NodeDefaults::new(1337, 15006, 15006).unwrap_err();
+    assert!(e.contains("both 15006"), "{e}");
+    assert_eq!(
+        NodeDefaults::new(1337, 15001, 15006),
+        Ok(NodeDefaults::ISTIO)
+    );
 }

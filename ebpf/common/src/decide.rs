@@ -89,6 +89,33 @@ impl Verdict {
 /// and the outbound annotations).
 #[inline(always)]
 pub fn decide_connect<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> Verdict {
+    let v = decide_nat(cfg, lists, c);
+    // TPROXY mode adds Istio's mangle rules: the proxy's uid or gid sending
+    // to a local address other than 127.0.0.1 is marked in OUTPUT and, on
+    // its way in over lo, TPROXY'd to the inbound listener, unless its port
+    // is one the inbound rules return (status, health, stats, excluded).
+    // This reaches what the nat rules leave alone: the tunnel port, and the
+    // gid-only owner (row 8 becomes a capture).
+    if cfg.has(flags::TPROXY)
+        && matches!(
+            v,
+            Verdict::Pass(
+                Pass::ProxyUid | Pass::ProxyGid | Pass::AppToLocal | Pass::ExcludedOutboundPort
+            )
+        )
+        && (c.uid == cfg.proxy_uid || c.gid == cfg.proxy_gid)
+        && cfg.is_local(c.dst_addr)
+        && c.dst_addr != ip::LOCALHOST
+        && capture_inbound(cfg, lists, c.dst_port)
+    {
+        return Verdict::Redirect(Capture::Inbound);
+    }
+    v
+}
+
+/// Rows 1-8 as Istio's `nat` rules decide them.
+#[inline(always)]
+fn decide_nat<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> Verdict {
     if !c.tcp {
         return Verdict::Pass(Pass::NotTcp);
     }

@@ -412,6 +412,23 @@ pub mod names {
     pub const SOCKS: &str = "SOCKS";
     pub const SHORTCUT_STATE: &str = "SHORTCUT_STATE";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const PROXY_LEG: &str = "PROXY_LEG";
+    /// Every map of the kernel object.
+    pub const ALL: &[&str] = &[
+        PODS,
+        PORTS,
+        CIDRS,
+        ORIG_DST,
+        IN_FLIGHT,
+        STATS,
+        POD_STATS,
+        POD_BY_IP,
+        LISTENERS,
+        SOCKS,
+        SHORTCUT_STATE,
+        SETTINGS,
+        PROXY_LEG,
+    ];
 }
 
 /// Map capacities, shared so the agent can report occupancy.

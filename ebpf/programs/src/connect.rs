@@ -19,11 +19,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use meshlane_common::{
-    decide::{decide_connect, source_for, Capture, Connect, Verdict},
-    flags, ip, pod_stat, role, stat, ListenerKey, OrigDst,
+    decide::{decide_connect, source_for, Capture, Connect, Pass, Verdict},
+    flags, ip, pod_stat, role, setting, stat, ListenerKey, OrigDst,
 };
 
-use crate::maps::{count, orig_dst_map, pod_count, MapLists, LISTENERS, PODS};
+use crate::maps::{
+    count, orig_dst_map, pod_count, setting_on, MapLists, LISTENERS, PODS, POD_BY_IP, PROXY_LEG,
+};
 
 const AF_INET: u16 = 2;
 const SOCK_STREAM: u32 = 1;
@@ -83,6 +85,24 @@ unsafe fn redirect(ctx: &SockAddrContext) {
     };
     let verdict = decide_connect(&cfg, &MapLists { netns_cookie }, &facts);
     let Some(capture_port) = verdict.port(&cfg) else {
+        // The proxy dialling a pod of this node: a leg the shortcut may take.
+        if verdict == Verdict::Pass(Pass::ProxyUid)
+            && setting_on(setting::SHORTCUT)
+            && !cfg.has(flags::NO_SHORTCUT)
+            && unsafe { POD_BY_IP.get(dst) }.is_some()
+        {
+            let mark = unsafe {
+                bpf_sk_storage_get(
+                    core::ptr::from_ref(&PROXY_LEG).cast_mut().cast(),
+                    sk.cast(),
+                    core::ptr::null_mut(),
+                    BPF_SK_STORAGE_GET_F_CREATE.into(),
+                )
+            };
+            if mark.is_null() {
+                count(stat::UPDATE_FAILED);
+            }
+        }
         return;
     };
     // A pod that opted into `meshlane.io/bypass-until-ready` is not sent to a

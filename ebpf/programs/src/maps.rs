@@ -70,6 +70,11 @@ pub static SOCKS: SockHash<ConnKey, { capacity::SOCKS as usize }> = SockHash::ne
 #[btf_map]
 pub static SHORTCUT_STATE: SkStorage<u32> = SkStorage::new();
 
+/// Marks a proxy's socket that connects to a pod of this node: one end of a
+/// proxy-to-proxy leg, which the shortcut may take (see `shortcut.rs`).
+#[btf_map]
+pub static PROXY_LEG: SkStorage<u32> = SkStorage::new();
+
 /// Node-wide switches written by the agent (`meshlane_common::setting`).
 #[btf_map]
 pub static SETTINGS: Array<u32, { setting::COUNT as usize }> = Array::new();

@@ -1,6 +1,14 @@
-//! The same-node shortcut: a send on one end of a connection between meshed
-//! sockets of this node goes straight into the receive queue of the other
-//! end (bpf_msg_redirect_hash), skipping the loopback or veth TCP stack.
+//! The same-node shortcut: a send on one end of a proxy-to-proxy leg between
+//! pods of this node goes straight into the receive queue of the other end
+//! (bpf_msg_redirect_hash), skipping the veth, bridge and TCP stack.
+//!
+//! Why only the proxies' legs, not app <-> sidecar: a socket in a sockmap
+//! reads through tcp_bpf_recvmsg, which on the kernels we test (6.18) returns
+//! EAGAIN to a *blocking* read that is woken without data, e.g. by another
+//! thread writing on the same socket. Proxies use non-blocking sockets and
+//! retry; applications that read in one thread and write in another would
+//! see errors. Found by the shortcut tests (tests/tests/shortcut.rs) when app
+//! sockets were included: their blocking echo client failed with EAGAIN.
 //!
 //! Correctness rule: one direction of a byte stream never mixes the TCP
 //! path and the redirect, or bytes could overtake each other. A socket's

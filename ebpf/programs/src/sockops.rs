@@ -11,8 +11,8 @@
 //!   local address; it is recorded the same way for SO_ORIGINAL_DST.
 //! - proxy listeners: at listen() on a capture port, the listener goes into
 //!   `LISTENERS`, where sk_lookup and connect4 find it.
-//! - the same-node shortcut: both ends of a connection between meshed
-//!   sockets go into `SOCKS` (see `shortcut.rs`).
+//! - the same-node shortcut: both ends of a proxy-to-proxy leg between pods
+//!   of this node go into `SOCKS` (see `shortcut.rs` for why only those).
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
@@ -29,7 +29,8 @@ use meshlane_common::{
 };
 
 use crate::maps::{
-    count, orig_dst_map, pod_count, setting_on, MapLists, IN_FLIGHT, LISTENERS, PODS, SOCKS,
+    count, orig_dst_map, pod_count, setting_on, MapLists, IN_FLIGHT, LISTENERS, PODS, PROXY_LEG,
+    SOCKS,
 };
 
 const AF_INET: u32 = 2;
@@ -102,12 +103,15 @@ unsafe fn track(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             unsafe { publish_orig_dst(ctx, netns_cookie) };
-            unsafe { join_shortcut(ctx, netns_cookie) };
+            if unsafe { proxy_leg(ctx) } {
+                unsafe { join_shortcut(ctx, netns_cookie) };
+            }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-            unsafe { take_orig_dst(ctx, netns_cookie) };
-            unsafe { join_shortcut(ctx, netns_cookie) };
+            if unsafe { take_orig_dst(ctx, netns_cookie) } {
+                unsafe { join_shortcut(ctx, netns_cookie) };
+            }
         }
         BPF_SOCK_OPS_STATE_CB if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
@@ -146,13 +150,32 @@ unsafe fn publish_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
         ctx.set_cb_flags((field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
+/// True when connect4 marked this socket as a proxy dialling a pod of this
+/// node.
+#[inline(always)]
+unsafe fn proxy_leg(ctx: &SockOpsContext) -> bool {
+    let sk = field!(ctx.ops, __bindgen_anon_2.sk);
+    !sk.is_null()
+        && !unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(&PROXY_LEG).cast_mut().cast(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                0,
+            )
+        }
+        .is_null()
+}
+
 /// Accepted side: the proxy's end of a redirected connection takes the
 /// original destination from `IN_FLIGHT`; an inbound connection sk_lookup
-/// captured records its own local address.
+/// captured records its own local address. Returns true for the latter (the
+/// proxy's end of a connection from outside the pod).
 #[inline(always)]
-unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
+unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
     let ops: *const bpf_sock_ops = ctx.ops;
     let key = flow_key(ops, netns_cookie, false);
+    let mut inbound = false;
     // SAFETY: copied out at once.
     let mut mine = match unsafe { IN_FLIGHT.get(key) } {
         Some(orig) => OrigDst {
@@ -161,9 +184,15 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
         },
         None => {
             let Some(cfg) = (unsafe { PODS.get(netns_cookie) }).copied() else {
-                return;
+                return false;
             };
             let (local_port, _) = ports_of(ops);
+            // Addressed to the capture port itself, or REDIRECTed there by
+            // iptables rules still in the pod (a migration in progress):
+            // conntrack, not us, knows the original destination.
+            if local_port == cfg.inbound_capture_port {
+                return false;
+            }
             let arrival = Arrival {
                 tcp: true,
                 src_addr: u32::from_be(field!(ops, remote_ip4)),
@@ -171,8 +200,9 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
             };
             if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival) != InboundVerdict::Capture
             {
-                return;
+                return false;
             }
+            inbound = true;
             OrigDst {
                 addr_be: field!(ops, local_ip4),
                 port_be: local_port.to_be(),
@@ -182,7 +212,7 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
     };
     let sk = field!(ops, __bindgen_anon_2.sk);
     if sk.is_null() {
-        return;
+        return false;
     }
     let st = unsafe {
         bpf_sk_storage_get(
@@ -196,6 +226,7 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
         count(stat::RECORD_FAILED);
     }
     let _ = IN_FLIGHT.remove(key);
+    inbound
 }
 
 /// A listener on a capture port becomes findable by sk_lookup (inbound) and
@@ -239,8 +270,8 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     }
 }
 
-/// Both ends of a connection of a meshed pod go into the shortcut sockhash,
-/// unless the shortcut is off (node-wide or for the pod).
+/// One end of a proxy-to-proxy leg goes into the shortcut sockhash, unless
+/// the shortcut is off (node-wide or for the pod).
 #[inline(always)]
 unsafe fn join_shortcut(ctx: &SockOpsContext, netns_cookie: u64) {
     if !setting_on(setting::SHORTCUT) {

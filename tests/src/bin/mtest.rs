@@ -53,6 +53,10 @@ enum Cmd {
         outbound_port: u16,
         #[arg(long, default_value_t = 15006)]
         inbound_port: u16,
+        /// Start as root, make both listeners IP_TRANSPARENT (what Envoy does
+        /// for Istio's TPROXY mode), then run as UID:GID.
+        #[arg(long, value_name = "UID:GID")]
+        transparent_as: Option<String>,
     },
     /// Application stand-in: answer one line with a JSON line.
     Server {
@@ -87,6 +91,38 @@ enum Cmd {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// Byte-stream server: echo, or hash and answer a digest at EOF.
+    StreamServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        echo: bool,
+        /// Wait this long before reading each connection (a stalled reader).
+        #[arg(long, default_value_t = 0)]
+        stall_ms: u64,
+    },
+    /// Byte-stream client: deterministic payloads, checked end to end;
+    /// prints one JSON line.
+    StreamClient {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        conns: u32,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 65536)]
+        write_size: usize,
+        #[arg(long, value_enum, default_value = "write")]
+        method: meshlane_tests::stream::Method,
+        #[arg(long)]
+        echo: bool,
+        /// Read this many echoed bytes, then close with the rest unread.
+        #[arg(long)]
+        close_after: Option<u64>,
+        /// Report how many bytes were sent after this many milliseconds.
+        #[arg(long)]
+        sample_after_ms: Option<u64>,
+    },
     /// Print raw getsockopt results of a connected TCP socket as a JSON list.
     Sockopts {
         #[arg(long)]
@@ -106,6 +142,34 @@ fn main() -> Result<()> {
         } => sockopts(connect, legacy_iptables),
         Cmd::UdpEcho { name, listen } => udp_echo(&name, listen),
         Cmd::UdpProbe { connect } => udp_probe(connect),
+        Cmd::StreamServer {
+            listen,
+            echo,
+            stall_ms,
+        } => meshlane_tests::stream::serve(listen, echo, Duration::from_millis(stall_ms)),
+        Cmd::StreamClient {
+            connect,
+            conns,
+            bytes,
+            write_size,
+            method,
+            echo,
+            close_after,
+            sample_after_ms,
+        } => {
+            let r = meshlane_tests::stream::client(&meshlane_tests::stream::ClientOpts {
+                connect,
+                conns,
+                bytes,
+                write_size,
+                method,
+                echo,
+                close_after,
+                sample_after: sample_after_ms.map(Duration::from_millis),
+            });
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         cmd => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -118,7 +182,8 @@ fn main() -> Result<()> {
                         log,
                         outbound_port,
                         inbound_port,
-                    } => sidecar(log, outbound_port, inbound_port).await,
+                        transparent_as,
+                    } => sidecar(log, outbound_port, inbound_port, transparent_as).await,
                     Cmd::Server { name, listen } => server(name, listen).await,
                     Cmd::Probe {
                         connect,
@@ -129,7 +194,11 @@ fn main() -> Result<()> {
                         probe(connect, bind, Duration::from_millis(timeout_ms), request).await;
                         Ok(())
                     }
-                    Cmd::Sockopts { .. } | Cmd::UdpEcho { .. } | Cmd::UdpProbe { .. } => {
+                    Cmd::Sockopts { .. }
+                    | Cmd::UdpEcho { .. }
+                    | Cmd::UdpProbe { .. }
+                    | Cmd::StreamServer { .. }
+                    | Cmd::StreamClient { .. } => {
                         unreachable!("handled above")
                     }
                 }
@@ -184,7 +253,54 @@ impl Sidecar {
     }
 }
 
-async fn sidecar(log: PathBuf, outbound: u16, inbound: u16) -> Result<()> {
+/// A listener on 0.0.0.0:`port`, IP_TRANSPARENT when asked.
+fn sidecar_listener(port: u16, transparent: bool) -> Result<TcpListener> {
+    let s = TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    if transparent {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with a live int.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_TRANSPARENT,
+                std::ptr::from_ref(&one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("IP_TRANSPARENT (needs CAP_NET_ADMIN: start as root)");
+        }
+    }
+    s.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        .with_context(|| format!("binding listener 0.0.0.0:{port}"))?;
+    Ok(s.listen(1024)?)
+}
+
+/// Drops to `UID:GID` for good (all threads: glibc's setuid is process-wide).
+fn drop_to(ids: &str) -> Result<()> {
+    let (u, g) = ids
+        .split_once(':')
+        .with_context(|| format!("--transparent-as {ids:?}: expected UID:GID"))?;
+    let (u, g): (u32, u32) = (u.parse()?, g.parse()?);
+    // SAFETY: plain credential syscalls.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(g) != 0 || libc::setuid(u) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("dropping privileges");
+        }
+    }
+    Ok(())
+}
+
+async fn sidecar(
+    log: PathBuf,
+    outbound: u16,
+    inbound: u16,
+    transparent_as: Option<String>,
+) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -201,12 +317,12 @@ async fn sidecar(log: PathBuf, outbound: u16, inbound: u16) -> Result<()> {
             }
         })
         .collect();
-    let out_l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, outbound))
-        .await
-        .with_context(|| format!("binding outbound listener 0.0.0.0:{outbound}"))?;
-    let in_l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, inbound))
-        .await
-        .with_context(|| format!("binding inbound listener 0.0.0.0:{inbound}"))?;
+    let transparent = transparent_as.is_some();
+    let out_l = sidecar_listener(outbound, transparent)?;
+    let in_l = sidecar_listener(inbound, transparent)?;
+    if let Some(ids) = &transparent_as {
+        drop_to(ids)?;
+    }
     let sc = Arc::new(Sidecar {
         log: Mutex::new(file),
         ports: [outbound, inbound],

@@ -402,3 +402,43 @@ fn include_inbound_ports_limits_capture() {
         InboundVerdict::Pass(InboundPass::NotIncluded)
     );
 }
+
+#[test]
+fn tproxy_mode_captures_the_proxys_local_traffic_nat_leaves_alone() {
+    let mut cfg = pod();
+    cfg.flags |= flags::TPROXY;
+    let l = default_lists();
+    let r = Verdict::Redirect(Capture::Inbound);
+    // The tunnel port: nat returns it, mangle TPROXYs it.
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(PROXY, PROXY, 0, POD, 15008)),
+        r
+    );
+    // Row 8 in TPROXY mode: the gid-only owner to a local address.
+    assert_eq!(decide_connect(&cfg, &l, &conn(APP, PROXY, 0, POD, 9080)), r);
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(APP, PROXY, 0, 0x7f00_0005, 9080)),
+        r
+    );
+    // Not: 127.0.0.1, the inbound-excluded ports, a 127.0.0.6 source, the app.
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(APP, PROXY, 0, ip::LOCALHOST, 9080)),
+        Verdict::Pass(Pass::AppToLocal)
+    );
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(APP, PROXY, 0, POD, 15021)),
+        Verdict::Pass(Pass::AppToLocal)
+    );
+    assert_eq!(
+        decide_connect(
+            &cfg,
+            &l,
+            &conn(PROXY, PROXY, ip::INBOUND_PASSTHROUGH_SRC, POD, 9080)
+        ),
+        Verdict::Pass(Pass::InboundPassthroughSource)
+    );
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(APP, APP, 0, POD, 9080)),
+        Verdict::Pass(Pass::AppToLocal)
+    );
+}

@@ -1,0 +1,308 @@
+//! The same-node shortcut (sockops + sk_msg + sockhash) under the ways
+//! applications really use sockets, with the shortcut off and on, through the
+//! full mesh path: app a -> sidecar a (15001) -> sidecar b (15006) -> app b
+//! (the shortcut takes the sidecar-to-sidecar leg; see ebpf shortcut.rs).
+//! The clients are blocking, multi-threaded (a reader and a writer per
+//! socket), as many real applications are.
+//! Every payload is checksummed end to end. The switch is flipped on the
+//! running agent (`meshlane shortcut on|off`), nothing restarts.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use meshlane_tests::{
+    meshlane_bin, stream::StreamResult, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID,
+};
+use serde_json::Value;
+
+fn mtest() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mtest"))
+}
+
+const ECHO: u16 = 7000;
+const HASH: u16 = 7001;
+/// Hashing server that waits 1.5 s before reading each connection.
+const STALLED: u16 = 7002;
+
+struct Setup {
+    sb: Sandbox,
+    a: Pod,
+    b: Pod,
+    _procs: Vec<Proc>,
+}
+
+fn setup(tag: &str) -> Result<Setup> {
+    let mut sb = Sandbox::new(tag)?;
+    let a = sb.add_pod("a")?;
+    let b = sb.add_pod("b")?;
+    let mut procs = Vec::new();
+    for (port, extra) in [
+        (ECHO, vec!["--echo"]),
+        (HASH, vec![]),
+        (STALLED, vec!["--stall-ms", "1500"]),
+    ] {
+        let listen = format!("0.0.0.0:{port}");
+        let mut args = vec!["stream-server", "--listen", listen.as_str()];
+        args.extend(extra);
+        let mut p = sb.spawn(&b, APP_UID, APP_UID, mtest(), &args)?;
+        p.wait_ready(Duration::from_secs(10))?;
+        procs.push(p);
+    }
+    for pod in [&a, &b] {
+        let log = sb.dir().join(format!("sidecar-{}.jsonl", pod.name));
+        let mut p = sb.spawn(
+            pod,
+            PROXY_UID,
+            PROXY_UID,
+            mtest(),
+            &["sidecar", "--log", log.to_str().context("utf-8")?],
+        )?;
+        p.wait_ready(Duration::from_secs(10))?;
+        procs.push(p);
+    }
+    Ok(Setup {
+        sb,
+        a,
+        b,
+        _procs: procs,
+    })
+}
+
+fn stream(s: &Setup, port: u16, args: &[&str]) -> Result<StreamResult> {
+    let to = format!("{}:{port}", s.b.ip);
+    let mut full = vec!["stream-client", "--connect", to.as_str()];
+    full.extend_from_slice(args);
+    let out = s.sb.run_timeout(
+        &s.a,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &full,
+        Duration::from_secs(90),
+    )?;
+    let r: StreamResult = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    Ok(r)
+}
+
+#[track_caller]
+fn assert_all_ok(r: &StreamResult, what: &str) {
+    assert!(
+        r.errors.is_empty() && r.ok == r.conns,
+        "{what}: {} of {} connections intact; errors: {:?}",
+        r.ok,
+        r.conns,
+        r.errors
+    );
+}
+
+fn counters(agent: &Agent) -> Result<Value> {
+    Ok(agent.status_cmd()?["counters"].clone())
+}
+
+fn counter(c: &Value, name: &str) -> u64 {
+    c[name].as_u64().unwrap_or(0)
+}
+
+fn switch(agent: &Agent, on: bool) -> Result<()> {
+    let out = Command::new(meshlane_bin())
+        .args(["shortcut", if on { "on" } else { "off" }, "--bpffs"])
+        .arg(&agent.bpffs)
+        .arg("--state-dir")
+        .arg(&agent.state_dir)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "meshlane shortcut: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The shortcut sockets still in the sockhash, once closing connections
+/// have gone (bounded wait).
+fn settled_occupancy(agent: &Agent) -> Result<u64> {
+    let mut last = 0;
+    for _ in 0..50 {
+        last = agent.status_cmd()?["maps"]["shortcut_sockets"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
+        if last == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(last)
+}
+
+/// Every way of using a socket the issue names, all checked end to end.
+/// Returns the bytes the senders could hand to the kernel while the final
+/// reader stalled.
+fn battery(s: &Setup, label: &str) -> Result<u64> {
+    let cases: [(&str, u16, Vec<&str>); 7] = [
+        (
+            "small writes (100 B), echo, half-close",
+            ECHO,
+            vec!["--bytes", "2000000", "--write-size", "100", "--echo"],
+        ),
+        (
+            "large writes (1 MiB), echo",
+            ECHO,
+            vec!["--bytes", "16777216", "--write-size", "1048576", "--echo"],
+        ),
+        (
+            "writev",
+            ECHO,
+            vec!["--bytes", "4194304", "--method", "writev", "--echo"],
+        ),
+        (
+            "sendfile",
+            HASH,
+            vec!["--bytes", "8388608", "--method", "sendfile"],
+        ),
+        (
+            "splice",
+            HASH,
+            vec!["--bytes", "8388608", "--method", "splice"],
+        ),
+        (
+            "64 connections at once",
+            ECHO,
+            vec![
+                "--conns",
+                "64",
+                "--bytes",
+                "262144",
+                "--write-size",
+                "4096",
+                "--echo",
+            ],
+        ),
+        (
+            "1 KiB writes",
+            HASH,
+            vec!["--bytes", "8388608", "--write-size", "1024"],
+        ),
+    ];
+    for (what, port, args) in cases {
+        let r = stream(s, port, &args)?;
+        assert_all_ok(&r, &format!("{label}: {what}"));
+    }
+
+    // Close with unread data: the client reads 64 KiB of an 8 MiB echo and
+    // closes. Nothing may hang, and the path must stay usable.
+    let r = stream(
+        s,
+        ECHO,
+        &["--bytes", "8388608", "--echo", "--close-after", "65536"],
+    )?;
+    assert_all_ok(&r, &format!("{label}: close with unread data"));
+
+    // A peer that stops reading: the senders block instead of queueing
+    // without bound, then everything arrives intact.
+    let r = stream(
+        s,
+        STALLED,
+        &[
+            "--bytes",
+            "134217728",
+            "--write-size",
+            "65536",
+            "--sample-after-ms",
+            "1000",
+        ],
+    )?;
+    assert_all_ok(&r, &format!("{label}: stalled reader"));
+    let buffered = r.sampled_sent.expect("sampled");
+    eprintln!("{label}: bytes accepted while the peer did not read: {buffered}");
+    Ok(buffered)
+}
+
+#[test]
+fn streams_survive_with_the_shortcut_off_and_on() -> Result<()> {
+    let s = setup("shortcut")?;
+    let agent = Agent::start_on(
+        &s.sb,
+        1,
+        &[PodSpec::meshed(&s.a), PodSpec::meshed(&s.b)],
+        &["--shortcut", "off"],
+    )?;
+
+    // Off: nothing joins the sockhash.
+    let before = counters(&agent)?;
+    let buffered = battery(&s, "shortcut off")?;
+    assert!(
+        buffered < 64 << 20,
+        "shortcut off: {buffered} bytes accepted while the reader stalled: TCP must push back"
+    );
+    let after = counters(&agent)?;
+    assert_eq!(
+        counter(&after, "shortcut_sockets"),
+        counter(&before, "shortcut_sockets"),
+        "shortcut off, yet sockets joined: {after}"
+    );
+    assert_eq!(counter(&after, "shortcut_redirected"), 0, "{after}");
+
+    // On, flipped at run time.
+    switch(&agent, true)?;
+    assert_eq!(agent.status_cmd()?["shortcut"], true);
+    let before = counters(&agent)?;
+    let buffered = battery(&s, "shortcut on")?;
+    // KNOWN LIMITATION, reported, not asserted: a redirected message is
+    // queued on the receiving socket without regard to its receive buffer
+    // (the kernel's bpf_tcp_ingress only charges socket memory), so while a
+    // proxy does not read, the sender is not pushed back; the bound is the
+    // receiving pod's memory cgroup and the node's tcp_mem. Bytes are never
+    // lost or reordered (checked above).
+    eprintln!(
+        "KNOWN LIMITATION: shortcut on: {buffered} bytes accepted while the reader stalled (TCP: bounded by socket buffers)"
+    );
+    let after = counters(&agent)?;
+    let sockets = counter(&after, "shortcut_sockets") - counter(&before, "shortcut_sockets");
+    let redirected =
+        counter(&after, "shortcut_redirected") - counter(&before, "shortcut_redirected");
+    // Only the proxy-to-proxy leg of each connection joins (two sockets);
+    // there were more than 70 connections.
+    assert!(sockets >= 2 * 70, "sockets joined: {sockets}; {after}");
+    assert!(
+        redirected > 10_000,
+        "messages redirected: {redirected}: the shortcut was not taken; {after}"
+    );
+    eprintln!(
+        "shortcut on: {sockets} sockets joined, {redirected} messages redirected, {} first sends without a peer",
+        counter(&after, "shortcut_no_peer") - counter(&before, "shortcut_no_peer")
+    );
+    // Entries go when sockets close.
+    assert_eq!(
+        settled_occupancy(&agent)?,
+        0,
+        "sockhash entries left behind"
+    );
+
+    // A pod that opts out: its sockets never join.
+    agent.write_pods(&[
+        PodSpec::meshed(&s.a),
+        PodSpec::meshed(&s.b).annotate("meshlane.io/shortcut", "false"),
+    ])?;
+    std::thread::sleep(Duration::from_millis(600));
+    let before = counters(&agent)?;
+    let r = stream(&s, ECHO, &["--bytes", "1048576", "--echo"])?;
+    assert_all_ok(&r, "b opted out");
+    let after = counters(&agent)?;
+    // Only sidecar a's end of the leg to b may join; b's end does not, so a's
+    // end finds no peer and stays on TCP.
+    let joined = counter(&after, "shortcut_sockets") - counter(&before, "shortcut_sockets");
+    assert_eq!(joined, 1, "{after}");
+
+    // Off again at run time: new connections stay on TCP.
+    switch(&agent, false)?;
+    let before = counters(&agent)?;
+    let r = stream(&s, ECHO, &["--bytes", "1048576", "--echo"])?;
+    assert_all_ok(&r, "switched off again");
+    let after = counters(&agent)?;
+    assert_eq!(
+        counter(&after, "shortcut_sockets"),
+        counter(&before, "shortcut_sockets")
+    );
+    Ok(())
+}
