@@ -33,8 +33,8 @@ use crate::{
 /// check that a deployment's settings reach the agent.
 #[derive(serde::Serialize)]
 pub struct Options {
-    /// `pods`, `node_name` and `kubeconfig`: where pods come from.
-    #[serde(flatten)]
+    /// Printed by main as `pods`, `node_name`, `kubeconfig` (the flags).
+    #[serde(skip)]
     pub source: Source,
     pub cgroup: PathBuf,
     #[serde(rename = "bpffs")]
@@ -83,6 +83,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(opts: Options) -> Result<Self> {
+        crate::probe::require(
+            &bpf::object_bytes(opts.ebpf_object.as_deref())?,
+            &opts.cgroup,
+        )?;
         bpf::ensure_bpffs(&opts.layout.root)?;
         let object = bpf::object_bytes(opts.ebpf_object.as_deref())?;
         let adopted = opts.layout.has_links()
@@ -317,7 +321,6 @@ impl Agent {
                 }
             }
         }
-        // Only a complete pod list tells which adopted entries are stale.
         if !self.swept && self.synced {
             self.sweep();
             self.swept = true;

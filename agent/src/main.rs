@@ -15,6 +15,7 @@ mod metrics;
 mod netns;
 mod podconfig;
 mod pods;
+mod probe;
 mod source;
 mod status;
 
@@ -121,6 +122,15 @@ enum Command {
         #[arg(long)]
         pod: String,
     },
+    /// Check every kernel feature the programs need (yes/no each); exits non-zero naming what is missing.
+    Probe {
+        /// cgroup-v2 directory to probe cgroup links under (default: the cgroup2 root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Probe for this eBPF object instead of the one built into the binary.
+        #[arg(long)]
+        ebpf_object: Option<PathBuf>,
+    },
     /// Stop the agent, detach and unpin everything meshlane owns.
     Cleanup {
         #[command(flatten)]
@@ -155,23 +165,30 @@ fn main() -> Result<()> {
                 Some(c) => c,
                 None => agent::cgroup2_root()?,
             };
-            let source = match (pods, node_name) {
-                (Some(file), _) => source::Source::File(file),
-                (None, Some(node_name)) => source::Source::Kubernetes(k8s::Options {
-                    node_name,
-                    kubeconfig,
-                }),
-                (None, None) => anyhow::bail!(
-                    "the kubernetes pod source needs this node's name: pass --node-name or set \
-                     NODE_NAME (from the downward API, spec.nodeName); or pass --pods FILE"
-                ),
-            };
             let defaults = podconfig::NodeDefaults::new(
                 proxy_uid,
                 outbound_capture_port,
                 inbound_capture_port,
             )
             .map_err(anyhow::Error::msg)?;
+            let flags = serde_json::json!({
+                "pods": pods,
+                "node_name": node_name,
+                "kubeconfig": kubeconfig,
+                "http_addr": http_addr.to_string(),
+            });
+            let source = match (pods, node_name) {
+                (Some(file), _) => source::Source::File(file),
+                (None, Some(node_name)) => source::Source::Kubernetes(k8s::Options {
+                    node_name,
+                    kubeconfig,
+                }),
+                (None, None) if !print_options => anyhow::bail!(
+                    "the kubernetes pod source needs this node's name: pass --node-name or set \
+                     NODE_NAME (from the downward API, spec.nodeName); or pass --pods FILE"
+                ),
+                (None, None) => source::Source::File(PathBuf::new()),
+            };
             let opts = agent::Options {
                 source,
                 cgroup,
@@ -183,8 +200,10 @@ fn main() -> Result<()> {
             };
             if print_options {
                 let mut v = serde_json::to_value(&opts)?;
+                for (k, val) in flags.as_object().expect("object") {
+                    v[k] = val.clone();
+                }
                 v["log_level"] = cli.log_level.clone().into();
-                v["http_addr"] = http_addr.to_string().into();
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
@@ -224,6 +243,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Cleanup { at } => cleanup(&at),
+        Command::Probe {
+            cgroup,
+            ebpf_object,
+        } => probe::run_cli(
+            &bpf::object_bytes(ebpf_object.as_deref())?,
+            cgroup.as_deref(),
+        ),
     }
 }
 

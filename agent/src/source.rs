@@ -13,29 +13,12 @@ use tracing::{error, info};
 
 use crate::{k8s, pods};
 
-/// The pod source `meshlane run` was given. `--print-options` shows it as
-/// the flags that chose it: `pods`, `node_name` and `kubeconfig` (null when
-/// not given).
+/// The pod source `meshlane run` was given.
 pub enum Source {
     /// `--pods FILE`, read every [`FILE_POLL`].
     File(PathBuf),
     /// This node's pods from the API server.
     Kubernetes(k8s::Options),
-}
-
-impl serde::Serialize for Source {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let (pods, node_name, kubeconfig) = match self {
-            Source::File(p) => (Some(p), None, None),
-            Source::Kubernetes(o) => (None, Some(&o.node_name), o.kubeconfig.as_ref()),
-        };
-        let mut m = s.serialize_map(Some(3))?;
-        m.serialize_entry("pods", &pods)?;
-        m.serialize_entry("node_name", &node_name)?;
-        m.serialize_entry("kubeconfig", &kubeconfig)?;
-        m.end()
-    }
 }
 
 /// What a source knows now.

@@ -147,7 +147,7 @@ impl Agent {
     /// cgroup, bpffs directory, state and pods file), with extra `meshlane
     /// run` arguments.
     pub fn start_on(sb: &Sandbox, node: u8, pods: &[PodSpec], extra: &[&str]) -> Result<Agent> {
-        let mut agent = Self::spawn_on(sb, node, pods, extra, &Launch::default(), None)?;
+        let mut agent = Self::spawn_on(sb, node, pods, extra, &Launch::default())?;
         let expect_active: Vec<String> = pods
             .iter()
             .filter(|p| p.meshed && p.ip.is_some())
@@ -161,15 +161,11 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Starts node 1's `meshlane run` with the pod source `source` names
-    /// instead of a pods file, and waits until the agent has written its
+    /// Starts node 1's `meshlane run ARGS...` (ARGS name the pod source, for
+    /// one other than a pods file) and waits until the agent has written its
     /// status and every pod named in `expect_active` is active.
-    pub fn start_with(
-        sb: &Sandbox,
-        source: &[OsString],
-        expect_active: &[String],
-    ) -> Result<Agent> {
-        let mut agent = Self::spawn_on(sb, 1, &[], &[], &Launch::default(), Some(source))?;
+    pub fn start_with(sb: &Sandbox, args: &[OsString], expect_active: &[String]) -> Result<Agent> {
+        let mut agent = Self::launch(sb, 1, args.to_vec(), &Launch::default())?;
         agent.wait_status(Duration::from_secs(15), |st| {
             expect_active
                 .iter()
@@ -180,7 +176,7 @@ impl Agent {
 
     /// Starts `meshlane run` on node 1 as `launch` says and returns without waiting.
     pub fn spawn_with(sb: &Sandbox, pods: &[PodSpec], launch: &Launch) -> Result<Agent> {
-        Self::spawn_on(sb, 1, pods, &[], launch, None)
+        Self::spawn_on(sb, 1, pods, &[], launch)
     }
 
     fn spawn_on(
@@ -189,24 +185,24 @@ impl Agent {
         pods: &[PodSpec],
         extra: &[&str],
         launch: &Launch,
-        // Arguments naming the pod source instead of `--pods FILE`.
-        source: Option<&[OsString]>,
     ) -> Result<Agent> {
-        let suffix = if node == 1 {
-            String::new()
-        } else {
-            format!("-n{node}")
-        };
-        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
+        let pods_file = sb.dir().join(format!("pods{}.json", node_suffix(node)));
         std::fs::write(&pods_file, pod_list(pods))?;
+        let mut source: Vec<OsString> = vec!["--pods".into(), pods_file.into_os_string()];
+        source.extend(extra.iter().map(OsString::from));
+        Self::launch(sb, node, source, launch)
+    }
+
+    /// `meshlane run SOURCE... --http-addr 127.0.0.1:0 --cgroup .. --bpffs ..
+    /// --state-dir ..` for node 1 or 2, started without waiting.
+    fn launch(sb: &Sandbox, node: u8, source: Vec<OsString>, launch: &Launch) -> Result<Agent> {
+        let suffix = node_suffix(node);
+        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}{suffix}", sb.index()));
         let state_dir = sb.dir().join(format!("agent-state{suffix}"));
         let stderr_log = sb.dir().join(format!("agent{suffix}.log"));
         let mut args: Vec<OsString> = vec!["run".into()];
-        match source {
-            Some(source) => args.extend(source.iter().cloned()),
-            None => args.extend(["--pods".into(), pods_file.clone().into()]),
-        }
+        args.extend(source);
         args.extend([
             // A port of its own, so agents of parallel tests never clash.
             "--http-addr".into(),
@@ -217,9 +213,6 @@ impl Agent {
                 .clone()
                 .unwrap_or_else(|| sb.node_cgroup(node).to_path_buf())
                 .into(),
-        ]);
-        args.extend(extra.iter().map(Into::into));
-        args.extend([
             "--bpffs".into(),
             bpffs.clone().into(),
             "--state-dir".into(),
@@ -464,6 +457,14 @@ impl Drop for Agent {
                 self.bpffs.display()
             );
         }
+    }
+}
+
+fn node_suffix(node: u8) -> String {
+    if node == 1 {
+        String::new()
+    } else {
+        format!("-n{node}")
     }
 }
 

@@ -12,6 +12,7 @@
 //!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
+pub mod bench;
 pub mod chart;
 pub mod fakeapi;
 pub mod records;
@@ -28,6 +29,15 @@ pub use sandbox::{
     cgroup2_root, cleanup_stale, mtest_bin, shared_dir, workspace_root, Pod, Proc, Sandbox,
 };
 pub use sock::{fmt_addr, original_dst};
+
+/// Marks the running test as skipped for `reason` (a missing kernel feature,
+/// say): prints `SKIPPED: reason`, which `cargo xtask vm-test` reports per
+/// test as skipped-with-reason. The caller returns right after; a skipped
+/// test is never counted as a pass there.
+pub fn skip_loudly(reason: &str) {
+    println!("SKIPPED: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
 
 /// Istio's default proxy uid and gid (the sidecar runs as these).
 pub const PROXY_UID: u32 = 1337;

@@ -585,6 +585,32 @@ impl Sandbox {
         Ok(p)
     }
 
+    /// Waits until something in `pod` listens on TCP `port` (any address), as
+    /// `ss` shows it; for servers that print no ready line (HAProxy, python).
+    pub fn wait_listening(&self, pod: &Pod, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let suffix = format!(":{port}");
+        loop {
+            let out = self.netns_exec(&pod.netns, "ss", &["-ltnH"], None)?;
+            // Columns: State Recv-Q Send-Q Local:Port Peer:Port ...
+            let listening = out.lines().any(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|local| local.ends_with(&suffix))
+            });
+            if listening {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "nothing listens on TCP {port} in {} after {timeout:?}",
+                    pod.netns
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Removes every rule and custom chain meshlane's comparisons load into
     /// `pod` (nat, mangle, raw).
     pub fn iptables_flush(&self, pod: &Pod) -> Result<()> {

@@ -19,7 +19,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// How long any one read or write may block before the run fails.
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// Generous: the suite also runs under qemu's emulation (cargo xtask vm-test).
+const IO_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// FNV-1a over a stream, 64-bit.
 #[derive(Clone, Copy)]

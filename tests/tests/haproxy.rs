@@ -6,7 +6,7 @@
 //! both times.
 use std::{path::Path, time::Duration};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use meshlane_tests::{shared_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
 
 const HAPROXY_CFG: &str = "\
@@ -30,17 +30,6 @@ frontend inbound
 backend inbound_passthrough
     server app 0.0.0.0:0 source 127.0.0.6
 ";
-
-fn wait_listening(sb: &Sandbox, pod: &Pod, port: u16) -> Result<()> {
-    for _ in 0..100 {
-        let out = sb.netns_exec(&pod.netns, "ss", &["-ltnH"], None)?;
-        if out.lines().any(|l| l.contains(&format!(":{port} "))) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nothing listens on {port} in {}", pod.netns)
-}
 
 /// Log lines HAProxy has printed so far.
 fn drain(p: &mut Proc, into: &mut Vec<String>) {
@@ -84,7 +73,7 @@ fn same_http_response_through_haproxy_under_iptables_and_meshlane() -> Result<()
             site_s,
         ],
     )?;
-    wait_listening(&sb, &b, 9080)?;
+    sb.wait_listening(&b, 9080, Duration::from_secs(5))?;
     let cfg = sb.dir().join("haproxy.cfg");
     std::fs::write(&cfg, HAPROXY_CFG)?;
     let mut haproxy = sb.spawn(
@@ -94,8 +83,8 @@ fn same_http_response_through_haproxy_under_iptables_and_meshlane() -> Result<()
         Path::new("/usr/sbin/haproxy"),
         &["-db", "-f", cfg.to_str().context("utf-8")?],
     )?;
-    wait_listening(&sb, &a, 15001)?;
-    wait_listening(&sb, &a, 15006)?;
+    sb.wait_listening(&a, 15001, Duration::from_secs(5))?;
+    sb.wait_listening(&a, 15006, Duration::from_secs(5))?;
     let url = format!("http://{}:9080/index.html", b.ip);
     let mut log = Vec::new();
 
@@ -178,7 +167,7 @@ fn web(sb: &Sandbox, pod: &Pod, port: u16, body: &str) -> Result<Proc> {
             site.to_str().context("utf-8")?,
         ],
     )?;
-    wait_listening(sb, pod, port)?;
+    sb.wait_listening(pod, port, Duration::from_secs(5))?;
     Ok(p)
 }
 
@@ -192,8 +181,8 @@ fn haproxy(sb: &Sandbox, pod: &Pod) -> Result<Proc> {
         Path::new("/usr/sbin/haproxy"),
         &["-db", "-f", cfg.to_str().context("utf-8")?],
     )?;
-    wait_listening(sb, pod, 15001)?;
-    wait_listening(sb, pod, 15006)?;
+    sb.wait_listening(pod, 15001, Duration::from_secs(5))?;
+    sb.wait_listening(pod, 15006, Duration::from_secs(5))?;
     Ok(p)
 }
 

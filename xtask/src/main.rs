@@ -11,7 +11,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
+mod vmtest;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -38,6 +40,10 @@ enum Cmd {
     Conformance,
     /// Render deploy/chart/meshlane with its default values into deploy/manifests.
     RenderManifests,
+    /// Boot other kernels under qemu and run the namespaced integration suite in each (see vmtest.rs).
+    VmTest(vmtest::Opts),
+    /// Benchmark meshlane against iptables and against no interception (release build).
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -62,6 +68,16 @@ fn main() -> Result<()> {
             setup()?;
             build_all()?;
             demo::run()
+        }
+        Cmd::VmTest(opts) => {
+            setup()?;
+            build_all()?;
+            vmtest::run_vm_test(&opts)
+        }
+        Cmd::Bench(args) => {
+            setup()?;
+            build_ebpf()?;
+            bench::bench(&args)
         }
         Cmd::Conformance => {
             setup()?;
@@ -89,11 +105,11 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn say(msg: &str) {
+pub fn say(msg: &str) {
     eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("running {shown}"))?;
     if !status.success() {
@@ -116,6 +132,12 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "python3",
+    // `cargo xtask vm-test`: qemu (TCG), a static busybox for the guest's
+    // initramfs, and the decompressors for Debian's kernel modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -340,7 +362,28 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    let ok = status.success() && failed == 0 && passed > 0;
+    // Kernel rows under qemu, only when asked: MESHLANE_VM_TEST=debian12
+    // (comma-separated rows, as `vm-test --kernel`); .ci/run sets it.
+    let vm_ok = match std::env::var("MESHLANE_VM_TEST") {
+        Ok(rows) if !rows.trim().is_empty() => {
+            let (p, f, s, ok) = vmtest::ci_rows(&rows)?;
+            passed += p;
+            failed += f;
+            ignored += s;
+            ok
+        }
+        _ => true,
+    };
+    // `cargo xtask bench --quick` once, so the benchmark cannot rot (no
+    // thresholds: a run that completes passes).
+    match bench::smoke() {
+        Ok(()) => passed += 1,
+        Err(e) => {
+            eprintln!("bench smoke run failed: {e:#}");
+            failed += 1;
+        }
+    }
+    let ok = status.success() && vm_ok && failed == 0 && passed > 0;
     say(if ok {
         "all tests passed"
     } else {

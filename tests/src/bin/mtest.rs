@@ -57,6 +57,17 @@ enum Cmd {
         /// for Istio's TPROXY mode), then run as UID:GID.
         #[arg(long, value_name = "UID:GID")]
         transparent_as: Option<String>,
+        /// Forward outbound-listener connections here instead of to their
+        /// original destination (no interception: the app dials 15001 itself).
+        #[arg(long, value_name = "ADDR")]
+        outbound_to: Option<SocketAddrV4>,
+        /// Forward inbound-listener connections here (still from 127.0.0.6)
+        /// instead of to their original destination.
+        #[arg(long, value_name = "ADDR")]
+        inbound_to: Option<SocketAddrV4>,
+        /// Bytes the relay reads (and so writes) at most per call.
+        #[arg(long, default_value_t = RELAY_CHUNK as u32, value_parser = clap::value_parser!(u32).range(1..=16 << 20))]
+        relay_buffer: u32,
     },
     /// Application stand-in: answer one line with a JSON line.
     Server {
@@ -183,7 +194,15 @@ fn main() -> Result<()> {
                         outbound_port,
                         inbound_port,
                         transparent_as,
-                    } => sidecar(log, outbound_port, inbound_port, transparent_as).await,
+                        outbound_to,
+                        inbound_to,
+                        relay_buffer,
+                    } => {
+                        RELAY_SIZE
+                            .store(relay_buffer as usize, std::sync::atomic::Ordering::Relaxed);
+                        let fixed = [outbound_to, inbound_to];
+                        sidecar(log, outbound_port, inbound_port, transparent_as, fixed).await
+                    }
                     Cmd::Server { name, listen } => server(name, listen).await,
                     Cmd::Probe {
                         connect,
@@ -223,9 +242,24 @@ fn io_err_text(e: &std::io::Error) -> String {
 
 // ---------------------------------------------------------------- sidecar
 
+/// Bytes the relay moves per read. Large reads keep streaming cheap (few
+/// syscalls per megabyte); the buffer is per worker thread, so ten thousand
+/// idle connections hold no relay memory.
+const RELAY_CHUNK: usize = 64 * 1024;
+/// The relay's read size, set once from `--relay-buffer`.
+static RELAY_SIZE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(RELAY_CHUNK);
+
+thread_local! {
+    static RELAY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 struct Sidecar {
     log: Mutex<std::fs::File>,
     ports: [u16; 2],
+    /// Fixed upstreams per listener (outbound, inbound) for runs without
+    /// interception; None means the original destination.
+    fixed: [Option<SocketAddrV4>; 2],
     /// Addresses of this namespace's interfaces, to spot connections to ourselves.
     own: Vec<IpAddr>,
 }
@@ -295,12 +329,30 @@ fn drop_to(ids: &str) -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft open-file limit to the hard one: a proxy holding
+/// thousands of connections needs two descriptors for each.
+fn raise_nofile_limit() {
+    // SAFETY: getrlimit/setrlimit on a stack struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 async fn sidecar(
     log: PathBuf,
     outbound: u16,
     inbound: u16,
     transparent_as: Option<String>,
+    fixed: [Option<SocketAddrV4>; 2],
 ) -> Result<()> {
+    raise_nofile_limit();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -326,6 +378,7 @@ async fn sidecar(
     let sc = Arc::new(Sidecar {
         log: Mutex::new(file),
         ports: [outbound, inbound],
+        fixed,
         own,
     });
     say_ready()?;
@@ -348,7 +401,7 @@ async fn sidecar(
     }
 }
 
-async fn sidecar_conn(sc: Arc<Sidecar>, mut client: TcpStream, port: u16, inbound: bool) {
+async fn sidecar_conn(sc: Arc<Sidecar>, client: TcpStream, port: u16, inbound: bool) {
     let peer = client.peer_addr().map(|a| fmt_addr(&a)).unwrap_or_default();
     let local_sa = client.local_addr().ok();
     let mut rec = SidecarRecord {
@@ -360,21 +413,27 @@ async fn sidecar_conn(sc: Arc<Sidecar>, mut client: TcpStream, port: u16, inboun
         upstream_local: None,
         upstream_error: None,
     };
-    let orig = match sock::original_dst(client.as_raw_fd()) {
-        Ok(o) => o,
-        Err(e) => {
-            rec.orig_dst_error = Some(io_err_text(&e));
-            sc.write(&rec);
-            return;
+    let target = match sc.fixed[usize::from(inbound)] {
+        Some(fixed) => fixed,
+        None => {
+            let orig = match sock::original_dst(client.as_raw_fd()) {
+                Ok(o) => o,
+                Err(e) => {
+                    rec.orig_dst_error = Some(io_err_text(&e));
+                    sc.write(&rec);
+                    return;
+                }
+            };
+            rec.orig_dst = Some(orig.to_string());
+            if sc.is_loop(orig) {
+                rec.upstream_error = Some("loop".into());
+                sc.write(&rec);
+                return;
+            }
+            orig
         }
     };
-    rec.orig_dst = Some(orig.to_string());
-    if sc.is_loop(orig) {
-        rec.upstream_error = Some("loop".into());
-        sc.write(&rec);
-        return;
-    }
-    let upstream = match connect_upstream(orig, inbound).await {
+    let upstream = match connect_upstream(target, inbound).await {
         Ok(u) => u,
         Err(e) => {
             rec.upstream_error = Some(e);
@@ -384,15 +443,109 @@ async fn sidecar_conn(sc: Arc<Sidecar>, mut client: TcpStream, port: u16, inboun
     };
     rec.upstream_local = upstream.local_addr().ok().map(|a| fmt_addr(&a));
     sc.write(&rec);
-    let mut upstream = upstream;
-    // copy_bidirectional shuts down each write side when the other read side
-    // reaches EOF, so half-closes pass through like they do through Envoy.
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    // Small requests and responses must not wait for Nagle's timer.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let _ = relay(&client, &upstream).await;
+}
+
+/// Copies both directions until both have reached EOF, passing each
+/// half-close on (shutdown of the write side) as Envoy does; the first error
+/// in either direction ends both.
+async fn relay(a: &TcpStream, b: &TcpStream) -> std::io::Result<()> {
+    tokio::try_join!(pump(a, b), pump(b, a))?;
+    Ok(())
+}
+
+enum Pumped {
+    Moved,
+    Spurious,
+    Eof,
+}
+
+/// One direction of [`relay`]. Reads go into the worker's shared buffer and
+/// are written on at once; only what the receiver cannot take yet is kept
+/// (in `pending`), and nothing more is read until it is gone.
+async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<()> {
+    use std::io::ErrorKind::WouldBlock;
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        flush(to, &mut pending).await?;
+        from.readable().await?;
+        let step = RELAY_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let size = RELAY_SIZE.load(std::sync::atomic::Ordering::Relaxed);
+            if buf.len() != size {
+                buf.resize(size, 0);
+            }
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => return Ok(Pumped::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == WouldBlock => return Ok(Pumped::Spurious),
+                Err(e) => return Err(e),
+            };
+            match to.try_write(&buf[..n]) {
+                Ok(w) => pending.extend_from_slice(&buf[w..n]),
+                Err(e) if e.kind() == WouldBlock => pending.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+            Ok(Pumped::Moved)
+        })?;
+        match step {
+            Pumped::Moved | Pumped::Spurious => {}
+            Pumped::Eof => {
+                flush(to, &mut pending).await?;
+                // SAFETY: shutdown(2) on a descriptor `to` keeps open.
+                if unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    // The peer may already be gone; that ends this direction too.
+                    if e.raw_os_error() != Some(libc::ENOTCONN) {
+                        return Err(e);
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Writes all of `pending` to `to`, waiting for room as needed, and empties it.
+async fn flush(to: &TcpStream, pending: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < pending.len() {
+        to.writable().await?;
+        match to.try_write(&pending[off..]) {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    pending.clear();
+    Ok(())
 }
 
 async fn connect_upstream(orig: SocketAddrV4, inbound: bool) -> Result<TcpStream, String> {
     let s = TcpSocket::new_v4().map_err(|e| format!("socket: {}", io_err_text(&e)))?;
     if inbound {
+        // The port is chosen at connect() (as Envoy and HAProxy do), where
+        // the kernel knows the whole 4-tuple and may reuse ports in
+        // TIME_WAIT; chosen at bind(), every port ever used recently is
+        // taken, and under connection churn each bind scans the whole range.
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a c_int on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("IP_BIND_ADDRESS_NO_PORT: {}", io_err_text(&e)));
+        }
         let src = SocketAddr::from((INBOUND_PASSTHROUGH_SRC, 0));
         s.bind(src)
             .map_err(|e| format!("bind {src}: {}", io_err_text(&e)))?;
