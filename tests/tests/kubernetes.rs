@@ -457,6 +457,41 @@ fn gone_and_api_server_restarts() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn restart_while_the_api_server_is_down_keeps_interception() -> Result<()> {
+    let mut cl = cluster("k8srst")?;
+    cl.api.apply(cl.meshed(&cl.a));
+    cl.api.apply(api_pod(&PodSpec::plain(&cl.b), NODE));
+    let mut agent = cl.agent(&["a"])?;
+    assert!(cl.a_to_b_captured());
+
+    // The agent dies while the API server is down, and a new one starts: it
+    // adopts the pinned maps but has no pod list, so it must not sweep them.
+    cl.api.stop();
+    agent.stop_process(libc::SIGKILL)?;
+    agent.restart()?;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        assert!(
+            cl.a_to_b_captured(),
+            "a's interception lost after a restart without the API server"
+        );
+    }
+    let (code, body) = agent.http_get("/readyz")?;
+    assert_eq!(code, 503, "not ready without a pod list: {body}");
+
+    // The pod went away meanwhile. The first list after the API server is
+    // back shows it; only then are its adopted entries swept.
+    cl.api.delete_unseen("default", "a").expect("a");
+    cl.api.start_again()?;
+    let took = cl.until_captured(false, Duration::from_secs(20), "sweep after the first list");
+    eprintln!("restart: stale entries swept {took:?} after the API server came back");
+    agent.wait_status(EVENT_LIMIT, |s| pod_entry(s, "default/b").is_some())?;
+    assert_eq!(agent.http_get("/readyz")?.0, 200);
+    assert_eq!(agent.status_cmd()?["maps"]["pods"], 0);
+    Ok(())
+}
+
 /// Reads one series from a /metrics page, panicking with the page if absent.
 #[track_caller]
 fn metric(page: &str, series: &str) -> f64 {
