@@ -447,7 +447,10 @@ fn gone_and_api_server_restarts() -> Result<()> {
     cl.api.expire_watches();
     let took = cl.until_captured(true, Duration::from_secs(2), "relist after 410 ERROR event");
     eprintln!("410 ERROR event: relisted and applied after {took:?}");
-    assert!(lists(&cl.api, n) >= 1, "listed again");
+    // Captured proves a list: an unseen change clears the watch history, so
+    // only a list carries it. (Counting lists after `n` raced with a list
+    // the previous step still had in flight when `n` was taken.)
+    let _ = n;
     agent.wait_status(EVENT_LIMIT, |s| {
         pod_state(s, "default/a").as_deref() == Some("active")
     })?;
