@@ -1,10 +1,11 @@
 //! `meshlane run`: keeps the kernel's maps true to the node's pods.
 //!
-//! Each round: read the pods file (a malformed file is reported and the last
-//! good one stays in force), find each meshed pod's network namespace by its
-//! IP, and write the difference between what the maps hold and what they
-//! should hold. A pod's problems (bad annotation, no namespace yet, a failed
-//! map write) are reported for that pod and never touch the others.
+//! Each round: take the pods the source (a pods file or the API server, see
+//! `source.rs`) last reported, find each meshed pod's network namespace by
+//! its IP, and write the difference between what the maps hold and what they
+//! should hold. A new snapshot from the source starts a round at once. A
+//! pod's problems (bad annotation, no namespace yet, a failed map write) are
+//! reported for that pod and never touch the others.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -15,13 +16,15 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::lpm_trie::Key;
 use meshlane_common::{CidrKeyData, ListenerKey, PortKey};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     bpf::{self, Layout, Maps},
-    listeners, netns,
+    http, listeners, netns,
     podconfig::{MapEntries, MeshConfig, Mode, NodeDefaults},
-    pods::{self, Pod},
+    pods::Pod,
+    source::{Snapshot, Source},
     status::{AgentStatus, PodState, PodStatus},
 };
 
@@ -30,8 +33,9 @@ use crate::{
 /// check that a deployment's settings reach the agent.
 #[derive(serde::Serialize)]
 pub struct Options {
-    #[serde(rename = "pods")]
-    pub pods_file: PathBuf,
+    /// Printed by main as `pods`, `node_name`, `kubeconfig` (the flags).
+    #[serde(skip)]
+    pub source: Source,
     pub cgroup: PathBuf,
     #[serde(rename = "bpffs")]
     pub layout: Layout,
@@ -44,8 +48,8 @@ pub struct Options {
     pub defaults: NodeDefaults,
 }
 
-/// How often the pods file is looked at; a change applies within a second.
-const FILE_POLL: Duration = Duration::from_millis(200);
+/// How often the loop looks whether a netns retry or recheck is due.
+const TICK: Duration = Duration::from_millis(200);
 /// How often pods without a namespace yet are looked for again.
 const RETRY_WAITING: Duration = Duration::from_secs(1);
 /// How often namespaces of active pods are checked to still be there.
@@ -61,10 +65,14 @@ struct Applied {
 pub struct Agent {
     opts: Options,
     maps: Maps,
-    /// The last pods file that parsed.
+    /// The source's last good pods.
     pods: Vec<Pod>,
-    last_text: Option<Vec<u8>>,
-    file_error: Option<String>,
+    source_error: Option<String>,
+    source_errors: u64,
+    /// The source has delivered a complete pod list.
+    synced: bool,
+    health: http::Shared,
+    http_addr: Option<std::net::SocketAddr>,
     applied: BTreeMap<String, Applied>,
     status: Vec<PodStatus>,
     map_errors: u64,
@@ -114,8 +122,11 @@ impl Agent {
             opts,
             maps,
             pods: Vec::new(),
-            last_text: None,
-            file_error: None,
+            source_error: None,
+            source_errors: 0,
+            synced: false,
+            health: http::Shared::default(),
+            http_addr: None,
             applied: BTreeMap::new(),
             status: Vec::new(),
             map_errors: 0,
@@ -123,18 +134,37 @@ impl Agent {
         })
     }
 
-    /// Runs until SIGTERM or SIGINT. Interception stays in place after exit.
-    pub async fn run(mut self) -> Result<()> {
+    /// Runs until SIGTERM or SIGINT, reconciling on each snapshot from
+    /// `pods`. Interception stays in place after exit.
+    pub async fn run(
+        mut self,
+        mut pods: watch::Receiver<Snapshot>,
+        server: http::Server,
+    ) -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut tick = tokio::time::interval(FILE_POLL);
+        self.http_addr = Some(server.addr);
+        self.health.lock().expect("not poisoned").attached = true;
+        server.start(self.health.clone(), self.opts.layout.clone());
+        let mut tick = tokio::time::interval(TICK);
         let mut last_full = Instant::now() - RECHECK;
         loop {
+            let mut changed = false;
             tokio::select! {
+                r = pods.changed() => {
+                    r.context("the pod source stopped")?;
+                    changed = true;
+                }
                 _ = tick.tick() => {}
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
             }
-            let changed = self.read_pods_file();
+            if changed {
+                let snap = pods.borrow_and_update().clone();
+                self.pods = snap.pods;
+                self.synced = snap.synced;
+                self.source_error = snap.error;
+                self.source_errors = snap.errors;
+            }
             let waiting = self
                 .status
                 .iter()
@@ -147,44 +177,24 @@ impl Agent {
                 }
                 self.write_status();
             }
+            self.publish();
         }
         info!("stopping; interception stays in place (`meshlane cleanup` removes it)");
         Ok(())
     }
 
-    /// True when the file's content changed (parsed or not).
-    fn read_pods_file(&mut self) -> bool {
-        let path = &self.opts.pods_file;
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) => {
-                let msg = format!("reading pods file {}: {e}", path.display());
-                if self.file_error.as_deref() != Some(msg.as_str()) {
-                    error!("{msg}; keeping the last good pods");
-                    self.file_error = Some(msg);
-                    self.last_text = None;
-                    return true;
-                }
-                return false;
-            }
-        };
-        if self.last_text.as_deref() == Some(bytes.as_slice()) {
-            return false;
-        }
-        self.last_text = Some(bytes.clone());
-        match pods::parse(&String::from_utf8_lossy(&bytes)) {
-            Ok(p) => {
-                info!(pods = p.len(), "pods file loaded");
-                self.pods = p;
-                self.file_error = None;
-            }
-            Err(e) => {
-                let msg = format!("pods file {}: {e:#}", path.display());
-                error!("{msg}; keeping the last good pods");
-                self.file_error = Some(msg);
-            }
-        }
-        true
+    /// What /healthz, /readyz and /metrics show.
+    fn publish(&self) {
+        let mut h = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.heartbeat = Instant::now();
+        h.synced = self.synced;
+        h.source_error.clone_from(&self.source_error);
+        h.source_errors = self.source_errors;
+        h.map_update_errors = self.map_errors;
+        h.pods.clone_from(&self.status);
     }
 
     fn reconcile(&mut self) -> Result<()> {
@@ -311,11 +321,19 @@ impl Agent {
                 }
             }
         }
-        if !self.swept && self.file_error.is_none() {
+        if !self.swept && self.synced {
             self.sweep();
             self.swept = true;
         }
         self.check_listeners(&mut status);
+        for st in &status {
+            let was = self.status.iter().find(|o| o.name == st.name);
+            if st.state == PodState::WaitingForNetns
+                && was.is_none_or(|o| o.state != PodState::WaitingForNetns)
+            {
+                info!(pod = %st.name, ips = ?st.ips, "no network namespace on this node holds the pod's IP yet; looking again every {RETRY_WAITING:?}");
+            }
+        }
         self.status = status;
         Ok(())
     }
@@ -476,10 +494,21 @@ impl Agent {
     fn write_status(&self) {
         let st = AgentStatus {
             pid: std::process::id(),
-            pods_file: self.opts.pods_file.display().to_string(),
+            pods_file: self
+                .opts
+                .source
+                .file()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            pod_source: self.opts.source.describe(),
+            http_addr: self.http_addr.map(|a| a.to_string()),
             cgroup: self.opts.cgroup.display().to_string(),
             bpffs: self.opts.layout.root.display().to_string(),
-            file_error: self.file_error.clone(),
+            file_error: self.opts.source.file().and(self.source_error.clone()),
+            api_error: match self.opts.source {
+                Source::Kubernetes(_) => self.source_error.clone(),
+                Source::File(_) => None,
+            },
             map_update_errors: self.map_errors,
             pods: self.status.clone(),
         };

@@ -7,12 +7,16 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod bpf;
+mod http;
 mod iptables;
+mod k8s;
 mod listeners;
+mod metrics;
 mod netns;
 mod podconfig;
 mod pods;
 mod probe;
+mod source;
 mod status;
 
 #[derive(Parser)]
@@ -47,11 +51,24 @@ enum OnOff {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the programs and keep the maps true to the pods in FILE.
+    /// Attach the programs and keep the maps true to this node's pods: from
+    /// the Kubernetes API server, or from FILE with --pods.
     Run {
-        /// Kubernetes Pod objects (YAML or JSON: a PodList, a list or single pods), watched for changes.
+        /// Kubernetes Pod objects (YAML or JSON: a PodList, a list or single pods), watched for
+        /// changes, instead of the API server (tests, VMs).
         #[arg(long, value_name = "FILE")]
-        pods: PathBuf,
+        pods: Option<PathBuf>,
+        /// This node's name (the downward API's spec.nodeName): the pods to capture are those
+        /// scheduled here. Required without --pods.
+        #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+        node_name: Option<String>,
+        /// kubeconfig to reach the API server (default: KUBECONFIG, then the in-cluster service
+        /// account).
+        #[arg(long, value_name = "PATH", conflicts_with = "pods")]
+        kubeconfig: Option<PathBuf>,
+        /// Where /healthz, /readyz and /metrics are served.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15030")]
+        http_addr: std::net::SocketAddr,
         /// cgroup-v2 directory to attach to (default: the cgroup2 root from /proc/mounts).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -132,6 +149,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Run {
             pods,
+            node_name,
+            kubeconfig,
+            http_addr,
             cgroup,
             at,
             ebpf_object,
@@ -151,8 +171,26 @@ fn main() -> Result<()> {
                 inbound_capture_port,
             )
             .map_err(anyhow::Error::msg)?;
+            let flags = serde_json::json!({
+                "pods": pods,
+                "node_name": node_name,
+                "kubeconfig": kubeconfig,
+                "http_addr": http_addr.to_string(),
+            });
+            let source = match (pods, node_name) {
+                (Some(file), _) => source::Source::File(file),
+                (None, Some(node_name)) => source::Source::Kubernetes(k8s::Options {
+                    node_name,
+                    kubeconfig,
+                }),
+                (None, None) if !print_options => anyhow::bail!(
+                    "the kubernetes pod source needs this node's name: pass --node-name or set \
+                     NODE_NAME (from the downward API, spec.nodeName); or pass --pods FILE"
+                ),
+                (None, None) => source::Source::File(PathBuf::new()),
+            };
             let opts = agent::Options {
-                pods_file: pods,
+                source,
                 cgroup,
                 layout: bpf::Layout::new(at.bpffs),
                 state_dir: at.state_dir,
@@ -162,15 +200,23 @@ fn main() -> Result<()> {
             };
             if print_options {
                 let mut v = serde_json::to_value(&opts)?;
+                for (k, val) in flags.as_object().expect("object") {
+                    v[k] = val.clone();
+                }
                 v["log_level"] = cli.log_level.clone().into();
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            let agent = agent::Agent::start(opts)?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(agent.run())
+                .block_on(async move {
+                    // Port and API configuration first: a mistake there stops
+                    // the agent before it attaches anything.
+                    let server = http::Server::bind(http_addr).await?;
+                    let pods = opts.source.spawn().await?;
+                    agent::Agent::start(opts)?.run(pods, server).await
+                })
         }
         Command::Status { json, at } => {
             let r = status::report(&bpf::Layout::new(&at.bpffs), &at.state_dir)?;

@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -173,20 +173,25 @@ pub fn parse(text: &str) -> Result<Vec<Pod>> {
     let mut pods = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for (where_, v) in items {
-        let raw: RawPod =
-            serde_json::from_value(v).map_err(|e| anyhow!("{where_}: not a valid Pod: {e}"))?;
-        if let Some(k) = raw.kind.as_deref() {
-            if k != "Pod" {
-                bail!("{where_}: kind {k:?} is not a Pod");
-            }
-        }
-        let pod = convert(raw).with_context(|| where_.clone())?;
+        let pod = from_value(v).map_err(|e| anyhow!("{where_}: {e:#}"))?;
         if !seen.insert(pod.key()) {
             bail!("{where_}: pod {} appears twice", pod.key());
         }
         pods.push(pod);
     }
     Ok(pods)
+}
+
+/// One Pod object (as the API server sends it, or one item of a file),
+/// through the same reading as a pods file.
+pub fn from_value(v: Value) -> Result<Pod> {
+    let raw: RawPod = serde_json::from_value(v).map_err(|e| anyhow!("not a valid Pod: {e}"))?;
+    if let Some(k) = raw.kind.as_deref() {
+        if k != "Pod" {
+            bail!("kind {k:?} is not a Pod");
+        }
+    }
+    convert(raw)
 }
 
 fn kind_of(v: &Value) -> &'static str {

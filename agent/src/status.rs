@@ -71,10 +71,21 @@ impl PodStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentStatus {
     pub pid: u32,
+    /// The pods file (empty for another source).
     pub pods_file: String,
+    /// Where pods come from: `file PATH` or `kubernetes (node NAME)`.
+    #[serde(default)]
+    pub pod_source: String,
+    /// Where /healthz, /readyz and /metrics are served (the bound address).
+    #[serde(default)]
+    pub http_addr: Option<String>,
     pub cgroup: String,
     pub bpffs: String,
     pub file_error: Option<String>,
+    /// The last error watching the API server, until the next pod event
+    /// (the last known pods stay in force meanwhile).
+    #[serde(default)]
+    pub api_error: Option<String>,
     pub map_update_errors: u64,
     pub pods: Vec<PodStatus>,
 }
@@ -171,8 +182,11 @@ pub struct AgentReport {
     pub pid: u32,
     pub running: bool,
     pub pods_file: String,
+    pub pod_source: String,
+    pub http_addr: Option<String>,
     pub cgroup: String,
     pub file_error: Option<String>,
+    pub api_error: Option<String>,
     pub map_update_errors: u64,
     pub pods: Vec<PodStatus>,
 }
@@ -219,8 +233,11 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         running: s.agent_alive(),
         pid: s.pid,
         pods_file: s.pods_file,
+        pod_source: s.pod_source,
+        http_addr: s.http_addr,
         cgroup: s.cgroup,
         file_error: s.file_error,
+        api_error: s.api_error,
         map_update_errors: s.map_update_errors,
         pods: s.pods,
     });
@@ -254,14 +271,24 @@ pub fn print(r: &Report) {
         None => println!("agent: no status recorded"),
         Some(a) => {
             println!(
-                "agent: pid {} ({}), cgroup {}, pods file {}",
+                "agent: pid {} ({}), cgroup {}, pods from {}",
                 a.pid,
                 if a.running { "running" } else { "not running" },
                 a.cgroup,
-                a.pods_file
+                if a.pod_source.is_empty() {
+                    &a.pods_file
+                } else {
+                    &a.pod_source
+                }
             );
+            if let Some(h) = &a.http_addr {
+                println!("  health and metrics: http://{h}/metrics");
+            }
             if let Some(e) = &a.file_error {
                 println!("  pods file error: {e}");
+            }
+            if let Some(e) = &a.api_error {
+                println!("  API server: {e} (last known pods in force)");
             }
             println!("pods:");
             println!(

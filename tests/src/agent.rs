@@ -1,8 +1,13 @@
 //! Running the real `meshlane` agent against a sandbox: a pods file the test
-//! writes, a bpffs directory and state directory of the sandbox's own, and
-//! the programs attached to the sandbox's cgroup only. Drop runs
+//! writes (or another pod source, see [`Agent::start_with`]), a bpffs
+//! directory and state directory of the sandbox's own, and the programs
+//! attached to the sandbox's cgroup only. Its HTTP endpoints listen on a port
+//! of 127.0.0.1 the kernel picks ([`Agent::http_get`]). Drop runs
 //! `meshlane cleanup`, so nothing stays attached or pinned, also on panic.
 use std::{
+    ffi::OsString,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -156,6 +161,19 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Starts node 1's `meshlane run ARGS...` (ARGS name the pod source, for
+    /// one other than a pods file) and waits until the agent has written its
+    /// status and every pod named in `expect_active` is active.
+    pub fn start_with(sb: &Sandbox, args: &[OsString], expect_active: &[String]) -> Result<Agent> {
+        let mut agent = Self::launch(sb, 1, args.to_vec(), &Launch::default())?;
+        agent.wait_status(Duration::from_secs(15), |st| {
+            expect_active
+                .iter()
+                .all(|name| pod_state(st, name).as_deref() == Some("active"))
+        })?;
+        Ok(agent)
+    }
+
     /// Starts `meshlane run` on node 1 as `launch` says and returns without waiting.
     pub fn spawn_with(sb: &Sandbox, pods: &[PodSpec], launch: &Launch) -> Result<Agent> {
         Self::spawn_on(sb, 1, pods, &[], launch)
@@ -168,29 +186,33 @@ impl Agent {
         extra: &[&str],
         launch: &Launch,
     ) -> Result<Agent> {
-        let suffix = if node == 1 {
-            String::new()
-        } else {
-            format!("-n{node}")
-        };
-        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
+        let pods_file = sb.dir().join(format!("pods{}.json", node_suffix(node)));
         std::fs::write(&pods_file, pod_list(pods))?;
+        let mut source: Vec<OsString> = vec!["--pods".into(), pods_file.into_os_string()];
+        source.extend(extra.iter().map(OsString::from));
+        Self::launch(sb, node, source, launch)
+    }
+
+    /// `meshlane run SOURCE... --http-addr 127.0.0.1:0 --cgroup .. --bpffs ..
+    /// --state-dir ..` for node 1 or 2, started without waiting.
+    fn launch(sb: &Sandbox, node: u8, source: Vec<OsString>, launch: &Launch) -> Result<Agent> {
+        let suffix = node_suffix(node);
+        let pods_file = sb.dir().join(format!("pods{suffix}.json"));
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/meshlane-test-{}{suffix}", sb.index()));
         let state_dir = sb.dir().join(format!("agent-state{suffix}"));
         let stderr_log = sb.dir().join(format!("agent{suffix}.log"));
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "run".into(),
-            "--pods".into(),
-            pods_file.clone().into(),
+        let mut args: Vec<OsString> = vec!["run".into()];
+        args.extend(source);
+        args.extend([
+            // A port of its own, so agents of parallel tests never clash.
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
             "--cgroup".into(),
             launch
                 .cgroup
                 .clone()
                 .unwrap_or_else(|| sb.node_cgroup(node).to_path_buf())
                 .into(),
-        ];
-        args.extend(extra.iter().map(Into::into));
-        args.extend([
             "--bpffs".into(),
             bpffs.clone().into(),
             "--state-dir".into(),
@@ -355,6 +377,58 @@ impl Agent {
         }
     }
 
+    /// Where the agent serves /healthz, /readyz and /metrics.
+    pub fn http_addr(&self) -> Result<SocketAddr> {
+        let st = self.status()?;
+        let a = st
+            .get("http_addr")
+            .and_then(Value::as_str)
+            .context("status.json has no http_addr")?;
+        Ok(a.parse()?)
+    }
+
+    /// GET `path` from the agent's HTTP endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let addr = self.http_addr()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connecting to the agent's {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("GET {path}: no HTTP response: {text:?}"))?;
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("GET {path}: bad status line in {head:?}"))?;
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            bail!("GET {path}: unexpected chunked answer");
+        }
+        Ok((code, body.to_string()))
+    }
+
+    /// The value of the metric sample `series` (as written on the page,
+    /// labels included) in a /metrics page.
+    pub fn metric(page: &str, series: &str) -> Option<f64> {
+        page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
@@ -383,6 +457,14 @@ impl Drop for Agent {
                 self.bpffs.display()
             );
         }
+    }
+}
+
+fn node_suffix(node: u8) -> String {
+    if node == 1 {
+        String::new()
+    } else {
+        format!("-n{node}")
     }
 }
 

@@ -8,10 +8,13 @@
 //!   getsockopt reporter) and the serde types of what it prints ([`records`]).
 //! * Raw socket helpers ([`sock`]) shared by both, and the checksummed byte
 //!   streams of the shortcut tests ([`stream`]).
+//! * [`fakeapi::FakeApi`]: a Kubernetes API server stand-in (real HTTP, list
+//!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
 pub mod bench;
 pub mod chart;
+pub mod fakeapi;
 pub mod records;
 pub mod sandbox;
 pub mod sock;

@@ -287,22 +287,6 @@ impl Sidecar {
     }
 }
 
-/// Raises the soft open-file limit to the hard one: a proxy holding
-/// thousands of connections needs two descriptors for each.
-fn raise_nofile_limit() {
-    // SAFETY: getrlimit/setrlimit on a stack struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// A listener on 0.0.0.0:`port`, IP_TRANSPARENT when asked.
 fn sidecar_listener(port: u16, transparent: bool) -> Result<TcpListener> {
     let s = TcpSocket::new_v4()?;
@@ -343,6 +327,22 @@ fn drop_to(ids: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one: a proxy holding
+/// thousands of connections needs two descriptors for each.
+fn raise_nofile_limit() {
+    // SAFETY: getrlimit/setrlimit on a stack struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 async fn sidecar(
