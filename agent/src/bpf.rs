@@ -42,6 +42,51 @@ enum Kind {
     SockAddr,
     Sockopt,
     SockOps,
+    SkLookup,
+    SkMsg,
+}
+
+/// Loads program `name` (the verifier runs here) and pins it, replacing an
+/// older pin of that name. Returns its fd, to attach or swap in.
+fn load_and_pin(
+    ebpf: &mut Ebpf,
+    layout: &Layout,
+    name: &str,
+    kind: Kind,
+    hook: &str,
+) -> Result<OwnedFd> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    let loaded = match kind {
+        Kind::SockAddr => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
+        Kind::Sockopt => <&mut CgroupSockopt>::try_from(&mut *prog)?.load(),
+        Kind::SockOps => <&mut SockOps>::try_from(&mut *prog)?.load(),
+        Kind::SkLookup => <&mut SkLookup>::try_from(&mut *prog)?.load(),
+        Kind::SkMsg => <&mut SkMsg>::try_from(&mut *prog)?.load(),
+    };
+    loaded.with_context(|| format!("loading program {name} ({hook}): the kernel refused it"))?;
+    let ppath = layout.prog(name);
+    let _ = fs::remove_file(&ppath);
+    prog.pin(&ppath)
+        .with_context(|| format!("pinning program {name} at {}", ppath.display()))?;
+    Ok(prog.fd()?.as_fd().try_clone_to_owned()?)
+}
+
+/// Attaches the shortcut's verdict program to the `SOCKS` sockhash. On a
+/// sockhash that has one, it is replaced; sockets already in the map keep
+/// the one they joined with until they close.
+fn attach_shortcut(ebpf: &Ebpf, prog: BorrowedFd<'_>) -> Result<()> {
+    let socks = SockHash::<_, ConnKey>::try_from(
+        ebpf.map(names::SOCKS)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", names::SOCKS))?,
+    )?;
+    prog_attach(
+        prog,
+        socks.fd().as_fd(),
+        bpf_attach_type::BPF_SK_MSG_VERDICT,
+    )
+    .context("attaching the shortcut (sk_msg) to the SOCKS sockhash")
 }
 
 /// Every program, the hook it attaches to, and why it is there.
@@ -213,62 +258,25 @@ pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
             .with_context(|| format!("pinning map {name} at {}", path.display()))?;
     }
     for &(name, kind, attach, hook) in PROGRAMS {
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-        let loaded = match kind {
-            Kind::SockAddr => <&mut CgroupSockAddr>::try_from(prog)?.load(),
-            Kind::Sockopt => <&mut CgroupSockopt>::try_from(prog)?.load(),
-            Kind::SockOps => <&mut SockOps>::try_from(prog)?.load(),
-        };
-        loaded
-            .with_context(|| format!("loading program {name} ({hook}): the kernel refused it"))?;
-        let prog = ebpf.program_mut(name).expect("present above");
-        let ppath = layout.progs().join(name);
-        prog.pin(&ppath)
-            .with_context(|| format!("pinning program {name} at {}", ppath.display()))?;
-        let fd = prog.fd()?.as_fd();
-        let link = link_create(fd, cgroup_dir.as_fd(), attach).with_context(|| {
+        let fd = load_and_pin(&mut ebpf, layout, name, kind, hook)?;
+        let link = link_create(fd.as_fd(), cgroup_dir.as_fd(), attach).with_context(|| {
             format!("attaching {name} to {hook} of cgroup {}", cgroup.display())
         })?;
         let lpath = layout.link(name);
         obj_pin(link.as_fd(), &lpath)
             .with_context(|| format!("pinning link {}", lpath.display()))?;
     }
-
     // Inbound capture: loaded and pinned here, attached per pod later.
-    let prog = ebpf
-        .program_mut(SK_LOOKUP_PROGRAM)
-        .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing from the eBPF object"))?;
-    <&mut SkLookup>::try_from(prog)?.load().with_context(|| {
-        format!("loading program {SK_LOOKUP_PROGRAM} (sk_lookup): the kernel refused it")
-    })?;
-    let prog = ebpf.program_mut(SK_LOOKUP_PROGRAM).expect("present above");
-    prog.pin(layout.prog(SK_LOOKUP_PROGRAM))
-        .with_context(|| format!("pinning program {SK_LOOKUP_PROGRAM}"))?;
-
+    load_and_pin(
+        &mut ebpf,
+        layout,
+        SK_LOOKUP_PROGRAM,
+        Kind::SkLookup,
+        "sk_lookup",
+    )?;
     // The shortcut: the verdict program lives on the sockhash.
-    let prog = ebpf
-        .program_mut(SK_MSG_PROGRAM)
-        .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing from the eBPF object"))?;
-    <&mut SkMsg>::try_from(prog)?.load().with_context(|| {
-        format!("loading program {SK_MSG_PROGRAM} (sk_msg): the kernel refused it")
-    })?;
-    let prog = ebpf.program_mut(SK_MSG_PROGRAM).expect("present above");
-    prog.pin(layout.prog(SK_MSG_PROGRAM))
-        .with_context(|| format!("pinning program {SK_MSG_PROGRAM}"))?;
-    let prog_fd = prog.fd()?.as_fd().try_clone_to_owned()?;
-    let socks = ebpf
-        .map(names::SOCKS)
-        .ok_or_else(|| anyhow!("map {} missing from the eBPF object", names::SOCKS))?;
-    let socks = SockHash::<_, ConnKey>::try_from(socks)?;
-    prog_attach(
-        prog_fd.as_fd(),
-        socks.fd().as_fd(),
-        bpf_attach_type::BPF_SK_MSG_VERDICT,
-    )
-    .context("attaching the shortcut (sk_msg) to the SOCKS sockhash")?;
-    Ok(())
+    let fd = load_and_pin(&mut ebpf, layout, SK_MSG_PROGRAM, Kind::SkMsg, "sk_msg")?;
+    attach_shortcut(&ebpf, fd.as_fd())
 }
 
 /// Takes over the interception an earlier agent pinned, without a moment
@@ -317,65 +325,31 @@ pub fn adopt(object: &[u8], layout: &Layout) -> Result<()> {
     let mut ebpf = loader
         .load(object)
         .context("loading the eBPF object against the pinned maps")?;
-    let swap = |ebpf: &mut Ebpf, name: &str, links: Vec<PathBuf>| -> Result<()> {
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-        let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+    let swap = |fd: &OwnedFd, links: Vec<PathBuf>| -> Result<()> {
         for l in links {
             let link = open_pinned_fd(&l)?;
             link_update(link.as_fd(), fd.as_fd())
                 .with_context(|| format!("replacing the program of link {}", l.display()))?;
         }
-        let ppath = layout.prog(name);
-        let _ = fs::remove_file(&ppath);
-        prog.pin(&ppath)
-            .with_context(|| format!("pinning program {name} at {}", ppath.display()))?;
         Ok(())
     };
     for &(name, kind, _, hook) in PROGRAMS {
-        let prog = ebpf.program_mut(name).expect("checked by swap");
-        let loaded = match kind {
-            Kind::SockAddr => <&mut CgroupSockAddr>::try_from(prog)?.load(),
-            Kind::Sockopt => <&mut CgroupSockopt>::try_from(prog)?.load(),
-            Kind::SockOps => <&mut SockOps>::try_from(prog)?.load(),
-        };
-        loaded
-            .with_context(|| format!("loading program {name} ({hook}): the kernel refused it"))?;
-        swap(&mut ebpf, name, vec![layout.link(name)])?;
+        let fd = load_and_pin(&mut ebpf, layout, name, kind, hook)?;
+        swap(&fd, vec![layout.link(name)])?;
     }
-    let prog = ebpf
-        .program_mut(SK_LOOKUP_PROGRAM)
-        .ok_or_else(|| anyhow!("program {SK_LOOKUP_PROGRAM} missing from the eBPF object"))?;
-    <&mut SkLookup>::try_from(prog)?.load()?;
+    let fd = load_and_pin(
+        &mut ebpf,
+        layout,
+        SK_LOOKUP_PROGRAM,
+        Kind::SkLookup,
+        "sk_lookup",
+    )?;
     let netns_links: Vec<PathBuf> = fs::read_dir(layout.netns_links())
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    swap(&mut ebpf, SK_LOOKUP_PROGRAM, netns_links)?;
-    let prog = ebpf
-        .program_mut(SK_MSG_PROGRAM)
-        .ok_or_else(|| anyhow!("program {SK_MSG_PROGRAM} missing from the eBPF object"))?;
-    <&mut SkMsg>::try_from(prog)?.load()?;
-    swap(&mut ebpf, SK_MSG_PROGRAM, Vec::new())?;
-    let prog_fd = ebpf
-        .program(SK_MSG_PROGRAM)
-        .expect("loaded above")
-        .fd()?
-        .as_fd()
-        .try_clone_to_owned()?;
-    let socks = SockHash::<_, ConnKey>::try_from(
-        ebpf.map(names::SOCKS)
-            .ok_or_else(|| anyhow!("map {} missing", names::SOCKS))?,
-    )?;
-    // Attaching to a sockhash replaces its verdict program; sockets already
-    // in it keep the one they joined with until they close.
-    prog_attach(
-        prog_fd.as_fd(),
-        socks.fd().as_fd(),
-        bpf_attach_type::BPF_SK_MSG_VERDICT,
-    )
-    .context("attaching the shortcut (sk_msg) to the pinned SOCKS sockhash")?;
-    Ok(())
+    swap(&fd, netns_links)?;
+    let fd = load_and_pin(&mut ebpf, layout, SK_MSG_PROGRAM, Kind::SkMsg, "sk_msg")?;
+    attach_shortcut(&ebpf, fd.as_fd())
 }
 
 /// Attaches inbound capture to a pod's network namespace and pins the link
@@ -506,7 +480,7 @@ struct ObjPinAttr {
     _pad: u32,
 }
 
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+pub(crate) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a live, fully initialised #[repr(C)] bpf_attr prefix of
     // the size we pass; the kernel checks the unused tail is zero.
     let rc = unsafe {

@@ -463,22 +463,9 @@ struct ProgLoadAttr {
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
+/// The shared raw bpf(2) call, as an fd-sized result.
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
-    // SAFETY: attr is a live #[repr(C)] prefix of union bpf_attr of the size
-    // passed; the kernel reads at most that many bytes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc as i32)
-    }
+    crate::bpf::sys_bpf(cmd, attr).map(|rc| rc as i32)
 }
 
 /// Loads `insns`; Ok(Ok(fd)) when the kernel took it, Ok(Err((errno, log)))

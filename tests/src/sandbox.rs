@@ -573,6 +573,27 @@ impl Sandbox {
         Ok(copy)
     }
 
+    /// Where [`Sandbox::start_sidecar`] logs `pod`'s connections.
+    pub fn sidecar_log(&self, pod: &Pod) -> PathBuf {
+        self.dir.join(format!("sidecar-{}.jsonl", pod.name))
+    }
+
+    /// Starts `mtest sidecar` in `pod` as the proxy uid/gid 1337, logging to
+    /// [`Sandbox::sidecar_log`], and waits until it listens.
+    pub fn start_sidecar(&self, pod: &Pod) -> Result<Proc> {
+        let log = self.sidecar_log(pod);
+        let log = log.to_str().context("sandbox path is not UTF-8")?;
+        let mut p = self.spawn(
+            pod,
+            crate::PROXY_UID,
+            crate::PROXY_UID,
+            &mtest_bin(),
+            &["sidecar", "--log", log],
+        )?;
+        p.wait_ready(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
     /// Starts `mtest server --name NAME --listen L...` in `pod` as root and
     /// waits until every listener is bound.
     pub fn start_server(&self, pod: &Pod, name: &str, listens: &[&str]) -> Result<Proc> {

@@ -17,8 +17,6 @@ use meshlane_tests::{
     APP_UID, PROXY_UID,
 };
 
-const READY: Duration = Duration::from_secs(10);
-
 fn mtest() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mtest"))
 }
@@ -35,23 +33,6 @@ struct Mesh {
     r: Pod,
     p: Pod,
     procs: Vec<Proc>,
-}
-
-fn sidecar_log(sb: &Sandbox, pod: &Pod) -> std::path::PathBuf {
-    sb.dir().join(format!("sidecar-{}.jsonl", pod.name))
-}
-
-fn start_sidecar(sb: &Sandbox, pod: &Pod) -> Result<Proc> {
-    let log = sidecar_log(sb, pod);
-    let mut p = sb.spawn(
-        pod,
-        PROXY_UID,
-        PROXY_UID,
-        mtest(),
-        &["sidecar", "--log", log.to_str().expect("utf-8")],
-    )?;
-    p.wait_ready(READY)?;
-    Ok(p)
 }
 
 /// Builds both nodes and their app servers; sidecars in a, r and (unless
@@ -80,10 +61,10 @@ fn mesh(tag: &str, b_sidecar: bool) -> Result<Mesh> {
             &["udp-echo", "--name", "b-udp", "--listen", "0.0.0.0:9080"],
         )?,
     ];
-    procs.push(start_sidecar(&sb, &a)?);
-    procs.push(start_sidecar(&sb, &r)?);
+    procs.push(sb.start_sidecar(&a)?);
+    procs.push(sb.start_sidecar(&r)?);
     if b_sidecar {
-        procs.push(start_sidecar(&sb, &b)?);
+        procs.push(sb.start_sidecar(&b)?);
     }
     Ok(Mesh {
         sb,
@@ -124,7 +105,7 @@ impl Mesh {
 
     /// The record pod `at`'s sidecar wrote for a connection from `peer`.
     fn record(&self, at: &Pod, peer: &str) -> Option<SidecarRecord> {
-        read_sidecar_log(&sidecar_log(&self.sb, at))
+        read_sidecar_log(&self.sb.sidecar_log(at))
             .into_iter()
             .find(|r| r.peer == peer)
     }
@@ -145,7 +126,7 @@ fn assert_inbound_captured(m: &Mesh, p: &ProbeResult, dst: &str, what: &str) {
     let rec = m.record(&m.b, local).unwrap_or_else(|| {
         panic!(
             "{what}: b's sidecar has no record of {local}; log: {:?}",
-            read_sidecar_log(&sidecar_log(&m.sb, &m.b))
+            read_sidecar_log(&m.sb.sidecar_log(&m.b))
         )
     });
     assert_eq!(rec.listener, 15006, "{what}: {rec:?}");
@@ -313,7 +294,7 @@ fn proxy_calls_into_its_own_pod_land_on_15006() -> Result<()> {
     assert_eq!(rec.orig_dst.as_deref(), Some("127.0.0.6:15002"));
     // Its passthrough from 127.0.0.6 is not captured again: the app got the
     // row-4 request above from 127.0.0.6 (no second record in b's log).
-    let records = read_sidecar_log(&sidecar_log(&m.sb, &m.b));
+    let records = read_sidecar_log(&m.sb.sidecar_log(&m.b));
     assert!(
         records.iter().all(|r| !r.peer.starts_with("127.0.0.6:")),
         "the proxy's own passthrough was captured again: {records:?}"
@@ -364,7 +345,7 @@ fn proxy_not_listening_refused_or_bypassed_then_captured() -> Result<()> {
 
     // The proxy starts: captured from its first connection on (sockops
     // registers the listener at listen(), no agent round trip).
-    m.procs.push(start_sidecar(&m.sb, &m.b)?);
+    m.procs.push(m.sb.start_sidecar(&m.b)?);
     let p = m.probe(&m.c, APP_UID, &dst, None);
     assert_inbound_captured(&m, &p, &dst, "proxy started");
     let p = m.probe(&m.p, APP_UID, &dst, None);

@@ -42,16 +42,8 @@ fn node(tag: &str) -> Result<Node> {
         sb.start_server(&b, "b", &["0.0.0.0:9080", "0.0.0.0:9081"])?,
         sb.start_server(&c, "c", &["0.0.0.0:9080"])?,
     ];
-    let log = sb.dir().join("sidecar-a.jsonl");
-    let mut sidecar = sb.spawn(
-        &a,
-        PROXY_UID,
-        PROXY_UID,
-        mtest(),
-        &["sidecar", "--log", log.to_str().expect("utf-8")],
-    )?;
-    sidecar.wait_ready(READY)?;
-    procs.push(sidecar);
+    let log = sb.sidecar_log(&a);
+    procs.push(sb.start_sidecar(&a)?);
     Ok(Node {
         sb,
         a,

@@ -14,8 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use meshlane_tests::{read_sidecar_log, Agent, PodSpec, ProbeResult, Sandbox, APP_UID, PROXY_UID};
+use anyhow::Result;
+use meshlane_tests::{read_sidecar_log, Agent, PodSpec, ProbeResult, Sandbox, APP_UID};
 
 fn mtest() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mtest"))
@@ -29,16 +29,7 @@ fn kill_and_restart_under_load_loses_nothing() -> Result<()> {
     let _server = sb.start_server(&b, "b", &["0.0.0.0:9080"])?;
     let mut procs = Vec::new();
     for pod in [&a, &b] {
-        let log = sb.dir().join(format!("sidecar-{}.jsonl", pod.name));
-        let mut p = sb.spawn(
-            pod,
-            PROXY_UID,
-            PROXY_UID,
-            mtest(),
-            &["sidecar", "--log", log.to_str().context("utf-8")?],
-        )?;
-        p.wait_ready(Duration::from_secs(10))?;
-        procs.push(p);
+        procs.push(sb.start_sidecar(pod)?);
     }
     let mut agent = Agent::start(&sb, &[PodSpec::meshed(&a), PodSpec::meshed(&b)])?;
 

@@ -11,7 +11,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use meshlane_tests::{
-    meshlane_bin, stream::StreamResult, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID,
+    meshlane_bin, stream::StreamResult, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID,
 };
 use serde_json::Value;
 
@@ -49,16 +49,7 @@ fn setup(tag: &str) -> Result<Setup> {
         procs.push(p);
     }
     for pod in [&a, &b] {
-        let log = sb.dir().join(format!("sidecar-{}.jsonl", pod.name));
-        let mut p = sb.spawn(
-            pod,
-            PROXY_UID,
-            PROXY_UID,
-            mtest(),
-            &["sidecar", "--log", log.to_str().context("utf-8")?],
-        )?;
-        p.wait_ready(Duration::from_secs(10))?;
-        procs.push(p);
+        procs.push(sb.start_sidecar(pod)?);
     }
     Ok(Setup {
         sb,

@@ -5,7 +5,6 @@
 //! the decision table says, then walks whole requests hop by hop through
 //! both sidecars (the seed's productpage -> reviews), and removes
 //! everything afterwards.
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use meshlane_tests::{
@@ -49,17 +48,8 @@ pub fn run() -> Result<()> {
     procs.push(sb.start_server(ra, &ra.name, &["0.0.0.0:9080"])?);
     let mut sidecar_pods = Vec::new();
     for pod in [pp, rv, ra] {
-        let log = sb.dir().join(format!("sidecar-{}.jsonl", pod.name));
-        let mut p = sb.spawn(
-            pod,
-            PROXY_UID,
-            PROXY_UID,
-            &mtest,
-            &["sidecar", "--log", log.to_str().unwrap_or_default()],
-        )?;
-        p.wait_ready(Duration::from_secs(10))?;
-        procs.push(p);
-        logs.push(log);
+        procs.push(sb.start_sidecar(pod)?);
+        logs.push(sb.sidecar_log(pod));
         sidecar_pods.push(pod.name.clone());
     }
     println!("sandbox: node 1 {} with pods:", sb.node_netns());
