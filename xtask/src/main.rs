@@ -154,10 +154,39 @@ fn helm_python_dir() -> PathBuf {
     ))
 }
 
+/// What a build from scratch writes under target/ (workspace, kernel programs,
+/// the VM row's kernel and initramfs), with room to spare. A full disk shows up
+/// deep in the linker as a truncated `cc` failure; say it up front instead.
+const NEEDED_FREE_BYTES: u64 = 6 << 30;
+
+fn check_free_space() -> Result<()> {
+    let dir = root();
+    let st =
+        nix::sys::statvfs::statvfs(&dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if free < NEEDED_FREE_BYTES {
+        bail!(
+            "only {:.1} GiB free on the file system of {} (a build and test run needs about {:.0} GiB): \
+             free some space (old target/ directories, clones under /tmp) and run again",
+            gib(free),
+            dir.display(),
+            gib(NEEDED_FREE_BYTES)
+        );
+    }
+    say(&format!(
+        "disk: {:.1} GiB free under {}",
+        gib(free),
+        dir.display()
+    ));
+    Ok(())
+}
+
 fn setup() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("meshlane's set-up and tests load eBPF programs and create network namespaces: run as root");
     }
+    check_free_space()?;
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
