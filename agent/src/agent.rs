@@ -43,6 +43,8 @@ pub struct Options {
     pub ebpf_object: Option<PathBuf>,
     /// The node-wide same-node shortcut switch (`--shortcut`).
     pub shortcut: bool,
+    /// `--shortcut-max-queued` (None: the default, 4 MiB).
+    pub shortcut_max_queued: Option<u32>,
     /// Proxy identity and capture ports for pods that do not say otherwise.
     #[serde(flatten)]
     pub defaults: NodeDefaults,
@@ -111,11 +113,22 @@ impl Agent {
         }
         info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
         let mut maps = Maps::open(&opts.layout)?;
-        maps.set_shortcut(opts.shortcut)?;
-        info!(
-            shortcut = opts.shortcut,
-            "same-node shortcut for new connections"
-        );
+        let max_queued = match opts.shortcut_max_queued {
+            Some(b) => b,
+            None => bpf::default_shortcut_max_queued(),
+        };
+        maps.set_shortcut_max_queued(max_queued)?;
+        match maps.set_shortcut(opts.shortcut) {
+            Ok(()) => info!(
+                shortcut = opts.shortcut,
+                max_queued, "same-node shortcut for new connections"
+            ),
+            // Interception does not depend on the shortcut: run without it.
+            Err(e) => {
+                error!("--shortcut on refused, running with the shortcut off: {e:#}");
+                maps.set_shortcut(false)?;
+            }
+        }
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
         Ok(Self {

@@ -566,6 +566,7 @@ pub struct Maps {
     pub pod_by_ip: HashMap<MapData, u32, u64>,
     pub listeners: SockHash<MapData, ListenerKey>,
     pub socks: SockHash<MapData, ConnKey>,
+    sock_addrs: HashMap<MapData, ConnKey, u64>,
     pub settings: Array<MapData, u32>,
 }
 
@@ -588,16 +589,48 @@ impl Maps {
             pod_by_ip: HashMap::try_from(open_map(layout, names::POD_BY_IP)?)?,
             listeners: SockHash::try_from(open_map(layout, names::LISTENERS)?)?,
             socks: SockHash::try_from(open_map(layout, names::SOCKS)?)?,
+            sock_addrs: HashMap::try_from(open_map(layout, names::SOCK_ADDRS)?)?,
             settings: Array::try_from(open_map(layout, names::SETTINGS)?)?,
         })
     }
 
-    /// Turns the same-node shortcut on or off for new connections.
+    /// Turns the same-node shortcut on or off for new connections. On needs
+    /// to see a peer socket's unread bytes (to push back on a sender whose
+    /// reader lags), so it is refused on a kernel whose BTF does not say
+    /// where they are.
     pub fn set_shortcut(&mut self, on: bool) -> Result<()> {
+        if on {
+            let o = crate::btf::PsockOffsets::of_running_kernel()
+                .context("the shortcut cannot be turned on")?;
+            self.settings
+                .set(setting::OFFSET_SK_USER_DATA, o.sk_user_data, 0)
+                .context("writing SETTINGS")?;
+            self.settings
+                .set(setting::OFFSET_PSOCK_QUEUED, o.msg_tot_len, 0)
+                .context("writing SETTINGS")?;
+            if self.settings.get(&setting::SHORTCUT_MAX_QUEUED, 0)? == 0 {
+                self.set_shortcut_max_queued(default_shortcut_max_queued())?;
+            }
+        }
         self.settings
             .set(setting::SHORTCUT, u32::from(on), 0)
             .context("writing SETTINGS")?;
         Ok(())
+    }
+
+    /// Sets how many bytes a shortcut socket may leave unread on its peer.
+    pub fn set_shortcut_max_queued(&mut self, bytes: u32) -> Result<()> {
+        if bytes == 0 {
+            bail!("--shortcut-max-queued 0: give a number of bytes above zero (0 would leave the limit unset)");
+        }
+        self.settings
+            .set(setting::SHORTCUT_MAX_QUEUED, bytes, 0)
+            .context("writing SETTINGS")?;
+        Ok(())
+    }
+
+    pub fn shortcut_max_queued(&self) -> Result<u32> {
+        Ok(self.settings.get(&setting::SHORTCUT_MAX_QUEUED, 0)?)
     }
 
     pub fn shortcut(&self) -> Result<bool> {
@@ -644,6 +677,7 @@ impl Maps {
             pod_by_ip: self.pod_by_ip.keys().count(),
             listeners: self.listeners.keys().count(),
             shortcut_sockets: self.socks.keys().count(),
+            shortcut_addrs: self.sock_addrs.keys().count(),
         }
     }
 }
@@ -660,4 +694,14 @@ pub struct Occupancy {
     pub listeners: usize,
     #[serde(default)]
     pub shortcut_sockets: usize,
+    /// `SOCK_ADDRS`: follows `shortcut_sockets`, emptied by sockops at close.
+    #[serde(default)]
+    pub shortcut_addrs: usize,
+}
+
+/// The shortcut's default limit on bytes left unread on a peer: 4 MiB, the
+/// default maximum of a TCP send buffer (net.ipv4.tcp_wmem), so a stalled
+/// reader holds about as much as it would over TCP.
+pub fn default_shortcut_max_queued() -> u32 {
+    4 << 20
 }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod bpf;
+mod btf;
 mod http;
 mod iptables;
 mod k8s;
@@ -82,6 +83,11 @@ enum Command {
         /// `meshlane shortcut on|off` flips it while running.
         #[arg(long, value_enum, default_value = "off", env = "MESHLANE_SHORTCUT")]
         shortcut: OnOff,
+        /// Most bytes a shortcut socket may leave unread on its peer before
+        /// it moves to TCP (and TCP's flow control) for the rest of the
+        /// connection. Default 4 MiB, a TCP send buffer's default maximum.
+        #[arg(long, value_name = "BYTES")]
+        shortcut_max_queued: Option<u32>,
         /// Proxy uid for pods whose istio-proxy container sets no runAsUser
         /// (the container's runAsUser/runAsGroup still win). The gid follows
         /// the uid unless runAsGroup says otherwise.
@@ -156,6 +162,7 @@ fn main() -> Result<()> {
             at,
             ebpf_object,
             shortcut,
+            shortcut_max_queued,
             proxy_uid,
             outbound_capture_port,
             inbound_capture_port,
@@ -196,6 +203,7 @@ fn main() -> Result<()> {
                 state_dir: at.state_dir,
                 ebpf_object,
                 shortcut: shortcut == OnOff::On,
+                shortcut_max_queued,
                 defaults,
             };
             if print_options {

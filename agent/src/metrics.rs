@@ -143,6 +143,7 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         (names::POD_BY_IP, occ.pod_by_ip, capacity::POD_BY_IP),
         (names::LISTENERS, occ.listeners, capacity::LISTENERS),
         (names::SOCKS, occ.shortcut_sockets, capacity::SOCKS),
+        (names::SOCK_ADDRS, occ.shortcut_addrs, capacity::SOCKS),
     ];
     o.family(
         "meshlane_map_entries",
@@ -210,6 +211,11 @@ fn kernel_counters(o: &mut Out, at: &dyn Fn(u32) -> u64) {
             "meshlane_shortcut_no_peer_total",
             stat::SHORTCUT_NO_PEER,
             "Shortcut sockets whose peer was not there at their first send (they use TCP for life).",
+        ),
+        (
+            "meshlane_shortcut_fell_back_total",
+            stat::SHORTCUT_FELL_BACK,
+            "Shortcut sockets moved to TCP for life because their peer left too many redirected bytes unread.",
         ),
         (
             "meshlane_listeners_registered_total",

@@ -127,6 +127,8 @@ pub struct Report {
     pub counters: Option<std::collections::BTreeMap<&'static str, u64>>,
     /// The node-wide shortcut switch as the kernel sees it.
     pub shortcut: Option<bool>,
+    /// Most bytes a shortcut socket may leave unread on its peer.
+    pub shortcut_max_queued: Option<u32>,
     /// Per-pod counters, by pod name.
     pub pod_counters:
         std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
@@ -152,6 +154,7 @@ pub const COUNTER_NAMES: &[(&str, u32)] = {
         ("shortcut_no_peer", SHORTCUT_NO_PEER),
         ("listeners_registered", LISTENERS_REGISTERED),
         ("update_failed", UPDATE_FAILED),
+        ("shortcut_fell_back", SHORTCUT_FELL_BACK),
     ]
 };
 
@@ -216,6 +219,9 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         None => (None, None),
     };
     let shortcut = maps_open.as_ref().and_then(|m| m.shortcut().ok());
+    let shortcut_max_queued = maps_open
+        .as_ref()
+        .and_then(|m| m.shortcut_max_queued().ok());
     let loaded = AgentStatus::load(state_dir)?;
     let mut pod_counters = std::collections::BTreeMap::new();
     if let (Some(m), Some(st)) = (&maps_open, &loaded) {
@@ -248,6 +254,7 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         maps,
         counters,
         shortcut,
+        shortcut_max_queued,
         pod_counters,
     })
 }
@@ -341,7 +348,13 @@ pub fn print(r: &Report) {
         );
     }
     if let Some(on) = r.shortcut {
-        println!("shortcut: {}", if on { "on" } else { "off" });
+        println!(
+            "shortcut: {}{}",
+            if on { "on" } else { "off" },
+            r.shortcut_max_queued
+                .map(|b| format!(" (at most {b} bytes unread on a peer)"))
+                .unwrap_or_default()
+        );
     }
     if let Some(c) = &r.counters {
         let line: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -275,7 +275,11 @@ pub mod stat {
     pub const LISTENERS_REGISTERED: u32 = 14;
     /// A map update of a kernel program failed (sockhash full, ...).
     pub const UPDATE_FAILED: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Shortcut sockets moved to TCP for the rest of their life because the
+    /// peer's queue of redirected bytes reached the limit (its reader lags),
+    /// or because this kernel gives no way to see that queue.
+    pub const SHORTCUT_FELL_BACK: u32 = 16;
+    pub const COUNT: u32 = 17;
 }
 
 /// Indexes into a pod's per-CPU counters in `POD_STATS` (keyed by netns cookie).
@@ -308,6 +312,20 @@ pub mod setting {
     /// sockhash shortcut; 0: they do not (connections already shortcut keep
     /// it until they close, so no byte is reordered or lost).
     pub const SHORTCUT: u32 = 0;
+    /// Most bytes a shortcut socket may leave queued on its peer, unread,
+    /// before the sender moves to TCP (and TCP's own flow control) for good.
+    /// Redirected messages are queued on the receiver without regard to its
+    /// receive buffer, so without this a reader that stops would let a sender
+    /// fill the node's memory.
+    pub const SHORTCUT_MAX_QUEUED: u32 = 1;
+    /// Byte offset of `sk_user_data` in the kernel's `struct sock`, from the
+    /// running kernel's BTF; 0: unknown.
+    pub const OFFSET_SK_USER_DATA: u32 = 2;
+    /// Byte offset of `msg_tot_len` (bytes queued on the ingress list) in the
+    /// kernel's `struct sk_psock`, from its BTF; 0: unknown. With either
+    /// offset unknown the shortcut cannot see a peer's backlog and does not
+    /// redirect at all.
+    pub const OFFSET_PSOCK_QUEUED: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -413,6 +431,7 @@ pub mod names {
     pub const SHORTCUT_STATE: &str = "SHORTCUT_STATE";
     pub const SETTINGS: &str = "SETTINGS";
     pub const PROXY_LEG: &str = "PROXY_LEG";
+    pub const SOCK_ADDRS: &str = "SOCK_ADDRS";
     /// Every map of the kernel object.
     pub const ALL: &[&str] = &[
         PODS,
@@ -428,6 +447,7 @@ pub mod names {
         SHORTCUT_STATE,
         SETTINGS,
         PROXY_LEG,
+        SOCK_ADDRS,
     ];
 }
 

@@ -65,6 +65,17 @@ pub static LISTENERS: SockHash<ListenerKey, { capacity::LISTENERS as usize }> = 
 #[btf_map]
 pub static SOCKS: SockHash<ConnKey, { capacity::SOCKS as usize }> = SockHash::new();
 
+/// The kernel address of each socket in `SOCKS`, as a number: where the
+/// shortcut reads how many bytes a peer has queued unread (see
+/// `shortcut.rs`). Removed by sockops when the socket closes.
+#[btf_map]
+pub static SOCK_ADDRS: HashMap<
+    ConnKey,
+    u64,
+    { capacity::SOCKS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
 /// The shortcut decision of a socket, latched at its first send
 /// (`meshlane_common::shortcut_state`).
 #[btf_map]
@@ -78,6 +89,11 @@ pub static PROXY_LEG: SkStorage<u32> = SkStorage::new();
 /// Node-wide switches written by the agent (`meshlane_common::setting`).
 #[btf_map]
 pub static SETTINGS: Array<u32, { setting::COUNT as usize }> = Array::new();
+
+#[inline(always)]
+pub fn setting_value(index: u32) -> u32 {
+    SETTINGS.get(index).copied().unwrap_or(0)
+}
 
 #[inline(always)]
 pub fn setting_on(index: u32) -> bool {

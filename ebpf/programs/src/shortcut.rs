@@ -10,6 +10,16 @@
 //! see errors. Found by the shortcut tests (tests/tests/shortcut.rs) when app
 //! sockets were included: their blocking echo client failed with EAGAIN.
 //!
+//! Backpressure: a redirected message is queued on the receiving socket
+//! without regard to its receive buffer (bpf_tcp_ingress charges memory but
+//! checks no per-socket limit), so a reader that stops would let its sender
+//! queue without bound. Before each redirect the program reads how many
+//! bytes the peer has queued and unread (`msg_tot_len` of its psock, reached
+//! from the socket address sockops keeps in `SOCK_ADDRS`, through BTF
+//! offsets the agent writes into `SETTINGS`); past the limit the
+//! sender moves to TCP for the rest of its life, and TCP's window pushes
+//! back from then on. A kernel without that field gets no redirects at all.
+//!
 //! Correctness rule: one direction of a byte stream never mixes the TCP
 //! path and the redirect, or bytes could overtake each other. A socket's
 //! first send decides (the peer is in `SOCKS`: redirect; it is not: TCP) and
@@ -17,15 +27,19 @@
 //! accepting side always finds its peer (the connecting side joined at
 //! ACTIVE_ESTABLISHED, before the accepting side exists), so only the
 //! connecting side can meet a missing peer, and then only at its first send.
+//! Moving from REDIRECT to TCP mid-stream is the one safe change: every
+//! redirected byte is on the peer's ingress list before the first TCP byte
+//! is sent, and the reader (tcp_bpf_recvmsg) drains that list before it
+//! reads its TCP receive queue. The opposite move is never made.
 use aya_ebpf::{
     bindings::{sk_action, sk_msg_md, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE},
-    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
+    helpers::generated::{bpf_get_netns_cookie, bpf_probe_read_kernel, bpf_sk_storage_get},
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use meshlane_common::{shortcut_state, stat, ConnKey};
+use meshlane_common::{setting, shortcut_state, stat, ConnKey};
 
-use crate::maps::{count, SHORTCUT_STATE, SOCKS};
+use crate::maps::{count, setting_value, SHORTCUT_STATE, SOCKS, SOCK_ADDRS};
 
 const AF_INET: u32 = 2;
 
@@ -77,6 +91,16 @@ unsafe fn send(ctx: &SkMsgContext) {
         u32::from_be(field!(md, remote_port)) as u16,
     )
     .peer();
+    match unsafe { peer_queued(&peer) } {
+        // Peer gone: the TCP path decides, as below.
+        Queued::NoPeer => {}
+        Queued::Bytes(q) if q < setting_value(setting::SHORTCUT_MAX_QUEUED) => {}
+        Queued::Bytes(_) | Queued::Unknown => {
+            unsafe { *state = shortcut_state::TCP };
+            count(stat::SHORTCUT_FELL_BACK);
+            return;
+        }
+    }
     let verdict = SOCKS.redirect_msg(ctx, peer, BPF_F_INGRESS.into());
     if verdict == i64::from(sk_action::SK_PASS) {
         if decided == shortcut_state::UNDECIDED {
@@ -90,4 +114,51 @@ unsafe fn send(ctx: &SkMsgContext) {
     }
     // Latched REDIRECT but the peer is gone: it closed, so the stream is
     // over; the TCP path reports that to the sender as it would without us.
+}
+
+enum Queued {
+    NoPeer,
+    Unknown,
+    Bytes(u32),
+}
+
+/// Bytes the peer socket has queued on its ingress list and not read yet.
+/// A wrong reading can only move the sender to TCP early, never lose or
+/// reorder a byte.
+#[inline(always)]
+unsafe fn peer_queued(peer: &ConnKey) -> Queued {
+    // sk_msg programs may not look sockets up in a sockhash (that takes a
+    // reference they cannot release), so sockops recorded the address.
+    let Some(addr) = (unsafe { SOCK_ADDRS.get(peer) }) else {
+        return Queued::NoPeer;
+    };
+    let addr = *addr;
+    let off_user_data = u64::from(setting_value(setting::OFFSET_SK_USER_DATA));
+    let off_queued = u64::from(setting_value(setting::OFFSET_PSOCK_QUEUED));
+    if off_user_data == 0 || off_queued == 0 {
+        return Queued::Unknown;
+    }
+    let mut user_data: u64 = 0;
+    // SAFETY: bpf_probe_read_kernel fails cleanly on a bad address.
+    if unsafe {
+        bpf_probe_read_kernel(
+            (&raw mut user_data).cast(),
+            8,
+            (addr + off_user_data) as *const _,
+        )
+    } != 0
+    {
+        return Queued::Unknown;
+    }
+    // The low bits of sk_user_data are flags (SK_USER_DATA_PTRMASK).
+    let psock = user_data & !7;
+    let mut bytes: u32 = 0;
+    if psock == 0
+        || unsafe {
+            bpf_probe_read_kernel((&raw mut bytes).cast(), 4, (psock + off_queued) as *const _)
+        } != 0
+    {
+        return Queued::Unknown;
+    }
+    Queued::Bytes(bytes)
 }

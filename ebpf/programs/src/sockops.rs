@@ -30,7 +30,7 @@ use meshlane_common::{
 
 use crate::maps::{
     count, orig_dst_map, pod_count, setting_on, MapLists, IN_FLIGHT, LISTENERS, PODS, PROXY_LEG,
-    SOCKS,
+    SOCKS, SOCK_ADDRS,
 };
 
 const AF_INET: u32 = 2;
@@ -116,6 +116,7 @@ unsafe fn track(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_STATE_CB if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             let _ = IN_FLIGHT.remove(flow_key(ops, netns_cookie, true));
+            let _ = SOCK_ADDRS.remove(conn_key(ops, netns_cookie));
         }
         _ => {}
     }
@@ -284,20 +285,44 @@ unsafe fn join_shortcut(ctx: &SockOpsContext, netns_cookie: u64) {
         return;
     }
     let ops: *const bpf_sock_ops = ctx.ops;
-    let (local_port, remote_port) = ports_of(ops);
-    let key = ConnKey::new(
-        netns_cookie,
-        field!(ops, local_ip4),
-        local_port,
-        field!(ops, remote_ip4),
-        remote_port,
-    );
+    let sk = field!(ops, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return;
+    }
+    let key = conn_key(ops, netns_cookie);
+    // The socket's address as a number, for the sender's backlog check.
+    // Storing a pointer in a map is allowed to privileged loaders only,
+    // which the agent is; it is never dereferenced but through
+    // bpf_probe_read_kernel.
+    if SOCK_ADDRS.insert(key, sk as u64, 0).is_err() {
+        count(stat::UPDATE_FAILED);
+        return;
+    }
     let ops_mut = unsafe { &mut *ctx.ops };
     match SOCKS.update(key, ops_mut, BPF_ANY.into()) {
         Ok(()) => {
             count(stat::SHORTCUT_SOCKETS);
             pod_count(netns_cookie, pod_stat::SHORTCUT_SOCKETS);
+            // The close callback removes the SOCK_ADDRS entry.
+            let _ = ctx.set_cb_flags(
+                (field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
+            );
         }
-        Err(_) => count(stat::UPDATE_FAILED),
+        Err(_) => {
+            let _ = SOCK_ADDRS.remove(key);
+            count(stat::UPDATE_FAILED);
+        }
     }
+}
+
+#[inline(always)]
+fn conn_key(ops: *const bpf_sock_ops, netns_cookie: u64) -> ConnKey {
+    let (local_port, remote_port) = ports_of(ops);
+    ConnKey::new(
+        netns_cookie,
+        field!(ops, local_ip4),
+        local_port,
+        field!(ops, remote_ip4),
+        remote_port,
+    )
 }
