@@ -35,6 +35,11 @@ pub mod annotation {
     /// meshlane's own: `"false"` keeps this pod's sockets off the same-node
     /// socket shortcut.
     pub const SHORTCUT: &str = "meshlane.io/shortcut";
+    /// meshlane's own: `"true"` lets the app's own sockets join the shortcut
+    /// too (app <-> its sidecar, and the sidecar's 127.0.0.6 leg to the app).
+    /// Only for apps that read with non-blocking sockets: the kernel's
+    /// sockmap read path can wake a *blocking* read with EAGAIN.
+    pub const SHORTCUT_APP: &str = "meshlane.io/shortcut-app";
 }
 
 /// Proxy environment variable that turns DNS capture on.
@@ -177,6 +182,8 @@ pub struct MeshConfig {
     pub bypass_until_ready: bool,
     /// `meshlane.io/shortcut` (default true; the node-wide switch still rules).
     pub shortcut: bool,
+    /// `meshlane.io/shortcut-app` (default false).
+    pub shortcut_app: bool,
     pub errors: Vec<ConfigError>,
     /// Annotations meshlane does not act on (yet), reported, not fatal.
     pub unsupported: Vec<String>,
@@ -272,6 +279,7 @@ impl MeshConfig {
             invalid_drop: false,
             bypass_until_ready: false,
             shortcut: true,
+            shortcut_app: false,
             errors: Vec::new(),
             unsupported: Vec::new(),
         }
@@ -437,6 +445,7 @@ impl MeshConfig {
         for (key, field) in [
             (annotation::BYPASS_UNTIL_READY, &mut cfg.bypass_until_ready),
             (annotation::SHORTCUT, &mut cfg.shortcut),
+            (annotation::SHORTCUT_APP, &mut cfg.shortcut_app),
         ] {
             if let Some(v) = ann.get(key) {
                 match parse_bool(v) {
@@ -488,6 +497,9 @@ impl MeshConfig {
         }
         if !self.shortcut {
             p.flags |= flags::NO_SHORTCUT;
+        }
+        if self.shortcut_app {
+            p.flags |= flags::SHORTCUT_APP;
         }
         for (i, a) in ips.iter().take(MAX_POD_IPS).enumerate() {
             p.ips[i] = a.to_bits();

@@ -22,6 +22,65 @@ use serde::{Deserialize, Serialize};
 /// Generous: the suite also runs under qemu's emulation (cargo xtask vm-test).
 const IO_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// A blocking socket that, with `retry`, treats EAGAIN as "no data yet" and
+/// waits again, as an event-loop app on a non-blocking socket does. The
+/// sockmap read path (tcp_bpf_recvmsg) returns EAGAIN to a blocking read
+/// woken without data; apps whose sockets join the shortcut must cope, and
+/// the tests' apps for `meshlane.io/shortcut-app` do it this way. Each retry
+/// blocks again (no spinning); past IO_TIMEOUT the error stands.
+struct Retrying<'a> {
+    s: &'a TcpStream,
+    retry: bool,
+}
+
+impl Retrying<'_> {
+    fn again<T>(&self, mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+        let start = Instant::now();
+        loop {
+            match f() {
+                Err(e)
+                    if self.retry
+                        && e.kind() == std::io::ErrorKind::WouldBlock
+                        && start.elapsed() < IO_TIMEOUT => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Read for Retrying<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut s = self.s;
+        self.again(|| s.read(buf))
+    }
+}
+
+impl Write for Retrying<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.s;
+        self.again(|| s.write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs a raw system call that returns -1 with errno; with `retry`, EAGAIN
+/// waits again (bounded by IO_TIMEOUT).
+fn syscall_retrying(retry: bool, mut f: impl FnMut() -> isize) -> std::io::Result<usize> {
+    let start = Instant::now();
+    loop {
+        let r = f();
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if !(retry && e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < IO_TIMEOUT) {
+            return Err(e);
+        }
+    }
+}
+
 /// FNV-1a over a stream, 64-bit.
 #[derive(Clone, Copy)]
 pub struct Fnv(u64);
@@ -76,15 +135,19 @@ pub struct Digest {
 /// `mtest stream-server`: per connection, optionally wait `stall` before
 /// reading (a peer that stops reading), then either echo every byte back
 /// (`echo`) or read to EOF and answer one JSON [`Digest`] line.
-pub fn serve(listen: SocketAddr, echo: bool, stall: Duration) -> Result<()> {
+pub fn serve(listen: SocketAddr, echo: bool, stall: Duration, retry_eagain: bool) -> Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     println!("ready");
     std::io::stdout().flush()?;
     for conn in l.incoming() {
-        let Ok(mut s) = conn else { continue };
+        let Ok(sock) = conn else { continue };
         std::thread::spawn(move || {
-            let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-            let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+            let _ = sock.set_read_timeout(Some(IO_TIMEOUT));
+            let _ = sock.set_write_timeout(Some(IO_TIMEOUT));
+            let mut s = Retrying {
+                s: &sock,
+                retry: retry_eagain,
+            };
             std::thread::sleep(stall);
             let mut buf = vec![0u8; 256 * 1024];
             let mut d = Fnv::default();
@@ -113,7 +176,7 @@ pub fn serve(listen: SocketAddr, echo: bool, stall: Duration) -> Result<()> {
                 .unwrap_or_default();
                 let _ = writeln!(s, "{line}");
             }
-            let _ = s.shutdown(Shutdown::Write);
+            let _ = sock.shutdown(Shutdown::Write);
         });
     }
     Ok(())
@@ -141,6 +204,8 @@ pub struct ClientOpts {
     /// Sample how many bytes the sender had handed to the kernel after this
     /// long (a stalled peer: how much the path buffers).
     pub sample_after: Option<Duration>,
+    /// Treat EAGAIN on the blocking socket as "wait again" (see [`Retrying`]).
+    pub retry_eagain: bool,
 }
 
 /// What `mtest stream-client` prints.
@@ -192,10 +257,10 @@ fn one(o: &ClientOpts, seed: u64, sent: &AtomicU64) -> Result<()> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     let reader = s.try_clone()?;
-    let (bytes, echo, close_after) = (o.bytes, o.echo, o.close_after);
+    let (bytes, echo, close_after, retry) = (o.bytes, o.echo, o.close_after, o.retry_eagain);
     // The reader runs while we write, or a full echo path would deadlock.
     let rx = std::thread::spawn(move || -> Result<(u64, Fnv, Option<Digest>)> {
-        let mut r = reader;
+        let mut r = Retrying { s: &reader, retry };
         let mut d = Fnv::default();
         let mut n = 0u64;
         if !echo {
@@ -300,28 +365,31 @@ fn send(s: &TcpStream, o: &ClientOpts, seed: u64, hash: &mut Fnv, sent: &AtomicU
         payload.fill(&mut buf[..k]);
         hash.update(&buf[..k]);
         match o.method {
-            Method::Write => write_all_fd(fd, &buf[..k])?,
-            Method::Writev => writev_all(fd, &buf[..k])?,
+            Method::Write => write_all_fd(fd, &buf[..k], o.retry_eagain)?,
+            Method::Writev => writev_all(fd, &buf[..k], o.retry_eagain)?,
             Method::Sendfile => {
                 let f = file.as_ref().expect("file");
                 let mut done = 0usize;
                 while done < k {
                     // SAFETY: valid fds and an offset we own.
-                    let r = unsafe { libc::sendfile(fd, f.as_raw_fd(), &mut offset, k - done) };
-                    if r <= 0 {
-                        return Err(std::io::Error::last_os_error()).context("sendfile");
+                    let r = syscall_retrying(o.retry_eagain, || unsafe {
+                        libc::sendfile(fd, f.as_raw_fd(), &mut offset, k - done)
+                    })
+                    .context("sendfile")?;
+                    if r == 0 {
+                        bail!("sendfile returned 0 with {} bytes left", k - done);
                     }
-                    done += r as usize;
+                    done += r;
                 }
             }
             Method::Splice => {
                 // Through a pipe in pieces the pipe holds (64 KiB by default).
                 for piece in buf[..k].chunks(32 * 1024) {
-                    write_all_fd(pipe_w, piece)?;
+                    write_all_fd(pipe_w, piece, false)?;
                     let mut moved = 0usize;
                     while moved < piece.len() {
                         // SAFETY: valid fds; null offsets for pipe and socket.
-                        let r = unsafe {
+                        let r = syscall_retrying(o.retry_eagain, || unsafe {
                             libc::splice(
                                 pipe_r,
                                 std::ptr::null_mut(),
@@ -330,11 +398,12 @@ fn send(s: &TcpStream, o: &ClientOpts, seed: u64, hash: &mut Fnv, sent: &AtomicU
                                 piece.len() - moved,
                                 libc::SPLICE_F_MOVE,
                             )
-                        };
-                        if r <= 0 {
-                            return Err(std::io::Error::last_os_error()).context("splice");
+                        })
+                        .context("splice")?;
+                        if r == 0 {
+                            bail!("splice returned 0 with {} bytes left", piece.len() - moved);
                         }
-                        moved += r as usize;
+                        moved += r;
                     }
                 }
             }
@@ -372,21 +441,23 @@ fn tempfile_in_cwd(seed: u64) -> Result<std::fs::File> {
     Ok(f)
 }
 
-fn write_all_fd(fd: i32, mut data: &[u8]) -> Result<()> {
+fn write_all_fd(fd: i32, mut data: &[u8], retry: bool) -> Result<()> {
     while !data.is_empty() {
         // SAFETY: writing from a live slice.
-        let r = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-        if r <= 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("write of {} bytes returned {r}", data.len()));
+        let r = syscall_retrying(retry, || unsafe {
+            libc::write(fd, data.as_ptr().cast(), data.len())
+        })
+        .with_context(|| format!("write of {} bytes", data.len()))?;
+        if r == 0 {
+            bail!("write of {} bytes returned 0", data.len());
         }
-        data = &data[r as usize..];
+        data = &data[r..];
     }
     Ok(())
 }
 
 /// Sends `data` as three iovecs of uneven sizes per call.
-fn writev_all(fd: i32, mut data: &[u8]) -> Result<()> {
+fn writev_all(fd: i32, mut data: &[u8], retry: bool) -> Result<()> {
     while !data.is_empty() {
         let a = (data.len() / 7).max(1).min(data.len());
         let b = ((data.len() - a) / 2).min(data.len() - a);
@@ -405,11 +476,12 @@ fn writev_all(fd: i32, mut data: &[u8]) -> Result<()> {
             },
         ];
         // SAFETY: the iovecs point into the live slice.
-        let r = unsafe { libc::writev(fd, iov.as_ptr(), 3) };
-        if r <= 0 {
-            return Err(std::io::Error::last_os_error()).context("writev");
+        let r = syscall_retrying(retry, || unsafe { libc::writev(fd, iov.as_ptr(), 3) })
+            .context("writev")?;
+        if r == 0 {
+            bail!("writev returned 0");
         }
-        data = &data[r as usize..];
+        data = &data[r..];
     }
     Ok(())
 }

@@ -28,10 +28,13 @@ struct Setup {
     sb: Sandbox,
     a: Pod,
     b: Pod,
+    /// The apps treat EAGAIN as "wait again" (`--retry-eagain`), as apps
+    /// on non-blocking sockets do.
+    retry: bool,
     _procs: Vec<Proc>,
 }
 
-fn setup(tag: &str) -> Result<Setup> {
+fn setup(tag: &str, retry: bool) -> Result<Setup> {
     let mut sb = Sandbox::new(tag)?;
     let a = sb.add_pod("a")?;
     let b = sb.add_pod("b")?;
@@ -44,6 +47,9 @@ fn setup(tag: &str) -> Result<Setup> {
         let listen = format!("0.0.0.0:{port}");
         let mut args = vec!["stream-server", "--listen", listen.as_str()];
         args.extend(extra);
+        if retry {
+            args.push("--retry-eagain");
+        }
         let mut p = sb.spawn(&b, APP_UID, APP_UID, mtest(), &args)?;
         p.wait_ready(Duration::from_secs(10))?;
         procs.push(p);
@@ -55,6 +61,7 @@ fn setup(tag: &str) -> Result<Setup> {
         sb,
         a,
         b,
+        retry,
         _procs: procs,
     })
 }
@@ -63,6 +70,9 @@ fn stream(s: &Setup, port: u16, args: &[&str]) -> Result<StreamResult> {
     let to = format!("{}:{port}", s.b.ip);
     let mut full = vec!["stream-client", "--connect", to.as_str()];
     full.extend_from_slice(args);
+    if s.retry {
+        full.push("--retry-eagain");
+    }
     let out = s.sb.run_timeout(
         &s.a,
         APP_UID,
@@ -213,7 +223,7 @@ fn battery(s: &Setup, label: &str) -> Result<u64> {
 
 #[test]
 fn streams_survive_with_the_shortcut_off_and_on() -> Result<()> {
-    let s = setup("shortcut")?;
+    let s = setup("shortcut", false)?;
     let agent = Agent::start_on(
         &s.sb,
         1,
@@ -305,6 +315,67 @@ fn streams_survive_with_the_shortcut_off_and_on() -> Result<()> {
     assert_eq!(
         counter(&after, "shortcut_sockets"),
         counter(&before, "shortcut_sockets")
+    );
+    Ok(())
+}
+
+/// `meshlane.io/shortcut-app: "true"`: the apps' own legs join too (app ->
+/// its sidecar, and the sidecar's 127.0.0.6 leg to the app), so every hop
+/// of the path a -> sidecar a -> sidecar b -> b is a redirect. The apps
+/// here cope with EAGAIN as event-loop apps do; the test above, whose apps
+/// do not, proves that pods without the annotation keep their apps off.
+#[test]
+fn app_legs_join_in_pods_that_opt_in() -> Result<()> {
+    let s = setup("shortapp", true)?;
+    let pods = [
+        PodSpec::meshed(&s.a).annotate("meshlane.io/shortcut-app", "true"),
+        PodSpec::meshed(&s.b).annotate("meshlane.io/shortcut-app", "true"),
+    ];
+    let agent = Agent::start_on(&s.sb, 1, &pods, &["--shortcut", "on"])?;
+    let before = counters(&agent)?;
+    let buffered = battery(&s, "shortcut on, app legs")?;
+    let after = counters(&agent)?;
+    let delta = |name: &str| counter(&after, name) - counter(&before, name);
+    let (sockets, redirected, no_peer, fell_back) = (
+        delta("shortcut_sockets"),
+        delta("shortcut_redirected"),
+        delta("shortcut_no_peer"),
+        delta("shortcut_fell_back"),
+    );
+    eprintln!(
+        "app legs: {sockets} sockets joined, {redirected} messages redirected, \
+         {no_peer} first sends without a peer, {fell_back} moved to TCP, \
+         {buffered} bytes accepted while the reader stalled"
+    );
+    // Six sockets per connection (three legs), more than 70 connections.
+    assert!(sockets >= 6 * 70, "sockets joined: {sockets}; {after}");
+    assert!(
+        redirected > 1_000,
+        "messages redirected: {redirected}; {after}"
+    );
+    assert!(
+        buffered < 40 << 20,
+        "app legs: {buffered} bytes of 64 MiB accepted while the reader stalled"
+    );
+    assert!(
+        fell_back >= 1,
+        "a stalled reader, yet nothing moved to TCP: {after}"
+    );
+    // Per pod: each pod's app and sidecar ends joined.
+    let st = agent.status_cmd()?;
+    let per_pod = st["pod_counters"].as_object().cloned().unwrap_or_default();
+    assert_eq!(per_pod.len(), 2, "{st}");
+    for (name, c) in &per_pod {
+        let joined = c["shortcut_sockets"].as_u64().unwrap_or(0);
+        assert!(
+            joined >= 3 * 70,
+            "pod {name}: {joined} sockets joined; {st}"
+        );
+    }
+    assert_eq!(
+        settled_occupancy(&agent)?,
+        0,
+        "sockhash entries left behind"
     );
     Ok(())
 }

@@ -83,6 +83,9 @@ pub mod flags {
     /// `meshlane.io/shortcut: "false"`: this pod's sockets never take the
     /// same-node socket shortcut.
     pub const NO_SHORTCUT: u32 = 1 << 6;
+    /// `meshlane.io/shortcut-app: "true"`: the app's own sockets join the
+    /// shortcut too (app <-> its sidecar; the sidecar's 127.0.0.6 leg).
+    pub const SHORTCUT_APP: u32 = 1 << 7;
 }
 
 /// One meshed pod, as the kernel sees it. Keyed by the pod's network

@@ -1,14 +1,18 @@
-//! The same-node shortcut: a send on one end of a proxy-to-proxy leg between
-//! pods of this node goes straight into the receive queue of the other end
-//! (bpf_msg_redirect_hash), skipping the veth, bridge and TCP stack.
+//! The same-node shortcut: a send on one end of a leg of the mesh path whose
+//! two sockets are on this node goes straight into the receive queue of the
+//! other end (bpf_msg_redirect_hash), skipping the loopback or veth and the
+//! TCP stack.
 //!
-//! Why only the proxies' legs, not app <-> sidecar: a socket in a sockmap
-//! reads through tcp_bpf_recvmsg, which on the kernels we test (6.18) returns
+//! Which legs: sidecar to sidecar always (when the shortcut is on); the
+//! app's own legs (app -> its sidecar, sidecar -> app from 127.0.0.6) only in
+//! pods with `meshlane.io/shortcut-app: "true"`. A socket in a sockmap reads
+//! through tcp_bpf_recvmsg, which on the kernels we test (6.18) returns
 //! EAGAIN to a *blocking* read that is woken without data, e.g. by another
-//! thread writing on the same socket. Proxies use non-blocking sockets and
-//! retry; applications that read in one thread and write in another would
-//! see errors. Found by the shortcut tests (tests/tests/shortcut.rs) when app
-//! sockets were included: their blocking echo client failed with EAGAIN.
+//! thread writing on the same socket or by ACKs freeing send space. Proxies
+//! and event-loop apps (non-blocking sockets: Go, Netty, Node, Envoy) retry;
+//! an app that reads with blocking calls would see errors. Found by the
+//! shortcut tests (tests/tests/shortcut.rs): their blocking echo client
+//! failed with EAGAIN when app sockets joined unconditionally.
 //!
 //! Backpressure: a redirected message is queued on the receiving socket
 //! without regard to its receive buffer (bpf_tcp_ingress charges memory but

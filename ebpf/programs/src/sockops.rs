@@ -12,7 +12,9 @@
 //! - proxy listeners: at listen() on a capture port, the listener goes into
 //!   `LISTENERS`, where sk_lookup and connect4 find it.
 //! - the same-node shortcut: both ends of a proxy-to-proxy leg between pods
-//!   of this node go into `SOCKS` (see `shortcut.rs` for why only those).
+//!   of this node go into `SOCKS`; in pods with `meshlane.io/shortcut-app`,
+//!   both ends of the app <-> sidecar legs too (see `shortcut.rs` for why
+//!   those are opt-in).
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
@@ -102,15 +104,26 @@ unsafe fn track(ctx: &SockOpsContext) {
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-            unsafe { publish_orig_dst(ctx, netns_cookie) };
+            let redirected = unsafe { publish_orig_dst(ctx, netns_cookie) };
             if unsafe { proxy_leg(ctx) } {
-                unsafe { join_shortcut(ctx, netns_cookie) };
+                unsafe { join_shortcut(ctx, netns_cookie, Leg::Proxy) };
+            } else if redirected || field!(ops, local_ip4) == INBOUND_PASSTHROUGH_BE {
+                // The app's connection to its sidecar, or the sidecar's
+                // connection to its app from 127.0.0.6.
+                unsafe { join_shortcut(ctx, netns_cookie, Leg::App) };
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-            if unsafe { take_orig_dst(ctx, netns_cookie) } {
-                unsafe { join_shortcut(ctx, netns_cookie) };
+            match unsafe { take_orig_dst(ctx, netns_cookie) } {
+                Accepted::InboundCaptured => unsafe {
+                    join_shortcut(ctx, netns_cookie, Leg::Proxy)
+                },
+                Accepted::Redirected => unsafe { join_shortcut(ctx, netns_cookie, Leg::App) },
+                Accepted::Other if field!(ops, remote_ip4) == INBOUND_PASSTHROUGH_BE => unsafe {
+                    join_shortcut(ctx, netns_cookie, Leg::App)
+                },
+                Accepted::Other => {}
             }
         }
         BPF_SOCK_OPS_STATE_CB if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
@@ -123,32 +136,34 @@ unsafe fn track(ctx: &SockOpsContext) {
 }
 
 /// Client side of a redirected connection: publish its original destination
-/// for the proxy's side.
+/// for the proxy's side. True when this socket was redirected (by connect4)
+/// to its own pod's proxy.
 #[inline(always)]
-unsafe fn publish_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) {
+unsafe fn publish_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
     let ops: *const bpf_sock_ops = ctx.ops;
     let sk = field!(ops, __bindgen_anon_2.sk);
     if sk.is_null() {
-        return;
+        return false;
     }
     let st = unsafe { bpf_sk_storage_get(orig_dst_map(), sk.cast(), core::ptr::null_mut(), 0) }
         as *const OrigDst;
     if st.is_null() {
-        return;
+        return false;
     }
     let orig = unsafe { *st };
     if orig.role != role::REDIRECTED_CLIENT {
-        return;
+        return false;
     }
     let key = flow_key(ops, netns_cookie, true);
     if IN_FLIGHT.insert(key, orig, 0).is_err() {
         count(stat::RECORD_FAILED);
-        return;
+        return true;
     }
     // Ask for state changes of this socket so the entry is removed when it
     // closes, whether or not the proxy side took it.
     let _ =
         ctx.set_cb_flags((field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    true
 }
 
 /// True when connect4 marked this socket as a proxy dialling a pod of this
@@ -173,10 +188,10 @@ unsafe fn proxy_leg(ctx: &SockOpsContext) -> bool {
 /// captured records its own local address. Returns true for the latter (the
 /// proxy's end of a connection from outside the pod).
 #[inline(always)]
-unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
+unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> Accepted {
     let ops: *const bpf_sock_ops = ctx.ops;
     let key = flow_key(ops, netns_cookie, false);
-    let mut inbound = false;
+    let mut taken = Accepted::Redirected;
     // SAFETY: copied out at once.
     let mut mine = match unsafe { IN_FLIGHT.get(key) } {
         Some(orig) => OrigDst {
@@ -185,14 +200,14 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
         },
         None => {
             let Some(cfg) = (unsafe { PODS.get(netns_cookie) }).copied() else {
-                return false;
+                return Accepted::Other;
             };
             let (local_port, _) = ports_of(ops);
             // Addressed to the capture port itself, or REDIRECTed there by
             // iptables rules still in the pod (a migration in progress):
             // conntrack, not us, knows the original destination.
             if local_port == cfg.inbound_capture_port {
-                return false;
+                return Accepted::Other;
             }
             let arrival = Arrival {
                 tcp: true,
@@ -201,9 +216,9 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
             };
             if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival) != InboundVerdict::Capture
             {
-                return false;
+                return Accepted::Other;
             }
-            inbound = true;
+            taken = Accepted::InboundCaptured;
             OrigDst {
                 addr_be: field!(ops, local_ip4),
                 port_be: local_port.to_be(),
@@ -213,7 +228,7 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
     };
     let sk = field!(ops, __bindgen_anon_2.sk);
     if sk.is_null() {
-        return false;
+        return Accepted::Other;
     }
     let st = unsafe {
         bpf_sk_storage_get(
@@ -227,7 +242,7 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
         count(stat::RECORD_FAILED);
     }
     let _ = IN_FLIGHT.remove(key);
-    inbound
+    taken
 }
 
 /// A listener on a capture port becomes findable by sk_lookup (inbound) and
@@ -271,17 +286,40 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     }
 }
 
-/// One end of a proxy-to-proxy leg goes into the shortcut sockhash, unless
-/// the shortcut is off (node-wide or for the pod).
+/// The 127.0.0.6 a sidecar connects to its app from (Istio's inbound
+/// passthrough source), as sockops sees addresses (network byte order).
+const INBOUND_PASSTHROUGH_BE: u32 = 0x7f00_0006u32.to_be();
+
+/// What an accepted connection turned out to be.
+enum Accepted {
+    /// The proxy's end of an app's connection redirected to it (connect4).
+    Redirected,
+    /// The proxy's end of a connection sk_lookup captured from outside.
+    InboundCaptured,
+    Other,
+}
+
+/// Which leg of the mesh path a socket is on.
+#[derive(PartialEq, Eq)]
+enum Leg {
+    /// Sidecar to sidecar, between pods of this node.
+    Proxy,
+    /// App to its own sidecar, or sidecar to its own app from 127.0.0.6:
+    /// only for pods with `meshlane.io/shortcut-app: "true"`.
+    App,
+}
+
+/// One end of a leg goes into the shortcut sockhash, unless the shortcut is
+/// off (node-wide or for the pod).
 #[inline(always)]
-unsafe fn join_shortcut(ctx: &SockOpsContext, netns_cookie: u64) {
+unsafe fn join_shortcut(ctx: &SockOpsContext, netns_cookie: u64, leg: Leg) {
     if !setting_on(setting::SHORTCUT) {
         return;
     }
     let Some(cfg) = (unsafe { PODS.get(netns_cookie) }) else {
         return;
     };
-    if cfg.has(flags::NO_SHORTCUT) {
+    if cfg.has(flags::NO_SHORTCUT) || (leg == Leg::App && !cfg.has(flags::SHORTCUT_APP)) {
         return;
     }
     let ops: *const bpf_sock_ops = ctx.ops;

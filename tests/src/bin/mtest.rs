@@ -111,6 +111,10 @@ enum Cmd {
         /// Wait this long before reading each connection (a stalled reader).
         #[arg(long, default_value_t = 0)]
         stall_ms: u64,
+        /// Treat EAGAIN on a blocking socket as "wait again", as an
+        /// event-loop app does (for sockets in the shortcut).
+        #[arg(long)]
+        retry_eagain: bool,
     },
     /// Byte-stream client: deterministic payloads, checked end to end;
     /// prints one JSON line.
@@ -133,6 +137,9 @@ enum Cmd {
         /// Report how many bytes were sent after this many milliseconds.
         #[arg(long)]
         sample_after_ms: Option<u64>,
+        /// Treat EAGAIN on a blocking socket as "wait again".
+        #[arg(long)]
+        retry_eagain: bool,
     },
     /// Print raw getsockopt results of a connected TCP socket as a JSON list.
     Sockopts {
@@ -157,7 +164,13 @@ fn main() -> Result<()> {
             listen,
             echo,
             stall_ms,
-        } => meshlane_tests::stream::serve(listen, echo, Duration::from_millis(stall_ms)),
+            retry_eagain,
+        } => meshlane_tests::stream::serve(
+            listen,
+            echo,
+            Duration::from_millis(stall_ms),
+            retry_eagain,
+        ),
         Cmd::StreamClient {
             connect,
             conns,
@@ -167,6 +180,7 @@ fn main() -> Result<()> {
             echo,
             close_after,
             sample_after_ms,
+            retry_eagain,
         } => {
             let r = meshlane_tests::stream::client(&meshlane_tests::stream::ClientOpts {
                 connect,
@@ -177,6 +191,7 @@ fn main() -> Result<()> {
                 echo,
                 close_after,
                 sample_after: sample_after_ms.map(Duration::from_millis),
+                retry_eagain,
             });
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
