@@ -216,8 +216,44 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// One request and its response on `s`.
 fn exchange(s: &mut TcpStream, req: &[u8], resp: &mut [u8]) -> std::io::Result<()> {
-    s.write_all(req)?;
-    s.read_exact(resp)
+    write_all(s, req)?;
+    read_exact(s, resp, IO_TIMEOUT)
+}
+
+/// `read_exact` that waits again on EAGAIN before `timeout`: a socket in
+/// the shortcut's sockhash (mode meshlane+shortcut-app) reads through the
+/// kernel's tcp_bpf_recvmsg, which wakes a blocking read with EAGAIN when no
+/// data came, where an event-loop app would just wait again. On plain TCP a
+/// blocking read returns EAGAIN only when its socket timeout expires, which
+/// is past `timeout`, so other modes behave as before.
+fn read_exact(s: &mut TcpStream, mut buf: &mut [u8], timeout: Duration) -> std::io::Result<()> {
+    let start = Instant::now();
+    while !buf.is_empty() {
+        match s.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < timeout => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` with the same EAGAIN rule as [`read_exact`].
+fn write_all(s: &mut TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    let start = Instant::now();
+    while !buf.is_empty() {
+        match s.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < IO_TIMEOUT => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// connect, one exchange, close.
@@ -390,11 +426,11 @@ fn rr_worker(a: &ClientArgs, sh: &Shared) -> Result<()> {
 
 fn stream_worker(a: &ClientArgs, sh: &Shared) -> Result<()> {
     let mut s = connect(a.connect).with_context(|| format!("connecting to {}", a.connect))?;
-    s.write_all(&Kind::Sink.header())?;
+    write_all(&mut s, &Kind::Sink.header())?;
     let chunk = vec![0x5au8; a.size.max(1) as usize];
     let mut written: u64 = 0;
     while sh.phase() != STOP {
-        s.write_all(&chunk).context("streaming write")?;
+        write_all(&mut s, &chunk).context("streaming write")?;
         written += chunk.len() as u64;
         sh.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
@@ -402,7 +438,7 @@ fn stream_worker(a: &ClientArgs, sh: &Shared) -> Result<()> {
     s.shutdown(Shutdown::Write)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut total = [0u8; 8];
-    s.read_exact(&mut total)
+    read_exact(&mut s, &mut total, Duration::from_secs(30))
         .context("reading the server's byte count")?;
     let got = u64::from_le_bytes(total);
     let sent = written + super::proto::HEADER_LEN as u64;

@@ -182,11 +182,13 @@ pub struct Row {
 }
 
 /// The (subject, reference) pairs every row compares.
-const RATIOS: [(Mode, Mode); 4] = [
+const RATIOS: [(Mode, Mode); 6] = [
     (Mode::Meshlane, Mode::Iptables),
     (Mode::Meshlane, Mode::Explicit),
     (Mode::MeshlaneShortcut, Mode::Iptables),
     (Mode::MeshlaneShortcut, Mode::Explicit),
+    (Mode::MeshlaneShortcutApp, Mode::Iptables),
+    (Mode::MeshlaneShortcutApp, Mode::Explicit),
 ];
 
 fn ratio_key(a: Mode, b: Mode) -> String {
@@ -296,7 +298,27 @@ pub fn goals(res: &Results, rows: &[Row]) -> Vec<Goal> {
         Mode::Iptables,
         |x| x >= 1.8,
     );
-    for mode in [Mode::Meshlane, Mode::MeshlaneShortcut] {
+    ratio_goal(
+        "64 B request/response p50: meshlane+shortcut-app <= 0.6x iptables",
+        Bench::Rr64,
+        "p50_us",
+        Mode::MeshlaneShortcutApp,
+        Mode::Iptables,
+        |x| x <= 0.6,
+    );
+    ratio_goal(
+        "64 KB streaming: meshlane+shortcut-app >= 1.8x iptables",
+        Bench::Stream64k,
+        "gbit_per_s",
+        Mode::MeshlaneShortcutApp,
+        Mode::Iptables,
+        |x| x >= 1.8,
+    );
+    for mode in [
+        Mode::Meshlane,
+        Mode::MeshlaneShortcut,
+        Mode::MeshlaneShortcutApp,
+    ] {
         let mut worst: Option<(f64, &str)> = None;
         for b in Bench::ALL {
             let key = metrics(b)[0].key;
@@ -329,11 +351,12 @@ pub fn goals(res: &Results, rows: &[Row]) -> Vec<Goal> {
             },
         });
     }
-    for s in res
-        .scale
-        .iter()
-        .filter(|s| matches!(s.mode, Mode::Meshlane | Mode::MeshlaneShortcut))
-    {
+    for s in res.scale.iter().filter(|s| {
+        matches!(
+            s.mode,
+            Mode::Meshlane | Mode::MeshlaneShortcut | Mode::MeshlaneShortcutApp
+        )
+    }) {
         let added = |pick: fn(&Snapshot) -> u64| {
             [&s.held, &s.churned]
                 .iter()
@@ -627,8 +650,12 @@ pub fn markdown(res: &Results) -> String {
             }
         }
     }
-    for sr in &res.shapes {
-        if let Some(runs) = sr.runs.get(&Mode::MeshlaneShortcut) {
+    for (sr, mode) in res
+        .shapes
+        .iter()
+        .flat_map(|sr| [Mode::MeshlaneShortcut, Mode::MeshlaneShortcutApp].map(|m| (sr, m)))
+    {
+        if let Some(runs) = sr.runs.get(&mode) {
             let msgs: u64 = runs.shortcut_msgs.iter().sum();
             let (ops, bytes): (u64, u64) = runs
                 .reports
@@ -644,8 +671,9 @@ pub fn markdown(res: &Results) -> String {
                     )
                 };
                 notes.push(format!(
-                    "{} in meshlane+shortcut: {} messages redirected by the shortcut, {per}",
+                    "{} in {}: {} messages redirected by the shortcut, {per}",
                     sr.bench.name(),
+                    mode.name(),
                     fmt_count(msgs)
                 ));
             }
@@ -813,6 +841,7 @@ pub fn svg(res: &Results, bench: Bench) -> String {
             Mode::Iptables => "#e57373",
             Mode::Meshlane => "#42a5f5",
             Mode::MeshlaneShortcut => "#1565c0",
+            Mode::MeshlaneShortcutApp => "#0d2c6b",
         };
         let _ = writeln!(
             s,

@@ -79,15 +79,21 @@ pub enum Mode {
     #[value(name = "meshlane+shortcut")]
     #[serde(rename = "meshlane+shortcut")]
     MeshlaneShortcut,
+    /// The agent, shortcut on, and both pods annotated
+    /// `meshlane.io/shortcut-app: "true"`: all three legs redirected.
+    #[value(name = "meshlane+shortcut-app")]
+    #[serde(rename = "meshlane+shortcut-app")]
+    MeshlaneShortcutApp,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Direct,
         Mode::Explicit,
         Mode::Iptables,
         Mode::Meshlane,
         Mode::MeshlaneShortcut,
+        Mode::MeshlaneShortcutApp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +103,7 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Meshlane => "meshlane",
             Mode::MeshlaneShortcut => "meshlane+shortcut",
+            Mode::MeshlaneShortcutApp => "meshlane+shortcut-app",
         }
     }
 
@@ -104,8 +111,18 @@ impl Mode {
         match self {
             Mode::Direct | Mode::Explicit => BedKind::Plain,
             Mode::Iptables => BedKind::Iptables,
-            Mode::Meshlane => BedKind::Agent { shortcut: false },
-            Mode::MeshlaneShortcut => BedKind::Agent { shortcut: true },
+            Mode::Meshlane => BedKind::Agent {
+                shortcut: false,
+                app_legs: false,
+            },
+            Mode::MeshlaneShortcut => BedKind::Agent {
+                shortcut: true,
+                app_legs: false,
+            },
+            Mode::MeshlaneShortcutApp => BedKind::Agent {
+                shortcut: true,
+                app_legs: true,
+            },
         }
     }
 
@@ -337,7 +354,7 @@ pub struct Results {
 enum BedKind {
     Plain,
     Iptables,
-    Agent { shortcut: bool },
+    Agent { shortcut: bool, app_legs: bool },
 }
 
 /// One sandbox node with pods A (client) and B (server), their sidecars and
@@ -541,8 +558,13 @@ fn build(kind: BedKind, opts: &Options) -> Result<Testbed> {
     let tag = match kind {
         BedKind::Plain => "bench-pl",
         BedKind::Iptables => "bench-ipt",
-        BedKind::Agent { shortcut: false } => "bench-ml",
-        BedKind::Agent { shortcut: true } => "bench-mls",
+        BedKind::Agent {
+            shortcut: false, ..
+        } => "bench-ml",
+        BedKind::Agent {
+            app_legs: false, ..
+        } => "bench-mls",
+        BedKind::Agent { .. } => "bench-mla",
     };
     let mut sb = Sandbox::new(tag)?;
     let a = sb.add_pod("a")?;
@@ -588,8 +610,15 @@ fn build(kind: BedKind, opts: &Options) -> Result<Testbed> {
             sb.iptables_restore(&b, &basic, false)?;
             None
         }
-        BedKind::Agent { shortcut } => {
-            let pods = [PodSpec::meshed(&a), PodSpec::meshed(&b)];
+        BedKind::Agent { shortcut, app_legs } => {
+            let pods = [&a, &b].map(|p| {
+                let spec = PodSpec::meshed(p);
+                if app_legs {
+                    spec.annotate("meshlane.io/shortcut-app", "true")
+                } else {
+                    spec
+                }
+            });
             let flag = if shortcut {
                 "--shortcut=on"
             } else {
