@@ -135,6 +135,7 @@ const H_SK_STORAGE_DELETE: u32 = 108;
 const H_NETNS_COOKIE: u32 = 122;
 const H_SK_ASSIGN: u32 = 124;
 const H_SK_RELEASE: u32 = 86;
+const H_PROBE_READ_KERNEL: u32 = 113;
 
 fn hook_name(prog_type: u32, attach: Option<u32>) -> String {
     match (prog_type, attach) {
@@ -184,6 +185,7 @@ fn helper_name(id: u32) -> String {
         H_NETNS_COOKIE => "bpf_get_netns_cookie".into(),
         H_SK_ASSIGN => "bpf_sk_assign".into(),
         H_SK_RELEASE => "bpf_sk_release".into(),
+        H_PROBE_READ_KERNEL => "bpf_probe_read_kernel".into(),
         other => format!("bpf helper #{other}"),
     }
 }
@@ -230,6 +232,12 @@ fn helper_min(prog_type: u32, attach: Option<u32>, helper: u32) -> Option<&'stat
         // (Andrey Ignatov, v5.0 cycle). Not re-checked: the probe asks the
         // kernel either way, only this message's version depends on it.
         (PT_SOCK_ADDR, H_SK_RELEASE) => "5.0",
+        // The shortcut's backpressure reads a peer's queue. bpf_probe_read_kernel
+        // (5.5) is offered to networking programs by bpf_base_func_proto to
+        // CAP_PERFMON holders (added with CAP_PERFMON, 5.8). Not re-checked
+        // against the commit; the 6.1 VM row loads it, and the probe asks the
+        // kernel either way, only this message's version depends on it.
+        (PT_SK_MSG, H_PROBE_READ_KERNEL) => "5.8",
         // Not confirmed which release allowed it in cgroup sockopt programs;
         // the same series as sockops (5.15) is assumed for the message. The
         // probe itself asks the kernel.
