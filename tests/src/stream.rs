@@ -34,16 +34,22 @@ struct Retrying<'a> {
 }
 
 impl Retrying<'_> {
-    fn again<T>(&self, mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
-        let start = Instant::now();
-        loop {
-            match f() {
-                Err(e)
-                    if self.retry
-                        && e.kind() == std::io::ErrorKind::WouldBlock
-                        && start.elapsed() < IO_TIMEOUT => {}
-                other => return other,
-            }
+    fn again<T>(&self, f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+        retry_eagain(self.retry, f)
+    }
+}
+
+/// Calls `f` until it does not fail with EAGAIN, if `retry` (and for at most
+/// IO_TIMEOUT); otherwise once.
+fn retry_eagain<T>(retry: bool, mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Err(e)
+                if retry
+                    && e.kind() == std::io::ErrorKind::WouldBlock
+                    && start.elapsed() < IO_TIMEOUT => {}
+            other => return other,
         }
     }
 }
@@ -65,20 +71,16 @@ impl Write for Retrying<'_> {
     }
 }
 
-/// Runs a raw system call that returns -1 with errno; with `retry`, EAGAIN
-/// waits again (bounded by IO_TIMEOUT).
+/// Runs a raw system call that returns -1 with errno, under [`retry_eagain`].
 fn syscall_retrying(retry: bool, mut f: impl FnMut() -> isize) -> std::io::Result<usize> {
-    let start = Instant::now();
-    loop {
+    retry_eagain(retry, || {
         let r = f();
-        if r >= 0 {
-            return Ok(r as usize);
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
         }
-        let e = std::io::Error::last_os_error();
-        if !(retry && e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < IO_TIMEOUT) {
-            return Err(e);
-        }
-    }
+    })
 }
 
 /// FNV-1a over a stream, 64-bit.

@@ -183,7 +183,7 @@ fn self_cpu_us() -> f64 {
 }
 
 pub fn run(args: &ClientArgs) -> Result<Report> {
-    raise_soft_nofile();
+    sys::raise_soft_nofile();
     let report = match args.shape {
         Shape::Crr | Shape::Rr | Shape::Stream => windowed(args)?,
         Shape::Churn => churn(args)?,
@@ -192,18 +192,27 @@ pub fn run(args: &ClientArgs) -> Result<Report> {
     Ok(report)
 }
 
-fn raise_soft_nofile() {
-    // SAFETY: getrlimit/setrlimit on a stack struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+/// Waits until `window` has passed since `t0`, or until all `workers` have
+/// reported done (each sends one message when it ends).
+/// Returns how many reported.
+fn wait_for_workers(
+    done_rx: &mpsc::Receiver<()>,
+    workers: u32,
+    t0: Instant,
+    window: Duration,
+) -> u32 {
+    let mut finished = 0;
+    while finished < workers {
+        let left = window.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        match done_rx.recv_timeout(left) {
+            Ok(()) => finished += 1,
+            Err(_) => break,
         }
     }
+    finished
 }
 
 fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -305,19 +314,13 @@ fn windowed(args: &ClientArgs) -> Result<Report> {
     );
     let t0 = Instant::now();
     shared.phase.store(MEASURE, Ordering::Relaxed);
-    let window = Duration::from_millis(args.duration_ms);
     // Ends early only if every worker gave up.
-    let mut finished = 0;
-    while finished < workers {
-        let left = window.saturating_sub(t0.elapsed());
-        if left.is_zero() {
-            break;
-        }
-        match done_rx.recv_timeout(left) {
-            Ok(()) => finished += 1,
-            Err(_) => break,
-        }
-    }
+    wait_for_workers(
+        &done_rx,
+        workers,
+        t0,
+        Duration::from_millis(args.duration_ms),
+    );
     let (ops1, bytes1) = (
         shared.ops.load(Ordering::Relaxed),
         shared.bytes.load(Ordering::Relaxed),
@@ -492,17 +495,7 @@ fn churn(args: &ClientArgs) -> Result<Report> {
     }
     drop(done_tx);
     let limit = Duration::from_millis(args.duration_ms);
-    let mut finished = 0;
-    while finished < workers {
-        let left = limit.saturating_sub(t0.elapsed());
-        if left.is_zero() {
-            break;
-        }
-        match done_rx.recv_timeout(left) {
-            Ok(()) => finished += 1,
-            Err(_) => break,
-        }
-    }
+    let finished = wait_for_workers(&done_rx, workers, t0, limit);
     let elapsed = t0.elapsed();
     let ops = shared.ops.load(Ordering::Relaxed);
     let c1 = cpu_mark(&args.cpu_pids);

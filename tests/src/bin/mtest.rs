@@ -344,22 +344,6 @@ fn drop_to(ids: &str) -> Result<()> {
     Ok(())
 }
 
-/// Raises the soft open-file limit to the hard one: a proxy holding
-/// thousands of connections needs two descriptors for each.
-fn raise_nofile_limit() {
-    // SAFETY: getrlimit/setrlimit on a stack struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 async fn sidecar(
     log: PathBuf,
     outbound: u16,
@@ -367,7 +351,7 @@ async fn sidecar(
     transparent_as: Option<String>,
     fixed: [Option<SocketAddrV4>; 2],
 ) -> Result<()> {
-    raise_nofile_limit();
+    meshlane_tests::bench::sys::raise_soft_nofile();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
