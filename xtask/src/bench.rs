@@ -26,6 +26,10 @@ pub struct Args {
     /// Skip the kept-connections and churn runs.
     #[arg(long)]
     no_scale: bool,
+    /// How idle CPUs wait during the run: poll (the default: no hypervisor
+    /// round trip per wake-up, see README) or os (leave the machine as is).
+    #[arg(long, default_value = "poll")]
+    cpu_idle: String,
     /// Copy the results into README.md's "Benchmark" section afterwards.
     #[arg(long)]
     readme: bool,
@@ -55,7 +59,15 @@ pub fn bench(args: &Args) -> Result<()> {
         .current_dir(root()))?;
     let out = target_dir().join("bench");
     let mut cmd = Command::new(target_dir().join("release/mbench"));
-    cmd.args(["run", "--proxy", &args.proxy, "--out"]).arg(&out);
+    cmd.args([
+        "run",
+        "--proxy",
+        &args.proxy,
+        "--cpu-idle",
+        &args.cpu_idle,
+        "--out",
+    ])
+    .arg(&out);
     if args.quick {
         cmd.arg("--quick");
     }

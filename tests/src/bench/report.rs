@@ -487,7 +487,7 @@ pub fn markdown(res: &Results) -> String {
     let _ = writeln!(
         s,
         "Machine: {}, {} CPUs, {} GiB, Linux {}, nf_conntrack_max {}; load average {:.2} at the \
-         start and {:.2} at the end{}.\n",
+         start and {:.2} at the end{}.{}\n",
         m.cpu,
         m.cpus,
         m.memory_gib,
@@ -495,7 +495,12 @@ pub fn markdown(res: &Results) -> String {
         opt(m.nf_conntrack_max, |v| v.to_string()),
         m.load_start,
         m.load_end,
-        opt(m.git_commit.clone(), |c| format!("; commit {c}"))
+        opt(m.git_commit.clone(), |c| format!("; commit {c}")),
+        if m.cpu_idle.is_empty() {
+            String::new()
+        } else {
+            format!(" CPU idle: {}.", m.cpu_idle)
+        }
     );
     let _ = writeln!(
         s,

@@ -257,6 +257,8 @@ pub struct Options {
     pub relay_buffer: Option<u32>,
     /// The open-file limit the run's processes inherit (set by [`run`]).
     pub nofile: u64,
+    /// Keep idle CPUs polling during the run ([`sys::IdleHold`]).
+    pub idle_poll: bool,
 }
 
 /// How a mode came out.
@@ -739,6 +741,10 @@ pub fn run(opts: &Options) -> Result<Results> {
     opts.nofile = nofile;
     let opts = &opts;
     let mut machine = sys::machine(&root);
+    // Held until the run returns.
+    let idle = sys::IdleHold::new(opts.idle_poll);
+    machine.cpu_idle = idle.description.clone();
+    say(&format!("CPU idle: {}", idle.description));
     let started_utc = utc_now();
     let mut notes = Vec::new();
     // A sidecar holds two sockets per connection; leave room for its

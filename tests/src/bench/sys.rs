@@ -252,6 +252,9 @@ pub struct Machine {
     pub load_start: f64,
     pub load_end: f64,
     pub git_commit: Option<String>,
+    /// How idle CPUs waited for work during the run (see [`IdleHold`]).
+    #[serde(default)]
+    pub cpu_idle: String,
 }
 
 pub fn loadavg() -> f64 {
@@ -294,6 +297,69 @@ pub fn machine(root: &Path) -> Machine {
         load_start: loadavg(),
         load_end: 0.0,
         git_commit,
+        cpu_idle: String::new(),
+    }
+}
+
+/// The cpuidle driver and governor, for the run's description.
+fn cpuidle_setup() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/cpuidle/{p}"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    format!(
+        "cpuidle driver {}, governor {}",
+        read("current_driver"),
+        read("current_governor_ro")
+    )
+}
+
+/// Keeps idle CPUs polling for the life of the value: a PM QoS request of 0 µs
+/// wake-up latency on `/dev/cpu_dma_latency`, the same request tuned's
+/// latency-performance profile makes. On a virtual machine an idle vCPU
+/// otherwise halts, and waking it costs an exit to the host and back, tens
+/// of microseconds that every hop of every mode pays alike and that hide what
+/// the modes do differently. The kernel drops the request when the file is
+/// closed, so nothing outlives the run (even if it is killed).
+pub struct IdleHold {
+    _file: Option<std::fs::File>,
+    /// For the results: what was held, or why not.
+    pub description: String,
+}
+
+impl IdleHold {
+    pub fn new(hold: bool) -> IdleHold {
+        let setup = cpuidle_setup();
+        if !hold {
+            return IdleHold {
+                _file: None,
+                description: format!("as the machine has it ({setup}; --cpu-idle os)"),
+            };
+        }
+        let held = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu_dma_latency")
+            .and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(&0i32.to_ne_bytes())?;
+                Ok(f)
+            });
+        match held {
+            Ok(f) => IdleHold {
+                _file: Some(f),
+                description: format!(
+                    "idle CPUs poll for work (/dev/cpu_dma_latency held at 0 µs; {setup})"
+                ),
+            },
+            Err(e) => IdleHold {
+                _file: None,
+                description: format!(
+                    "as the machine has it ({setup}): holding /dev/cpu_dma_latency at 0 \
+                     failed: {e}"
+                ),
+            },
+        }
     }
 }
 

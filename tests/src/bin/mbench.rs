@@ -59,6 +59,12 @@ enum Cmd {
         /// Override the measured window per run, ms.
         #[arg(long)]
         duration_ms: Option<u64>,
+        /// How idle CPUs wait during the run: `poll` holds
+        /// /dev/cpu_dma_latency at 0 (as tuned's latency-performance
+        /// profile does) so wake-ups cost no trip through the hypervisor;
+        /// `os` leaves the machine as it is.
+        #[arg(long, value_enum, default_value = "poll")]
+        cpu_idle: CpuIdle,
     },
     /// Redraw results.md and the charts from a results.json.
     Report {
@@ -76,6 +82,12 @@ enum Cmd {
     Client(ClientArgs),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CpuIdle {
+    Poll,
+    Os,
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Run {
@@ -89,6 +101,7 @@ fn main() -> Result<()> {
             relay_buffer,
             reps,
             duration_ms,
+            cpu_idle,
         } => {
             let mut plan = if quick { Plan::quick() } else { Plan::full() };
             if let Some(r) = reps {
@@ -117,6 +130,7 @@ fn main() -> Result<()> {
                 bpf_stats,
                 relay_buffer,
                 nofile: 0,
+                idle_poll: cpu_idle == CpuIdle::Poll,
             })?;
             let md = report::write_all(&results, &out)?;
             println!("{md}");
