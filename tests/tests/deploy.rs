@@ -37,7 +37,7 @@ fn scenarios() -> Vec<(&'static str, Json)> {
                 "image": {"repository": "registry.example/mesh/meshlane", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
                 // OpenShift-style uid: Helm holds it as float64 (1.00067e+09).
                 "mesh": {"proxyUid": 1_000_670_000, "outboundCapturePort": 4140, "inboundCapturePort": 4143},
-                "shortcut": {"enabled": true},
+                "shortcut": {"enabled": true, "maxQueuedBytes": 1_048_576},
                 "logLevel": "meshlane=debug,info",
                 "http": {"bindAddress": "0.0.0.0", "port": 15999},
                 "host": {"bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup/unified", "netns": "/var/run/netns"},
@@ -415,6 +415,11 @@ fn expected_flags(r: &Render, node: &str) -> Vec<(&'static str, &'static str, Js
             } else {
                 "off"
             }),
+        ),
+        (
+            "--shortcut-max-queued",
+            "shortcut_max_queued",
+            num("shortcut.maxQueuedBytes"),
         ),
         ("--log-level", "log_level", r.v("logLevel").clone()),
         ("--cgroup", "cgroup", json!("/host/cgroup")),
