@@ -612,6 +612,7 @@ pub fn markdown(res: &Results) -> String {
             );
         }
     }
+    cost_table(res, &rows, &mut s);
     bpf_table(res, &mut s);
     // Notes.
     let mut notes: Vec<String> = Vec::new();
@@ -705,6 +706,98 @@ pub fn markdown(res: &Results) -> String {
         }
     }
     s
+}
+
+/// What each interception adds to the floor (explicit: the same sidecars,
+/// dialled directly): the part of a number that is the interception's own,
+/// which the plain ratios dilute with the sidecars' cost.
+const COSTS: [(Bench, &str, &[&str]); 7] = [
+    (
+        Bench::Crr,
+        "CPU + softirq µs per connection",
+        &["cpu_us_per_op", "softirq_us_per_op"],
+    ),
+    (Bench::Crr, "p50 latency µs", &["p50_us"]),
+    (
+        Bench::Rr64,
+        "CPU + softirq µs per request",
+        &["cpu_us_per_op", "softirq_us_per_op"],
+    ),
+    (Bench::Rr64, "p50 latency µs", &["p50_us"]),
+    (
+        Bench::Rr16k,
+        "CPU + softirq µs per request",
+        &["cpu_us_per_op", "softirq_us_per_op"],
+    ),
+    (Bench::Stream1k, "CPU s per GB", &["cpu_s_per_gb"]),
+    (Bench::Stream64k, "CPU s per GB", &["cpu_s_per_gb"]),
+];
+
+/// Sum of the medians of `keys` for `mode` (None when any is missing).
+fn summed(rows: &[Row], bench: Bench, keys: &[&str], mode: Mode) -> Option<f64> {
+    keys.iter()
+        .map(|k| Some(find(rows, bench, k)?.stats.get(&mode)?.median))
+        .sum()
+}
+
+fn cost_table(res: &Results, rows: &[Row], s: &mut String) {
+    let measured = |m: Mode| res.modes.iter().any(|i| i.mode == m) && !unavailable(res, m);
+    let modes: Vec<Mode> = [
+        Mode::Iptables,
+        Mode::Meshlane,
+        Mode::MeshlaneShortcut,
+        Mode::MeshlaneShortcutApp,
+    ]
+    .into_iter()
+    .filter(|m| measured(*m))
+    .collect();
+    if !measured(Mode::Explicit) || modes.is_empty() {
+        return;
+    }
+    let mut body = String::new();
+    for (bench, what, keys) in COSTS {
+        let Some(floor) = summed(rows, bench, keys, Mode::Explicit) else {
+            continue;
+        };
+        let ipt = summed(rows, bench, keys, Mode::Iptables).map(|v| v - floor);
+        let mut line = format!("| {} | {what} | {} |", bench.name(), fmt_num(floor));
+        for m in &modes {
+            let cell = match summed(rows, bench, keys, *m) {
+                None => "–".to_string(),
+                Some(v) => {
+                    let d = v - floor;
+                    let sign = if d < 0.0 { "−" } else { "+" };
+                    let mut c = format!("{sign}{}", fmt_num(d.abs()));
+                    // A share of iptables' cost only reads right when both
+                    // add something.
+                    if *m != Mode::Iptables && d >= 0.0 {
+                        if let Some(i) = ipt.filter(|i| *i > 0.0) {
+                            let _ = write!(c, " ({:.2}x iptables')", d / i);
+                        }
+                    }
+                    c
+                }
+            };
+            let _ = write!(line, " {cell} |");
+        }
+        let _ = writeln!(body, "{line}");
+    }
+    if body.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nWhat the interception itself adds to the floor (each mode's median minus explicit's, \
+         same sidecars dialled directly; a minus is cheaper than no interception, and a \
+         difference within the spreads above is noise):\n"
+    );
+    let mut head = "| shape | measure | explicit |".to_string();
+    let mut rule = "|---|---|---:|".to_string();
+    for m in &modes {
+        let _ = write!(head, " {} adds |", m.name());
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(s, "{head}\n{rule}\n{body}");
 }
 
 /// With `--bpf-stats`: what meshlane's programs cost per request (or per
@@ -969,6 +1062,46 @@ mod tests {
         assert_eq!(fmt_num(1.234), "1.23");
         assert_eq!(fmt_num(0.0), "0");
         assert_eq!(fmt_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+
+    #[test]
+    fn interception_cost_sums_medians_of_one_mode() {
+        let row = |metric: &'static str, explicit: f64, iptables: f64| Row {
+            shape: Bench::Crr.name(),
+            metric,
+            label: "",
+            higher_is_better: false,
+            stats: [(Mode::Explicit, explicit), (Mode::Iptables, iptables)]
+                .into_iter()
+                .map(|(m, v)| (m, Stat::of(vec![v, v + 2.0, v - 2.0]).unwrap()))
+                .collect(),
+            ratios: BTreeMap::new(),
+        };
+        let rows = vec![
+            row("cpu_us_per_op", 200.0, 230.0),
+            row("softirq_us_per_op", 50.0, 70.0),
+        ];
+        let keys = ["cpu_us_per_op", "softirq_us_per_op"];
+        assert_eq!(
+            summed(&rows, Bench::Crr, &keys, Mode::Explicit),
+            Some(250.0)
+        );
+        assert_eq!(
+            summed(&rows, Bench::Crr, &keys, Mode::Iptables),
+            Some(300.0)
+        );
+        // A mode or a metric the run lacks gives no number, not a partial sum.
+        assert_eq!(summed(&rows, Bench::Crr, &keys, Mode::Meshlane), None);
+        assert_eq!(
+            summed(
+                &rows,
+                Bench::Crr,
+                &["cpu_us_per_op", "p50_us"],
+                Mode::Explicit
+            ),
+            None
+        );
+        assert_eq!(summed(&rows, Bench::Rr64, &keys, Mode::Explicit), None);
     }
 
     #[test]
