@@ -147,7 +147,8 @@ impl PsockOffsets {
         let btf = Btf::parse(&data).with_context(|| format!("parsing {}", path.display()))?;
         Self::from_btf(&btf).context(
             "the shortcut needs to see how many bytes a peer socket has queued unread \
-             (struct sk_psock.msg_tot_len) to push back on a sender whose reader lags",
+             (struct sk_psock.msg_tot_len, Linux 6.8 or newer) to push back on a sender \
+             whose reader lags",
         )
     }
 }

@@ -706,6 +706,10 @@ fn cgroup_layout(mounts: &str) -> String {
     }
 }
 
+/// How `meshlane probe` starts the line about the shortcut's backpressure,
+/// an optional feature (tests read it to skip shortcut tests loudly).
+pub const SHORTCUT_LINE: &str = "shortcut backpressure:";
+
 /// `meshlane probe`: every feature with yes/no; exits non-zero with the
 /// refusal when something is missing.
 pub fn run_cli(object: &[u8], cgroup: Option<&Path>) -> Result<()> {
@@ -744,6 +748,16 @@ pub fn run_cli(object: &[u8], cgroup: Option<&Path>) -> Result<()> {
             f.to_string(),
             f.used_by.iter().cloned().collect::<Vec<_>>().join(", ")
         );
+    }
+    // Optional: without it only the shortcut is refused, not the agent.
+    match crate::btf::PsockOffsets::of_running_kernel() {
+        Ok(o) => println!(
+            "{SHORTCUT_LINE} yes (struct sk_psock.msg_tot_len at byte {})",
+            o.msg_tot_len
+        ),
+        Err(e) => {
+            println!("{SHORTCUT_LINE} NO, `--shortcut on` is refused, interception works: {e:#}")
+        }
     }
     if let Some(msg) = refusal(&results, &release) {
         bail!("{msg}");

@@ -28,6 +28,19 @@ pub fn meshlane_bin() -> PathBuf {
     )
 }
 
+/// Why this kernel cannot have the same-node shortcut (None: it can, or
+/// the probe did not say), from `meshlane probe`'s line about it. Tests of
+/// the shortcut skip loudly with this reason.
+pub fn shortcut_unsupported() -> Option<String> {
+    let out = Command::new(meshlane_bin()).arg("probe").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("shortcut backpressure:"))
+        .map(str::trim)
+        .filter(|rest| rest.starts_with("NO"))
+        .map(str::to_string)
+}
+
 /// How a test describes a pod for the pods file.
 #[derive(Clone, Debug, Default)]
 pub struct PodSpec {

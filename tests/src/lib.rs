@@ -20,7 +20,7 @@ pub mod sandbox;
 pub mod sock;
 pub mod stream;
 
-pub use agent::{meshlane_bin, pod_entry, pod_state, Agent, Launch, PodSpec};
+pub use agent::{meshlane_bin, pod_entry, pod_state, shortcut_unsupported, Agent, Launch, PodSpec};
 pub use records::{
     read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
     SidecarRecord, SockoptRecord,

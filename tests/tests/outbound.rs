@@ -411,6 +411,19 @@ fn annotations_reload_removal_and_bad_input() -> Result<()> {
     loop {
         let p = n.probe(APP_UID, APP_UID, &b9080, None);
         if n.record_for(&p).is_none() {
+            if !p.connected {
+                // Seen under qemu after the shortcut tests ran: say what the
+                // agent and the next probes see before failing.
+                eprintln!("after removal, refused: {p:?}");
+                eprintln!("status: {}", agent.status_cmd()?);
+                for i in 0..3 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    eprintln!(
+                        "probe again {i}: {:?}",
+                        n.probe(APP_UID, APP_UID, &b9080, None)
+                    );
+                }
+            }
             assert_direct(&n, &p, "b", "after removal");
             break;
         }

@@ -11,7 +11,8 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use meshlane_tests::{
-    meshlane_bin, stream::StreamResult, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID,
+    meshlane_bin, shortcut_unsupported, skip_loudly, stream::StreamResult, Agent, Pod, PodSpec,
+    Proc, Sandbox, APP_UID,
 };
 use serde_json::Value;
 
@@ -246,7 +247,21 @@ fn streams_survive_with_the_shortcut_off_and_on() -> Result<()> {
     );
     assert_eq!(counter(&after, "shortcut_redirected"), 0, "{after}");
 
-    // On, flipped at run time.
+    // On, flipped at run time, where the kernel lets it push back on a
+    // sender; elsewhere it must be refused, naming what is missing.
+    if let Some(why) = shortcut_unsupported() {
+        let e = switch(&agent, true)
+            .expect_err("the shortcut turned on on a kernel without msg_tot_len");
+        assert!(
+            format!("{e:#}").contains("msg_tot_len"),
+            "the refusal names the missing field: {e:#}"
+        );
+        assert_eq!(agent.status_cmd()?["shortcut"], false);
+        skip_loudly(&format!(
+            "shortcut on: refused on this kernel as it should be ({why}); the off half ran"
+        ));
+        return Ok(());
+    }
     switch(&agent, true)?;
     assert_eq!(agent.status_cmd()?["shortcut"], true);
     let before = counters(&agent)?;
@@ -326,6 +341,10 @@ fn streams_survive_with_the_shortcut_off_and_on() -> Result<()> {
 /// do not, proves that pods without the annotation keep their apps off.
 #[test]
 fn app_legs_join_in_pods_that_opt_in() -> Result<()> {
+    if let Some(why) = shortcut_unsupported() {
+        skip_loudly(&format!("the shortcut is refused on this kernel: {why}"));
+        return Ok(());
+    }
     let s = setup("shortapp", true)?;
     let pods = [
         PodSpec::meshed(&s.a).annotate("meshlane.io/shortcut-app", "true"),

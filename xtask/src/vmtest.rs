@@ -56,10 +56,22 @@ pub struct Opts {
 }
 
 /// Test binaries that run by default; conformance only with --full.
-/// (inbound, shortcut and restart passed inside the 6.1 guest, but after them
-/// the guest's results directory was gone and the row was reported broken:
-/// left out of the default list until that is understood.)
-const QUICK_SUITE: &[&str] = &["kernel", "outbound", "cli", "harness_iptables", "haproxy"];
+/// (inbound and restart passed inside the 6.1 guest, but after them the
+/// guest's results directory was gone and the row was reported broken: left
+/// out of the default list until that is understood. shortcut runs: on 6.1,
+/// whose BTF has no sk_psock.msg_tot_len, it checks the refusal and skips
+/// loudly; on 6.8 and newer it runs whole. It runs last: in two of four
+/// qemu rows where it ran before `outbound`, outbound's pod-removal probe was
+/// refused once, which never happened with `outbound` first; not understood
+/// yet, and that test now prints the agent's status when it happens.)
+const QUICK_SUITE: &[&str] = &[
+    "kernel",
+    "outbound",
+    "cli",
+    "harness_iptables",
+    "haproxy",
+    "shortcut",
+];
 /// The binary that runs first and alone: it checks the start-up probes and
 /// is the first to start an agent, which mounts bpffs when it is missing.
 const FIRST: &str = "kernel";
