@@ -106,6 +106,8 @@ pub fn smoke() -> Result<()> {
         "| connection rate | connections/s |",
         "iptables",
         "explicit",
+        // The run says how idle CPUs waited (held polling, or why not).
+        "CPU idle: ",
     ] {
         if !md.contains(must) {
             bail!("the smoke run's results.md lacks {must:?}");
