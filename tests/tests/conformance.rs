@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use meshlane_tests::{
-    read_sidecar_log, shared_dir, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox,
+    read_sidecar_log, shared_dir, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox, SidecarRecord,
 };
 
 fn mtest() -> &'static Path {
@@ -145,43 +145,37 @@ fn run_probe(sb: &Sandbox, pod: &Pod, peer: &Pod, log: &Path, p: &Probe) -> Resu
     let before = read_sidecar_log(log).len();
     let from = if p.inbound { peer } else { pod };
     let r = ProbeResult::parse(&sb.run(from, p.uid, p.gid, mtest(), &args)?)?;
-    let find = || {
-        r.local.as_ref().and_then(|l| {
-            read_sidecar_log(log)
-                .into_iter()
-                .skip(before)
-                .find(|x| &x.peer == l)
-        })
-    };
-    let mut rec = find();
+    // The sidecar logs the client address it saw. iptables' REDIRECT may
+    // change the client's source port too, when conntrack already holds the
+    // tuple (a recent connection between the same ports, in TIME_WAIT): a
+    // clean CI run met exactly that. Then the one record of this probe's time
+    // with the probe's address and original destination is its record.
+    let since: Vec<SidecarRecord> = read_sidecar_log(log).into_iter().skip(before).collect();
+    let rec = r.local.as_ref().and_then(|l| {
+        if let Some(x) = since.iter().find(|x| &x.peer == l) {
+            return Some(x.clone());
+        }
+        let mut remapped = since.iter().filter(|x| {
+            ip_only(&x.peer) == ip_only(l) && x.orig_dst.as_deref() == Some(p.dst.as_str())
+        });
+        match (remapped.next(), remapped.next()) {
+            (Some(x), None) => Some(x.clone()),
+            _ => None,
+        }
+    });
     // The app saw the sidecar's inbound source where the probe had another
-    // one, so a sidecar relayed this connection and logged it before
-    // relaying; a clean CI run once found no record here all the same. Look
-    // again for a while before calling it missing, and name what the log
-    // held if it stays missing.
+    // one: a sidecar relayed this connection, so its record must be there.
     let relayed = r
         .reply
         .as_ref()
         .is_some_and(|x| ip_only(&x.peer) == "127.0.0.6")
         && r.local.as_deref().map(ip_only).as_deref() != Some("127.0.0.6");
     if rec.is_none() && relayed {
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while rec.is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            rec = find();
-        }
-        if rec.is_none() {
-            let tail: Vec<String> = read_sidecar_log(log)
-                .into_iter()
-                .skip(before)
-                .map(|x| format!("{x:?}"))
-                .collect();
-            eprintln!(
-                "conformance: probe {:?} (local {:?}) reached the app from 127.0.0.6 but the \
-                 sidecar log has no record of it; records since the probe started: {tail:?}",
-                p.dst, r.local
-            );
-        }
+        eprintln!(
+            "conformance: probe {:?} (local {:?}) reached the app from 127.0.0.6 but no sidecar \
+             record matches it; records since the probe started: {since:?}",
+            p.dst, r.local
+        );
     }
     let landed = match (&rec, &r.reply) {
         (Some(x), _) => format!("sidecar:{}", x.listener),
