@@ -46,6 +46,11 @@ enum Kind {
     SkMsg,
 }
 
+/// The inbound capture program, loaded and pinned; attached per pod netns.
+fn load_sk_lookup(ebpf: &mut Ebpf, layout: &Layout) -> Result<OwnedFd> {
+    load_and_pin(ebpf, layout, SK_LOOKUP_PROGRAM, Kind::SkLookup, "sk_lookup")
+}
+
 /// Loads program `name` (the verifier runs here) and pins it, replacing an
 /// older pin of that name. Returns its fd, to attach or swap in.
 fn load_and_pin(
@@ -267,13 +272,7 @@ pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
             .with_context(|| format!("pinning link {}", lpath.display()))?;
     }
     // Inbound capture: loaded and pinned here, attached per pod later.
-    load_and_pin(
-        &mut ebpf,
-        layout,
-        SK_LOOKUP_PROGRAM,
-        Kind::SkLookup,
-        "sk_lookup",
-    )?;
+    load_sk_lookup(&mut ebpf, layout)?;
     // The shortcut: the verdict program lives on the sockhash.
     let fd = load_and_pin(&mut ebpf, layout, SK_MSG_PROGRAM, Kind::SkMsg, "sk_msg")?;
     attach_shortcut(&ebpf, fd.as_fd())
@@ -337,13 +336,7 @@ pub fn adopt(object: &[u8], layout: &Layout) -> Result<()> {
         let fd = load_and_pin(&mut ebpf, layout, name, kind, hook)?;
         swap(&fd, vec![layout.link(name)])?;
     }
-    let fd = load_and_pin(
-        &mut ebpf,
-        layout,
-        SK_LOOKUP_PROGRAM,
-        Kind::SkLookup,
-        "sk_lookup",
-    )?;
+    let fd = load_sk_lookup(&mut ebpf, layout)?;
     let netns_links: Vec<PathBuf> = fs::read_dir(layout.netns_links())
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();

@@ -166,11 +166,7 @@ impl Agent {
             .filter(|p| p.meshed && p.ip.is_some())
             .map(|p| format!("default/{}", p.name))
             .collect();
-        agent.wait_status(Duration::from_secs(15), |st| {
-            expect_active
-                .iter()
-                .all(|name| pod_state(st, name).as_deref() == Some("active"))
-        })?;
+        agent.wait_active(&expect_active)?;
         Ok(agent)
     }
 
@@ -179,12 +175,18 @@ impl Agent {
     /// status and every pod named in `expect_active` is active.
     pub fn start_with(sb: &Sandbox, args: &[OsString], expect_active: &[String]) -> Result<Agent> {
         let mut agent = Self::launch(sb, 1, args.to_vec(), &Launch::default())?;
-        agent.wait_status(Duration::from_secs(15), |st| {
-            expect_active
+        agent.wait_active(expect_active)?;
+        Ok(agent)
+    }
+
+    /// Waits until the agent's status shows every pod in `names` active.
+    fn wait_active(&mut self, names: &[String]) -> Result<()> {
+        self.wait_status(Duration::from_secs(15), |st| {
+            names
                 .iter()
                 .all(|name| pod_state(st, name).as_deref() == Some("active"))
         })?;
-        Ok(agent)
+        Ok(())
     }
 
     /// Starts `meshlane run` on node 1 as `launch` says and returns without waiting.
