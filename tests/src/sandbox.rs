@@ -805,12 +805,10 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The shared data directory: $MESHLANE_SHARED, else `<workspace root>/../shared`.
-pub fn shared_dir() -> PathBuf {
-    match std::env::var_os("MESHLANE_SHARED") {
-        Some(p) => PathBuf::from(p),
-        None => workspace_root().join("..").join("shared"),
-    }
+/// The conformance oracles copied into the repository (`tests/data`, see
+/// its README for where each file came from).
+pub fn data_dir() -> PathBuf {
+    workspace_root().join("tests").join("data")
 }
 
 fn sanitize(s: &str, max: usize) -> String {

@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use meshlane_tests::{
-    read_sidecar_log, shared_dir, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox, SidecarRecord,
+    read_sidecar_log, data_dir, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox, SidecarRecord,
 };
 
 fn mtest() -> &'static Path {
@@ -54,7 +54,7 @@ struct Case {
 }
 
 fn cases() -> Result<Vec<Case>> {
-    let dir = shared_dir().join("data/istio-cni-goldens");
+    let dir = data_dir().join("istio-cni");
     let v: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("cases.json"))
             .with_context(|| format!("reading {}", dir.display()))?,

@@ -1156,12 +1156,12 @@ fn with_host_pid_sys_ptrace_is_what_finds_unpinned_pod_namespaces() -> Result<()
 /// the pod restarts without them.
 #[test]
 fn pods_keeping_istios_rules_during_the_migration_are_captured_once() -> Result<()> {
-    use meshlane_tests::{shared_dir, wait_sidecar_peer};
+    use meshlane_tests::{data_dir, wait_sidecar_peer};
     let n = node("deploymig")?;
     let a_app = n.sb.start_server(&n.a, "a", &["0.0.0.0:9080"])?;
     n.sb.iptables_restore(
         &n.a,
-        &shared_dir().join("data/istio-cni-goldens/basic.rules"),
+        &data_dir().join("istio-cni/basic.rules"),
         false,
     )?;
     let mut agent = Agent::start(&n.sb, &[PodSpec::meshed(&n.a), PodSpec::plain(&n.b)])?;

@@ -7,7 +7,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use meshlane_tests::{shared_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
+use meshlane_tests::{data_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
 
 const HAPROXY_CFG: &str = "\
 global
@@ -96,7 +96,7 @@ fn same_http_response_through_haproxy_under_iptables_and_meshlane() -> Result<()
     // Istio's rules.
     sb.iptables_restore(
         &a,
-        &shared_dir().join("data/istio-cni-goldens/basic.rules"),
+        &data_dir().join("istio-cni/basic.rules"),
         false,
     )?;
     let under_iptables = curl(&sb, &a, &url)?;

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use meshlane_tests::{
-    read_sidecar_log, shared_dir, wait_sidecar_peer, Pod, ProbeResult, Proc, Sandbox,
+    read_sidecar_log, data_dir, wait_sidecar_peer, Pod, ProbeResult, Proc, Sandbox,
     SockoptRecord, APP_UID, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID,
 };
 use std::path::{Path, PathBuf};
@@ -58,7 +58,7 @@ fn meshed(tag: &str) -> Result<Meshed> {
         &["sidecar", "--log", &log_s],
     )?;
     sidecar.wait_ready(READY)?;
-    let rules = shared_dir().join("data/istio-cni-goldens/basic.rules");
+    let rules = data_dir().join("istio-cni/basic.rules");
     sb.iptables_restore(&a, &rules, false)?;
     Ok(Meshed {
         sb,

@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use meshlane_tests::{
-    bench::client::Report, shared_dir, Pod, Proc, Sandbox, APP_UID, INBOUND_PORT, PROXY_UID,
+    bench::client::Report, data_dir, Pod, Proc, Sandbox, APP_UID, INBOUND_PORT, PROXY_UID,
 };
 
 const READY: Duration = Duration::from_secs(10);
@@ -139,7 +139,7 @@ fn inbound_upstream_ports_are_chosen_at_connect() -> Result<()> {
     let _sb = sidecar(&sb, &b, &[])?;
     sb.iptables_restore(
         &b,
-        &shared_dir().join("data/istio-cni-goldens/basic.rules"),
+        &data_dir().join("istio-cni/basic.rules"),
         false,
     )?;
     sb.netns_exec(

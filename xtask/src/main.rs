@@ -352,13 +352,6 @@ fn build_all() -> Result<()> {
 
 fn test(extra: &[String]) -> Result<()> {
     say("running unit, property and integration tests (cargo test --workspace)");
-    let shared = root().join("../shared");
-    if std::env::var_os("MESHLANE_SHARED").is_none() && !shared.is_dir() {
-        bail!(
-            "shared data not found at {} (set MESHLANE_SHARED)",
-            shared.display()
-        );
-    }
     let mut child = Command::new("cargo")
         .env("MESHLANE_HELM_PYTHONPATH", helm_python_dir())
         .args(["test", "--workspace", "--no-fail-fast"])

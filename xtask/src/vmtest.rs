@@ -904,13 +904,6 @@ fn runner_script(bins: &[TestBin], meshlane: &Path, opts: &Opts, results: &str) 
         s,
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0"
     );
-    if let Some(shared) = std::env::var_os("MESHLANE_SHARED") {
-        let _ = writeln!(
-            s,
-            "export MESHLANE_SHARED={}",
-            shell_quote(&shared.to_string_lossy())
-        );
-    }
     let _ = writeln!(s, "ip link set lo up 2>/dev/null");
     let _ = writeln!(s, "uname -r > $R/uname");
     let _ = writeln!(s, "echo '== meshlane probe'");

@@ -1,5 +1,5 @@
 //! The shared decision against an independent oracle: a small interpreter of
-//! the `nat` table in Istio's real rules (shared/data/istio-cni-goldens). For
+//! the `nat` table in Istio's real rules (tests/data/istio-cni). For
 //! every golden case, the pod's annotations go through meshlane's parser into
 //! the kernel's PodConfig, and random connects must get the same outcome
 //! from `decide_connect` as from walking Istio's rules.
@@ -17,11 +17,9 @@ use crate::pods::Pod;
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 
+/// Istio's rules, copied into the repository (tests/data/README.md).
 fn goldens_dir() -> PathBuf {
-    match std::env::var_os("MESHLANE_SHARED") {
-        Some(p) => PathBuf::from(p).join("data/istio-cni-goldens"),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/istio-cni-goldens"),
-    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/istio-cni")
 }
 
 /// One golden case: the pod as meshlane reads it and Istio's rules for it.
@@ -35,7 +33,7 @@ fn cases() -> Vec<Case> {
     let dir = goldens_dir();
     let text = std::fs::read_to_string(dir.join("cases.json")).unwrap_or_else(|e| {
         panic!(
-            "golden cases not found in {} ({e}); set MESHLANE_SHARED",
+            "golden cases not found in {} ({e})",
             dir.display()
         )
     });

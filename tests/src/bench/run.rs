@@ -33,7 +33,7 @@ use super::{
     client::{Report, Shape},
     sys::{self, Conntrack, MapUsage},
 };
-use crate::{shared_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
+use crate::{data_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
 
 /// The application's port in pod B.
 pub const APP_PORT: u16 = 9080;
@@ -604,7 +604,7 @@ fn build(kind: BedKind, opts: &Options) -> Result<Testbed> {
     let sidecar_b = start_sidecar(&sb, &b, opts, b_to.0, b_to.1)?;
     let sidecar_pids = vec![sidecar_a.pid(), sidecar_b.pid()];
     let mut notes = Vec::new();
-    let basic = shared_dir().join("data/istio-cni-goldens/basic.rules");
+    let basic = data_dir().join("istio-cni/basic.rules");
     let agent = match kind {
         BedKind::Plain => None,
         BedKind::Iptables => {
@@ -1104,7 +1104,7 @@ mod tests {
     #[test]
     fn inbound_rules_keep_only_prerouting_capture() {
         let basic =
-            std::fs::read_to_string(shared_dir().join("data/istio-cni-goldens/basic.rules"))
+            std::fs::read_to_string(data_dir().join("istio-cni/basic.rules"))
                 .expect("shared goldens");
         let r = inbound_only_rules(&basic);
         assert!(r.starts_with("* nat\n"), "{r}");
