@@ -8,7 +8,50 @@
 //! and run by the kernel.
 #![no_std]
 
+pub mod counters;
 pub mod decide;
+pub mod maps;
+pub mod programs;
+
+pub use counters::{pod_stat, stat, PodCounters};
+
+/// Fails the build when two rows of a contract table share a name.
+#[macro_export]
+macro_rules! assert_unique_names {
+    ($table:expr) => {
+        const _: () = {
+            let t = $table;
+            let mut i = 0;
+            while i < t.len() {
+                let mut j = i + 1;
+                while j < t.len() {
+                    assert!(
+                        !$crate::const_str_eq(t[i].name, t[j].name),
+                        "two rows of a contract table share a name"
+                    );
+                    j += 1;
+                }
+                i += 1;
+            }
+        };
+    };
+}
+
+/// `a == b`, usable in const context.
+pub const fn const_str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// Istio's well-known sidecar ports and identities (INTERCEPTION.md).
 pub mod ports {
@@ -241,74 +284,6 @@ pub struct FlowKey {
     pub _pad: u32,
 }
 
-/// Indexes into the per-CPU `STATS` array.
-pub mod stat {
-    /// connect() calls inspected in meshed pods.
-    pub const CONNECT_MESHED: u32 = 0;
-    /// Redirected to the outbound capture port.
-    pub const REDIRECT_OUTBOUND: u32 = 1;
-    /// Redirected to the inbound capture port (proxy to its own pod, row 4).
-    pub const REDIRECT_INBOUND: u32 = 2;
-    /// Redirected to the DNS proxy.
-    pub const REDIRECT_DNS: u32 = 3;
-    /// SO_ORIGINAL_DST answered.
-    pub const ORIG_DST_ANSWERED: u32 = 4;
-    /// SO_ORIGINAL_DST asked on a socket we know nothing of.
-    pub const ORIG_DST_MISS: u32 = 5;
-    /// Could not record an original destination (map full, no storage).
-    pub const RECORD_FAILED: u32 = 6;
-    /// bpf_bind() to the pod address failed (source falls back to 127.0.0.1).
-    pub const BIND_FAILED: u32 = 7;
-    /// Inbound connections handed to the proxy's inbound listener by sk_lookup.
-    pub const INBOUND_CAPTURED: u32 = 8;
-    /// Captured connections (inbound or outbound) refused because the proxy
-    /// did not listen yet, as iptables would refuse them.
-    pub const NOT_READY_REFUSED: u32 = 9;
-    /// Captured connections passed untouched because the proxy did not listen
-    /// yet and the pod opted into `meshlane.io/bypass-until-ready`.
-    pub const NOT_READY_BYPASSED: u32 = 10;
-    /// Sockets put into the shortcut sockhash.
-    pub const SHORTCUT_SOCKETS: u32 = 11;
-    /// Messages sent straight into the peer socket by the shortcut.
-    pub const SHORTCUT_REDIRECTED: u32 = 12;
-    /// Shortcut sockets whose peer was not in the sockhash at their first
-    /// send: that socket uses TCP for its whole life.
-    pub const SHORTCUT_NO_PEER: u32 = 13;
-    /// Proxy listeners registered by sockops at listen().
-    pub const LISTENERS_REGISTERED: u32 = 14;
-    /// A map update of a kernel program failed (sockhash full, ...).
-    pub const UPDATE_FAILED: u32 = 15;
-    /// Shortcut sockets moved to TCP for the rest of their life because the
-    /// peer's queue of redirected bytes reached the limit (its reader lags),
-    /// or because this kernel gives no way to see that queue.
-    pub const SHORTCUT_FELL_BACK: u32 = 16;
-    pub const COUNT: u32 = 17;
-}
-
-/// Indexes into a pod's per-CPU counters in `POD_STATS` (keyed by netns cookie).
-pub mod pod_stat {
-    /// Connections of the pod's app redirected to the outbound listener.
-    pub const REDIRECT_OUTBOUND: usize = 0;
-    /// The proxy's own connections to its pod redirected to the inbound listener.
-    pub const REDIRECT_INBOUND: usize = 1;
-    /// DNS connections redirected to the DNS proxy.
-    pub const REDIRECT_DNS: usize = 2;
-    /// Connections from outside the pod handed to the inbound listener.
-    pub const INBOUND_CAPTURED: usize = 3;
-    /// Captured connections refused while the proxy was not listening.
-    pub const NOT_READY_REFUSED: usize = 4;
-    /// Captured connections passed while the proxy was not listening.
-    pub const NOT_READY_BYPASSED: usize = 5;
-    /// SO_ORIGINAL_DST answered for one of the pod's sockets.
-    pub const ORIG_DST_ANSWERED: usize = 6;
-    /// Sockets of the pod put into the shortcut sockhash.
-    pub const SHORTCUT_SOCKETS: usize = 7;
-    pub const COUNT: usize = 8;
-}
-
-/// The per-CPU value of `POD_STATS`.
-pub type PodCounters = [u64; pod_stat::COUNT];
-
 /// Indexes into the `SETTINGS` array, written by the agent.
 pub mod setting {
     /// 1: new connections between meshed sockets on this node take the
@@ -417,56 +392,6 @@ pub mod shortcut_state {
     pub const UNDECIDED: u32 = 0;
     pub const REDIRECT: u32 = 1;
     pub const TCP: u32 = 2;
-}
-
-/// Names of the pinned objects under the agent's bpffs directory.
-pub mod names {
-    pub const PODS: &str = "PODS";
-    pub const PORTS: &str = "PORTS";
-    pub const CIDRS: &str = "CIDRS";
-    pub const ORIG_DST: &str = "ORIG_DST";
-    pub const IN_FLIGHT: &str = "IN_FLIGHT";
-    pub const STATS: &str = "STATS";
-    pub const POD_STATS: &str = "POD_STATS";
-    pub const POD_BY_IP: &str = "POD_BY_IP";
-    pub const LISTENERS: &str = "LISTENERS";
-    pub const SOCKS: &str = "SOCKS";
-    pub const SHORTCUT_STATE: &str = "SHORTCUT_STATE";
-    pub const SETTINGS: &str = "SETTINGS";
-    pub const PROXY_LEG: &str = "PROXY_LEG";
-    pub const SOCK_ADDRS: &str = "SOCK_ADDRS";
-    /// Every map of the kernel object.
-    pub const ALL: &[&str] = &[
-        PODS,
-        PORTS,
-        CIDRS,
-        ORIG_DST,
-        IN_FLIGHT,
-        STATS,
-        POD_STATS,
-        POD_BY_IP,
-        LISTENERS,
-        SOCKS,
-        SHORTCUT_STATE,
-        SETTINGS,
-        PROXY_LEG,
-        SOCK_ADDRS,
-    ];
-}
-
-/// Map capacities, shared so the agent can report occupancy.
-pub mod capacity {
-    pub const PODS: u32 = 16_384;
-    pub const PORTS: u32 = 65_536;
-    pub const CIDRS: u32 = 65_536;
-    pub const IN_FLIGHT: u32 = 65_536;
-    pub const POD_STATS: u32 = 16_384;
-    /// Pod addresses (up to `MAX_POD_IPS` per pod).
-    pub const POD_BY_IP: u32 = 65_536;
-    /// TCP listeners in the attached cgroup.
-    pub const LISTENERS: u32 = 65_536;
-    /// Shortcut sockets: two per connection between meshed sockets on the node.
-    pub const SOCKS: u32 = 262_144;
 }
 
 #[cfg(feature = "user")]

@@ -9,10 +9,10 @@
 //! the connection keeps the source address the kernel would have chosen for
 //! the original destination, so the proxy sees the pod's IP, not 127.0.0.1.
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, sockaddr, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{bpf_sock_addr, sockaddr},
     helpers::generated::{
         bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_map_lookup_elem,
-        bpf_sk_release, bpf_sk_storage_get,
+        bpf_sk_release,
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -23,11 +23,14 @@ use meshlane_common::{
     flags, ip, pod_stat, role, setting, stat, ListenerKey, OrigDst,
 };
 
-use crate::maps::{
-    count, orig_dst_map, pod_count, setting_on, MapLists, LISTENERS, PODS, POD_BY_IP, PROXY_LEG,
+use crate::{
+    ctx::AF_INET,
+    maps::{
+        count, mark_proxy_leg, orig_dst_slot, pod_count, setting_on, MapLists, LISTENERS, PODS,
+        POD_BY_IP,
+    },
 };
 
-const AF_INET: u16 = 2;
 const SOCK_STREAM: u32 = 1;
 
 /// `struct sockaddr_in`, for bpf_bind().
@@ -91,15 +94,7 @@ unsafe fn redirect(ctx: &SockAddrContext) {
             && !cfg.has(flags::NO_SHORTCUT)
             && unsafe { POD_BY_IP.get(dst) }.is_some()
         {
-            let mark = unsafe {
-                bpf_sk_storage_get(
-                    core::ptr::from_ref(&PROXY_LEG).cast_mut().cast(),
-                    sk.cast(),
-                    core::ptr::null_mut(),
-                    BPF_SK_STORAGE_GET_F_CREATE.into(),
-                )
-            };
-            if mark.is_null() {
+            if !mark_proxy_leg(sk.cast()) {
                 count(stat::UPDATE_FAILED);
             }
         }
@@ -116,14 +111,7 @@ unsafe fn redirect(ctx: &SockAddrContext) {
     // Remember where the app wanted to go. Without it the proxy cannot
     // forward; we still redirect (a capture that fails is better than a
     // silent bypass of the mesh) and count the failure.
-    let storage = unsafe {
-        bpf_sk_storage_get(
-            orig_dst_map(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-    } as *mut OrigDst;
+    let storage = orig_dst_slot(sk.cast(), None);
     if storage.is_null() {
         count(stat::RECORD_FAILED);
     } else {
@@ -139,7 +127,7 @@ unsafe fn redirect(ctx: &SockAddrContext) {
     if bound_be == 0 && bound_port == 0 {
         if let Some(src) = source_for(&cfg, dst) {
             let mut addr = SockaddrIn {
-                family: AF_INET,
+                family: AF_INET as u16,
                 port_be: 0,
                 addr_be: src.to_be(),
                 zero: [0; 8],

@@ -21,16 +21,10 @@ use meshlane_common::{
     flags, pod_stat, stat, ListenerKey,
 };
 
-use crate::maps::{count, pod_count, MapLists, LISTENERS, PODS, POD_BY_IP};
-
-const AF_INET: u32 = 2;
-const IPPROTO_TCP: u32 = 6;
-
-macro_rules! field {
-    ($l:expr, $f:ident) => {
-        unsafe { core::ptr::read_volatile(&raw const (*$l).$f) }
-    };
-}
+use crate::{
+    ctx::{field, AF_INET, IPPROTO_TCP},
+    maps::{count, pod_count, MapLists, LISTENERS, PODS, POD_BY_IP},
+};
 
 #[sk_lookup]
 pub fn capture_inbound(ctx: SkLookupContext) -> u32 {

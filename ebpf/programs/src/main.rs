@@ -11,6 +11,7 @@
 #![no_main]
 
 mod connect;
+mod ctx;
 mod inbound;
 mod maps;
 mod peername;

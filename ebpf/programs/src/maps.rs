@@ -7,22 +7,59 @@ use aya_ebpf::{
     },
     macros::btf_map,
 };
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get};
 use meshlane_common::{
-    capacity, cidr_key_data, cidr_list, decide::PodLists, port_list, setting, stat, CidrKeyData,
-    ConnKey, FlowKey, ListenerKey, OrigDst, PodConfig, PodCounters, PortKey, CIDR_KEY_FIXED_BITS,
+    cidr_key_data, cidr_list, decide::PodLists, maps as def, port_list, CidrKeyData, ConnKey,
+    FlowKey, ListenerKey, OrigDst, PodConfig, PodCounters, PortKey, CIDR_KEY_FIXED_BITS,
 };
+
+/// Fails the build when a static's key or value type does not have the
+/// sizes its row in `meshlane_common::maps` says (the agent and the
+/// adoption check trust those rows).
+macro_rules! contract {
+    ($row:expr, $key:ty, $value:ty) => {
+        const _: () = assert!(
+            size_of::<$key>() as u32 == $row.key_size
+                && size_of::<$value>() as u32 == $row.value_size,
+            "a map static disagrees with its row in meshlane_common::maps"
+        );
+    };
+    ($row:expr, $key:ty) => {
+        const _: () = assert!(
+            size_of::<$key>() as u32 == $row.key_size,
+            "a map static disagrees with its row in meshlane_common::maps"
+        );
+    };
+}
+
+contract!(def::PODS, u64, PodConfig);
+contract!(def::PORTS, PortKey, u32);
+contract!(def::CIDRS, Key<CidrKeyData>, u32);
+contract!(def::ORIG_DST, i32, OrigDst);
+contract!(def::IN_FLIGHT, FlowKey, OrigDst);
+contract!(def::STATS, u32, u64);
+contract!(def::POD_STATS, u64, PodCounters);
+contract!(def::POD_BY_IP, u32, u64);
+contract!(def::LISTENERS, ListenerKey);
+contract!(def::SOCKS, ConnKey);
+contract!(def::SOCK_ADDRS, ConnKey, u64);
+contract!(def::SHORTCUT_STATE, i32, u32);
+contract!(def::PROXY_LEG, i32, u32);
+contract!(def::SETTINGS, u32, u32);
 
 /// Meshed pods by network-namespace cookie. Written by the agent.
 #[btf_map]
-pub static PODS: HashMap<u64, PodConfig, { capacity::PODS as usize }> = HashMap::new();
+pub static PODS: HashMap<u64, PodConfig, { def::PODS.capacity as usize }> = HashMap::new();
 
 /// Membership of a port in a pod's port lists. Written by the agent.
 #[btf_map]
-pub static PORTS: HashMap<PortKey, u32, { capacity::PORTS as usize }> = HashMap::new();
+pub static PORTS: HashMap<PortKey, u32, { def::PORTS.capacity as usize }> = HashMap::new();
 
 /// A pod's CIDR lists, longest-prefix matched. Written by the agent.
 #[btf_map]
-pub static CIDRS: LpmTrie<CidrKeyData, u32, { capacity::CIDRS as usize }> = LpmTrie::new();
+pub static CIDRS: LpmTrie<CidrKeyData, u32, { def::CIDRS.capacity as usize }> = LpmTrie::new();
 
 /// Original destination of a redirected connection, on both of its sockets;
 /// freed by the kernel with the socket.
@@ -35,35 +72,35 @@ pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 pub static IN_FLIGHT: HashMap<
     FlowKey,
     OrigDst,
-    { capacity::IN_FLIGHT as usize },
+    { def::IN_FLIGHT.capacity as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
 /// Per-CPU counters, indexed by `meshlane_common::stat`.
 #[btf_map]
-pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+pub static STATS: PerCpuArray<u64, { def::STATS.capacity as usize }> = PerCpuArray::new();
 
 /// Per-pod per-CPU counters, keyed by netns cookie. The agent creates a
 /// pod's entry with the pod and removes it with the pod.
 #[btf_map]
-pub static POD_STATS: PerCpuHashMap<u64, PodCounters, { capacity::POD_STATS as usize }> =
+pub static POD_STATS: PerCpuHashMap<u64, PodCounters, { def::POD_STATS.capacity as usize }> =
     PerCpuHashMap::new();
 
 /// A pod's addresses (host byte order) to its netns cookie: sk_lookup sees
 /// the destination address, not the namespace. Written by the agent.
 #[btf_map]
-pub static POD_BY_IP: HashMap<u32, u64, { capacity::POD_BY_IP as usize }> = HashMap::new();
+pub static POD_BY_IP: HashMap<u32, u64, { def::POD_BY_IP.capacity as usize }> = HashMap::new();
 
 /// TCP listeners on the proxies' capture ports, registered by sockops at
 /// listen() (and by the agent for listeners older than the programs); the
 /// kernel drops an entry when its socket closes.
 #[btf_map]
-pub static LISTENERS: SockHash<ListenerKey, { capacity::LISTENERS as usize }> = SockHash::new();
+pub static LISTENERS: SockHash<ListenerKey, { def::LISTENERS.capacity as usize }> = SockHash::new();
 
 /// Both ends of every connection between meshed sockets of this node: the
 /// same-node shortcut. Entries go when their socket closes.
 #[btf_map]
-pub static SOCKS: SockHash<ConnKey, { capacity::SOCKS as usize }> = SockHash::new();
+pub static SOCKS: SockHash<ConnKey, { def::SOCKS.capacity as usize }> = SockHash::new();
 
 /// The kernel address of each socket in `SOCKS`, as a number: where the
 /// shortcut reads how many bytes a peer has queued unread (see
@@ -72,7 +109,7 @@ pub static SOCKS: SockHash<ConnKey, { capacity::SOCKS as usize }> = SockHash::ne
 pub static SOCK_ADDRS: HashMap<
     ConnKey,
     u64,
-    { capacity::SOCKS as usize },
+    { def::SOCKS.capacity as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
@@ -88,7 +125,7 @@ pub static PROXY_LEG: SkStorage<u32> = SkStorage::new();
 
 /// Node-wide switches written by the agent (`meshlane_common::setting`).
 #[btf_map]
-pub static SETTINGS: Array<u32, { setting::COUNT as usize }> = Array::new();
+pub static SETTINGS: Array<u32, { def::SETTINGS.capacity as usize }> = Array::new();
 
 #[inline(always)]
 pub fn setting_value(index: u32) -> u32 {
@@ -121,9 +158,67 @@ pub fn count(index: u32) {
     }
 }
 
+/// A socket's value in socket storage `map`, created (from `init`, or
+/// zeroed) when `create` and it has none. Null when it has none and may not
+/// create one, or the kernel could not allocate it.
 #[inline(always)]
-pub fn orig_dst_map() -> *mut core::ffi::c_void {
-    core::ptr::from_ref(&ORIG_DST).cast_mut().cast()
+unsafe fn sk_storage<T>(map: &SkStorage<T>, sk: *mut c_void, init: *mut T, create: bool) -> *mut T {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: `sk` is a socket pointer the kernel gave the program; the
+    // helper checks it and returns null for anything else.
+    unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(map).cast_mut().cast(),
+            sk,
+            init.cast(),
+            flags,
+        )
+    }
+    .cast()
+}
+
+/// The original destination recorded on socket `sk`, if any.
+#[inline(always)]
+pub fn orig_dst_of(sk: *mut c_void) -> Option<OrigDst> {
+    // SAFETY: read at once, never held.
+    let p = unsafe { sk_storage(&ORIG_DST, sk, core::ptr::null_mut(), false) };
+    if p.is_null() {
+        None
+    } else {
+        Some(unsafe { *p })
+    }
+}
+
+/// Socket `sk`'s original-destination slot, created (holding `init`, when
+/// given) if it has none; null when the kernel cannot allocate it.
+#[inline(always)]
+pub fn orig_dst_slot(sk: *mut c_void, init: Option<&mut OrigDst>) -> *mut OrigDst {
+    let init = init.map_or(core::ptr::null_mut(), core::ptr::from_mut);
+    unsafe { sk_storage(&ORIG_DST, sk, init, true) }
+}
+
+/// Socket `sk`'s latched shortcut decision, created undecided; null when the
+/// kernel cannot allocate it.
+#[inline(always)]
+pub fn shortcut_state_slot(sk: *mut c_void) -> *mut u32 {
+    unsafe { sk_storage(&SHORTCUT_STATE, sk, core::ptr::null_mut(), true) }
+}
+
+/// Marks `sk` as one end of a proxy-to-proxy leg; false when the kernel
+/// could not allocate the mark.
+#[inline(always)]
+pub fn mark_proxy_leg(sk: *mut c_void) -> bool {
+    !unsafe { sk_storage(&PROXY_LEG, sk, core::ptr::null_mut(), true) }.is_null()
+}
+
+/// True when `sk` was marked by [`mark_proxy_leg`].
+#[inline(always)]
+pub fn is_proxy_leg(sk: *mut c_void) -> bool {
+    !unsafe { sk_storage(&PROXY_LEG, sk, core::ptr::null_mut(), false) }.is_null()
 }
 
 /// A pod's lists, answered from the maps.

@@ -36,22 +36,17 @@
 //! is sent, and the reader (tcp_bpf_recvmsg) drains that list before it
 //! reads its TCP receive queue. The opposite move is never made.
 use aya_ebpf::{
-    bindings::{sk_action, sk_msg_md, BPF_F_INGRESS, BPF_SK_STORAGE_GET_F_CREATE},
-    helpers::generated::{bpf_get_netns_cookie, bpf_probe_read_kernel, bpf_sk_storage_get},
+    bindings::{sk_action, sk_msg_md, BPF_F_INGRESS},
+    helpers::generated::{bpf_get_netns_cookie, bpf_probe_read_kernel},
     macros::sk_msg,
     programs::SkMsgContext,
 };
 use meshlane_common::{setting, shortcut_state, stat, ConnKey};
 
-use crate::maps::{count, setting_value, SHORTCUT_STATE, SOCKS, SOCK_ADDRS};
-
-const AF_INET: u32 = 2;
-
-macro_rules! field {
-    ($m:expr, $($f:tt)+) => {
-        unsafe { core::ptr::read_volatile(&raw const (*$m).$($f)+) }
-    };
-}
+use crate::{
+    ctx::{field, AF_INET},
+    maps::{count, setting_value, shortcut_state_slot, SOCKS, SOCK_ADDRS},
+};
 
 #[sk_msg]
 pub fn shortcut_send(ctx: SkMsgContext) -> u32 {
@@ -71,14 +66,7 @@ unsafe fn send(ctx: &SkMsgContext) {
     if sk.is_null() {
         return;
     }
-    let state = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&SHORTCUT_STATE).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-    } as *mut u32;
+    let state = shortcut_state_slot(sk.cast());
     if state.is_null() {
         return;
     }

@@ -17,11 +17,11 @@
 //!   those are opt-in).
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bpf_sock_ops, BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
+    helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -30,27 +30,19 @@ use meshlane_common::{
     flags, ip, pod_stat, ports, role, setting, stat, ConnKey, FlowKey, ListenerKey, OrigDst,
 };
 
-use crate::maps::{
-    count, orig_dst_map, pod_count, setting_on, MapLists, IN_FLIGHT, LISTENERS, PODS, PROXY_LEG,
-    SOCKS, SOCK_ADDRS,
+use crate::{
+    ctx::{field, AF_INET, AF_INET6},
+    maps::{
+        count, is_proxy_leg, orig_dst_of, orig_dst_slot, pod_count, setting_on, MapLists,
+        IN_FLIGHT, LISTENERS, PODS, SOCKS, SOCK_ADDRS,
+    },
 };
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 #[sock_ops]
 pub fn track_redirected(ctx: SockOpsContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's duration.
     unsafe { track(&ctx) };
     1
-}
-
-/// Reads one context field with a single load of its own size: the verifier
-/// rejects the wider loads the compiler would merge neighbours into.
-macro_rules! field {
-    ($ops:expr, $($f:tt)+) => {
-        unsafe { core::ptr::read_volatile(&raw const (*$ops).$($f)+) }
-    };
 }
 
 /// The socket's ports: local in host order, remote in network order in the
@@ -145,12 +137,9 @@ unsafe fn publish_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
     if sk.is_null() {
         return false;
     }
-    let st = unsafe { bpf_sk_storage_get(orig_dst_map(), sk.cast(), core::ptr::null_mut(), 0) }
-        as *const OrigDst;
-    if st.is_null() {
+    let Some(orig) = orig_dst_of(sk.cast()) else {
         return false;
-    }
-    let orig = unsafe { *st };
+    };
     if orig.role != role::REDIRECTED_CLIENT {
         return false;
     }
@@ -171,16 +160,7 @@ unsafe fn publish_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> bool {
 #[inline(always)]
 unsafe fn proxy_leg(ctx: &SockOpsContext) -> bool {
     let sk = field!(ctx.ops, __bindgen_anon_2.sk);
-    !sk.is_null()
-        && !unsafe {
-            bpf_sk_storage_get(
-                core::ptr::from_ref(&PROXY_LEG).cast_mut().cast(),
-                sk.cast(),
-                core::ptr::null_mut(),
-                0,
-            )
-        }
-        .is_null()
+    !sk.is_null() && is_proxy_leg(sk.cast())
 }
 
 /// Accepted side: the proxy's end of a redirected connection takes the
@@ -230,15 +210,7 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> Accepted {
     if sk.is_null() {
         return Accepted::Other;
     }
-    let st = unsafe {
-        bpf_sk_storage_get(
-            orig_dst_map(),
-            sk.cast(),
-            core::ptr::from_mut(&mut mine).cast(),
-            BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-    };
-    if st.is_null() {
+    if orig_dst_slot(sk.cast(), Some(&mut mine)).is_null() {
         count(stat::RECORD_FAILED);
     }
     let _ = IN_FLIGHT.remove(key);

@@ -8,18 +8,18 @@
 //! longer than a page becomes EFAULT. Setting optlen to 0 tells the kernel
 //! to leave the caller's buffer, length and error as they are.
 use aya_ebpf::{
-    bindings::bpf_sockopt,
-    helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
-    macros::cgroup_sockopt,
+    bindings::bpf_sockopt, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
-use meshlane_common::{pod_stat, role, stat, OrigDst};
+use meshlane_common::{pod_stat, role, stat};
 
-use crate::maps::{count, orig_dst_map, pod_count};
+use crate::{
+    ctx::AF_INET,
+    maps::{count, orig_dst_of, pod_count},
+};
 
 const SOL_IP: i32 = 0;
 const SO_ORIGINAL_DST: i32 = 80;
-const AF_INET: u16 = 2;
 const SOCKADDR_IN_LEN: i32 = 16;
 
 #[cgroup_sockopt(getsockopt)]
@@ -53,12 +53,9 @@ unsafe fn answer(so: &mut bpf_sockopt) -> bool {
     if sk.is_null() {
         return false;
     }
-    let st = unsafe { bpf_sk_storage_get(orig_dst_map(), sk.cast(), core::ptr::null_mut(), 0) }
-        as *const OrigDst;
-    if st.is_null() {
+    let Some(orig) = orig_dst_of(sk.cast()) else {
         return false;
-    }
-    let orig = unsafe { *st };
+    };
     if orig.role != role::PROXY_ACCEPTED {
         return false;
     }
@@ -71,7 +68,7 @@ unsafe fn answer(so: &mut bpf_sockopt) -> bool {
     }
     unsafe {
         let p = optval;
-        let fam = AF_INET.to_ne_bytes();
+        let fam = (AF_INET as u16).to_ne_bytes();
         let port = orig.port_be.to_ne_bytes();
         let addr = orig.addr_be.to_ne_bytes();
         *p = fam[0];
