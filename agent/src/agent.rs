@@ -8,22 +8,21 @@
 //! reported for that pod and never touch the others.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use aya::maps::lpm_trie::Key;
-use meshlane_common::{CidrKeyData, ListenerKey, PortKey};
+use meshlane_common::ListenerKey;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
     bpf::{self, Layout, Maps},
-    http, listeners, netns,
-    podconfig::{MapEntries, MeshConfig, Mode, NodeDefaults},
+    health, http, listeners, netns,
+    podconfig::NodeDefaults,
     pods::Pod,
+    reconcile::{self, Plan, Wanted},
     source::{Snapshot, Source},
     status::{AgentStatus, PodState, PodStatus},
 };
@@ -57,13 +56,6 @@ const RETRY_WAITING: Duration = Duration::from_secs(1);
 /// How often namespaces of active pods are checked to still be there.
 const RECHECK: Duration = Duration::from_secs(5);
 
-struct Applied {
-    cookie: u64,
-    netns: PathBuf,
-    ips: Vec<Ipv4Addr>,
-    entries: MapEntries,
-}
-
 pub struct Agent {
     opts: Options,
     maps: Maps,
@@ -73,9 +65,9 @@ pub struct Agent {
     source_errors: u64,
     /// The source has delivered a complete pod list.
     synced: bool,
-    health: http::Shared,
+    health: health::Shared,
     http_addr: Option<std::net::SocketAddr>,
-    applied: BTreeMap<String, Applied>,
+    applied: BTreeMap<String, Wanted>,
     status: Vec<PodStatus>,
     map_errors: u64,
     /// Entries left by an earlier agent for pods that are gone were swept
@@ -138,7 +130,7 @@ impl Agent {
             source_error: None,
             source_errors: 0,
             synced: false,
-            health: http::Shared::default(),
+            health: health::Shared::default(),
             http_addr: None,
             applied: BTreeMap::new(),
             status: Vec::new(),
@@ -211,92 +203,12 @@ impl Agent {
     }
 
     fn reconcile(&mut self) -> Result<()> {
-        let mut status = Vec::new();
-        let mut want: BTreeMap<String, Applied> = BTreeMap::new();
-
-        // Which pods need a namespace, and which namespaces exist.
-        let needs_netns = self
-            .pods
-            .iter()
-            .any(|p| p.meshed && !p.host_network && !p.ips.is_empty());
-        let spaces = if needs_netns {
+        let spaces = if reconcile::needs_netns(&self.pods) {
             netns::inspect(netns::candidates().into_iter().collect())?
         } else {
             Vec::new()
         };
-        let mut by_ip: BTreeMap<Ipv4Addr, Vec<&netns::Netns>> = BTreeMap::new();
-        for ns in &spaces {
-            for a in &ns.addrs {
-                by_ip.entry(*a).or_default().push(ns);
-            }
-        }
-
-        for pod in &self.pods {
-            let mut st = PodStatus::new(pod);
-            if !pod.meshed {
-                st.state = PodState::NotMeshed;
-                status.push(st);
-                continue;
-            }
-            let cfg = MeshConfig::from_pod_with(pod, &self.opts.defaults);
-            for e in &cfg.errors {
-                warn!(pod = %pod.key(), "{e}");
-            }
-            st.config_errors = cfg.errors.iter().map(ToString::to_string).collect();
-            st.notes = cfg.unsupported.clone();
-            st.config = Some(cfg.clone());
-            if pod.host_network {
-                st.state = PodState::HostNetwork;
-            } else if cfg.mode == Mode::None {
-                st.state = PodState::InterceptionNone;
-            } else if pod.ips.is_empty() {
-                st.state = PodState::WaitingForIp;
-            } else {
-                let found: BTreeSet<(u64, PathBuf)> = pod
-                    .ips
-                    .iter()
-                    .filter_map(|ip| by_ip.get(ip))
-                    .flatten()
-                    .map(|ns| (ns.cookie, ns.path.clone()))
-                    .collect();
-                match found.len() {
-                    0 => st.state = PodState::WaitingForNetns,
-                    1 => {
-                        let (cookie, path) = found.into_iter().next().expect("one");
-                        st.netns_cookie = Some(cookie);
-                        st.netns = Some(path.display().to_string());
-                        st.state = PodState::Active;
-                        if want.values().any(|a| a.cookie == cookie) {
-                            st.state = PodState::Error;
-                            st.config_errors.push(format!(
-                                "network namespace {} is claimed by another pod",
-                                path.display()
-                            ));
-                        } else {
-                            want.insert(
-                                pod.key(),
-                                Applied {
-                                    cookie,
-                                    netns: path.clone(),
-                                    ips: pod.ips.clone(),
-                                    entries: cfg.entries(cookie, &pod.ips),
-                                },
-                            );
-                        }
-                    }
-                    _ => {
-                        st.state = PodState::Error;
-                        st.config_errors.push(format!(
-                            "pod IPs {:?} are in {} network namespaces ({}); not capturing until that is resolved",
-                            pod.ips,
-                            found.len(),
-                            found.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                        ));
-                    }
-                }
-            }
-            status.push(st);
-        }
+        let Plan { want, mut status } = reconcile::plan(&self.pods, &spaces, &self.opts.defaults);
 
         // Remove what is no longer wanted, then write what is.
         let old = std::mem::take(&mut self.applied);
@@ -304,21 +216,19 @@ impl Agent {
             let keep = want.get(key);
             self.remove_stale(a, keep);
             if keep.is_none() {
-                info!(pod = %key, cookie = a.cookie, "pod entries removed");
+                info!(pod = %key, cookie = a.entries.cookie, "pod entries removed");
             }
         }
         for (key, a) in want {
-            let unchanged = old
-                .get(&key)
-                .is_some_and(|o| o.cookie == a.cookie && o.entries == a.entries && o.ips == a.ips)
-                && self.opts.layout.netns_link(a.cookie).exists();
+            let unchanged = old.get(&key).is_some_and(|o| o == &a)
+                && self.opts.layout.netns_link(a.entries.cookie).exists();
             if unchanged {
                 self.applied.insert(key, a);
                 continue;
             }
             match self.write(&a) {
                 Ok(()) => {
-                    info!(pod = %key, cookie = a.cookie, "pod entries written");
+                    info!(pod = %key, cookie = a.entries.cookie, "pod entries written");
                     self.applied.insert(key, a);
                 }
                 Err(e) => {
@@ -354,69 +264,25 @@ impl Agent {
     /// Removes whatever the maps hold that no current pod wants: what an
     /// earlier agent wrote for pods deleted or changed while no agent ran.
     fn sweep(&mut self) {
-        let cookies: BTreeSet<u64> = self.applied.values().map(|a| a.cookie).collect();
-        let ports: BTreeSet<PortKey> = self
-            .applied
-            .values()
-            .flat_map(|a| a.entries.ports.iter().copied())
-            .collect();
-        let cidrs: BTreeSet<(u32, CidrKeyData)> = self
-            .applied
-            .values()
-            .flat_map(|a| a.entries.cidrs.iter().copied())
-            .collect();
-        let ips: BTreeSet<(u32, u64)> = self
-            .applied
-            .values()
-            .flat_map(|a| a.ips.iter().map(|ip| (ip.to_bits(), a.cookie)))
-            .collect();
-        let mut removed = 0usize;
-        for c in self.maps.pods.keys().flatten().collect::<Vec<_>>() {
-            if !cookies.contains(&c) {
-                let _ = self.maps.pods.remove(&c);
-                let _ = self.maps.pod_stats.remove(&c);
-                let _ = bpf::detach_netns(&self.opts.layout, c);
-                removed += 1;
-            }
-        }
-        for k in self.maps.ports.keys().flatten().collect::<Vec<_>>() {
-            if !ports.contains(&k) {
-                let _ = self.maps.ports.remove(&k);
-                removed += 1;
-            }
-        }
-        for k in self.maps.cidrs.keys().flatten().collect::<Vec<_>>() {
-            if !cidrs.contains(&(k.prefix_len(), k.data())) {
-                let _ = self.maps.cidrs.remove(&k);
-                removed += 1;
-            }
-        }
-        let by_ip: Vec<(u32, u64)> = self.maps.pod_by_ip.iter().flatten().collect();
-        for (ip, c) in by_ip {
-            if !ips.contains(&(ip, c)) {
-                let _ = self.maps.pod_by_ip.remove(&ip);
-                removed += 1;
-            }
-        }
-        if removed > 0 {
-            info!(removed, "swept map entries of pods that are gone");
-        }
+        self.maps
+            .sweep(&self.opts.layout, self.applied.values().map(|a| &a.entries));
     }
 
     /// Reports whether each active pod's proxy listens, and registers
     /// listeners that predate the programs (sockops only sees new ones).
     fn check_listeners(&mut self, status: &mut [PodStatus]) {
-        let registered: BTreeSet<ListenerKey> = self.maps.listeners.keys().flatten().collect();
+        let registered: BTreeSet<ListenerKey> = self.maps.listener_keys();
         for (key, a) in &self.applied {
-            let p = &a.entries.pod;
+            let cookie = a.entries.cookie;
+            let p = &a.entries.entries.pod;
             let want = [p.inbound_capture_port, p.outbound_capture_port];
             let missing: Vec<u16> = want
                 .into_iter()
-                .filter(|port| !registered.contains(&ListenerKey::new(a.cookie, *port)))
+                .filter(|port| !registered.contains(&ListenerKey::new(cookie, *port)))
                 .collect();
             let mut found = Vec::new();
             if !missing.is_empty() {
-                match listeners::register_existing(&mut self.maps, a.cookie, &a.netns, &missing) {
+                match listeners::register_existing(&mut self.maps, cookie, &a.netns, &missing) {
                     Ok(ports) => {
                         for port in &ports {
                             info!(pod = %key, port, "registered a proxy listener that predates the programs");
@@ -427,7 +293,7 @@ impl Agent {
                 }
             }
             if let Some(st) = status.iter_mut().find(|s| &s.name == key) {
-                st.inbound_attached = self.opts.layout.netns_link(a.cookie).exists();
+                st.inbound_attached = self.opts.layout.netns_link(cookie).exists();
                 st.proxy_listening = Some(
                     !missing.contains(&p.inbound_capture_port)
                         || found.contains(&p.inbound_capture_port),
@@ -436,71 +302,16 @@ impl Agent {
         }
     }
 
-    /// Removes the entries of `old` that `new` (for `new_cookie`) does not
-    /// have. The pod entry goes first so the kernel stops using the lists.
-    fn remove_stale(&mut self, old: &Applied, new: Option<&Applied>) {
-        let new_cookie = new.map(|n| n.cookie);
-        let new_ips = new.map(|n| n.ips.as_slice()).unwrap_or_default();
-        let new = new.map(|n| &n.entries);
-        if new_cookie != Some(old.cookie) {
-            let _ = self.maps.pods.remove(&old.cookie);
-            if let Err(e) = bpf::detach_netns(&self.opts.layout, old.cookie) {
-                warn!(cookie = old.cookie, "{e:#}");
-            }
-            let _ = self.maps.pod_stats.remove(&old.cookie);
-        }
-        for ip in &old.ips {
-            if new_cookie != Some(old.cookie) || !new_ips.contains(ip) {
-                let _ = self.maps.pod_by_ip.remove(&ip.to_bits());
-            }
-        }
-        let keep_ports: BTreeSet<PortKey> = new
-            .map(|n| n.ports.iter().copied().collect())
-            .unwrap_or_default();
-        for k in &old.entries.ports {
-            if !keep_ports.contains(k) {
-                let _ = self.maps.ports.remove(k);
-            }
-        }
-        let keep_cidrs: BTreeSet<(u32, CidrKeyData)> = new
-            .map(|n| n.cidrs.iter().copied().collect())
-            .unwrap_or_default();
-        for (len, data) in &old.entries.cidrs {
-            if !keep_cidrs.contains(&(*len, *data)) {
-                let _ = self.maps.cidrs.remove(&Key::new(*len, *data));
-            }
-        }
+    /// Removes the entries of `old` that `new` does not have.
+    fn remove_stale(&mut self, old: &Wanted, new: Option<&Wanted>) {
+        self.maps
+            .remove_stale(&self.opts.layout, &old.entries, new.map(|n| &n.entries));
     }
 
-    /// Lists first, pod entry last: the kernel only acts on a pod once all of
-    /// its lists are there.
-    fn write(&mut self, a: &Applied) -> Result<()> {
-        for k in &a.entries.ports {
-            self.maps
-                .ports
-                .insert(k, 1, 0)
-                .with_context(|| format!("PORTS insert {k:?}"))?;
-        }
-        for (len, data) in &a.entries.cidrs {
-            self.maps
-                .cidrs
-                .insert(&Key::new(*len, *data), 1, 0)
-                .context("CIDRS insert")?;
-        }
-        for ip in &a.ips {
-            self.maps
-                .pod_by_ip
-                .insert(ip.to_bits(), a.cookie, 0)
-                .with_context(|| format!("POD_BY_IP insert {ip}"))?;
-        }
-        self.maps
-            .add_pod_stats(a.cookie)
-            .context("POD_STATS insert")?;
-        self.maps
-            .pods
-            .insert(a.cookie, a.entries.pod, 0)
-            .context("PODS insert")?;
-        bpf::attach_netns(&self.opts.layout, a.cookie, &a.netns)?;
+    /// The pod's entries, then its inbound link.
+    fn write(&mut self, a: &Wanted) -> Result<()> {
+        self.maps.write_pod(&a.entries)?;
+        bpf::attach_netns(&self.opts.layout, a.entries.cookie, &a.netns)?;
         Ok(())
     }
 
@@ -529,23 +340,4 @@ impl Agent {
             warn!("writing status to {}: {e:#}", self.opts.state_dir.display());
         }
     }
-}
-
-/// The cgroup-v2 mount point from /proc/mounts (`/sys/fs/cgroup` on unified
-/// hosts, `/sys/fs/cgroup/unified` on hybrid ones).
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .next()
-        .context("no cgroup2 filesystem in /proc/mounts (meshlane needs cgroup v2)")
-}
-
-pub fn default_state_dir() -> &'static Path {
-    Path::new("/run/meshlane")
 }

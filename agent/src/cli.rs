@@ -1,24 +1,11 @@
-//! meshlane: eBPF interception for service-mesh sidecars, a drop-in for
-//! Istio's iptables init container. This file only wires the commands.
+//! The command line: parses the flags and wires each command to the
+//! library's modules.
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-mod agent;
-mod bpf;
-mod btf;
-mod http;
-mod iptables;
-mod k8s;
-mod listeners;
-mod metrics;
-mod netns;
-mod podconfig;
-mod pods;
-mod probe;
-mod source;
-mod status;
+use crate::{agent, bpf, host, http, iptables, podconfig, pods, probe, source, status};
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +27,7 @@ struct Where {
     #[arg(long, default_value = "/sys/fs/bpf/meshlane")]
     bpffs: PathBuf,
     /// Directory for the agent's status file.
-    #[arg(long, default_value = agent::default_state_dir().as_os_str())]
+    #[arg(long, default_value = host::default_state_dir().as_os_str())]
     state_dir: PathBuf,
 }
 
@@ -144,7 +131,8 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+/// Runs the command line of the `meshlane` binary.
+pub fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -170,7 +158,7 @@ fn main() -> Result<()> {
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
-                None => agent::cgroup2_root()?,
+                None => host::cgroup2_root()?,
             };
             let defaults = podconfig::NodeDefaults::new(
                 proxy_uid,
@@ -186,7 +174,7 @@ fn main() -> Result<()> {
             });
             let source = match (pods, node_name) {
                 (Some(file), _) => source::Source::File(file),
-                (None, Some(node_name)) => source::Source::Kubernetes(k8s::Options {
+                (None, Some(node_name)) => source::Source::Kubernetes(source::kube::Options {
                     node_name,
                     kubeconfig,
                 }),

@@ -4,12 +4,7 @@
 //! client), so the server half costs a feature flag, not a framework, and a
 //! real HTTP implementation is more robust against odd probes and scrapers
 //! (pipelining, slow clients, bad requests) than a hand-written responder.
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
@@ -20,45 +15,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{Layout, Maps},
+    health::{liveness, readiness, Shared},
     metrics,
-    status::PodStatus,
 };
 
-/// What the agent tells the endpoints, updated after every reconcile.
-#[derive(Debug)]
-pub struct Health {
-    /// The programs are attached (set once `Agent::start` has succeeded).
-    pub attached: bool,
-    /// The first complete pod list from the source has been applied.
-    pub synced: bool,
-    pub source_error: Option<String>,
-    pub source_errors: u64,
-    pub map_update_errors: u64,
-    pub pods: Vec<PodStatus>,
-    /// When the agent's loop last went round; a stuck loop fails /healthz.
-    pub heartbeat: Instant,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self {
-            attached: false,
-            synced: false,
-            source_error: None,
-            source_errors: 0,
-            map_update_errors: 0,
-            pods: Vec::new(),
-            heartbeat: Instant::now(),
-        }
-    }
-}
-
-pub type Shared = Arc<Mutex<Health>>;
-
-/// The agent's loop goes round at least every few hundred milliseconds; this
-/// long without a round means it is stuck.
-const STUCK_AFTER: Duration = Duration::from_secs(10);
-/// A client that has not sent its request headers by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The listening socket, bound before anything is attached so that a port
@@ -128,17 +88,10 @@ fn respond<B>(req: &Request<B>, health: &Shared, layout: &Layout) -> Response<Fu
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     match req.uri().path() {
-        "/healthz" => {
-            let since = h.heartbeat.elapsed();
-            if since > STUCK_AFTER {
-                text(
-                    503,
-                    format!("agent loop has not run for {:.1}s\n", since.as_secs_f64()),
-                )
-            } else {
-                text(200, "ok\n".into())
-            }
-        }
+        "/healthz" => match liveness(&h) {
+            Ok(()) => text(200, "ok\n".into()),
+            Err(why) => text(503, format!("{why}\n")),
+        },
         "/readyz" => match readiness(&h) {
             Ok(()) => text(200, "ready\n".into()),
             Err(why) => text(503, format!("not ready: {why}\n")),
@@ -159,18 +112,4 @@ fn respond<B>(req: &Request<B>, health: &Shared, layout: &Layout) -> Response<Fu
         }
         _ => text(404, "not found: /healthz, /readyz, /metrics\n".into()),
     }
-}
-
-/// Ready: programs attached and the first complete pod list applied.
-pub fn readiness(h: &Health) -> Result<(), String> {
-    if !h.attached {
-        return Err("programs not attached yet".into());
-    }
-    if !h.synced {
-        return Err(match &h.source_error {
-            Some(e) => format!("no pod list applied yet ({e})"),
-            None => "no pod list applied yet".into(),
-        });
-    }
-    Ok(())
 }

@@ -78,8 +78,7 @@ pub fn register_existing(
             };
             let sock = borrow_fd(*pid, fd)
                 .with_context(|| format!("borrowing listener fd {fd} of pid {pid}"))?;
-            maps.listeners
-                .insert(ListenerKey::new(cookie, port), sock.as_raw_fd(), 0)
+            maps.register_listener(ListenerKey::new(cookie, port), sock.as_raw_fd())
                 .with_context(|| format!("registering listener on port {port} of pid {pid}"))?;
             done.push(port);
             if done.len()

@@ -9,9 +9,13 @@
 //! expects).
 use std::{collections::BTreeMap, fmt::Write};
 
-use meshlane_common::{capacity, names, pod_stat, stat, PodCounters};
+use meshlane_common::{counters, maps, stat, PodCounters};
 
-use crate::{bpf::Maps, http::Health, status::PodState};
+use crate::{
+    bpf::Maps,
+    health::{readiness, Health},
+    status::PodState,
+};
 
 /// Every state a pod can be in, so each gauge series exists (at 0) from the
 /// first scrape on.
@@ -69,11 +73,7 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         "gauge",
         "1 once the programs are attached and the first pod list is applied.",
     );
-    o.sample(
-        "meshlane_ready",
-        &[],
-        u8::from(crate::http::readiness(h).is_ok()),
-    );
+    o.sample("meshlane_ready", &[], u8::from(readiness(h).is_ok()));
 
     let mut by_state: BTreeMap<String, usize> =
         STATES.iter().map(|s| (state_name(*s), 0)).collect();
@@ -135,22 +135,16 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         o.sample("meshlane_shortcut_enabled", &[], u8::from(on));
     }
     let occ = maps.occupancy();
-    let maps_list = [
-        (names::PODS, occ.pods, capacity::PODS),
-        (names::PORTS, occ.ports, capacity::PORTS),
-        (names::CIDRS, occ.cidrs, capacity::CIDRS),
-        (names::IN_FLIGHT, occ.in_flight, capacity::IN_FLIGHT),
-        (names::POD_BY_IP, occ.pod_by_ip, capacity::POD_BY_IP),
-        (names::LISTENERS, occ.listeners, capacity::LISTENERS),
-        (names::SOCKS, occ.shortcut_sockets, capacity::SOCKS),
-        (names::SOCK_ADDRS, occ.shortcut_addrs, capacity::SOCKS),
-    ];
+    let counted: Vec<(&str, usize, u32)> = maps::ALL
+        .iter()
+        .filter_map(|m| Some((m.name, *occ.get(m.occupancy?)?, m.capacity)))
+        .collect();
     o.family(
         "meshlane_map_entries",
         "gauge",
         "Entries in each of meshlane's maps.",
     );
-    for (name, n, _) in maps_list {
+    for (name, n, _) in &counted {
         o.sample("meshlane_map_entries", &[("map", name)], n);
     }
     o.family(
@@ -158,94 +152,42 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         "gauge",
         "Maximum entries of each of meshlane's maps.",
     );
-    for (name, _, cap) in maps_list {
+    for (name, _, cap) in &counted {
         o.sample("meshlane_map_capacity", &[("map", name)], cap);
     }
     o.0
 }
 
+/// Renders the counter table `rows`, one family per metric name (in the
+/// order of its first row), with `value(row, series)` for each series.
+fn counter_families<S>(
+    o: &mut Out,
+    rows: &[counters::Counter],
+    series: &[(Vec<(&str, &str)>, S)],
+    value: impl Fn(&counters::Counter, &S) -> u64,
+) {
+    let mut done: Vec<&str> = Vec::new();
+    for first in rows {
+        if done.contains(&first.metric) {
+            continue;
+        }
+        done.push(first.metric);
+        o.family(first.metric, "counter", first.help);
+        for (labels, s) in series {
+            for r in rows.iter().filter(|r| r.metric == first.metric) {
+                let mut l = labels.clone();
+                l.extend(r.label);
+                o.sample(first.metric, &l, value(r, s));
+            }
+        }
+    }
+}
+
 /// The node-wide counters of the kernel programs (`STATS`).
 fn kernel_counters(o: &mut Out, at: &dyn Fn(u32) -> u64) {
-    let simple: &[(&str, u32, &str)] = &[
-        (
-            "meshlane_connects_inspected_total",
-            stat::CONNECT_MESHED,
-            "TCP connect() calls in meshed pods that the connect4 program decided on.",
-        ),
-        (
-            "meshlane_orig_dst_misses_total",
-            stat::ORIG_DST_MISS,
-            "getsockopt(SO_ORIGINAL_DST) on a socket meshlane did not redirect (the caller gets the kernel's answer).",
-        ),
-        (
-            "meshlane_orig_dst_record_failures_total",
-            stat::RECORD_FAILED,
-            "Redirected connections whose original destination could not be recorded (map full, no socket storage).",
-        ),
-        (
-            "meshlane_source_bind_failures_total",
-            stat::BIND_FAILED,
-            "Redirects where binding the pod's address as source failed (the proxy then sees 127.0.0.1).",
-        ),
-        (
-            "meshlane_not_ready_refused_total",
-            stat::NOT_READY_REFUSED,
-            "Captured connections refused because the proxy did not listen yet (as iptables would).",
-        ),
-        (
-            "meshlane_not_ready_bypassed_total",
-            stat::NOT_READY_BYPASSED,
-            "Captured connections passed untouched because the proxy did not listen yet (meshlane.io/bypass-until-ready).",
-        ),
-        (
-            "meshlane_shortcut_sockets_total",
-            stat::SHORTCUT_SOCKETS,
-            "Sockets put into the same-node shortcut.",
-        ),
-        (
-            "meshlane_shortcut_redirects_total",
-            stat::SHORTCUT_REDIRECTED,
-            "Messages the same-node shortcut delivered straight into the peer socket.",
-        ),
-        (
-            "meshlane_shortcut_no_peer_total",
-            stat::SHORTCUT_NO_PEER,
-            "Shortcut sockets whose peer was not there at their first send (they use TCP for life).",
-        ),
-        (
-            "meshlane_shortcut_fell_back_total",
-            stat::SHORTCUT_FELL_BACK,
-            "Shortcut sockets moved to TCP for life because their peer left too many redirected bytes unread.",
-        ),
-        (
-            "meshlane_listeners_registered_total",
-            stat::LISTENERS_REGISTERED,
-            "Proxy listeners registered at listen() for inbound capture.",
-        ),
-        (
-            "meshlane_kernel_map_update_errors_total",
-            stat::UPDATE_FAILED,
-            "Map updates the kernel programs could not make (a sockhash full, ...).",
-        ),
-    ];
-    for &(name, i, help) in simple {
-        o.family(name, "counter", help);
-        o.sample(name, &[], at(i));
-    }
-    o.family(
-        "meshlane_redirects_total",
-        "counter",
-        "Connections handed to the proxy, by direction: outbound (app to 15001), inbound (from \
-         outside the pod to 15006), own_pod (the proxy to its own pod, to 15006), dns (to 15053).",
-    );
-    for (dir, i) in [
-        ("outbound", stat::REDIRECT_OUTBOUND),
-        ("inbound", stat::INBOUND_CAPTURED),
-        ("own_pod", stat::REDIRECT_INBOUND),
-        ("dns", stat::REDIRECT_DNS),
-    ] {
-        o.sample("meshlane_redirects_total", &[("direction", dir)], at(i));
-    }
+    counter_families(o, counters::NODE, &[(Vec::new(), ())], |r, ()| {
+        at(r.index as u32)
+    });
     o.family(
         "meshlane_orig_dst_lookups_total",
         "counter",
@@ -261,58 +203,18 @@ fn kernel_counters(o: &mut Out, at: &dyn Fn(u32) -> u64) {
 /// The per-pod counters (`POD_STATS`, keyed by netns cookie) of the pods the
 /// agent captures, labelled with the pod's name.
 fn pod_counters(o: &mut Out, h: &Health, maps: &Maps) {
-    let pods: Vec<(&str, PodCounters)> = h
+    let pods: Vec<(Vec<(&str, &str)>, PodCounters)> = h
         .pods
         .iter()
         .filter(|p| p.state == PodState::Active)
-        .filter_map(|p| Some((p.name.as_str(), maps.pod_counters(p.netns_cookie?))))
+        .filter_map(|p| {
+            Some((
+                vec![("pod", p.name.as_str())],
+                maps.pod_counters(p.netns_cookie?),
+            ))
+        })
         .collect();
-    o.family(
-        "meshlane_pod_redirects_total",
-        "counter",
-        "Connections handed to a pod's proxy, by pod and direction (as meshlane_redirects_total).",
-    );
-    for (pod, c) in &pods {
-        for (dir, i) in [
-            ("outbound", pod_stat::REDIRECT_OUTBOUND),
-            ("inbound", pod_stat::INBOUND_CAPTURED),
-            ("own_pod", pod_stat::REDIRECT_INBOUND),
-            ("dns", pod_stat::REDIRECT_DNS),
-        ] {
-            o.sample(
-                "meshlane_pod_redirects_total",
-                &[("pod", pod), ("direction", dir)],
-                c[i],
-            );
-        }
-    }
-    for (name, i, help) in [
-        (
-            "meshlane_pod_orig_dst_answered_total",
-            pod_stat::ORIG_DST_ANSWERED,
-            "getsockopt(SO_ORIGINAL_DST) answered for a pod's sockets.",
-        ),
-        (
-            "meshlane_pod_not_ready_refused_total",
-            pod_stat::NOT_READY_REFUSED,
-            "A pod's captured connections refused while its proxy did not listen.",
-        ),
-        (
-            "meshlane_pod_not_ready_bypassed_total",
-            pod_stat::NOT_READY_BYPASSED,
-            "A pod's captured connections passed while its proxy did not listen.",
-        ),
-        (
-            "meshlane_pod_shortcut_sockets_total",
-            pod_stat::SHORTCUT_SOCKETS,
-            "A pod's sockets put into the same-node shortcut.",
-        ),
-    ] {
-        o.family(name, "counter", help);
-        for (pod, c) in &pods {
-            o.sample(name, &[("pod", pod)], c[i]);
-        }
-    }
+    counter_families(o, counters::POD, &pods, |r, c| c[r.index]);
 }
 
 #[cfg(test)]
@@ -367,5 +269,31 @@ mod tests {
         assert!(!m.contains("meshlane_redirects_total"), "{m}");
         let not_ready = render(&Health::default(), None);
         assert!(not_ready.lines().any(|l| l == "meshlane_ready 0"));
+    }
+
+    /// Every row of the counter tables is a sample of its family, with its
+    /// labels and its own value: the table and the page cannot disagree.
+    #[test]
+    fn every_counter_row_is_rendered_with_its_value() {
+        let mut o = Out(String::new());
+        kernel_counters(&mut o, &|i| 1000 + u64::from(i));
+        for r in counters::NODE {
+            let labels = r
+                .label
+                .map(|(k, v)| format!("{{{k}=\"{v}\"}}"))
+                .unwrap_or_default();
+            let line = format!("{}{labels} {}", r.metric, 1000 + r.index);
+            assert!(
+                o.0.lines().any(|l| l == line),
+                "missing {line:?} in\n{}",
+                o.0
+            );
+            assert!(o.0.contains(&format!("# TYPE {} counter", r.metric)));
+        }
+        let families = o.0.lines().filter(|l| l.starts_with("# TYPE")).count();
+        let distinct: std::collections::BTreeSet<&str> =
+            counters::NODE.iter().map(|r| r.metric).collect();
+        // One family per metric name, plus the derived lookups total.
+        assert_eq!(families, distinct.len() + 1, "{}", o.0);
     }
 }

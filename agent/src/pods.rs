@@ -11,10 +11,7 @@ use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::podconfig::annotation;
-
-/// The istio-proxy container's name in injected pods.
-pub const PROXY_CONTAINER: &str = "istio-proxy";
+use crate::istio::{annotation, PROXY_CONTAINER};
 
 /// What meshlane knows of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]

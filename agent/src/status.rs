@@ -4,6 +4,10 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result};
+use meshlane_common::{
+    counters,
+    programs::{self, Target},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -134,45 +138,6 @@ pub struct Report {
         std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
 }
 
-/// Names of the global counters, in `stat` order.
-pub const COUNTER_NAMES: &[(&str, u32)] = {
-    use meshlane_common::stat::*;
-    &[
-        ("connect_meshed", CONNECT_MESHED),
-        ("redirect_outbound", REDIRECT_OUTBOUND),
-        ("redirect_inbound", REDIRECT_INBOUND),
-        ("redirect_dns", REDIRECT_DNS),
-        ("orig_dst_answered", ORIG_DST_ANSWERED),
-        ("orig_dst_miss", ORIG_DST_MISS),
-        ("record_failed", RECORD_FAILED),
-        ("bind_failed", BIND_FAILED),
-        ("inbound_captured", INBOUND_CAPTURED),
-        ("not_ready_refused", NOT_READY_REFUSED),
-        ("not_ready_bypassed", NOT_READY_BYPASSED),
-        ("shortcut_sockets", SHORTCUT_SOCKETS),
-        ("shortcut_redirected", SHORTCUT_REDIRECTED),
-        ("shortcut_no_peer", SHORTCUT_NO_PEER),
-        ("listeners_registered", LISTENERS_REGISTERED),
-        ("update_failed", UPDATE_FAILED),
-        ("shortcut_fell_back", SHORTCUT_FELL_BACK),
-    ]
-};
-
-/// Names of the per-pod counters, in `pod_stat` order.
-pub const POD_COUNTER_NAMES: &[(&str, usize)] = {
-    use meshlane_common::pod_stat::*;
-    &[
-        ("redirect_outbound", REDIRECT_OUTBOUND),
-        ("redirect_inbound", REDIRECT_INBOUND),
-        ("redirect_dns", REDIRECT_DNS),
-        ("inbound_captured", INBOUND_CAPTURED),
-        ("not_ready_refused", NOT_READY_REFUSED),
-        ("not_ready_bypassed", NOT_READY_BYPASSED),
-        ("orig_dst_answered", ORIG_DST_ANSWERED),
-        ("shortcut_sockets", SHORTCUT_SOCKETS),
-    ]
-};
-
 #[derive(Debug, Serialize)]
 pub struct ProgramReport {
     pub name: &'static str,
@@ -200,8 +165,10 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         .map(|(name, hook)| ProgramReport {
             name,
             hook,
+            // Cgroup programs have a link of their name; the others are
+            // attached per pod or to a map once loaded and pinned.
             attached: links.iter().any(|l| l == name)
-                || (name == bpf::SK_LOOKUP_PROGRAM || name == bpf::SK_MSG_PROGRAM)
+                || programs::by_name(name).is_some_and(|p| p.hook.target() != Target::Cgroup)
                     && layout.prog(name).exists(),
         })
         .collect();
@@ -209,9 +176,9 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
     let (maps, counters) = match &maps_open {
         Some(m) => {
             let c = m.counters().ok().map(|c| {
-                COUNTER_NAMES
+                counters::NODE
                     .iter()
-                    .map(|&(n, i)| (n, c[i as usize]))
+                    .map(|r| (r.name, c.get(r.index).copied().unwrap_or(0)))
                     .collect()
             });
             (Some(m.occupancy()), c)
@@ -230,7 +197,7 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
                 let c = m.pod_counters(cookie);
                 pod_counters.insert(
                     p.name.clone(),
-                    POD_COUNTER_NAMES.iter().map(|&(n, i)| (n, c[i])).collect(),
+                    counters::POD.iter().map(|r| (r.name, c[r.index])).collect(),
                 );
             }
         }
@@ -342,10 +309,16 @@ pub fn print(r: &Report) {
         }
     }
     if let Some(m) = &r.maps {
-        println!(
-            "maps: PODS {} entries, PORTS {}, CIDRS {}, IN_FLIGHT {}, POD_BY_IP {}, LISTENERS {}, SOCKS {}",
-            m.pods, m.ports, m.cidrs, m.in_flight, m.pod_by_ip, m.listeners, m.shortcut_sockets
-        );
+        let counts: Vec<String> = meshlane_common::maps::ALL
+            .iter()
+            .filter_map(|d| Some((d.name, m.get(d.occupancy?)?)))
+            .enumerate()
+            .map(|(i, (name, n))| {
+                let unit = if i == 0 { " entries" } else { "" };
+                format!("{name} {n}{unit}")
+            })
+            .collect();
+        println!("maps: {}", counts.join(", "));
     }
     if let Some(on) = r.shortcut {
         println!(

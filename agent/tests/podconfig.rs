@@ -12,8 +12,12 @@ use std::{
 use meshlane_common::decide::{decide_connect, Connect};
 use proptest::prelude::*;
 
-use super::*;
-use crate::pods::Pod;
+use meshlane::{
+    iptables,
+    istio::{annotation, DNS_CAPTURE_ENV},
+    podconfig::*,
+    pods::Pod,
+};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 
@@ -31,12 +35,8 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let dir = goldens_dir();
-    let text = std::fs::read_to_string(dir.join("cases.json")).unwrap_or_else(|e| {
-        panic!(
-            "golden cases not found in {} ({e})",
-            dir.display()
-        )
-    });
+    let text = std::fs::read_to_string(dir.join("cases.json"))
+        .unwrap_or_else(|e| panic!("golden cases not found in {} ({e})", dir.display()));
     let v: serde_json::Value = serde_json::from_str(&text).expect("cases.json parses");
     v["cases"]
         .as_array()
@@ -555,7 +555,7 @@ fn proxy_identity_from_the_container() {
 fn rendered_rules_equal_every_golden_byte_for_byte() {
     for case in cases() {
         let cfg = MeshConfig::from_pod(&case.pod);
-        let got = crate::iptables::render(&cfg).expect("captured");
+        let got = iptables::render(&cfg).expect("captured");
         assert!(
             got == case.rules,
             "case {}: rendered rules differ from the golden\n--- golden\n{}--- rendered\n{}",
@@ -616,7 +616,7 @@ proptest! {
         }
         let cfg = MeshConfig::from_pod(&pod);
         prop_assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
-        let rules = crate::iptables::render(&cfg).expect("rules");
+        let rules = iptables::render(&cfg).expect("rules");
         let bound = bind_6.then_some(Ipv4Addr::new(127, 0, 0, 6));
         let p = packet(&[POD_IP], uid, gid, bound, dst, dport, true);
         prop_assert_eq!(
@@ -653,8 +653,8 @@ fn node_defaults_apply_where_the_pod_says_nothing() {
         MeshConfig::from_pod_with(&pod_with(&[]), &NodeDefaults::ISTIO)
     );
     // The rendered rules use the node's ports too.
-    let rules = crate::iptables::render(&MeshConfig::from_pod_with(&pod_with(&[]), &node))
-        .expect("captured");
+    let rules =
+        iptables::render(&MeshConfig::from_pod_with(&pod_with(&[]), &node)).expect("captured");
     assert!(rules.contains("--to-ports 4140"), "{rules}");
     assert!(rules.contains("--to-ports 4143"), "{rules}");
     assert!(

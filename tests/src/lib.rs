@@ -26,7 +26,7 @@ pub use records::{
     SidecarRecord, SockoptRecord,
 };
 pub use sandbox::{
-    cgroup2_root, cleanup_stale, mtest_bin, data_dir, workspace_root, Pod, Proc, Sandbox,
+    cgroup2_root, cleanup_stale, data_dir, mtest_bin, workspace_root, Pod, Proc, Sandbox,
 };
 pub use sock::{fmt_addr, original_dst};
 
@@ -39,11 +39,10 @@ pub fn skip_loudly(reason: &str) {
     eprintln!("SKIPPED: {reason}");
 }
 
-/// Istio's default proxy uid and gid (the sidecar runs as these).
-pub const PROXY_UID: u32 = 1337;
+/// Istio's default proxy uid and gid (the sidecar runs as these), and its
+/// outbound and inbound capture ports: the contract crate's definitions.
+pub use meshlane_common::ports::{
+    INBOUND_CAPTURE as INBOUND_PORT, OUTBOUND_CAPTURE as OUTBOUND_PORT, PROXY_UID,
+};
 /// An ordinary application uid for probes that should be captured.
 pub const APP_UID: u32 = 1000;
-/// Istio's outbound capture port.
-pub const OUTBOUND_PORT: u16 = 15001;
-/// Istio's inbound capture port.
-pub const INBOUND_PORT: u16 = 15006;

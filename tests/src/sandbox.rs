@@ -753,20 +753,7 @@ impl Drop for Proc {
     }
 }
 
-/// The cgroup v2 mount point, from /proc/mounts (/sys/fs/cgroup on unified
-/// hosts, /sys/fs/cgroup/unified on hybrid ones).
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
-        })
-        .next()
-        .context("no cgroup2 filesystem in /proc/mounts")
-}
+pub use meshlane::host::cgroup2_root;
 
 /// Path of the `mtest` binary: $MESHLANE_MTEST, else `mtest` in the profile
 /// directory of the running executable (target/debug/mtest for
@@ -817,24 +804,6 @@ fn sanitize(s: &str, max: usize) -> String {
         .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
         .take(max)
         .collect()
-}
-
-/// /proc/mounts escapes space, tab, newline and backslash as octal.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs `ip args`, failing with the command line and ip's stderr.
@@ -1042,12 +1011,6 @@ fn rmdir_tree(cg: &Path, deadline: Instant) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mount_unescape() {
-        assert_eq!(unescape_mount(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mount("/sys/fs/cgroup"), "/sys/fs/cgroup");
-    }
 
     #[test]
     fn sanitize_names() {

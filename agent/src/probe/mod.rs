@@ -26,7 +26,7 @@
 use std::{
     collections::BTreeSet,
     fmt,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -36,6 +36,7 @@ use aya_obj::{
     programs::{CgroupSockAddrAttachType, CgroupSockoptAttachType},
     Object, ProgramSection,
 };
+use meshlane_common::programs::{self, Hook};
 
 /// The start of every refusal, so tools (the VM matrix) can recognise it.
 pub const REFUSAL: &str = "meshlane cannot run on this kernel";
@@ -137,38 +138,38 @@ const H_SK_ASSIGN: u32 = 124;
 const H_SK_RELEASE: u32 = 86;
 const H_PROBE_READ_KERNEL: u32 = 113;
 
-fn hook_name(prog_type: u32, attach: Option<u32>) -> String {
-    match (prog_type, attach) {
-        (PT_SOCK_ADDR, Some(AT_CONNECT4)) => "cgroup/connect4".into(),
-        (PT_SOCK_ADDR, Some(AT_GETPEERNAME4)) => "cgroup/getpeername4".into(),
-        (PT_SOCKOPT, Some(AT_GETSOCKOPT)) => "cgroup/getsockopt".into(),
-        (PT_SOCK_OPS, _) => "sockops".into(),
-        (PT_SK_MSG, _) => "sk_msg".into(),
-        (PT_SK_LOOKUP, _) => "sk_lookup".into(),
-        (t, Some(a)) => format!("type {t} / attach type {a}"),
-        (t, None) => format!("type {t}"),
+/// The kernel's program type and expected attach type of a hook.
+fn hook_ids(hook: Hook) -> (u32, Option<u32>) {
+    let at = crate::bpf::load::attach_type(hook) as u32;
+    match hook {
+        Hook::Connect4 | Hook::GetPeerName4 => (PT_SOCK_ADDR, Some(at)),
+        Hook::GetSockopt => (PT_SOCKOPT, Some(at)),
+        Hook::SockOps => (PT_SOCK_OPS, None),
+        Hook::SkLookup => (PT_SK_LOOKUP, Some(at)),
+        Hook::SkMsg => (PT_SK_MSG, Some(at)),
     }
 }
 
-/// First kernel with a program type and attach type.
-fn program_min(prog_type: u32, attach: Option<u32>) -> Option<&'static str> {
-    Some(match (prog_type, attach) {
-        // 40304b2a1567 "bpf: BPF support for sock_ops"
-        (PT_SOCK_OPS, _) => "4.13",
-        // 4f738adba30a "bpf: create tcp_bpf_ulp allowing BPF to monitor socket TX/RX data"
-        (PT_SK_MSG, _) => "4.17",
-        // d74bad4e74ee "bpf: Hooks for sys_connect"
-        (PT_SOCK_ADDR, Some(AT_CONNECT4)) => "4.17",
-        // 1b66d253610c "bpf: Add get{peer,sock}name attach types for sock_addr"
-        (PT_SOCK_ADDR, Some(AT_GETPEERNAME4)) => "5.8",
-        // 0d01da6afc54 "bpf: implement getsockopt and setsockopt hooks"
-        (PT_SOCKOPT, Some(AT_GETSOCKOPT)) => "5.3",
-        // e9ddbb7707ff "bpf: Introduce SK_LOOKUP program type with a dedicated attach point"
-        (PT_SK_LOOKUP, _) => "5.9",
-        _ => return None,
-    })
+/// The hook of the programs table with these ids.
+fn hook_of(prog_type: u32, attach: Option<u32>) -> Option<Hook> {
+    programs::ALL
+        .iter()
+        .map(|p| p.hook)
+        .find(|h| hook_ids(*h) == (prog_type, attach))
 }
 
+fn hook_name(prog_type: u32, attach: Option<u32>) -> String {
+    match (hook_of(prog_type, attach), attach) {
+        (Some(h), _) => h.section().into(),
+        (None, Some(a)) => format!("type {prog_type} / attach type {a}"),
+        (None, None) => format!("type {prog_type}"),
+    }
+}
+
+/// First kernel with a program type and attach type (the programs table).
+fn program_min(prog_type: u32, attach: Option<u32>) -> Option<&'static str> {
+    hook_of(prog_type, attach).map(Hook::min_kernel)
+}
 fn helper_name(id: u32) -> String {
     match id {
         H_MAP_LOOKUP => "bpf_map_lookup_elem".into(),
@@ -352,6 +353,12 @@ pub fn requirements(object: &[u8]) -> Result<Vec<Feature>> {
     Ok(out)
 }
 
+/// The hook of an object's program section, as the programs table names it.
+pub fn section_hook(s: &ProgramSection) -> Option<Hook> {
+    let (prog_type, attach, _) = section_type(s)?;
+    hook_of(prog_type, attach)
+}
+
 /// Program type, expected attach type, and whether it attaches to a cgroup.
 fn section_type(s: &ProgramSection) -> Option<(u32, Option<u32>, bool)> {
     Some(match s {
@@ -469,11 +476,10 @@ struct ProgLoadAttr {
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// The shared raw bpf(2) call, as an fd-sized result.
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
-    crate::bpf::sys_bpf(cmd, attr).map(|rc| rc as i32)
+    crate::bpf::sys::sys_bpf(cmd, attr).map(|rc| rc as i32)
 }
 
 /// Loads `insns`; Ok(Ok(fd)) when the kernel took it, Ok(Err((errno, log)))
@@ -559,16 +565,6 @@ impl Drop for ProbeCgroup {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-    _rest: [u64; 6],
-}
-
 fn cgroup_link_available(cgroup: &Path) -> Result<bool> {
     let fd = match load(PT_SOCK_ADDR, Some(AT_CONNECT4), &[mov_r0(1), exit()])? {
         Ok(fd) => fd,
@@ -580,16 +576,14 @@ fn cgroup_link_available(cgroup: &Path) -> Result<bool> {
     let guard = ProbeCgroup(dir);
     let cg =
         std::fs::File::open(&guard.0).with_context(|| format!("opening {}", guard.0.display()))?;
-    let mut attr = LinkCreateAttr {
-        prog_fd: fd.as_raw_fd() as u32,
-        target_fd: cg.as_fd().as_raw_fd() as u32,
-        attach_type: AT_CONNECT4,
-        ..Default::default()
-    };
-    let r = match sys_bpf(BPF_LINK_CREATE, &mut attr) {
+    let r = match crate::bpf::sys::link_create(
+        fd.as_fd(),
+        cg.as_fd(),
+        bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
+    ) {
+        // Closing the link detaches the program.
         Ok(link) => {
-            // SAFETY: a new fd we own; closing it detaches the program.
-            drop(unsafe { OwnedFd::from_raw_fd(link) });
+            drop(link);
             Ok(true)
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
@@ -651,12 +645,6 @@ pub fn refusal(results: &[(Feature, Found)], release: &str) -> Option<String> {
     ))
 }
 
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// Called by `Agent::start` before anything is loaded: Err with the one
 /// clear refusal when the kernel lacks a feature the object needs.
 pub fn require(object: &[u8], cgroup: &Path) -> Result<()> {
@@ -672,7 +660,7 @@ pub fn require(object: &[u8], cgroup: &Path) -> Result<()> {
             tracing::warn!(feature = %f, "could not probe: {why}");
         }
     }
-    if let Some(msg) = refusal(&results, &kernel_release()) {
+    if let Some(msg) = refusal(&results, &crate::host::kernel_release()) {
         bail!("{msg}");
     }
     tracing::info!(
@@ -716,16 +704,16 @@ pub fn run_cli(object: &[u8], cgroup: Option<&Path>) -> Result<()> {
     let features = requirements(object)?;
     let cgroup = match cgroup {
         Some(c) => c.to_path_buf(),
-        None => crate::agent::cgroup2_root()?,
+        None => crate::host::cgroup2_root()?,
     };
     let results = evaluate(&features, &Running { cgroup });
-    let release = kernel_release();
+    let release = crate::host::kernel_release();
     println!("kernel: Linux {release}");
     println!(
         "cgroup v2: {}",
         cgroup_layout(&std::fs::read_to_string("/proc/mounts").unwrap_or_default())
     );
-    let bpffs = if crate::bpf::is_bpffs(Path::new("/sys/fs/bpf")) {
+    let bpffs = if crate::bpf::layout::is_bpffs(Path::new("/sys/fs/bpf")) {
         "mounted at /sys/fs/bpf".to_string()
     } else {
         "not mounted at /sys/fs/bpf (`meshlane run` mounts it)".to_string()
@@ -750,7 +738,7 @@ pub fn run_cli(object: &[u8], cgroup: Option<&Path>) -> Result<()> {
         );
     }
     // Optional: without it only the shortcut is refused, not the agent.
-    match crate::btf::PsockOffsets::of_running_kernel() {
+    match crate::bpf::btf::PsockOffsets::of_running_kernel() {
         Ok(o) => println!(
             "{SHORTCUT_LINE} yes (struct sk_psock.msg_tot_len at byte {})",
             o.msg_tot_len

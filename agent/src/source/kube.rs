@@ -32,7 +32,8 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{pods, source::Snapshot};
+use super::snapshot::Snapshot;
+use crate::pods;
 
 /// How the agent reaches the API server and which pods are its own.
 #[derive(Clone, Debug)]

@@ -1,0 +1,289 @@
+//! Loading, attaching, pinning and adopting the kernel programs, by walking
+//! the contract's program and map tables (`meshlane_common::{programs,
+//! maps}`): a program or map added there is installed, adopted, reported and
+//! removed here without another line.
+use std::{
+    fs,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{MapData, SockHash},
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
+    Ebpf, EbpfLoader,
+};
+use aya_obj::generated::bpf_attach_type;
+use meshlane_common::{
+    maps,
+    programs::{self, Hook, Program, Target},
+    ConnKey,
+};
+
+use super::{
+    layout::Layout,
+    sys::{link_create, link_update, obj_pin, open_pinned_fd, prog_attach},
+};
+
+/// The object built by `cargo xtask build-ebpf`, embedded at build time.
+static EMBEDDED_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlane.bpf.o"));
+
+/// The kernel object to load: `--ebpf-object` if given, else the embedded one.
+pub fn object_bytes(path: Option<&Path>) -> Result<Vec<u8>> {
+    match path {
+        Some(p) => fs::read(p).with_context(|| format!("reading eBPF object {}", p.display())),
+        None if EMBEDDED_OBJECT.is_empty() => Err(anyhow!(
+            "this meshlane binary was built without its eBPF object: run `cargo xtask build-ebpf` and rebuild, or pass --ebpf-object"
+        )),
+        None => Ok(EMBEDDED_OBJECT.to_vec()),
+    }
+}
+
+/// The kernel's attach type of a hook.
+pub fn attach_type(hook: Hook) -> bpf_attach_type {
+    match hook {
+        Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
+        Hook::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
+        Hook::GetSockopt => bpf_attach_type::BPF_CGROUP_GETSOCKOPT,
+        Hook::SockOps => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
+        Hook::SkLookup => bpf_attach_type::BPF_SK_LOOKUP,
+        Hook::SkMsg => bpf_attach_type::BPF_SK_MSG_VERDICT,
+    }
+}
+
+/// Loads program `p` (the verifier runs here) and pins it, replacing an
+/// older pin of that name. Returns its fd, to attach or swap in.
+fn load_and_pin(ebpf: &mut Ebpf, layout: &Layout, p: &Program) -> Result<OwnedFd> {
+    let name = p.name;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    let loaded = match p.hook {
+        Hook::Connect4 | Hook::GetPeerName4 => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
+        Hook::GetSockopt => <&mut CgroupSockopt>::try_from(&mut *prog)?.load(),
+        Hook::SockOps => <&mut SockOps>::try_from(&mut *prog)?.load(),
+        Hook::SkLookup => <&mut SkLookup>::try_from(&mut *prog)?.load(),
+        Hook::SkMsg => <&mut SkMsg>::try_from(&mut *prog)?.load(),
+    };
+    loaded.with_context(|| {
+        format!(
+            "loading program {name} ({}): the kernel refused it",
+            p.hook.section()
+        )
+    })?;
+    let ppath = layout.prog(name);
+    let _ = fs::remove_file(&ppath);
+    prog.pin(&ppath)
+        .with_context(|| format!("pinning program {name} at {}", ppath.display()))?;
+    Ok(prog.fd()?.as_fd().try_clone_to_owned()?)
+}
+
+/// Attaches a verdict program to the sockhash `map`. On a sockhash that has
+/// one, it is replaced; sockets already in the map keep the one they joined
+/// with until they close.
+fn attach_to_map(ebpf: &Ebpf, p: &Program, map: &str, prog: &OwnedFd) -> Result<()> {
+    let socks = SockHash::<_, ConnKey>::try_from(
+        ebpf.map(map)
+            .ok_or_else(|| anyhow!("map {map} missing from the eBPF object"))?,
+    )?;
+    prog_attach(prog.as_fd(), socks.fd().as_fd(), attach_type(p.hook)).with_context(|| {
+        format!(
+            "attaching {} ({}) to the {map} sockhash",
+            p.name,
+            p.hook.section()
+        )
+    })
+}
+
+/// Program names and where they are attached, for status output.
+pub fn program_hooks() -> impl Iterator<Item = (&'static str, &'static str)> {
+    programs::ALL.iter().map(|p| (p.name, p.attached_to()))
+}
+
+/// Loads the object, pins its maps and programs, and attaches every program
+/// to its target: the cgroup with a pinned link, a sockhash, or (sk_lookup)
+/// nothing yet: each pod's namespace gets a link when the pod is written.
+pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
+    let cgroup_dir =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    let mut ebpf: Ebpf = EbpfLoader::new()
+        .load(object)
+        .context("loading the eBPF object (maps)")?;
+    for (name, map) in ebpf.maps() {
+        let path = layout.map(name);
+        map.pin(&path)
+            .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+    }
+    for p in programs::ALL {
+        let fd = load_and_pin(&mut ebpf, layout, p)?;
+        match p.hook.target() {
+            Target::Cgroup => {
+                let link = link_create(fd.as_fd(), cgroup_dir.as_fd(), attach_type(p.hook))
+                    .with_context(|| {
+                        format!(
+                            "attaching {} to {} of cgroup {}",
+                            p.name,
+                            p.hook.section(),
+                            cgroup.display()
+                        )
+                    })?;
+                let lpath = layout.link(p.name);
+                obj_pin(link.as_fd(), &lpath)
+                    .with_context(|| format!("pinning link {}", lpath.display()))?;
+            }
+            Target::PodNetns => {}
+            Target::Map(map) => attach_to_map(&ebpf, p, map, &fd)?,
+        }
+    }
+    Ok(())
+}
+
+/// Takes over the interception an earlier agent pinned, without a moment
+/// without it: the programs of `object` are loaded against the pinned maps
+/// (their state, socket storage and sockhashes included, carries over) and
+/// swapped into the pinned links with BPF_LINK_UPDATE, which the kernel does
+/// atomically. Fails, changing nothing attached, when a pinned map is
+/// missing or its layout differs from the object's (an upgrade that changed
+/// a map: the caller then replaces everything).
+pub fn adopt(object: &[u8], layout: &Layout) -> Result<()> {
+    let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    for m in maps::ALL {
+        let name = m.name;
+        let path = layout.map(name);
+        let pinned = MapData::from_pin(&path)
+            .with_context(|| format!("pinned map {} is missing", path.display()))?;
+        let info = pinned.info().context("reading pinned map info")?;
+        let def = parsed
+            .maps
+            .get(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+        let same = info.key_size() == def.key_size()
+            && info.value_size() == def.value_size()
+            && info.max_entries() == def.max_entries()
+            && info.map_type().ok().map(|t| t as u32) == Some(def.map_type());
+        if !same {
+            bail!(
+                "pinned map {name} has another layout (key {} value {} entries {}) than this build's (key {} value {} entries {})",
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+                def.key_size(),
+                def.value_size(),
+                def.max_entries()
+            );
+        }
+    }
+    for p in programs::ALL {
+        if p.hook.target() == Target::Cgroup && !layout.link(p.name).exists() {
+            bail!("pinned link {} is missing", layout.link(p.name).display());
+        }
+    }
+    let mut loader = EbpfLoader::new();
+    for m in maps::ALL {
+        loader.map_pin_path(m.name, layout.map(m.name));
+    }
+    let mut ebpf = loader
+        .load(object)
+        .context("loading the eBPF object against the pinned maps")?;
+    let swap = |fd: &OwnedFd, links: Vec<PathBuf>| -> Result<()> {
+        for l in links {
+            let link = open_pinned_fd(&l)?;
+            link_update(link.as_fd(), fd.as_fd())
+                .with_context(|| format!("replacing the program of link {}", l.display()))?;
+        }
+        Ok(())
+    };
+    for p in programs::ALL {
+        let fd = load_and_pin(&mut ebpf, layout, p)?;
+        match p.hook.target() {
+            Target::Cgroup => swap(&fd, vec![layout.link(p.name)])?,
+            Target::PodNetns => {
+                let netns_links: Vec<PathBuf> = fs::read_dir(layout.netns_links())
+                    .map(|d| d.flatten().map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                swap(&fd, netns_links)?;
+            }
+            Target::Map(map) => attach_to_map(&ebpf, p, map, &fd)?,
+        }
+    }
+    Ok(())
+}
+
+/// The program attached to each pod's network namespace.
+fn netns_program() -> &'static Program {
+    programs::ALL
+        .iter()
+        .find(|p| p.hook.target() == Target::PodNetns)
+        .expect("the programs table has a per-pod-netns program")
+}
+
+/// Attaches inbound capture to a pod's network namespace and pins the link
+/// under the pod's netns cookie. Idempotent: an existing pin is kept.
+pub fn attach_netns(layout: &Layout, cookie: u64, netns: &Path) -> Result<()> {
+    let pin = layout.netns_link(cookie);
+    if pin.exists() {
+        return Ok(());
+    }
+    let p = netns_program();
+    let prog = open_pinned_fd(&layout.prog(p.name))
+        .with_context(|| format!("opening pinned program {}", p.name))?;
+    let ns = fs::File::open(netns)
+        .with_context(|| format!("opening network namespace {}", netns.display()))?;
+    let link = link_create(prog.as_fd(), ns.as_fd(), attach_type(p.hook)).with_context(|| {
+        format!(
+            "attaching {} to network namespace {}",
+            p.hook.section(),
+            netns.display()
+        )
+    })?;
+    obj_pin(link.as_fd(), &pin).with_context(|| format!("pinning link {}", pin.display()))?;
+    Ok(())
+}
+
+/// Detaches inbound capture from a pod's namespace (a no-op if it is gone).
+pub fn detach_netns(layout: &Layout, cookie: u64) -> Result<()> {
+    let pin = layout.netns_link(cookie);
+    match fs::remove_file(&pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("unpinning {}", pin.display())),
+    }
+}
+
+/// Detaches and unpins everything under `layout`. Links first, so the
+/// programs stop running before their maps go. Something already gone is not
+/// an error: two cleanups on one node (the uninstall Job may place two pods
+/// there) race, and both must succeed.
+pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
+    fn gone_is_fine(r: std::io::Result<()>) -> std::io::Result<bool> {
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+    let mut removed = Vec::new();
+    for dir in [
+        layout.links(),
+        layout.netns_links(),
+        layout.progs(),
+        layout.maps(),
+    ] {
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if gone_is_fine(fs::remove_file(e.path()))
+                    .with_context(|| format!("unpinning {}", e.path().display()))?
+                {
+                    removed.push(e.path());
+                }
+            }
+        }
+        gone_is_fine(fs::remove_dir(&dir))
+            .with_context(|| format!("removing {}", dir.display()))?;
+    }
+    gone_is_fine(fs::remove_dir(&layout.root))
+        .with_context(|| format!("removing {}", layout.root.display()))?;
+    Ok(removed)
+}

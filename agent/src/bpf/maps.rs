@@ -1,0 +1,325 @@
+//! The pinned maps, opened by their rows in `meshlane_common::maps`. The
+//! handles are private: every write, removal and sweep of a pod's entries
+//! goes through the methods here, which keep the kernel's invariant (a pod's
+//! lists are in place before its `PODS` entry, and go after it).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd, RawFd},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{
+    lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    SockHash,
+};
+use meshlane_common::{
+    maps::{self, Map as MapDef},
+    setting, stat, CidrKeyData, ListenerKey, PodConfig, PodCounters, PortKey,
+};
+use tracing::{info, warn};
+
+use super::{layout::Layout, load, sys};
+use crate::podconfig::MapEntries;
+
+/// What the agent writes for one captured pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEntries {
+    pub cookie: u64,
+    pub ips: Vec<Ipv4Addr>,
+    pub entries: MapEntries,
+}
+
+/// Handles on the pinned maps the agent writes and status reads.
+pub struct Maps {
+    pods: HashMap<MapData, u64, PodConfig>,
+    ports: HashMap<MapData, PortKey, u32>,
+    cidrs: LpmTrie<MapData, CidrKeyData, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    pod_stats: PerCpuHashMap<MapData, u64, PodCounters>,
+    pod_by_ip: HashMap<MapData, u32, u64>,
+    listeners: SockHash<MapData, ListenerKey>,
+    settings: Array<MapData, u32>,
+    /// Every map with an occupancy key, for counting entries.
+    counted: Vec<(&'static MapDef, MapData)>,
+}
+
+fn open_map(layout: &Layout, def: &MapDef) -> Result<Map> {
+    let data = open_data(layout, def)?;
+    Map::from_map_data(data).with_context(|| format!("map {}", def.name))
+}
+
+fn open_data(layout: &Layout, def: &MapDef) -> Result<MapData> {
+    let path = layout.map(def.name);
+    MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+}
+
+/// Entries of a map of any type, counted with BPF_MAP_GET_NEXT_KEY.
+fn count_entries(map: &MapData, key_size: u32) -> usize {
+    #[repr(C)]
+    struct NextKeyAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let fd: RawFd = map.fd().as_fd().as_raw_fd();
+    let mut cur = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut n = 0;
+    let mut first = true;
+    loop {
+        let mut attr = NextKeyAttr {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: if first { 0 } else { cur.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        if sys::sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr).is_err() {
+            return n;
+        }
+        first = false;
+        n += 1;
+        std::mem::swap(&mut cur, &mut next);
+    }
+}
+
+impl Maps {
+    pub fn open(layout: &Layout) -> Result<Self> {
+        let counted = maps::ALL
+            .iter()
+            .filter(|m| m.occupancy.is_some())
+            .map(|m| Ok((m, open_data(layout, m)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            pods: HashMap::try_from(open_map(layout, &maps::PODS)?)?,
+            ports: HashMap::try_from(open_map(layout, &maps::PORTS)?)?,
+            cidrs: LpmTrie::try_from(open_map(layout, &maps::CIDRS)?)?,
+            stats: PerCpuArray::try_from(open_map(layout, &maps::STATS)?)?,
+            pod_stats: PerCpuHashMap::try_from(open_map(layout, &maps::POD_STATS)?)?,
+            pod_by_ip: HashMap::try_from(open_map(layout, &maps::POD_BY_IP)?)?,
+            listeners: SockHash::try_from(open_map(layout, &maps::LISTENERS)?)?,
+            settings: Array::try_from(open_map(layout, &maps::SETTINGS)?)?,
+            counted,
+        })
+    }
+
+    pub fn set_shortcut(&mut self, on: bool) -> Result<()> {
+        if on {
+            let o = super::btf::PsockOffsets::of_running_kernel()
+                .context("the shortcut cannot be turned on")?;
+            self.settings
+                .set(setting::OFFSET_SK_USER_DATA, o.sk_user_data, 0)
+                .context("writing SETTINGS")?;
+            self.settings
+                .set(setting::OFFSET_PSOCK_QUEUED, o.msg_tot_len, 0)
+                .context("writing SETTINGS")?;
+            if self.settings.get(&setting::SHORTCUT_MAX_QUEUED, 0)? == 0 {
+                self.set_shortcut_max_queued(default_shortcut_max_queued())?;
+            }
+        }
+        self.settings
+            .set(setting::SHORTCUT, u32::from(on), 0)
+            .context("writing SETTINGS")?;
+        Ok(())
+    }
+
+    /// Sets how many bytes a shortcut socket may leave unread on its peer.
+    pub fn set_shortcut_max_queued(&mut self, bytes: u32) -> Result<()> {
+        if bytes == 0 {
+            bail!("--shortcut-max-queued 0: give a number of bytes above zero (0 would leave the limit unset)");
+        }
+        self.settings
+            .set(setting::SHORTCUT_MAX_QUEUED, bytes, 0)
+            .context("writing SETTINGS")?;
+        Ok(())
+    }
+
+    pub fn shortcut_max_queued(&self) -> Result<u32> {
+        Ok(self.settings.get(&setting::SHORTCUT_MAX_QUEUED, 0)?)
+    }
+
+    pub fn shortcut(&self) -> Result<bool> {
+        Ok(self.settings.get(&setting::SHORTCUT, 0)? != 0)
+    }
+
+    /// Creates a pod's zeroed per-CPU counters, unless they exist.
+    pub fn add_pod_stats(&mut self, cookie: u64) -> Result<()> {
+        if self.pod_stats.get(&cookie, 0).is_ok() {
+            return Ok(());
+        }
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = PerCpuValues::try_from(vec![PodCounters::default(); n])?;
+        self.pod_stats.insert(cookie, zero, 0)?;
+        Ok(())
+    }
+
+    /// A pod's counters summed over CPUs (zero if it has none).
+    pub fn pod_counters(&self, cookie: u64) -> PodCounters {
+        let mut sum = PodCounters::default();
+        if let Ok(v) = self.pod_stats.get(&cookie, 0) {
+            for cpu in v.iter() {
+                for (s, c) in sum.iter_mut().zip(cpu.iter()) {
+                    *s += c;
+                }
+            }
+        }
+        sum
+    }
+
+    /// Counters summed over CPUs, indexed by `meshlane_common::stat`.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..stat::COUNT)
+            .map(|i| Ok(self.stats.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// Entries of every map that reports its occupancy, by occupancy key.
+    pub fn occupancy(&self) -> Occupancy {
+        self.counted
+            .iter()
+            .map(|(def, data)| {
+                let key = def.occupancy.expect("only counted maps are kept");
+                (key.to_string(), count_entries(data, def.key_size))
+            })
+            .collect()
+    }
+
+    /// The listeners registered in `LISTENERS`.
+    pub fn listener_keys(&self) -> BTreeSet<ListenerKey> {
+        self.listeners.keys().flatten().collect()
+    }
+
+    /// Registers a listening socket (one that predates the programs).
+    pub fn register_listener(&mut self, key: ListenerKey, fd: RawFd) -> Result<()> {
+        self.listeners
+            .insert(key, fd, 0)
+            .with_context(|| format!("LISTENERS insert {key:?}"))
+    }
+
+    /// Writes a pod's entries: lists first, pod entry last, so the kernel only
+    /// acts on a pod once all of its lists are there.
+    pub fn write_pod(&mut self, p: &PodEntries) -> Result<()> {
+        for k in &p.entries.ports {
+            self.ports
+                .insert(k, 1, 0)
+                .with_context(|| format!("PORTS insert {k:?}"))?;
+        }
+        for (len, data) in &p.entries.cidrs {
+            self.cidrs
+                .insert(&Key::new(*len, *data), 1, 0)
+                .context("CIDRS insert")?;
+        }
+        for ip in &p.ips {
+            self.pod_by_ip
+                .insert(ip.to_bits(), p.cookie, 0)
+                .with_context(|| format!("POD_BY_IP insert {ip}"))?;
+        }
+        self.add_pod_stats(p.cookie).context("POD_STATS insert")?;
+        self.pods
+            .insert(p.cookie, p.entries.pod, 0)
+            .context("PODS insert")?;
+        Ok(())
+    }
+
+    /// Removes the entries of `old` that `new` does not have. The pod entry
+    /// goes first so the kernel stops using the lists; with it, the pod's
+    /// inbound link.
+    pub fn remove_stale(&mut self, layout: &Layout, old: &PodEntries, new: Option<&PodEntries>) {
+        let new_cookie = new.map(|n| n.cookie);
+        let new_ips = new.map(|n| n.ips.as_slice()).unwrap_or_default();
+        let new = new.map(|n| &n.entries);
+        if new_cookie != Some(old.cookie) {
+            let _ = self.pods.remove(&old.cookie);
+            if let Err(e) = load::detach_netns(layout, old.cookie) {
+                warn!(cookie = old.cookie, "{e:#}");
+            }
+            let _ = self.pod_stats.remove(&old.cookie);
+        }
+        for ip in &old.ips {
+            if new_cookie != Some(old.cookie) || !new_ips.contains(ip) {
+                let _ = self.pod_by_ip.remove(&ip.to_bits());
+            }
+        }
+        let keep_ports: BTreeSet<PortKey> = new
+            .map(|n| n.ports.iter().copied().collect())
+            .unwrap_or_default();
+        for k in &old.entries.ports {
+            if !keep_ports.contains(k) {
+                let _ = self.ports.remove(k);
+            }
+        }
+        let keep_cidrs: BTreeSet<(u32, CidrKeyData)> = new
+            .map(|n| n.cidrs.iter().copied().collect())
+            .unwrap_or_default();
+        for (len, data) in &old.entries.cidrs {
+            if !keep_cidrs.contains(&(*len, *data)) {
+                let _ = self.cidrs.remove(&Key::new(*len, *data));
+            }
+        }
+    }
+
+    /// Removes whatever the maps hold that no pod of `kept` wants: what an
+    /// earlier agent wrote for pods deleted or changed while no agent ran.
+    pub fn sweep<'a>(
+        &mut self,
+        layout: &Layout,
+        kept: impl Iterator<Item = &'a PodEntries> + Clone,
+    ) {
+        let cookies: BTreeSet<u64> = kept.clone().map(|a| a.cookie).collect();
+        let ports: BTreeSet<PortKey> = kept
+            .clone()
+            .flat_map(|a| a.entries.ports.iter().copied())
+            .collect();
+        let cidrs: BTreeSet<(u32, CidrKeyData)> = kept
+            .clone()
+            .flat_map(|a| a.entries.cidrs.iter().copied())
+            .collect();
+        let ips: BTreeSet<(u32, u64)> = kept
+            .flat_map(|a| a.ips.iter().map(|ip| (ip.to_bits(), a.cookie)))
+            .collect();
+        let mut removed = 0usize;
+        for c in self.pods.keys().flatten().collect::<Vec<_>>() {
+            if !cookies.contains(&c) {
+                let _ = self.pods.remove(&c);
+                let _ = self.pod_stats.remove(&c);
+                let _ = load::detach_netns(layout, c);
+                removed += 1;
+            }
+        }
+        for k in self.ports.keys().flatten().collect::<Vec<_>>() {
+            if !ports.contains(&k) {
+                let _ = self.ports.remove(&k);
+                removed += 1;
+            }
+        }
+        for k in self.cidrs.keys().flatten().collect::<Vec<_>>() {
+            if !cidrs.contains(&(k.prefix_len(), k.data())) {
+                let _ = self.cidrs.remove(&k);
+                removed += 1;
+            }
+        }
+        let by_ip: Vec<(u32, u64)> = self.pod_by_ip.iter().flatten().collect();
+        for (ip, c) in by_ip {
+            if !ips.contains(&(ip, c)) {
+                let _ = self.pod_by_ip.remove(&ip);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            info!(removed, "swept map entries of pods that are gone");
+        }
+    }
+}
+
+/// Entries per map, keyed by the map's occupancy key (`meshlane status`'s
+/// `maps` object).
+pub type Occupancy = BTreeMap<String, usize>;
+
+/// The shortcut's default limit on bytes left unread on a peer: 4 MiB, the
+/// default maximum of a TCP send buffer (net.ipv4.tcp_wmem), so a stalled
+/// reader holds about as much as it would over TCP.
+pub fn default_shortcut_max_queued() -> u32 {
+    4 << 20
+}

@@ -1,0 +1,33 @@
+//! meshlane's node agent as a library: the `meshlane` binary is its command
+//! line (`cli`), and tests and xtask use the same modules.
+//!
+//! By concern, each importing only those listed before it:
+//! - `host`: facts of the machine (cgroup v2 mount, kernel release);
+//! - `istio`: Istio's annotation, environment and container names;
+//! - `pods`, `podconfig`: Pod objects, and their annotations as map entries;
+//! - `iptables`: the rules Istio would write for a pod, for comparison;
+//! - `source`: where pods come from (a file or the API server);
+//! - `netns`: finding pods' network namespaces;
+//! - `bpf`: the kernel objects (layout, load/adopt, maps, raw calls);
+//! - `probe`: what the kernel offers against what the object needs;
+//! - `listeners`: proxy listeners older than the programs;
+//! - `status`, `reconcile`: pods' states, and the pure plan of a round;
+//! - `health`, `metrics`, `http`: what the agent shows on its port;
+//! - `agent`: the loop; `cli`: the commands.
+pub mod agent;
+pub mod bpf;
+pub mod cli;
+pub mod health;
+pub mod host;
+pub mod http;
+pub mod iptables;
+pub mod istio;
+pub mod listeners;
+pub mod metrics;
+pub mod netns;
+pub mod podconfig;
+pub mod pods;
+pub mod probe;
+pub mod reconcile;
+pub mod source;
+pub mod status;
