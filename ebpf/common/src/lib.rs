@@ -10,7 +10,7 @@
 
 pub mod decide;
 
-/// Istio's well-known sidecar ports and identities (INTERCEPTION.md).
+/// Istio's well-known sidecar ports and identities (ebpf/README.md, decision table).
 pub mod ports {
     /// Outbound capture: the proxy's listener for redirected app connections.
     pub const OUTBOUND_CAPTURE: u16 = 15001;
