@@ -1,6 +1,6 @@
 //! Conformance: the same connections against Istio's real rules and against
 //! meshlane, on the same kernel, for every case in
-//! shared/data/istio-cni-goldens/cases.json. Any difference fails.
+//! tests/data/istio-cni/cases.json. Any difference fails.
 //!
 //! Per case: a pod namespace (the case's pod: an app listening on every probed
 //! port, the test sidecar running as the case's proxy uid/gid) and a peer

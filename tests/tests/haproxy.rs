@@ -205,7 +205,7 @@ fn count_new(p: &mut Proc, log: &mut Vec<String>, what: &str) -> usize {
     log[before..].iter().filter(|l| l.contains(what)).count()
 }
 
-/// The six traffic types of INTERCEPTION.md, in the two-node sandbox, with
+/// The six traffic types (ebpf/README.md), in the two-node sandbox, with
 /// HAProxy as every meshed pod's sidecar and one meshlane agent per node.
 #[test]
 fn six_traffic_types_through_haproxy_across_two_nodes() -> Result<()> {

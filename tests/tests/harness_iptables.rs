@@ -1,5 +1,5 @@
 //! Proves the harness against the real thing meshlane replaces: Istio's own
-//! iptables rules (shared/data/istio-cni-goldens/basic.rules) loaded into a pod
+//! iptables rules (tests/data/istio-cni/basic.rules) loaded into a pod
 //! namespace, with `mtest sidecar` as the proxy. meshlane must later produce the
 //! same observations without the rules.
 

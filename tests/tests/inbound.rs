@@ -3,7 +3,7 @@
 //! on the same node and from a pod on the other node, the proxy's own calls
 //! into its pod (row 4, istio-validation), a proxy that does not listen yet
 //! (refused, or bypassed on request), and the six traffic types of
-//! INTERCEPTION.md end to end through the test sidecar.
+//! ebpf/README.md end to end through the test sidecar.
 //!
 //! Node 1: pods a (meshed), b (meshed, many ports), c (plain client).
 //! Node 2: pods r (meshed), p (plain: a Prometheus-like client, and istiod).
@@ -356,7 +356,7 @@ fn proxy_not_listening_refused_or_bypassed_then_captured() -> Result<()> {
     Ok(())
 }
 
-/// The six traffic types every release must carry (INTERCEPTION.md).
+/// The six traffic types every release must carry (ebpf/README.md).
 #[test]
 fn six_traffic_types_across_two_nodes() -> Result<()> {
     let m = mesh("insix", true)?;

@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: builds release binaries and runs `mbench run`, which
 //! measures meshlane against iptables and against no interception in one run
 //! and writes results.json, results.md and one SVG per shape under
-//! `<target>/bench/`. `--readme` puts the latest results.md into README.md's
-//! "Benchmark" section.
+//! `<target>/bench/`. `--readme` puts the latest results.md into the bench
+//! crate's README (tests/bench/README.md), between its bench markers.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -27,16 +27,21 @@ pub struct Args {
     #[arg(long)]
     no_scale: bool,
     /// How idle CPUs wait during the run: poll (the default: no hypervisor
-    /// round trip per wake-up, see README) or os (leave the machine as is).
+    /// round trip per wake-up, see tests/bench/README.md) or os (leave the
+    /// machine as is).
     #[arg(long, default_value = "poll")]
     cpu_idle: String,
-    /// Copy the results into README.md's "Benchmark" section afterwards.
+    /// Copy the results into tests/bench/README.md (between its bench
+    /// markers) afterwards.
     #[arg(long)]
     readme: bool,
 }
 
 const BEGIN: &str = "<!-- bench:begin -->";
 const END: &str = "<!-- bench:end -->";
+/// Where `--readme` writes, relative to the repository root: the README of the
+/// bench crate, beside the method it describes.
+const BENCH_README: &str = "tests/bench/README.md";
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -79,8 +84,8 @@ pub fn bench(args: &Args) -> Result<()> {
     }
     run(&mut cmd)?;
     if args.readme {
-        update_readme(&root().join("README.md"), &out.join("results.md"))?;
-        say("README.md: Benchmark section updated");
+        update_readme(&root().join(BENCH_README), &out.join("results.md"))?;
+        say(&format!("{BENCH_README}: results updated"));
     }
     Ok(())
 }

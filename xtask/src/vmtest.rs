@@ -1452,7 +1452,8 @@ fn print_row(row: &Row) {
     }
 }
 
-/// Tests down, kernels across, then one line per kernel for the README.
+/// Tests down, kernels across, then one line per kernel for the kernel table
+/// in ebpf/README.md.
 fn matrix(rows: &[Row], started: &str) -> String {
     let mut names: Vec<String> = Vec::new();
     for r in rows {

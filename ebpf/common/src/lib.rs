@@ -53,7 +53,7 @@ pub const fn const_str_eq(a: &str, b: &str) -> bool {
     true
 }
 
-/// Istio's well-known sidecar ports and identities (INTERCEPTION.md).
+/// Istio's well-known sidecar ports and identities (ebpf/README.md, decision table).
 pub mod ports {
     /// Outbound capture: the proxy's listener for redirected app connections.
     pub const OUTBOUND_CAPTURE: u16 = 15001;

@@ -1,5 +1,5 @@
 //! Table-driven tests of the decision, one row per line of the decision table
-//! in INTERCEPTION.md plus the annotation cases. The golden-rule oracle lives
+//! in ebpf/README.md plus the annotation cases. The golden-rule oracle lives
 //! in the agent's tests (it needs the rules files and std).
 extern crate std;
 
