@@ -7,7 +7,7 @@
 //! includeOutboundPorts; includeOutboundIPRanges. Each step below names the
 //! rule it stands for.
 
-use crate::{flags, ip, ports, PodConfig};
+use crate::{flags, ip, ports, PodConfig, V6};
 
 /// Per-pod lists that are too long to live in [`PodConfig`]; the kernel
 /// answers these from maps, the host from vectors.
@@ -16,30 +16,117 @@ pub trait PodLists {
     fn outbound_port_included(&self, port: u16) -> bool;
     fn outbound_cidr_excluded(&self, addr: u32) -> bool;
     fn outbound_cidr_included(&self, addr: u32) -> bool;
+    fn outbound_cidr_excluded6(&self, addr: V6) -> bool;
+    fn outbound_cidr_included6(&self, addr: V6) -> bool;
     fn inbound_port_excluded(&self, port: u16) -> bool;
     fn inbound_port_included(&self, port: u16) -> bool;
+    /// True when `addr` (host order) is one of the pod's IPv4 addresses
+    /// beyond those in [`PodConfig::ips`] (a pod may have any number).
+    fn is_pod_ip4(&self, addr: u32) -> bool;
+    /// True when `addr` is one of the pod's IPv6 addresses.
+    fn is_pod_ip6(&self, addr: V6) -> bool;
+    /// The pod's IPv6 source address for destinations off the pod: what
+    /// the kernel picks, and so what iptables' REDIRECT keeps.
+    fn pod_src6(&self) -> Option<V6>;
 }
 
-/// What the kernel knows at connect() time. Addresses in host byte order.
+/// An address family's addresses, as the decision needs them: Istio writes
+/// the same rules for both families with ::1 for 127.0.0.1, ::6 for
+/// 127.0.0.6, and IPv6 ranges in the IPv6 rules.
+pub trait Addr: Copy + PartialEq {
+    /// 127.0.0.1 / ::1: the address Istio's `-d 127.0.0.1/32` names.
+    const LOCALHOST: Self;
+    /// 127.0.0.6 / ::6: the source of the proxy's inbound passthrough.
+    const PASSTHROUGH_SRC: Self;
+    /// 127.0.0.0/8 / ::1: a source that cannot leave the pod.
+    fn is_loopback(self) -> bool;
+    /// Routed through `lo` in a meshed pod: loopback, and for IPv6 also
+    /// `::6`, which the pod's set-up assigns to `lo` (127.0.0.6 is in
+    /// 127.0.0.0/8 already).
+    #[inline(always)]
+    fn is_on_lo(self) -> bool {
+        self.is_loopback()
+    }
+    fn is_pod_ip<L: PodLists>(self, cfg: &PodConfig, lists: &L) -> bool;
+    fn cidr_excluded<L: PodLists>(self, lists: &L) -> bool;
+    fn cidr_included<L: PodLists>(self, lists: &L) -> bool;
+}
+
+impl Addr for u32 {
+    const LOCALHOST: u32 = ip::LOCALHOST;
+    const PASSTHROUGH_SRC: u32 = ip::INBOUND_PASSTHROUGH_SRC;
+    #[inline(always)]
+    fn is_loopback(self) -> bool {
+        ip::is_loopback(self)
+    }
+    #[inline(always)]
+    fn is_pod_ip<L: PodLists>(self, cfg: &PodConfig, lists: &L) -> bool {
+        cfg.is_pod_ip(self) || lists.is_pod_ip4(self)
+    }
+    #[inline(always)]
+    fn cidr_excluded<L: PodLists>(self, lists: &L) -> bool {
+        lists.outbound_cidr_excluded(self)
+    }
+    #[inline(always)]
+    fn cidr_included<L: PodLists>(self, lists: &L) -> bool {
+        lists.outbound_cidr_included(self)
+    }
+}
+
+impl Addr for V6 {
+    const LOCALHOST: V6 = V6::LOCALHOST;
+    const PASSTHROUGH_SRC: V6 = V6::PASSTHROUGH_SRC;
+    #[inline(always)]
+    fn is_loopback(self) -> bool {
+        self.same(V6::LOCALHOST)
+    }
+    #[inline(always)]
+    fn is_on_lo(self) -> bool {
+        self.same(V6::LOCALHOST) | self.same(V6::PASSTHROUGH_SRC)
+    }
+    #[inline(always)]
+    fn is_pod_ip<L: PodLists>(self, _cfg: &PodConfig, lists: &L) -> bool {
+        lists.is_pod_ip6(self)
+    }
+    #[inline(always)]
+    fn cidr_excluded<L: PodLists>(self, lists: &L) -> bool {
+        lists.outbound_cidr_excluded6(self)
+    }
+    #[inline(always)]
+    fn cidr_included<L: PodLists>(self, lists: &L) -> bool {
+        lists.outbound_cidr_included6(self)
+    }
+}
+
+/// What iptables' `-o lo` amounts to in a pod: the destination is routed
+/// through the loopback device (a loopback address or the pod's own).
+#[inline(always)]
+pub fn is_local<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, a: A) -> bool {
+    a.is_on_lo() || a.is_pod_ip(cfg, lists)
+}
+
+/// What the kernel knows at connect() (or, for UDP, sendmsg()) time.
+/// IPv4 addresses in host byte order; an IPv4-mapped IPv6 destination is
+/// decided as the IPv4 address it maps (its packets are IPv4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Connect {
+pub struct Connect<A = u32> {
     /// Owner uid and gid of the connecting socket.
     pub uid: u32,
     pub gid: u32,
-    /// Address the socket is bound to, 0 when unbound.
-    pub bound_addr: u32,
+    /// Address the socket is bound to, unspecified (0, ::) when unbound.
+    pub bound_addr: A,
     /// Destination as the app asked for it (0.0.0.0 already normalised to
     /// 127.0.0.1, as the kernel routes it).
-    pub dst_addr: u32,
+    pub dst_addr: A,
     pub dst_port: u16,
-    /// TCP (SOCK_STREAM); everything else is UDP or raw and never redirected
-    /// here.
+    /// TCP (SOCK_STREAM); false: UDP, which only DNS capture redirects.
     pub tcp: bool,
 }
 
 /// Why a connection is left alone; names the iptables rule that returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
+    /// Not TCP, and not a UDP DNS query DNS capture takes.
     NotTcp,
     /// Bound to a loopback address but dialling off the pod: the kernel
     /// refuses the route before any rule sees a packet.
@@ -52,6 +139,10 @@ pub enum Pass {
     Localhost,
     ExcludedCidr,
     NotIncluded,
+    /// Native IPv6 from a pod without IPv6 addresses: Istio writes no
+    /// ip6tables rules for it (IPv4-mapped destinations are IPv4 packets
+    /// and meet the IPv4 rules).
+    Ipv4OnlyPod,
 }
 
 /// Which proxy listener a redirected connection goes to.
@@ -88,7 +179,7 @@ impl Verdict {
 /// The decision for one connect() in a meshed pod (decision table rows 1-8
 /// and the outbound annotations).
 #[inline(always)]
-pub fn decide_connect<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> Verdict {
+pub fn decide_connect<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect<A>) -> Verdict {
     let v = decide_nat(cfg, lists, c);
     // TPROXY mode adds Istio's mangle rules: the proxy's uid or gid sending
     // to a local address other than 127.0.0.1 is marked in OUTPUT and, on
@@ -97,6 +188,7 @@ pub fn decide_connect<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> V
     // This reaches what the nat rules leave alone: the tunnel port, and the
     // gid-only owner (row 8 becomes a capture).
     if cfg.has(flags::TPROXY)
+        && c.tcp
         && matches!(
             v,
             Verdict::Pass(
@@ -104,8 +196,8 @@ pub fn decide_connect<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> V
             )
         )
         && (c.uid == cfg.proxy_uid || c.gid == cfg.proxy_gid)
-        && cfg.is_local(c.dst_addr)
-        && c.dst_addr != ip::LOCALHOST
+        && is_local(cfg, lists, c.dst_addr)
+        && c.dst_addr != A::LOCALHOST
         && capture_inbound(cfg, lists, c.dst_port)
     {
         return Verdict::Redirect(Capture::Inbound);
@@ -113,21 +205,53 @@ pub fn decide_connect<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> V
     v
 }
 
+/// The decision for an AF_INET6 socket: an IPv4-mapped destination is
+/// decided exactly as the IPv4 address (with an IPv4-mapped or unspecified
+/// bound address as its IPv4 form); a native one by the IPv6 rules, which
+/// Istio writes only for pods with IPv6 addresses.
+#[inline(always)]
+pub fn decide_connect6<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect<V6>) -> Verdict {
+    match c.dst_addr.mapped_v4() {
+        Some(dst) => decide_connect(cfg, lists, &mapped_connect(c, dst)),
+        None if cfg.has(flags::IPV6) => decide_connect(cfg, lists, c),
+        None => Verdict::Pass(Pass::Ipv4OnlyPod),
+    }
+}
+
+/// The IPv4 view of an AF_INET6 socket's connect to `::ffff:dst`.
+#[inline(always)]
+pub fn mapped_connect(c: &Connect<V6>, dst: u32) -> Connect<u32> {
+    Connect {
+        uid: c.uid,
+        gid: c.gid,
+        // Unbound (::) is 0; a socket bound to a native IPv6 address cannot
+        // reach an IPv4 destination at all (the kernel refuses), so its
+        // value does not matter.
+        bound_addr: c.bound_addr.mapped_v4().unwrap_or(0),
+        dst_addr: if dst == 0 { ip::LOCALHOST } else { dst },
+        dst_port: c.dst_port,
+        tcp: c.tcp,
+    }
+}
+
 /// Rows 1-8 as Istio's `nat` rules decide them.
 #[inline(always)]
-fn decide_nat<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> Verdict {
-    if !c.tcp {
-        return Verdict::Pass(Pass::NotTcp);
-    }
+fn decide_nat<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect<A>) -> Verdict {
     let dst = c.dst_addr;
     let port = c.dst_port;
-    let local = cfg.is_local(dst);
     let dns = cfg.has(flags::DNS_CAPTURE) && port == ports::DNS;
+    // UDP meets only the rules without `-p tcp`: Istio writes UDP rules for
+    // DNS alone (the port exclusions get a `-p udp` twin when DNS capture is
+    // on, the owner and 127.0.0.6 returns name no protocol).
+    if !c.tcp && !dns {
+        return Verdict::Pass(Pass::NotTcp);
+    }
+    let local = is_local(cfg, lists, dst);
     // The "app to a local address" RETURN rules are omitted by Istio when the
     // include list names a loopback range.
     let app_local_returns = !cfg.has(flags::INCLUDE_OUTBOUND_HAS_LOOPBACK);
 
-    if ip::is_loopback(c.bound_addr) && !local {
+    if c.bound_addr.is_loopback() && !local {
         return Verdict::Pass(Pass::LoopbackSourceOffPod);
     }
     // -p tcp --dport P -j RETURN (excludeOutboundPorts)
@@ -135,12 +259,12 @@ fn decide_nat<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> Verdict {
         return Verdict::Pass(Pass::ExcludedOutboundPort);
     }
     // -o lo -s 127.0.0.6/32 -j RETURN
-    if local && c.bound_addr == ip::INBOUND_PASSTHROUGH_SRC {
+    if local && c.bound_addr == A::PASSTHROUGH_SRC {
         return Verdict::Pass(Pass::InboundPassthroughSource);
     }
     // The proxy calling back into its own pod goes to the inbound listener:
     // -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 [! 53] -m owner --{uid,gid}-owner P -j ISTIO_IN_REDIRECT
-    let to_own_inbound = local && dst != ip::LOCALHOST && port != cfg.tunnel_port;
+    let to_own_inbound = c.tcp && local && dst != A::LOCALHOST && port != cfg.tunnel_port;
     if c.uid == cfg.proxy_uid {
         if to_own_inbound && !dns {
             return Verdict::Redirect(Capture::Inbound);
@@ -164,11 +288,11 @@ fn decide_nat<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> Verdict {
         return Verdict::Redirect(Capture::Dns);
     }
     // -d 127.0.0.1/32 -j RETURN
-    if dst == ip::LOCALHOST {
+    if dst == A::LOCALHOST {
         return Verdict::Pass(Pass::Localhost);
     }
     // -d CIDR -j RETURN (excludeOutboundIPRanges)
-    if lists.outbound_cidr_excluded(dst) {
+    if dst.cidr_excluded(lists) {
         return Verdict::Pass(Pass::ExcludedCidr);
     }
     // -p tcp --dport P -j ISTIO_REDIRECT (includeOutboundPorts)
@@ -176,18 +300,18 @@ fn decide_nat<L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect) -> Verdict {
         return Verdict::Redirect(Capture::Outbound);
     }
     // -j ISTIO_REDIRECT or -d CIDR -j ISTIO_REDIRECT (includeOutboundIPRanges)
-    if cfg.has(flags::INCLUDE_ALL_OUTBOUND_CIDRS) || lists.outbound_cidr_included(dst) {
+    if cfg.has(flags::INCLUDE_ALL_OUTBOUND_CIDRS) || dst.cidr_included(lists) {
         return Verdict::Redirect(Capture::Outbound);
     }
     Verdict::Pass(Pass::NotIncluded)
 }
 
 /// What the kernel knows when a connection request arrives at a pod's
-/// address (sk_lookup). Addresses in host byte order.
+/// address (sk_lookup). IPv4 addresses in host byte order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Arrival {
+pub struct Arrival<A = u32> {
     pub tcp: bool,
-    pub src_addr: u32,
+    pub src_addr: A,
     pub dst_port: u16,
 }
 
@@ -220,11 +344,15 @@ pub enum InboundVerdict {
 /// The decision for a connection arriving at a meshed pod (rows 9-11 and
 /// the inbound annotations).
 #[inline(always)]
-pub fn decide_inbound<L: PodLists>(cfg: &PodConfig, lists: &L, a: &Arrival) -> InboundVerdict {
+pub fn decide_inbound<A: Addr, L: PodLists>(
+    cfg: &PodConfig,
+    lists: &L,
+    a: &Arrival<A>,
+) -> InboundVerdict {
     if !a.tcp {
         return InboundVerdict::Pass(InboundPass::NotTcp);
     }
-    if cfg.is_local(a.src_addr) {
+    if is_local(cfg, lists, a.src_addr) {
         return InboundVerdict::Pass(InboundPass::FromInsidePod);
     }
     if capture_inbound(cfg, lists, a.dst_port) {
@@ -257,11 +385,11 @@ pub fn capture_inbound<L: PodLists>(cfg: &PodConfig, lists: &L, dst_port: u16) -
 /// destination, which iptables' REDIRECT keeps and a connect() rewrite to
 /// 127.0.0.1 would lose. `None`: let the kernel choose (127.0.0.1).
 #[inline(always)]
-pub fn source_for(cfg: &PodConfig, orig_dst: u32) -> Option<u32> {
+pub fn source_for<L: PodLists>(cfg: &PodConfig, lists: &L, orig_dst: u32) -> Option<u32> {
     if ip::is_loopback(orig_dst) {
         return None;
     }
-    if cfg.is_pod_ip(orig_dst) {
+    if orig_dst.is_pod_ip(cfg, lists) {
         return Some(orig_dst);
     }
     if cfg.ip_count > 0 {
@@ -269,6 +397,19 @@ pub fn source_for(cfg: &PodConfig, orig_dst: u32) -> Option<u32> {
     } else {
         None
     }
+}
+
+/// [`source_for`] for IPv6: the original destination itself when it is
+/// one of the pod's addresses, else the pod's IPv6 source; `None` for ::1.
+#[inline(always)]
+pub fn source_for6<L: PodLists>(cfg: &PodConfig, lists: &L, orig_dst: V6) -> Option<V6> {
+    if orig_dst.is_loopback() {
+        return None;
+    }
+    if orig_dst.is_pod_ip(cfg, lists) {
+        return Some(orig_dst);
+    }
+    lists.pod_src6()
 }
 
 #[cfg(test)]

@@ -102,8 +102,78 @@ pub mod ip {
     }
 }
 
-/// How many IPv4 addresses of a pod the kernel knows (status.podIPs; a pod
-/// has one IPv4 address in every CNI we know of, dual-stack adds one IPv6).
+/// An IPv6 address as the kernel's contexts hold it (`user_ip6`,
+/// `local_ip6`, ...): four u32 words in memory order, each word's bytes in
+/// network order. Copied to and from the kernel unchanged; compared word by
+/// word without branches (the verifier follows every branch).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct V6(pub [u32; 4]);
+
+impl V6 {
+    pub const UNSPECIFIED: V6 = V6([0; 4]);
+    /// ::1, Istio's `-d ::1/128`.
+    pub const LOCALHOST: V6 = V6::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    /// ::6, the proxy's inbound-passthrough source (Istio's IPv6 127.0.0.6).
+    pub const PASSTHROUGH_SRC: V6 =
+        V6::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6]);
+    const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    pub const fn from_octets(b: [u8; 16]) -> V6 {
+        V6([
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+        ])
+    }
+
+    pub const fn octets(self) -> [u8; 16] {
+        let [a, b, c, d] = [
+            self.0[0].to_ne_bytes(),
+            self.0[1].to_ne_bytes(),
+            self.0[2].to_ne_bytes(),
+            self.0[3].to_ne_bytes(),
+        ];
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    }
+
+    /// Equality without a branch per word.
+    #[inline(always)]
+    pub const fn same(self, o: V6) -> bool {
+        ((self.0[0] ^ o.0[0]) | (self.0[1] ^ o.0[1]) | (self.0[2] ^ o.0[2]) | (self.0[3] ^ o.0[3]))
+            == 0
+    }
+
+    /// The IPv4 address (host order) of `::ffff:a.b.c.d`.
+    #[inline(always)]
+    pub const fn mapped_v4(self) -> Option<u32> {
+        if (self.0[0] | self.0[1]) == 0 && self.0[2] == V6::MAPPED_PREFIX {
+            Some(u32::from_be_bytes(self.0[3].to_ne_bytes()))
+        } else {
+            None
+        }
+    }
+
+    /// `::ffff:a.b.c.d` for an IPv4 address in host order.
+    #[inline(always)]
+    pub const fn mapped(v4: u32) -> V6 {
+        V6([0, 0, V6::MAPPED_PREFIX, u32::from_ne_bytes(v4.to_be_bytes())])
+    }
+
+    /// True for `::` (an unbound socket's address).
+    #[inline(always)]
+    pub const fn is_unspecified(self) -> bool {
+        (self.0[0] | self.0[1] | self.0[2] | self.0[3]) == 0
+    }
+}
+
+/// How many IPv4 addresses of a pod [`PodConfig::ips`] holds: the first is
+/// the source for traffic leaving the pod. Every address of a pod, of both
+/// families and any number, is in `POD_BY_IP`/`POD_BY_IP6`.
 pub const MAX_POD_IPS: usize = 4;
 
 /// `PodConfig::flags` bits.
@@ -129,6 +199,10 @@ pub mod flags {
     /// `meshlane.io/shortcut-app: "true"`: the app's own sockets join the
     /// shortcut too (app <-> its sidecar; the sidecar's 127.0.0.6 leg).
     pub const SHORTCUT_APP: u32 = 1 << 7;
+    /// The pod has IPv6 addresses: Istio writes ip6tables rules for it, so
+    /// native IPv6 is captured (an IPv4-only pod gets only the IPv4 rules,
+    /// which IPv4-mapped AF_INET6 sockets meet too).
+    pub const IPV6: u32 = 1 << 8;
 }
 
 /// One meshed pod, as the kernel sees it. Keyed by the pod's network
@@ -248,6 +322,34 @@ pub const fn cidr_key_data(list: u32, netns_cookie: u64, addr: u32) -> CidrKeyDa
     ]
 }
 
+/// Data part of the `CIDRS6` LPM-trie key: list, netns cookie, then the
+/// IPv6 address in network byte order. The prefix length of a stored CIDR
+/// `a::/n` is `CIDR_KEY_FIXED_BITS + n`.
+pub type Cidr6KeyData = [u8; 28];
+
+/// Builds the LPM data for (list, netns, IPv6 address).
+#[inline(always)]
+pub const fn cidr6_key_data(list: u32, netns_cookie: u64, addr: V6) -> Cidr6KeyData {
+    let l = list.to_be_bytes();
+    let c = netns_cookie.to_be_bytes();
+    let a = addr.octets();
+    let mut k = [0u8; 28];
+    let mut i = 0;
+    while i < 4 {
+        k[i] = l[i];
+        i += 1;
+    }
+    while i < 12 {
+        k[i] = c[i - 4];
+        i += 1;
+    }
+    while i < 28 {
+        k[i] = a[i - 12];
+        i += 1;
+    }
+    k
+}
+
 /// Role of a socket that carries an original destination in socket storage.
 pub mod role {
     /// The app's connecting socket whose connect() was redirected.
@@ -279,6 +381,29 @@ pub struct FlowKey {
     pub netns_cookie: u64,
     pub client_addr_be: u32,
     pub server_addr_be: u32,
+    pub client_port_be: u16,
+    pub server_port_be: u16,
+    pub _pad: u32,
+}
+
+/// The IPv6 original destination of a redirected connection (native IPv6;
+/// an IPv4-mapped one is an IPv4 [`OrigDst`]), in socket storage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst6 {
+    pub addr: V6,
+    pub port_be: u16,
+    /// One of [`role`].
+    pub role: u16,
+}
+
+/// Key of the `IN_FLIGHT6` map: [`FlowKey`] for native IPv6 connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub netns_cookie: u64,
+    pub client_addr: V6,
+    pub server_addr: V6,
     pub client_port_be: u16,
     pub server_port_be: u16,
     pub _pad: u32,
@@ -316,16 +441,29 @@ pub struct ListenerKey {
     pub netns_cookie: u64,
     /// Host byte order.
     pub port: u32,
-    pub _pad: u32,
+    /// Which lookups the listener can take: [`ListenerKey::IPV4`] (an
+    /// AF_INET listener, or an AF_INET6 one that is not v6only) or
+    /// [`ListenerKey::IPV6`] (an AF_INET6 listener). The field was padding
+    /// (always 0) before IPv6, so IPv4 keys are unchanged.
+    pub serves: u32,
 }
 
 impl ListenerKey {
+    pub const IPV4: u32 = 0;
+    pub const IPV6: u32 = 6;
+
+    /// The IPv4 listener key (what connect4 and IPv4 sk_lookup ask for).
     #[inline(always)]
     pub const fn new(netns_cookie: u64, port: u16) -> Self {
+        Self::serving(netns_cookie, port, Self::IPV4)
+    }
+
+    #[inline(always)]
+    pub const fn serving(netns_cookie: u64, port: u16, serves: u32) -> Self {
         Self {
             netns_cookie,
             port: port as u32,
-            _pad: 0,
+            serves,
         }
     }
 }
@@ -404,6 +542,9 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::V6 {}
+    unsafe impl aya::Pod for super::OrigDst6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
 }
 
 #[cfg(test)]
@@ -420,6 +561,10 @@ mod layout_tests {
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<ConnKey>(), 24);
+        assert_eq!(size_of::<V6>(), 16);
+        assert_eq!(size_of::<OrigDst6>(), 20);
+        assert_eq!(size_of::<FlowKey6>(), 48);
+        assert_eq!(size_of::<Cidr6KeyData>(), 28);
     }
 
     #[test]
@@ -475,5 +620,25 @@ mod layout_tests {
         );
         assert_eq!(&k[12..], &[10, 0, 0, 1]);
         assert_eq!(&k[..4], &[0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn ipv6_words_are_network_order_bytes() {
+        let a = V6::from_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(a.octets()[0], 0xfd);
+        assert_eq!(a.octets()[15], 5);
+        assert!(V6::LOCALHOST.same(V6::LOCALHOST));
+        assert!(!V6::LOCALHOST.same(V6::PASSTHROUGH_SRC));
+        let m = V6::mapped(0x0a00_0001);
+        assert_eq!(
+            m.octets(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]
+        );
+        assert_eq!(m.mapped_v4(), Some(0x0a00_0001));
+        assert_eq!(a.mapped_v4(), None);
+        assert!(V6::UNSPECIFIED.is_unspecified());
+        let k = cidr6_key_data(cidr_list::OUTBOUND_INCLUDE, 7, a);
+        assert_eq!(&k[12..], &a.octets());
+        assert_eq!(&k[..4], &[0, 0, 0, 2]);
     }
 }

@@ -7,7 +7,10 @@
 //! object disagrees.
 use core::mem::size_of;
 
-use crate::{CidrKeyData, ConnKey, FlowKey, ListenerKey, OrigDst, PodConfig, PodCounters, PortKey};
+use crate::{
+    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst, OrigDst6, PodConfig,
+    PodCounters, PortKey, V6,
+};
 
 /// The kind of a map, as the kernel knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +186,52 @@ pub const SETTINGS: Map = Map {
     occupancy: None,
 };
 
+/// A pod's IPv6 addresses to its netns cookie (sk_lookup, locality).
+pub const POD_BY_IP6: Map = Map {
+    name: "POD_BY_IP6",
+    kind: Kind::Hash,
+    key_size: sz::<V6>(),
+    value_size: sz::<u64>(),
+    capacity: 65_536,
+    occupancy: Some("pod_by_ip6"),
+};
+/// A pod's IPv6 source address by netns cookie (what REDIRECT would keep).
+pub const POD_SRC6: Map = Map {
+    name: "POD_SRC6",
+    kind: Kind::Hash,
+    key_size: sz::<u64>(),
+    value_size: sz::<V6>(),
+    capacity: 16_384,
+    occupancy: None,
+};
+/// A pod's IPv6 CIDR lists, longest-prefix matched. Written by the agent.
+pub const CIDRS6: Map = Map {
+    name: "CIDRS6",
+    kind: Kind::LpmTrie,
+    key_size: sz::<u32>() + sz::<Cidr6KeyData>(),
+    value_size: sz::<u32>(),
+    capacity: 65_536,
+    occupancy: Some("cidrs6"),
+};
+/// IPv6 original destination of a redirected connection, on its sockets.
+pub const ORIG_DST6: Map = Map {
+    name: "ORIG_DST6",
+    kind: Kind::SkStorage,
+    key_size: sz::<i32>(),
+    value_size: sz::<OrigDst6>(),
+    capacity: 0,
+    occupancy: None,
+};
+/// [`IN_FLIGHT`] for native IPv6 connections.
+pub const IN_FLIGHT6: Map = Map {
+    name: "IN_FLIGHT6",
+    kind: Kind::Hash,
+    key_size: sz::<FlowKey6>(),
+    value_size: sz::<OrigDst6>(),
+    capacity: 65_536,
+    occupancy: Some("in_flight6"),
+};
+
 /// Every map of the kernel object.
 pub const ALL: &[Map] = &[
     PODS,
@@ -199,6 +248,11 @@ pub const ALL: &[Map] = &[
     SETTINGS,
     PROXY_LEG,
     SOCK_ADDRS,
+    POD_BY_IP6,
+    POD_SRC6,
+    CIDRS6,
+    ORIG_DST6,
+    IN_FLIGHT6,
 ];
 
 /// The row of map `name`.

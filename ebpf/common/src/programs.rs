@@ -10,8 +10,20 @@
 pub enum Hook {
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_INET4_CONNECT`.
     Connect4,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_INET6_CONNECT`.
+    Connect6,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_UDP4_SENDMSG`.
+    SendMsg4,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_UDP6_SENDMSG`.
+    SendMsg6,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_UDP4_RECVMSG`.
+    RecvMsg4,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_UDP6_RECVMSG`.
+    RecvMsg6,
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_INET4_GETPEERNAME`.
     GetPeerName4,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_INET6_GETPEERNAME`.
+    GetPeerName6,
     /// `BPF_PROG_TYPE_CGROUP_SOCKOPT`, `BPF_CGROUP_GETSOCKOPT`.
     GetSockopt,
     /// `BPF_PROG_TYPE_SOCK_OPS`, `BPF_CGROUP_SOCK_OPS`.
@@ -27,7 +39,13 @@ impl Hook {
     pub const fn section(self) -> &'static str {
         match self {
             Hook::Connect4 => "cgroup/connect4",
+            Hook::Connect6 => "cgroup/connect6",
+            Hook::SendMsg4 => "cgroup/sendmsg4",
+            Hook::SendMsg6 => "cgroup/sendmsg6",
+            Hook::RecvMsg4 => "cgroup/recvmsg4",
+            Hook::RecvMsg6 => "cgroup/recvmsg6",
             Hook::GetPeerName4 => "cgroup/getpeername4",
+            Hook::GetPeerName6 => "cgroup/getpeername6",
             Hook::GetSockopt => "cgroup/getsockopt",
             Hook::SockOps => "sockops",
             Hook::SkLookup => "sk_lookup",
@@ -40,9 +58,13 @@ impl Hook {
     pub const fn min_kernel(self) -> &'static str {
         match self {
             // d74bad4e74ee "bpf: Hooks for sys_connect"
-            Hook::Connect4 => "4.17",
+            Hook::Connect4 | Hook::Connect6 => "4.17",
+            // 1cedee13d25a "bpf: Hooks for sys_sendmsg"
+            Hook::SendMsg4 | Hook::SendMsg6 => "4.18",
+            // 983695fa6765 "bpf: fix unconnected udp hooks"
+            Hook::RecvMsg4 | Hook::RecvMsg6 => "5.2",
             // 1b66d253610c "bpf: Add get{peer,sock}name attach types for sock_addr"
-            Hook::GetPeerName4 => "5.8",
+            Hook::GetPeerName4 | Hook::GetPeerName6 => "5.8",
             // 0d01da6afc54 "bpf: implement getsockopt and setsockopt hooks"
             Hook::GetSockopt => "5.3",
             // 40304b2a1567 "bpf: BPF support for sock_ops"
@@ -57,9 +79,16 @@ impl Hook {
     /// Where a program of this hook is attached.
     pub const fn target(self) -> Target {
         match self {
-            Hook::Connect4 | Hook::GetPeerName4 | Hook::GetSockopt | Hook::SockOps => {
-                Target::Cgroup
-            }
+            Hook::Connect4
+            | Hook::Connect6
+            | Hook::SendMsg4
+            | Hook::SendMsg6
+            | Hook::RecvMsg4
+            | Hook::RecvMsg6
+            | Hook::GetPeerName4
+            | Hook::GetPeerName6
+            | Hook::GetSockopt
+            | Hook::SockOps => Target::Cgroup,
             Hook::SkLookup => Target::PodNetns,
             Hook::SkMsg => Target::Map(crate::maps::SOCKS.name),
         }
@@ -108,6 +137,36 @@ pub const RESTORE_PEERNAME4: Program = Program {
     hook: Hook::GetPeerName4,
     does: "makes getpeername() of a redirected socket answer the original destination",
 };
+pub const REDIRECT_CONNECT6: Program = Program {
+    name: "redirect_connect6",
+    hook: Hook::Connect6,
+    does: "the same for AF_INET6 sockets: IPv4-mapped destinations as IPv4, native IPv6 as Istio's ip6tables",
+};
+pub const REDIRECT_SENDMSG4: Program = Program {
+    name: "redirect_sendmsg4",
+    hook: Hook::SendMsg4,
+    does: "sends a meshed pod's unconnected UDP DNS query to the DNS proxy",
+};
+pub const REDIRECT_SENDMSG6: Program = Program {
+    name: "redirect_sendmsg6",
+    hook: Hook::SendMsg6,
+    does: "the same for AF_INET6 UDP sockets",
+};
+pub const RESTORE_RECVMSG4: Program = Program {
+    name: "restore_recvmsg4",
+    hook: Hook::RecvMsg4,
+    does: "makes a DNS proxy's reply come from the server the app asked",
+};
+pub const RESTORE_RECVMSG6: Program = Program {
+    name: "restore_recvmsg6",
+    hook: Hook::RecvMsg6,
+    does: "the same for AF_INET6 UDP sockets",
+};
+pub const RESTORE_PEERNAME6: Program = Program {
+    name: "restore_peername6",
+    hook: Hook::GetPeerName6,
+    does: "getpeername() of a redirected AF_INET6 socket answers the original destination",
+};
 pub const ORIGINAL_DST: Program = Program {
     name: "original_dst",
     hook: Hook::GetSockopt,
@@ -135,9 +194,15 @@ pub const SHORTCUT_SEND: Program = Program {
 /// redirected connection always finds its reader attached.
 pub const ALL: &[Program] = &[
     RESTORE_PEERNAME4,
+    RESTORE_PEERNAME6,
+    RESTORE_RECVMSG4,
+    RESTORE_RECVMSG6,
     ORIGINAL_DST,
     TRACK_REDIRECTED,
     REDIRECT_CONNECT4,
+    REDIRECT_CONNECT6,
+    REDIRECT_SENDMSG4,
+    REDIRECT_SENDMSG6,
     CAPTURE_INBOUND,
     SHORTCUT_SEND,
 ];

@@ -6,14 +6,14 @@ extern crate std;
 use std::vec::Vec;
 
 use super::*;
-use crate::PodConfig;
+use crate::{PodConfig, V6};
 
 const POD: u32 = 0x0af4_0105; // 10.244.1.5
 const REMOTE: u32 = 0x0af4_0207; // 10.244.2.7
 const APP: u32 = 1000;
 const PROXY: u32 = 1337;
 
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 struct Lists {
     out_excl_ports: Vec<u16>,
     out_incl_ports: Vec<u16>,
@@ -21,6 +21,15 @@ struct Lists {
     out_incl_cidrs: Vec<(u32, u8)>,
     in_excl_ports: Vec<u16>,
     in_incl_ports: Vec<u16>,
+    out_excl_cidrs6: Vec<(V6, u8)>,
+    out_incl_cidrs6: Vec<(V6, u8)>,
+    pod_ips4: Vec<u32>,
+    pod_ips6: Vec<V6>,
+}
+
+fn in_prefix6(a: V6, net: V6, len: u8) -> bool {
+    let (a, n) = (u128::from_be_bytes(a.octets()), u128::from_be_bytes(net.octets()));
+    len == 0 || (len >= 128 && a == n) || (len < 128 && (a ^ n) >> (128 - len as u32) == 0)
 }
 
 impl PodLists for Lists {
@@ -45,6 +54,25 @@ impl PodLists for Lists {
     }
     fn inbound_port_included(&self, port: u16) -> bool {
         self.in_incl_ports.contains(&port)
+    }
+    fn outbound_cidr_excluded6(&self, addr: V6) -> bool {
+        self.out_excl_cidrs6
+            .iter()
+            .any(|&(n, l)| in_prefix6(addr, n, l))
+    }
+    fn outbound_cidr_included6(&self, addr: V6) -> bool {
+        self.out_incl_cidrs6
+            .iter()
+            .any(|&(n, l)| in_prefix6(addr, n, l))
+    }
+    fn is_pod_ip4(&self, addr: u32) -> bool {
+        self.pod_ips4.contains(&addr)
+    }
+    fn is_pod_ip6(&self, addr: V6) -> bool {
+        self.pod_ips6.contains(&addr)
+    }
+    fn pod_src6(&self) -> Option<V6> {
+        self.pod_ips6.first().copied()
     }
 }
 
@@ -174,11 +202,138 @@ fn decision_table_rows_1_to_8_default_pod() {
 }
 
 #[test]
-fn udp_is_never_redirected() {
-    let cfg = pod();
-    let mut c = conn(APP, APP, 0, REMOTE, 9080);
-    c.tcp = false;
-    assert_eq!(decide_connect(&cfg, &default_lists(), &c), P(Pass::NotTcp));
+fn udp_is_redirected_only_for_dns_capture() {
+    let mut cfg = pod();
+    let udp = |uid, dst, port| Connect {
+        tcp: false,
+        ..conn(uid, uid, 0, dst, port)
+    };
+    let l = default_lists();
+    assert_eq!(decide_connect(&cfg, &l, &udp(APP, REMOTE, 9080)), P(Pass::NotTcp));
+    assert_eq!(decide_connect(&cfg, &l, &udp(APP, REMOTE, 53)), P(Pass::NotTcp));
+    cfg.flags |= flags::DNS_CAPTURE;
+    // -p udp --dport 53 -j REDIRECT --to-port 15053, for any server, local
+    // ones (127.0.0.53) included.
+    assert_eq!(decide_connect(&cfg, &l, &udp(APP, REMOTE, 53)), R(Dns));
+    assert_eq!(decide_connect(&cfg, &l, &udp(APP, 0x7f00_0035, 53)), R(Dns));
+    assert_eq!(decide_connect(&cfg, &l, &udp(APP, POD, 53)), R(Dns));
+    // Other UDP ports stay untouched; the proxy's own queries too.
+    assert_eq!(decide_connect(&cfg, &l, &udp(APP, REMOTE, 5353)), P(Pass::NotTcp));
+    assert_eq!(decide_connect(&cfg, &l, &udp(PROXY, REMOTE, 53)), P(Pass::ProxyUid));
+    // The gid too (-m owner --gid-owner P -j RETURN names no protocol).
+    let mut g = udp(APP, REMOTE, 53);
+    g.gid = PROXY;
+    assert_eq!(decide_connect(&cfg, &l, &g), P(Pass::ProxyGid));
+    // 127.0.0.6 as source: -o lo -s 127.0.0.6/32 -j RETURN.
+    let mut s6 = udp(APP, POD, 53);
+    s6.bound_addr = ip::INBOUND_PASSTHROUGH_SRC;
+    assert_eq!(decide_connect(&cfg, &l, &s6), P(Pass::InboundPassthroughSource));
+    // excludeOutboundPorts naming 53 gets its -p udp twin.
+    let ex = Lists {
+        out_excl_ports: std::vec![53],
+        ..default_lists()
+    };
+    assert_eq!(
+        decide_connect(&cfg, &ex, &udp(APP, REMOTE, 53)),
+        P(Pass::ExcludedOutboundPort)
+    );
+}
+
+const POD6: V6 = V6::from_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 5]);
+const REMOTE6: V6 = V6::from_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 7]);
+
+fn pod6() -> (PodConfig, Lists) {
+    let mut cfg = pod();
+    cfg.flags |= flags::IPV6;
+    let l = Lists {
+        pod_ips6: std::vec![POD6],
+        ..default_lists()
+    };
+    (cfg, l)
+}
+
+fn conn6(uid: u32, bound: V6, dst: V6, port: u16) -> Connect<V6> {
+    Connect {
+        uid,
+        gid: uid,
+        bound_addr: bound,
+        dst_addr: dst,
+        dst_port: port,
+        tcp: true,
+    }
+}
+
+#[test]
+fn ipv6_rows_as_istios_ip6tables() {
+    let (cfg, l) = pod6();
+    let u = V6::UNSPECIFIED;
+    let d = |c: Connect<V6>| decide_connect6(&cfg, &l, &c);
+    // Row 1: app to a remote address: ISTIO_REDIRECT.
+    assert_eq!(d(conn6(APP, u, REMOTE6, 80)), R(Outbound));
+    // App to ::1 and to its own IPv6 address: -o lo ... RETURN.
+    assert_eq!(d(conn6(APP, u, V6::LOCALHOST, 80)), P(Pass::AppToLocal));
+    assert_eq!(d(conn6(APP, u, POD6, 80)), P(Pass::AppToLocal));
+    // The proxy to its own pod's IPv6 address: ISTIO_IN_REDIRECT; to ::1
+    // and remote: RETURN.
+    assert_eq!(d(conn6(PROXY, u, POD6, 80)), R(Inbound));
+    assert_eq!(d(conn6(PROXY, u, V6::LOCALHOST, 80)), P(Pass::ProxyUid));
+    assert_eq!(d(conn6(PROXY, u, REMOTE6, 80)), P(Pass::ProxyUid));
+    // ::6 passthrough source.
+    assert_eq!(
+        d(conn6(PROXY, V6::PASSTHROUGH_SRC, POD6, 80)),
+        P(Pass::InboundPassthroughSource)
+    );
+    // IPv6 ranges of the annotations.
+    let ex = Lists {
+        out_excl_cidrs6: std::vec![(REMOTE6, 64)],
+        ..pod6().1
+    };
+    assert_eq!(
+        decide_connect6(&cfg, &ex, &conn6(APP, u, REMOTE6, 80)),
+        P(Pass::ExcludedCidr)
+    );
+    let mut only = cfg;
+    only.flags &= !flags::INCLUDE_ALL_OUTBOUND_CIDRS;
+    let inc = Lists {
+        out_incl_cidrs6: std::vec![(REMOTE6, 120)],
+        ..pod6().1
+    };
+    assert_eq!(
+        decide_connect6(&only, &inc, &conn6(APP, u, REMOTE6, 80)),
+        R(Outbound)
+    );
+    assert_eq!(
+        decide_connect6(&only, &pod6().1, &conn6(APP, u, REMOTE6, 80)),
+        P(Pass::NotIncluded)
+    );
+    // An IPv4-only pod: no IPv6 rules at all.
+    assert_eq!(
+        decide_connect6(&pod(), &default_lists(), &conn6(APP, u, REMOTE6, 80)),
+        P(Pass::Ipv4OnlyPod)
+    );
+    // The IPv6 source the kernel would pick.
+    assert_eq!(source_for6(&cfg, &l, REMOTE6), Some(POD6));
+    assert_eq!(source_for6(&cfg, &l, POD6), Some(POD6));
+    assert_eq!(source_for6(&cfg, &l, V6::LOCALHOST), None);
+}
+
+#[test]
+fn ipv6_inbound_from_inside_the_pod_is_not_captured() {
+    let (cfg, l) = pod6();
+    let a = |src: V6| Arrival {
+        tcp: true,
+        src_addr: src,
+        dst_port: 9080,
+    };
+    assert_eq!(decide_inbound(&cfg, &l, &a(REMOTE6)), InboundVerdict::Capture);
+    assert_eq!(
+        decide_inbound(&cfg, &l, &a(POD6)),
+        InboundVerdict::Pass(InboundPass::FromInsidePod)
+    );
+    assert_eq!(
+        decide_inbound(&cfg, &l, &a(V6::LOCALHOST)),
+        InboundVerdict::Pass(InboundPass::FromInsidePod)
+    );
 }
 
 #[test]
@@ -321,9 +476,10 @@ fn inbound_ports() {
 #[test]
 fn source_follows_kernel_choice() {
     let cfg = pod();
-    assert_eq!(source_for(&cfg, REMOTE), Some(POD));
-    assert_eq!(source_for(&cfg, POD), Some(POD));
-    assert_eq!(source_for(&cfg, 0x7f00_0005), None);
+    let l = default_lists();
+    assert_eq!(source_for(&cfg, &l, REMOTE), Some(POD));
+    assert_eq!(source_for(&cfg, &l, POD), Some(POD));
+    assert_eq!(source_for(&cfg, &l, 0x7f00_0005), None);
 }
 
 fn arrival(src: u32, port: u16) -> Arrival {
@@ -441,4 +597,133 @@ fn tproxy_mode_captures_the_proxys_local_traffic_nat_leaves_alone() {
         decide_connect(&cfg, &l, &conn(APP, APP, 0, POD, 9080)),
         Verdict::Pass(Pass::AppToLocal)
     );
+}
+
+/// The IPv6 twin of an IPv4 address in these tests: loopback and
+/// passthrough to their IPv6 counterparts, everything else into fd00::/96.
+fn twin(a: u32) -> V6 {
+    match a {
+        ip::LOCALHOST => V6::LOCALHOST,
+        ip::INBOUND_PASSTHROUGH_SRC => V6::PASSTHROUGH_SRC,
+        0 => V6::UNSPECIFIED,
+        a => {
+            let b = a.to_be_bytes();
+            V6::from_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b[0], b[1], b[2], b[3]])
+        }
+    }
+}
+
+mod families {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn addr() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(POD),
+            Just(REMOTE),
+            Just(ip::LOCALHOST),
+            Just(ip::INBOUND_PASSTHROUGH_SRC),
+            Just(0x0a00_0000u32),
+            Just(0x0bad_cafeu32),
+        ]
+    }
+
+    fn lists() -> impl Strategy<Value = (Lists, u32)> {
+        (
+            prop::collection::vec(prop_oneof![Just(53u16), Just(80), Just(15020), Just(9080)], 0..3),
+            prop::collection::vec(prop_oneof![Just(80u16), Just(9080)], 0..2),
+            prop::collection::vec((addr(), 8u8..=32), 0..2),
+            prop::collection::vec((addr(), 8u8..=32), 0..2),
+            any::<u32>(),
+        )
+            .prop_map(|(ex_p, in_p, ex_c, in_c, flags)| {
+                (
+                    Lists {
+                        out_excl_ports: ex_p,
+                        out_incl_ports: in_p,
+                        out_excl_cidrs: ex_c.clone(),
+                        out_incl_cidrs: in_c.clone(),
+                        ..Default::default()
+                    },
+                    flags,
+                )
+            })
+    }
+
+    fn config(flag_bits: u32) -> PodConfig {
+        let mut cfg = pod();
+        for f in [
+            flags::INCLUDE_ALL_OUTBOUND_CIDRS,
+            flags::DNS_CAPTURE,
+            flags::TPROXY,
+        ] {
+            if flag_bits & f == 0 {
+                cfg.flags &= !f;
+            } else {
+                cfg.flags |= f;
+            }
+        }
+        cfg
+    }
+
+    proptest! {
+        /// An AF_INET6 socket dialling `::ffff:a.b.c.d` gets exactly the
+        /// IPv4 decision: its packets are IPv4 and meet iptables' IPv4 rules.
+        #[test]
+        fn mapped_is_the_ipv4_decision(
+            (l, flag_bits) in lists(),
+            uid in prop_oneof![Just(APP), Just(PROXY)],
+            gid in prop_oneof![Just(APP), Just(PROXY)],
+            bound in prop_oneof![Just(0u32), Just(ip::INBOUND_PASSTHROUGH_SRC), Just(POD)],
+            dst in addr(),
+            port in prop_oneof![Just(53u16), Just(80), Just(15008), Just(9080)],
+            tcp in any::<bool>(),
+        ) {
+            let cfg = config(flag_bits);
+            let v4 = Connect { uid, gid, bound_addr: bound, dst_addr: dst, dst_port: port, tcp };
+            let bound6 = if bound == 0 { V6::UNSPECIFIED } else { V6::mapped(bound) };
+            let v6 = Connect { uid, gid, bound_addr: bound6, dst_addr: V6::mapped(dst), dst_port: port, tcp };
+            prop_assert_eq!(decide_connect6(&cfg, &l, &v6), decide_connect(&cfg, &l, &v4));
+        }
+
+        /// A dual-stack pod's native IPv6 connections play the IPv4 table:
+        /// the same rules with ::1, ::6, the pod's IPv6 address and IPv6
+        /// ranges in place of their IPv4 counterparts.
+        #[test]
+        fn ipv6_plays_the_ipv4_table(
+            (l, flag_bits) in lists(),
+            uid in prop_oneof![Just(APP), Just(PROXY)],
+            gid in prop_oneof![Just(APP), Just(PROXY)],
+            bound in prop_oneof![Just(0u32), Just(ip::INBOUND_PASSTHROUGH_SRC), Just(POD)],
+            dst in addr(),
+            port in prop_oneof![Just(53u16), Just(80), Just(15008), Just(9080)],
+            tcp in any::<bool>(),
+        ) {
+            let mut cfg = config(flag_bits);
+            cfg.flags |= flags::IPV6;
+            // A prefix keeps its meaning across the twin when it lies in the
+            // low 32 bits of fd00::/96; shorter ones would also cover
+            // loopback twins differently, so lengths stay at 8..=32.
+            let l6 = Lists {
+                out_excl_cidrs6: l.out_excl_cidrs.iter().map(|&(a, n)| (twin(a), 96 + n)).collect(),
+                out_incl_cidrs6: l.out_incl_cidrs.iter().map(|&(a, n)| (twin(a), 96 + n)).collect(),
+                pod_ips6: std::vec![twin(POD)],
+                out_excl_ports: l.out_excl_ports.clone(),
+                out_incl_ports: l.out_incl_ports.clone(),
+                ..Default::default()
+            };
+            // 127.0.0.0/8 beyond .1 and .6 has no IPv6 twin; those are not
+            // generated. CIDRs naming the loopback twins are skipped.
+            prop_assume!(!l.out_excl_cidrs.iter().chain(&l.out_incl_cidrs).any(|&(a, _)| ip::is_loopback(a)));
+            let v4 = Connect { uid, gid, bound_addr: bound, dst_addr: dst, dst_port: port, tcp };
+            let v6 = Connect { uid, gid, bound_addr: twin(bound), dst_addr: twin(dst), dst_port: port, tcp };
+            let want = decide_connect(&cfg, &l, &v4);
+            // 127.0.0.6 is a loopback address, ::6 is not: a socket bound to
+            // it may leave the pod, and Istio's ip6tables (`-o lo -s ::6`)
+            // lets only its lo traffic through, so the rest is captured.
+            prop_assume!(want != Verdict::Pass(Pass::LoopbackSourceOffPod) || bound != ip::INBOUND_PASSTHROUGH_SRC);
+            prop_assert_eq!(decide_connect6(&cfg, &l6, &v6), want);
+        }
+    }
 }
