@@ -26,7 +26,7 @@ pub use records::{
     SidecarRecord, SockoptRecord,
 };
 pub use sandbox::{
-    cgroup2_root, cleanup_stale, mtest_bin, data_dir, workspace_root, Pod, Proc, Sandbox,
+    cgroup2_root, cleanup_stale, data_dir, mtest_bin, workspace_root, Pod, Proc, Sandbox,
 };
 pub use sock::{fmt_addr, original_dst};
 

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use anyhow::Result;
-use meshlane_tests::{agent::pod_list, meshlane_bin, data_dir, PodSpec};
+use meshlane_tests::{agent::pod_list, data_dir, meshlane_bin, PodSpec};
 
 #[test]
 fn iptables_command_prints_istios_rules_for_a_pod() -> Result<()> {
@@ -32,8 +32,7 @@ fn iptables_command_prints_istios_rules_for_a_pod() -> Result<()> {
     };
 
     let out = run("default/custom")?;
-    let golden =
-        std::fs::read_to_string(data_dir().join("istio-cni/custom-uid.rules"))?;
+    let golden = std::fs::read_to_string(data_dir().join("istio-cni/custom-uid.rules"))?;
     assert!(
         out.status.success(),
         "{}",

@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use meshlane_tests::{
-    read_sidecar_log, data_dir, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox, SidecarRecord,
+    data_dir, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox, SidecarRecord,
 };
 
 fn mtest() -> &'static Path {

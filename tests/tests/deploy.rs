@@ -1159,11 +1159,7 @@ fn pods_keeping_istios_rules_during_the_migration_are_captured_once() -> Result<
     use meshlane_tests::{data_dir, wait_sidecar_peer};
     let n = node("deploymig")?;
     let a_app = n.sb.start_server(&n.a, "a", &["0.0.0.0:9080"])?;
-    n.sb.iptables_restore(
-        &n.a,
-        &data_dir().join("istio-cni/basic.rules"),
-        false,
-    )?;
+    n.sb.iptables_restore(&n.a, &data_dir().join("istio-cni/basic.rules"), false)?;
     let mut agent = Agent::start(&n.sb, &[PodSpec::meshed(&n.a), PodSpec::plain(&n.b)])?;
     let probe = |from: &Pod, uid: u32, to: &str| -> ProbeResult {
         let out =

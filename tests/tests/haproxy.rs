@@ -94,11 +94,7 @@ fn same_http_response_through_haproxy_under_iptables_and_meshlane() -> Result<()
     let mut log = Vec::new();
 
     // Istio's rules.
-    sb.iptables_restore(
-        &a,
-        &data_dir().join("istio-cni/basic.rules"),
-        false,
-    )?;
+    sb.iptables_restore(&a, &data_dir().join("istio-cni/basic.rules"), false)?;
     let under_iptables = curl(&sb, &a, &url)?;
     drain(&mut haproxy, &mut log);
     let seen_iptables = log

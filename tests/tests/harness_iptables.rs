@@ -5,8 +5,8 @@
 
 use anyhow::{Context, Result};
 use meshlane_tests::{
-    read_sidecar_log, data_dir, wait_sidecar_peer, Pod, ProbeResult, Proc, Sandbox,
-    SockoptRecord, APP_UID, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID,
+    data_dir, read_sidecar_log, wait_sidecar_peer, Pod, ProbeResult, Proc, Sandbox, SockoptRecord,
+    APP_UID, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -137,11 +137,7 @@ fn inbound_upstream_ports_are_chosen_at_connect() -> Result<()> {
         .map(|&p| server(&sb, &b, p))
         .collect::<Result<_>>()?;
     let _sb = sidecar(&sb, &b, &[])?;
-    sb.iptables_restore(
-        &b,
-        &data_dir().join("istio-cni/basic.rules"),
-        false,
-    )?;
+    sb.iptables_restore(&b, &data_dir().join("istio-cni/basic.rules"), false)?;
     sb.netns_exec(
         &b.netns,
         "sysctl",

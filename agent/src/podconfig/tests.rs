@@ -31,12 +31,8 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     let dir = goldens_dir();
-    let text = std::fs::read_to_string(dir.join("cases.json")).unwrap_or_else(|e| {
-        panic!(
-            "golden cases not found in {} ({e})",
-            dir.display()
-        )
-    });
+    let text = std::fs::read_to_string(dir.join("cases.json"))
+        .unwrap_or_else(|e| panic!("golden cases not found in {} ({e})", dir.display()));
     let v: serde_json::Value = serde_json::from_str(&text).expect("cases.json parses");
     v["cases"]
         .as_array()

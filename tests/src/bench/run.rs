@@ -1103,9 +1103,8 @@ mod tests {
 
     #[test]
     fn inbound_rules_keep_only_prerouting_capture() {
-        let basic =
-            std::fs::read_to_string(data_dir().join("istio-cni/basic.rules"))
-                .expect("shared goldens");
+        let basic = std::fs::read_to_string(data_dir().join("istio-cni/basic.rules"))
+            .expect("shared goldens");
         let r = inbound_only_rules(&basic);
         assert!(r.starts_with("* nat\n"), "{r}");
         assert!(r.contains("-A PREROUTING -p tcp -j ISTIO_INBOUND"));
