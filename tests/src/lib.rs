@@ -39,6 +39,23 @@ pub fn skip_loudly(reason: &str) {
     eprintln!("SKIPPED: {reason}");
 }
 
+/// Raises the soft open-file limit to the hard one (no privilege needed): a
+/// proxy or load client holding thousands of connections needs a descriptor
+/// or two for each.
+pub fn raise_soft_nofile() {
+    // SAFETY: getrlimit/setrlimit on a stack struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Istio's default proxy uid and gid (the sidecar runs as these).
 pub const PROXY_UID: u32 = 1337;
 /// An ordinary application uid for probes that should be captured.

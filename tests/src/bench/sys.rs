@@ -363,23 +363,6 @@ impl IdleHold {
     }
 }
 
-/// Raises the soft open-file limit to the hard one (no privilege needed): a
-/// proxy or load client holding thousands of connections needs a descriptor
-/// or two for each.
-pub fn raise_soft_nofile() {
-    // SAFETY: getrlimit/setrlimit on a stack struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// Raises this process's open-file limits (soft and hard, as far as
 /// fs.nr_open allows) so the processes it starts inherit room for tens of
 /// thousands of sockets.
