@@ -12,7 +12,6 @@
 //!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
-pub mod bench;
 pub mod chart;
 pub mod fakeapi;
 pub mod records;

@@ -54,6 +54,8 @@ pub fn bench(args: &Args) -> Result<()> {
             "meshlane",
             "-p",
             "meshlane-tests",
+            "-p",
+            "meshlane-bench",
             "--bins",
         ])
         .current_dir(root()))?;

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::Path, process::Command};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{Pod, Sandbox};
+use meshlane_tests::{Pod, Sandbox};
 
 /// Clock ticks per second of /proc's utime/stime fields.
 pub fn clock_ticks() -> f64 {
