@@ -12,7 +12,6 @@
 //!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
-pub mod bench;
 pub mod chart;
 pub mod fakeapi;
 pub mod records;
@@ -37,6 +36,23 @@ pub use sock::{fmt_addr, original_dst};
 pub fn skip_loudly(reason: &str) {
     println!("SKIPPED: {reason}");
     eprintln!("SKIPPED: {reason}");
+}
+
+/// Raises the soft open-file limit to the hard one (no privilege needed): a
+/// proxy or load client holding thousands of connections needs a descriptor
+/// or two for each.
+pub fn raise_soft_nofile() {
+    // SAFETY: getrlimit/setrlimit on a stack struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Istio's default proxy uid and gid (the sidecar runs as these), and its

@@ -59,6 +59,8 @@ pub fn bench(args: &Args) -> Result<()> {
             "meshlane",
             "-p",
             "meshlane-tests",
+            "-p",
+            "meshlane-bench",
             "--bins",
         ])
         .current_dir(root()))?;

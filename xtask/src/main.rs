@@ -40,7 +40,7 @@ enum Cmd {
     Conformance,
     /// Render deploy/chart/meshlane with its default values into deploy/manifests.
     RenderManifests,
-    /// Boot other kernels under qemu and run the namespaced integration suite in each (see vmtest.rs).
+    /// Boot other kernels under qemu and run the namespaced integration suite in each (see xtask/src/vmtest/).
     VmTest(vmtest::Opts),
     /// Benchmark meshlane against iptables and against no interception (release build).
     Bench(bench::Args),

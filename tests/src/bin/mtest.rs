@@ -351,7 +351,7 @@ async fn sidecar(
     transparent_as: Option<String>,
     fixed: [Option<SocketAddrV4>; 2],
 ) -> Result<()> {
-    meshlane_tests::bench::sys::raise_soft_nofile();
+    meshlane_tests::raise_soft_nofile();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -3,17 +3,21 @@
 //! and of large requests, and inbound upstream connections that keep working
 //! when recently used source ports are all in TIME_WAIT.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
-use meshlane_tests::{
-    bench::client::Report, data_dir, Pod, Proc, Sandbox, APP_UID, INBOUND_PORT, PROXY_UID,
-};
+use meshlane_bench::client::Report;
+use meshlane_tests::{data_dir, Pod, Proc, Sandbox, APP_UID, INBOUND_PORT, PROXY_UID};
 
 const READY: Duration = Duration::from_secs(10);
 
-fn mtest() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_mtest"))
+/// The test sidecar is the tests crate's binary: cargo names only this
+/// package's binaries to its tests, so it is found next to this one.
+fn mtest() -> PathBuf {
+    meshlane_tests::mtest_bin()
 }
 
 fn mbench() -> &'static Path {
@@ -38,7 +42,7 @@ fn sidecar(sb: &Sandbox, pod: &Pod, extra: &[&str]) -> Result<Proc> {
     let log = log.to_str().context("utf-8")?.to_string();
     let mut args = vec!["sidecar", "--log", &log];
     args.extend_from_slice(extra);
-    let mut p = sb.spawn(pod, PROXY_UID, PROXY_UID, mtest(), &args)?;
+    let mut p = sb.spawn(pod, PROXY_UID, PROXY_UID, &mtest(), &args)?;
     p.wait_ready(READY)?;
     Ok(p)
 }

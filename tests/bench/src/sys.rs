@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::Path, process::Command};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{Pod, Sandbox};
+use meshlane_tests::{Pod, Sandbox};
 
 /// Clock ticks per second of /proc's utime/stime fields.
 pub fn clock_ticks() -> f64 {
@@ -359,23 +359,6 @@ impl IdleHold {
                      failed: {e}"
                 ),
             },
-        }
-    }
-}
-
-/// Raises the soft open-file limit to the hard one (no privilege needed): a
-/// proxy or load client holding thousands of connections needs a descriptor
-/// or two for each.
-pub fn raise_soft_nofile() {
-    // SAFETY: getrlimit/setrlimit on a stack struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

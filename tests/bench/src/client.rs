@@ -183,7 +183,7 @@ fn self_cpu_us() -> f64 {
 }
 
 pub fn run(args: &ClientArgs) -> Result<Report> {
-    sys::raise_soft_nofile();
+    meshlane_tests::raise_soft_nofile();
     let report = match args.shape {
         Shape::Crr | Shape::Rr | Shape::Stream => windowed(args)?,
         Shape::Churn => churn(args)?,

@@ -33,7 +33,7 @@ use super::{
     client::{Report, Shape},
     sys::{self, Conntrack, MapUsage},
 };
-use crate::{data_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
+use meshlane_tests::{data_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
 
 /// The application's port in pod B.
 pub const APP_PORT: u16 = 9080;
@@ -392,7 +392,7 @@ impl Testbed {
     /// What the client in pod A dials.
     fn target(&self, mode: Mode) -> SocketAddr {
         match mode {
-            Mode::Explicit => SocketAddr::from(([127, 0, 0, 1], crate::OUTBOUND_PORT)),
+            Mode::Explicit => SocketAddr::from(([127, 0, 0, 1], meshlane_tests::OUTBOUND_PORT)),
             _ => SocketAddr::from((self.b.ip, APP_PORT)),
         }
     }
@@ -439,7 +439,11 @@ impl Testbed {
 }
 
 fn mbench_bin() -> PathBuf {
-    crate::sandbox::sibling_bin("mbench", "MESHLANE_MBENCH", "cargo build -p meshlane-tests")
+    meshlane_tests::sandbox::sibling_bin(
+        "mbench",
+        "MESHLANE_MBENCH",
+        "cargo build -p meshlane-bench",
+    )
 }
 
 /// The HAProxy configuration for one pod: forward to the original
@@ -502,7 +506,13 @@ fn start_sidecar(
                 args.extend(["--inbound-to".into(), a.to_string()]);
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut p = sb.spawn(pod, PROXY_UID, PROXY_UID, &crate::mtest_bin(), &args)?;
+            let mut p = sb.spawn(
+                pod,
+                PROXY_UID,
+                PROXY_UID,
+                &meshlane_tests::mtest_bin(),
+                &args,
+            )?;
             p.wait_ready(READY)?;
             Ok(p)
         }
@@ -524,8 +534,8 @@ fn start_sidecar(
                 Path::new("/usr/sbin/haproxy"),
                 &["-db", "-f", &cfg_s],
             )?;
-            sb.wait_listening(pod, crate::OUTBOUND_PORT, READY)?;
-            sb.wait_listening(pod, crate::INBOUND_PORT, READY)?;
+            sb.wait_listening(pod, meshlane_tests::OUTBOUND_PORT, READY)?;
+            sb.wait_listening(pod, meshlane_tests::INBOUND_PORT, READY)?;
             Ok(p)
         }
     }
@@ -595,7 +605,7 @@ fn build(kind: BedKind, opts: &Options) -> Result<Testbed> {
     server.wait_ready(READY)?;
     let server_pid = server.pid();
     let b_app = SocketAddr::from((b.ip, APP_PORT));
-    let b_inbound = SocketAddr::from((b.ip, crate::INBOUND_PORT));
+    let b_inbound = SocketAddr::from((b.ip, meshlane_tests::INBOUND_PORT));
     let (a_to, b_to) = match kind {
         BedKind::Plain => ((Some(b_inbound), None), (None, Some(b_app))),
         _ => ((None, None), (None, None)),
@@ -648,7 +658,7 @@ fn build(kind: BedKind, opts: &Options) -> Result<Testbed> {
             let deadline = Instant::now() + Duration::from_secs(5);
             while !inbound && Instant::now() < deadline {
                 inbound = agent.status().ok().is_some_and(|st| {
-                    crate::pod_entry(&st, &format!("default/{}", b.name))
+                    meshlane_tests::pod_entry(&st, &format!("default/{}", b.name))
                         .is_some_and(|p| p["inbound_attached"].as_bool() == Some(true))
                 });
                 if !inbound {
@@ -735,7 +745,7 @@ fn say(msg: &str) {
 /// The whole run. Testbeds that cannot be built make their modes
 /// unavailable (with the reason); the others still run.
 pub fn run(opts: &Options) -> Result<Results> {
-    let root = crate::workspace_root();
+    let root = meshlane_tests::workspace_root();
     let nofile = sys::raise_nofile(1 << 20)?;
     let mut opts = opts.clone();
     opts.nofile = nofile;

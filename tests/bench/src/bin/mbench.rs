@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use meshlane_tests::bench::{
+use meshlane_bench::{
     client::{self, ClientArgs},
     report,
     run::{self, Bench, Mode, Plan, Proxy},
