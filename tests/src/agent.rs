@@ -46,6 +46,8 @@ pub fn shortcut_unsupported() -> Option<String> {
 pub struct PodSpec {
     pub name: String,
     pub ip: Option<std::net::Ipv4Addr>,
+    /// The IPv6 address, listed after the IPv4 one in status.podIPs.
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub meshed: bool,
     pub annotations: Vec<(String, String)>,
     pub run_as_user: Option<i64>,
@@ -54,21 +56,38 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
+    /// A meshed pod with the sandbox pod's addresses (both families for a
+    /// dual-stack pod).
     pub fn meshed(pod: &Pod) -> Self {
         Self {
             name: pod.name.clone(),
-            ip: Some(pod.ip),
+            ip: pod.ipv4(),
+            ip6: pod.ip6,
             meshed: true,
             ..Default::default()
         }
     }
     pub fn plain(pod: &Pod) -> Self {
         Self {
-            name: pod.name.clone(),
-            ip: Some(pod.ip),
             meshed: false,
-            ..Default::default()
+            ..Self::meshed(pod)
         }
+    }
+    /// Lists only the pod's IPv4 address, as Kubernetes does for a pod of a
+    /// single-stack IPv4 cluster even where its namespace has IPv6 too.
+    pub fn ipv4_only(mut self) -> Self {
+        self.ip6 = None;
+        self
+    }
+    /// Sets an environment variable of the istio-proxy container
+    /// (`ISTIO_META_DNS_CAPTURE`, say).
+    pub fn proxy_env(mut self, k: &str, v: &str) -> Self {
+        self.proxy_env.push((k.into(), v.into()));
+        self
+    }
+    /// The pod has an address the pods file lists.
+    pub fn has_ip(&self) -> bool {
+        self.ip.is_some() || self.ip6.is_some()
     }
     pub fn annotate(mut self, k: &str, v: &str) -> Self {
         self.annotations.push((k.into(), v.into()));
@@ -106,9 +125,18 @@ impl PodSpec {
                 .collect();
             containers.push(json!({"name": "istio-proxy", "image": "istio/proxyv2:1.24", "securityContext": sc, "env": env}));
         }
-        let status = match self.ip {
-            Some(ip) => {
-                json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]})
+        // IPv4 first, as Kubernetes lists a dual-stack pod of an
+        // IPv4-primary cluster; podIP is the first of podIPs.
+        let ips: Vec<String> = self
+            .ip
+            .map(|a| a.to_string())
+            .into_iter()
+            .chain(self.ip6.map(|a| a.to_string()))
+            .collect();
+        let status = match ips.first() {
+            Some(first) => {
+                let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+                json!({"phase": "Running", "podIP": first, "podIPs": pod_ips})
             }
             None => json!({"phase": "Pending"}),
         };
@@ -163,7 +191,7 @@ impl Agent {
         let mut agent = Self::spawn_on(sb, node, pods, extra, &Launch::default())?;
         let expect_active: Vec<String> = pods
             .iter()
-            .filter(|p| p.meshed && p.ip.is_some())
+            .filter(|p| p.meshed && p.has_ip())
             .map(|p| format!("default/{}", p.name))
             .collect();
         agent.wait_active(&expect_active)?;

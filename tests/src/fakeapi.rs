@@ -775,7 +775,7 @@ pub fn api_pod(spec: &PodSpec, node: &str) -> Value {
     st.insert("hostIPs".into(), json!([{"ip": "192.0.2.10"}]));
     st.insert("qosClass".into(), json!("BestEffort"));
     st.insert("startTime".into(), json!("2025-06-01T10:00:01Z"));
-    let running = spec.ip.is_some();
+    let running = spec.has_ip();
     st.insert(
         "conditions".into(),
         json!([

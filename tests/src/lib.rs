@@ -21,13 +21,14 @@ pub mod stream;
 
 pub use agent::{meshlane_bin, pod_entry, pod_state, shortcut_unsupported, Agent, Launch, PodSpec};
 pub use records::{
-    read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult, ServerReply,
-    SidecarRecord, SockoptRecord,
+    dns_proxy_reply, read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult,
+    ServerReply, SidecarRecord, SockoptRecord, UdpProbeResult, DNS_PROXY_REPLY_PREFIX,
 };
 pub use sandbox::{
     cgroup2_root, cleanup_stale, data_dir, mtest_bin, workspace_root, Pod, Proc, Sandbox,
+    SidecarListen, SidecarOpts, Stack,
 };
-pub use sock::{fmt_addr, original_dst};
+pub use sock::{fmt_addr, original_dst, original_dst6, Family};
 
 /// Marks the running test as skipped for `reason` (a missing kernel feature,
 /// say): prints `SKIPPED: reason`, which `cargo xtask vm-test` reports per

@@ -15,9 +15,20 @@ pub struct SidecarRecord {
     pub peer: String,
     /// Local address of the accepted socket (after REDIRECT: 127.0.0.1:15001 etc.).
     pub local: String,
-    /// SO_ORIGINAL_DST, or null when it failed.
+    /// Address family of the accepted socket: "inet", or "inet6" (also for
+    /// an IPv4 client of a dual-stack listener). Empty in older logs.
+    #[serde(default)]
+    pub family: String,
+    /// getsockopt(SOL_IP, SO_ORIGINAL_DST), or null when it failed.
     pub orig_dst: Option<String>,
     pub orig_dst_error: Option<String>,
+    /// getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), asked on AF_INET6 sockets
+    /// only (an IPv4-mapped answer is written as IPv4, like every address
+    /// here), or null when it failed or was not asked.
+    #[serde(default)]
+    pub orig_dst6: Option<String>,
+    #[serde(default)]
+    pub orig_dst6_error: Option<String>,
     /// Local address of the proxy's upstream socket, when the connect succeeded.
     pub upstream_local: Option<String>,
     /// Why the upstream leg failed ("loop" when it would have reached the proxy itself).
@@ -46,6 +57,9 @@ pub struct ProbeResult {
     pub errno: Option<String>,
     pub local: Option<String>,
     pub peer: Option<String>,
+    /// The client socket's family ("inet" or "inet6"); absent in older output.
+    #[serde(default)]
+    pub family: Option<String>,
     /// The reply when it is an `mtest server` reply; other JSON objects (another
     /// server's) are only in `reply_raw`.
     #[serde(default, deserialize_with = "lenient_reply")]
@@ -69,6 +83,49 @@ impl ProbeResult {
         serde_json::from_str(line).with_context(|| format!("parsing probe output {line:?}"))
     }
 }
+
+/// What `mtest udp-probe` prints: one JSON line.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UdpProbeResult {
+    /// "connected" (connect, send, recvfrom) or "unconnected" (sendto from an
+    /// unbound socket, recvfrom).
+    pub mode: String,
+    /// The socket's family: "inet" or "inet6".
+    pub family: String,
+    /// connect() succeeded (connected mode only).
+    pub connected: bool,
+    /// The datagram was sent.
+    pub sent: bool,
+    pub error: Option<String>,
+    /// Symbolic errno of `error` when it came from the kernel.
+    pub errno: Option<String>,
+    /// getpeername() after connect() (connected mode).
+    pub peer: Option<String>,
+    /// getsockname() after the send.
+    pub local: Option<String>,
+    /// The reply's payload.
+    pub reply: Option<String>,
+    /// The reply's source address as recvfrom() returned it.
+    pub reply_from: Option<String>,
+}
+
+impl UdpProbeResult {
+    /// Parses the probe's stdout (its last non-empty line).
+    pub fn parse(stdout: &str) -> Result<UdpProbeResult> {
+        let line = last_line(stdout)
+            .with_context(|| format!("udp-probe printed no JSON line; stdout was {stdout:?}"))?;
+        serde_json::from_str(line).with_context(|| format!("parsing udp-probe output {line:?}"))
+    }
+}
+
+/// What the sidecar's DNS-proxy stand-in answers to a datagram `payload`
+/// from `peer` (as `fmt_addr` writes it): tests recognise the proxy by it.
+pub fn dns_proxy_reply(payload: &str, peer: &str) -> String {
+    format!("{DNS_PROXY_REPLY_PREFIX}{payload} from {peer}")
+}
+
+/// The start of every reply of the DNS-proxy stand-in.
+pub const DNS_PROXY_REPLY_PREFIX: &str = "dns-proxy got ";
 
 /// One getsockopt report of `mtest sockopts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

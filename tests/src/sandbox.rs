@@ -1,10 +1,12 @@
 //! Network-namespace sandbox: a node namespace with a bridge, pods on it, and a
-//! cgroup v2 directory for the processes, all torn down by Drop guards.
+//! cgroup v2 directory for the processes, all torn down by Drop guards. Pods
+//! are IPv4 by default; [`Sandbox::new_dual_stack`] and
+//! [`Sandbox::add_pod_stack`] give them an IPv6 ULA too, or only that.
 
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -40,6 +42,33 @@ pub struct Sandbox {
     pods: Vec<Pod>,
     /// The second node, once [`Sandbox::add_node2`] made it.
     node2: Option<Node2>,
+    /// The address families [`Sandbox::add_pod`] and [`Sandbox::add_pod_on`]
+    /// give a pod ([`Sandbox::new_dual_stack`] makes it [`Stack::Dual`]).
+    default_stack: Stack,
+    /// The nodes' IPv6 side (bridge addresses, forwarding, the route between
+    /// the nodes) exists: made with the first pod that has an IPv6 address.
+    ipv6: bool,
+}
+
+/// The address families of a pod's `eth0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stack {
+    /// IPv4 only (10.200.N.x/25): every sandbox's default.
+    #[default]
+    V4,
+    /// IPv4 and an IPv6 ULA beside it (fd00:N:node::x/64).
+    Dual,
+    /// The IPv6 ULA only: no IPv4 address and no IPv4 route.
+    V6,
+}
+
+impl Stack {
+    pub fn has_v4(self) -> bool {
+        self != Stack::V6
+    }
+    pub fn has_v6(self) -> bool {
+        self != Stack::V4
+    }
 }
 
 /// A second node: namespace `mlt{N}-{tag}-n2` with its own bridge
@@ -56,7 +85,13 @@ struct Node2 {
 pub struct Pod {
     pub name: String,
     pub netns: String,
+    /// The pod's IPv4 address; `0.0.0.0` for an IPv6-only pod, which has
+    /// none (see [`Pod::ipv4`]).
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (fd00:N:node::x), for [`Stack::Dual`] and
+    /// [`Stack::V6`] pods.
+    pub ip6: Option<Ipv6Addr>,
+    pub stack: Stack,
     /// The pod's own cgroup, a child of the sandbox cgroup: programs attached to
     /// the sandbox cgroup see it, and per-pod attachment is possible too.
     pub cgroup: PathBuf,
@@ -64,12 +99,66 @@ pub struct Pod {
     pub node: u8,
 }
 
+impl Pod {
+    /// The IPv4 address, None for an IPv6-only pod.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.stack.has_v4().then_some(self.ip)
+    }
+
+    /// The IPv6 address; panics for a pod without one (a test bug).
+    #[track_caller]
+    pub fn v6(&self) -> Ipv6Addr {
+        self.ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address ({:?})", self.name, self.stack))
+    }
+
+    /// The pod's IPv4 address as an IPv4-mapped IPv6 address
+    /// (`::ffff:10.200.N.x`), what an AF_INET6 socket dials to reach it.
+    #[track_caller]
+    pub fn mapped(&self) -> Ipv6Addr {
+        let v4 = self
+            .ipv4()
+            .unwrap_or_else(|| panic!("pod {} has no IPv4 address", self.name));
+        v4.to_ipv6_mapped()
+    }
+}
+
+/// The IPv6 address of host `host` on node `node` of sandbox `index`:
+/// fd00:INDEX:NODE::HOST, the decimal numbers written as hex digits, so
+/// 10.200.17.3 on node 1 is fd00:17:1::3.
+fn v6_addr(index: u8, node: u8, host: u8) -> Ipv6Addr {
+    let hexish = |n: u8| u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex");
+    Ipv6Addr::new(
+        0xfd00,
+        hexish(index),
+        hexish(node),
+        0,
+        0,
+        0,
+        0,
+        hexish(host),
+    )
+}
+
 impl Sandbox {
+    /// Like [`Sandbox::new`], but [`Sandbox::add_pod`] and
+    /// [`Sandbox::add_pod_on`] make dual-stack pods: each gets an IPv6 ULA
+    /// (fd00:N:node::x/64, `nodad`, so usable at once) on the same veth
+    /// beside its IPv4 address, and `::6/128` on `lo` (Istio's IPv6 inbound
+    /// passthrough source, which istio-iptables adds to the pod).
+    pub fn new_dual_stack(tag: &str) -> Result<Sandbox> {
+        Sandbox::create(tag, Stack::Dual)
+    }
+
     /// Allocates a free 10.200.N.0/24 (flock on /run/meshlane-tests/N.lock held
     /// for the sandbox's life) and creates the node namespace
     /// `mlt{N}-{tag}-node` with bridge br0 = 10.200.N.1/24, and the cgroup
     /// `<cgroup2 root>/meshlane-test-{N}-{tag}`.
     pub fn new(tag: &str) -> Result<Sandbox> {
+        Sandbox::create(tag, Stack::V4)
+    }
+
+    fn create(tag: &str, default_stack: Stack) -> Result<Sandbox> {
         let tag = sanitize(tag, 10);
         if tag.is_empty() {
             bail!("sandbox tag {tag:?} has no [a-z0-9-] characters");
@@ -95,6 +184,8 @@ impl Sandbox {
             next_host: 2,
             pods: Vec::new(),
             node2: None,
+            default_stack,
+            ipv6: false,
         };
         // From here on every early return drops `sb`, which removes what exists.
         std::fs::create_dir_all(&sb.dir)
@@ -118,9 +209,103 @@ impl Sandbox {
 
     /// Creates pod namespace `mlt{N}-{tag}-{name}` with lo up and eth0 (a veth
     /// whose peer is on br0) = 10.200.N.{next}/25, default route via .1, and a
-    /// child cgroup `{name}` of the sandbox cgroup.
+    /// child cgroup `{name}` of the sandbox cgroup. In a
+    /// [`Sandbox::new_dual_stack`] sandbox the pod is dual-stack
+    /// ([`Sandbox::add_pod_stack`]).
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
         self.add_pod_on(1, name)
+    }
+
+    /// The IPv6 address of node `node`'s bridge, its pods' IPv6 gateway.
+    pub fn gateway6(&self, node: u8) -> Ipv6Addr {
+        v6_addr(self.index, node, 1)
+    }
+
+    /// Gives the nodes their IPv6 side, once: br0 = fd00:N:node::1/64 on
+    /// each node, and with two nodes fd00:N:255::1 and ::2/64 on the veth
+    /// between them, a route each way, and IPv6 forwarding on both.
+    fn enable_ipv6(&mut self) -> Result<()> {
+        if self.ipv6 {
+            return Ok(());
+        }
+        self.ipv6 = true;
+        let n1 = self.node_netns.clone();
+        if !self.default_stack.has_v6() {
+            // An IPv4 sandbox made dual-stack late: its node links exist,
+            // with link-local addresses that may still be in DAD.
+            no_dad(&n1)?;
+            wait_dad_done(&n1)?;
+        }
+        let gw1 = format!("{}/64", self.gateway6(1));
+        ip(&["-n", &n1, "-6", "addr", "add", &gw1, "dev", "br0", "nodad"])?;
+        if self.node2.is_some() {
+            self.node2_ipv6()?;
+        }
+        Ok(())
+    }
+
+    /// The IPv6 half of [`Sandbox::add_node2`].
+    fn node2_ipv6(&self) -> Result<()> {
+        let Some(n2) = &self.node2 else {
+            return Ok(());
+        };
+        let (n1, n2) = (self.node_netns.as_str(), n2.netns.as_str());
+        let i = self.index;
+        let gw2 = format!("{}/64", self.gateway6(2));
+        ip(&["-n", n2, "-6", "addr", "add", &gw2, "dev", "br0", "nodad"])?;
+        let (l1, l2) = (v6_addr(i, 0xff, 1), v6_addr(i, 0xff, 2));
+        ip(&[
+            "-n",
+            n1,
+            "-6",
+            "addr",
+            "add",
+            &format!("{l1}/64"),
+            "dev",
+            "tonode2",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            n2,
+            "-6",
+            "addr",
+            "add",
+            &format!("{l2}/64"),
+            "dev",
+            "tonode1",
+            "nodad",
+        ])?;
+        let net = |node: u8| format!("{}/64", v6_addr(i, node, 0));
+        ip(&[
+            "-n",
+            n1,
+            "-6",
+            "route",
+            "add",
+            &net(2),
+            "via",
+            &l2.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            n2,
+            "-6",
+            "route",
+            "add",
+            &net(1),
+            "via",
+            &l1.to_string(),
+        ])?;
+        for ns in [n1, n2] {
+            self.netns_exec(
+                ns,
+                "sysctl",
+                &["-q", "-w", "net.ipv6.conf.all.forwarding=1"],
+                None,
+            )?;
+        }
+        Ok(())
     }
 
     /// Creates the second node: namespace `mlt{N}-{tag}-n2` with bridge br0 =
@@ -201,6 +386,9 @@ impl Sandbox {
         for ns in [&n1, &netns] {
             self.netns_exec(ns, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"], None)?;
         }
+        if self.ipv6 {
+            self.node2_ipv6()?;
+        }
         Ok(())
     }
 
@@ -215,12 +403,24 @@ impl Sandbox {
     /// Creates a pod on node 1 or 2 (see [`Sandbox::add_pod`]; node 2's pods
     /// are 10.200.N.130 and up, default route via .129).
     pub fn add_pod_on(&mut self, node: u8, name: &str) -> Result<Pod> {
+        self.add_pod_stack(node, name, self.default_stack)
+    }
+
+    /// Creates a pod on node 1 or 2 with the address families of `stack`.
+    /// The IPv6 address is fd00:N:node::x/64 (`nodad`) with x the host part
+    /// the pod's IPv4 address has (or would have, for [`Stack::V6`]), default
+    /// route via the bridge's fd00:N:node::1, and `::6/128` on `lo`. An
+    /// IPv6-only pod has no IPv4 address or route; its [`Pod::ip`] is 0.0.0.0.
+    pub fn add_pod_stack(&mut self, node: u8, name: &str, stack: Stack) -> Result<Pod> {
         let clean = sanitize(name, 10);
         if clean != name || name.is_empty() || name == "node" {
             bail!("pod name {name:?} must be 1-10 chars of [a-z0-9-] and not \"node\"");
         }
         if self.pods.iter().any(|p| p.name == name) {
             bail!("pod {name:?} already exists in sandbox {}", self.tag);
+        }
+        if stack.has_v6() {
+            self.enable_ipv6()?;
         }
         let (node_ns, gateway, parent_cgroup, host) = match node {
             1 => {
@@ -271,25 +471,45 @@ impl Sandbox {
             &netns,
         ])?;
         ip(&["-n", &node, "link", "set", &node_if, "master", "br0", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip_addr}/25"),
-            "dev",
-            "eth0",
-        ])?;
+        if stack.has_v4() {
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip_addr}/25"),
+                "dev",
+                "eth0",
+            ])?;
+        }
+        let ip6 = stack
+            .has_v6()
+            .then(|| v6_addr(self.index, node_index, host));
+        if let Some(a) = ip6 {
+            let a = format!("{a}/64");
+            ip(&[
+                "-n", &netns, "-6", "addr", "add", &a, "dev", "eth0", "nodad",
+            ])?;
+            ip(&[
+                "-n", &netns, "-6", "addr", "add", "::6/128", "dev", "lo", "nodad",
+            ])?;
+        }
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &gateway.to_string(),
-        ])?;
+        if stack.has_v4() {
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ])?;
+        }
+        if ip6.is_some() {
+            let gw6 = self.gateway6(node_index).to_string();
+            ip(&["-n", &netns, "-6", "route", "add", "default", "via", &gw6])?;
+        }
 
         let cgroup = parent_cgroup.join(name);
         std::fs::create_dir(&cgroup)
@@ -297,7 +517,13 @@ impl Sandbox {
         let pod = Pod {
             name: name.to_string(),
             netns,
-            ip: ip_addr,
+            ip: if stack.has_v4() {
+                ip_addr
+            } else {
+                Ipv4Addr::UNSPECIFIED
+            },
+            ip6,
+            stack,
             cgroup,
             node: node_index,
         };
@@ -581,15 +807,31 @@ impl Sandbox {
     /// Starts `mtest sidecar` in `pod` as the proxy uid/gid 1337, logging to
     /// [`Sandbox::sidecar_log`], and waits until it listens.
     pub fn start_sidecar(&self, pod: &Pod) -> Result<Proc> {
+        self.start_sidecar_with(pod, SidecarOpts::default())
+    }
+
+    /// [`Sandbox::start_sidecar`] with listeners of the families `opts`
+    /// names and, if asked, the DNS-proxy stand-in on UDP 15053.
+    pub fn start_sidecar_with(&self, pod: &Pod, opts: SidecarOpts) -> Result<Proc> {
         let log = self.sidecar_log(pod);
         let log = log.to_str().context("sandbox path is not UTF-8")?;
-        let mut p = self.spawn(
-            pod,
-            crate::PROXY_UID,
-            crate::PROXY_UID,
-            &mtest_bin(),
-            &["sidecar", "--log", log],
-        )?;
+        let mut args = vec!["sidecar", "--log", log, "--listen", opts.listen.arg()];
+        if opts.dns {
+            args.push("--dns");
+        }
+        let mut p = self.spawn(pod, crate::PROXY_UID, crate::PROXY_UID, &mtest_bin(), &args)?;
+        p.wait_ready(Duration::from_secs(10))?;
+        Ok(p)
+    }
+
+    /// Starts `mtest udp-echo --name NAME --listen L...` in `pod` as root and
+    /// waits until every socket is bound.
+    pub fn start_udp_echo(&self, pod: &Pod, name: &str, listens: &[&str]) -> Result<Proc> {
+        let mut args = vec!["udp-echo", "--name", name];
+        for l in listens {
+            args.extend(["--listen", l]);
+        }
+        let mut p = self.spawn(pod, 0, 0, &mtest_bin(), &args)?;
         p.wait_ready(Duration::from_secs(10))?;
         Ok(p)
     }
@@ -655,9 +897,30 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Removes every IPv6 rule and custom chain (nat, mangle, raw) from `pod`,
+    /// the ip6tables counterpart of [`Sandbox::iptables_flush`].
+    pub fn ip6tables_flush(&self, pod: &Pod) -> Result<()> {
+        for table in ["nat", "mangle", "raw"] {
+            self.netns_exec(&pod.netns, "ip6tables", &["-t", table, "-F"], None)?;
+            self.netns_exec(&pod.netns, "ip6tables", &["-t", table, "-X"], None)?;
+        }
+        Ok(())
+    }
+
+    /// Loads an ip6tables-save file into `pod`'s namespace with
+    /// `ip6tables-restore` (nf_tables backend).
+    pub fn ip6tables_restore(&self, pod: &Pod, rules: &Path) -> Result<()> {
+        self.netns_exec(&pod.netns, "ip6tables-restore", &[], Some(rules))
+            .with_context(|| format!("loading {} into pod {}", rules.display(), pod.name))?;
+        Ok(())
+    }
+
     fn add_netns(&mut self, name: &str) -> Result<()> {
         ip(&["netns", "add", name])?;
         self.netns.push(name.to_string());
+        if self.default_stack.has_v6() || self.ipv6 {
+            no_dad(name)?;
+        }
         ip(&["-n", name, "link", "set", "lo", "up"])
     }
 }
@@ -690,6 +953,44 @@ impl Drop for Sandbox {
         // Released last, so nobody reuses the subnet while its names still exist.
         self.lock.take();
     }
+}
+
+/// Which sockets `mtest sidecar` listens on (its `--listen`), on each of its
+/// capture ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SidecarListen {
+    /// `0.0.0.0` only: an IPv4 pod's Envoy.
+    #[default]
+    V4,
+    /// One `[::]` socket with IPV6_V6ONLY off: IPv4 clients arrive as
+    /// IPv4-mapped AF_INET6 sockets (Envoy's dual-stack listener).
+    Dual,
+    /// `0.0.0.0` and a separate `[::]` with IPV6_V6ONLY on (Envoy's
+    /// listener with an additional address).
+    Split,
+    /// `[::]` with IPV6_V6ONLY on only: an IPv6-only pod's Envoy.
+    V6,
+}
+
+impl SidecarListen {
+    /// The value `mtest sidecar --listen` takes.
+    pub fn arg(self) -> &'static str {
+        match self {
+            SidecarListen::V4 => "v4",
+            SidecarListen::Dual => "dual",
+            SidecarListen::Split => "split",
+            SidecarListen::V6 => "v6",
+        }
+    }
+}
+
+/// How [`Sandbox::start_sidecar_with`] starts `mtest sidecar`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SidecarOpts {
+    pub listen: SidecarListen,
+    /// Also run the DNS-proxy stand-in on UDP 127.0.0.1:15053 and
+    /// [::1]:15053 (`--dns`).
+    pub dns: bool,
 }
 
 /// A process started by [`Sandbox::spawn`]; killed and reaped on drop.
@@ -804,6 +1105,53 @@ fn sanitize(s: &str, max: usize) -> String {
         .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
         .take(max)
         .collect()
+}
+
+/// Turns IPv6 duplicate address detection off in namespace `netns` for
+/// links made from now on. Without it every new link's link-local address
+/// is "tentative" for a second or two, and until then a node does not
+/// resolve its neighbours across the link between the nodes: the first
+/// connections from one node to the other stall. (Global addresses are
+/// added `nodad` anyway.)
+fn no_dad(netns: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-q", "-w"])
+        .args([
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("running sysctl")?;
+    if !out.status.success() {
+        bail!(
+            "turning IPv6 DAD off in {netns} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Waits (up to 5 s) until namespace `netns` has no tentative IPv6 address.
+fn wait_dad_done(netns: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new("ip")
+            .args(["-n", netns, "-6", "addr", "show", "tentative"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running ip addr show tentative")?;
+        if out.status.success() && out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{netns} still has tentative IPv6 addresses after 5 s: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Runs `ip args`, failing with the command line and ip's stderr.

@@ -5,11 +5,16 @@
 //! what the kernel (and any cgroup getsockopt program) returns.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 
 /// netfilter's `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h), read at level SOL_IP.
 pub const SO_ORIGINAL_DST: libc::c_int = 80;
+/// netfilter's `IP6T_SO_ORIGINAL_DST` (linux/netfilter_ipv6/ip6_tables.h),
+/// read at level SOL_IPV6; answers a `sockaddr_in6`.
+pub const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+/// `IPV6_TRANSPARENT` (linux/in6.h), level SOL_IPV6.
+pub const IPV6_TRANSPARENT: libc::c_int = 75;
 /// `IPT_SO_GET_INFO` (linux/netfilter_ipv4/ip_tables.h), level SOL_IP.
 pub const IPT_SO_GET_INFO: libc::c_int = 64;
 /// `IPT_SO_GET_ENTRIES`, level SOL_IP.
@@ -98,6 +103,134 @@ pub fn original_dst(fd: RawFd) -> io::Result<SocketAddrV4> {
     Ok(sockaddr_in_to_v4(&sin))
 }
 
+/// Reads netfilter's IP6T_SO_ORIGINAL_DST (`getsockopt(SOL_IPV6, 80)`) of an
+/// accepted AF_INET6 socket: the address the client connected to, as a
+/// `sockaddr_in6`. Any other family in the answer is an error.
+pub fn original_dst6(fd: RawFd) -> io::Result<SocketAddrV6> {
+    // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
+    let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: the buffer is a sockaddr_in6 of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_IPV6,
+            IP6T_SO_ORIGINAL_DST,
+            (&mut sin6 as *mut libc::sockaddr_in6).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if sin6.sin6_family != libc::AF_INET6 as libc::sa_family_t {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "IP6T_SO_ORIGINAL_DST returned address family {}",
+                sin6.sin6_family
+            ),
+        ));
+    }
+    Ok(SocketAddrV6::new(
+        Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+        u16::from_be(sin6.sin6_port),
+        u32::from_be(sin6.sin6_flowinfo),
+        sin6.sin6_scope_id,
+    ))
+}
+
+/// setsockopt with an int value.
+pub fn set_int_opt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reading a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A socket's address family, for the probes' `--family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Family {
+    /// AF_INET
+    Inet,
+    /// AF_INET6 (an IPv4 destination is dialled as `::ffff:a.b.c.d`)
+    Inet6,
+}
+
+impl Family {
+    /// The family a socket for `addr` gets when none is forced.
+    pub fn of(addr: &SocketAddr) -> Family {
+        match addr {
+            SocketAddr::V4(_) => Family::Inet,
+            SocketAddr::V6(_) => Family::Inet6,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Inet => "inet",
+            Family::Inet6 => "inet6",
+        }
+    }
+}
+
+/// `addr` in the form a socket of family `fam` takes: an IPv4 address
+/// becomes IPv4-mapped for AF_INET6, a mapped one plain IPv4 for AF_INET;
+/// an IPv6 address has no AF_INET form.
+pub fn for_family(addr: SocketAddr, fam: Family) -> io::Result<SocketAddr> {
+    match (fam, addr) {
+        (Family::Inet6, SocketAddr::V4(v4)) => Ok(SocketAddr::V6(SocketAddrV6::new(
+            v4.ip().to_ipv6_mapped(),
+            v4.port(),
+            0,
+            0,
+        ))),
+        (Family::Inet, SocketAddr::V6(v6)) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => Ok(SocketAddr::V4(SocketAddrV4::new(v4, v6.port()))),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr} has no AF_INET form"),
+            )),
+        },
+        _ => Ok(addr),
+    }
+}
+
+/// An address with IPv4-mapped IPv6 written as IPv4 (what is dialled when an
+/// AF_INET6 socket connects to it).
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+/// [`unmapped`] for a bare IP.
+pub fn unmapped_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
 /// Converts a kernel sockaddr_in (network byte order fields) to a std address.
 pub fn sockaddr_in_to_v4(sin: &libc::sockaddr_in) -> SocketAddrV4 {
     SocketAddrV4::new(
@@ -156,6 +289,29 @@ mod tests {
     fn mapped_v6_prints_as_v4() {
         let a: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
         assert_eq!(fmt_addr(&a), "10.1.2.3:80");
+    }
+
+    #[test]
+    fn family_forms() {
+        let v4: SocketAddr = "10.1.2.3:53".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:53".parse().unwrap();
+        let v6: SocketAddr = "[fd00::5]:53".parse().unwrap();
+        assert_eq!(for_family(v4, Family::Inet6).unwrap(), mapped);
+        assert_eq!(for_family(mapped, Family::Inet).unwrap(), v4);
+        assert_eq!(for_family(v6, Family::Inet6).unwrap(), v6);
+        assert!(for_family(v6, Family::Inet).is_err());
+        assert_eq!(unmapped(mapped), v4);
+        assert_eq!(unmapped(v6), v6);
+    }
+
+    #[test]
+    fn original_dst6_of_plain_socket_fails() {
+        use std::os::fd::AsRawFd;
+        let Ok(l) = std::net::TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 on this machine's loopback
+        };
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(original_dst6(c.as_raw_fd()).is_err());
     }
 
     #[test]

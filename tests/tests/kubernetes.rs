@@ -200,6 +200,7 @@ fn watch_events_take_effect_within_a_second() -> Result<()> {
     // Pod add, before it has an IP: known, not captured.
     let pending = PodSpec {
         ip: None,
+        ip6: None,
         ..PodSpec::meshed(&cl.a)
     };
     cl.api.apply(api_pod(&pending, NODE));

@@ -55,6 +55,7 @@ fn kill_and_restart_under_load_loses_nothing() -> Result<()> {
                         errno: None,
                         local: None,
                         peer: None,
+                        family: None,
                         reply: None,
                         reply_raw: None,
                     });

@@ -1,10 +1,15 @@
 //! `mtest`: the processes meshlane's namespaced tests run inside pods.
 //!
 //! * `sidecar`: an Envoy stand-in that forwards every accepted connection to its
-//!   SO_ORIGINAL_DST and logs one JSON line per connection.
+//!   original destination (SO_ORIGINAL_DST at SOL_IP, IP6T_SO_ORIGINAL_DST at
+//!   SOL_IPV6) and logs one JSON line per connection; listeners of either or
+//!   both families; optionally a DNS-proxy stand-in on UDP 15053.
 //! * `server`: an application that answers one request line with a JSON line
 //!   saying who it is and whom it saw.
-//! * `probe`: a client that prints one JSON line describing what happened.
+//! * `probe`: a client that prints one JSON line describing what happened,
+//!   from an AF_INET or AF_INET6 socket (IPv4-mapped destinations included).
+//! * `udp-echo` / `udp-probe`: a UDP responder and a client, connected or
+//!   unconnected (sendto/recvfrom).
 //! * `sockopts`: reports raw getsockopt results, to show that a cgroup getsockopt
 //!   program leaves them unchanged.
 //!
@@ -12,10 +17,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use meshlane_tests::records::{ServerReply, SidecarRecord, SockoptRecord};
-use meshlane_tests::sock::{self, errno_name, fmt_addr, hex};
+use meshlane_tests::records::{
+    dns_proxy_reply, ServerReply, SidecarRecord, SockoptRecord, UdpProbeResult,
+};
+use meshlane_tests::sandbox::SidecarListen;
+use meshlane_tests::sock::{self, errno_name, fmt_addr, hex, Family};
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -25,6 +33,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Envoy's source address for inbound passthrough to the local app.
 const INBOUND_PASSTHROUGH_SRC: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// Its IPv6 counterpart, `::6` (istio-iptables adds it to the pod's `lo`).
+const INBOUND_PASSTHROUGH_SRC6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 /// Limit for the sidecar's upstream connect, so a black-holed destination does
 /// not keep a task (and the client) around forever.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,18 +63,29 @@ enum Cmd {
         outbound_port: u16,
         #[arg(long, default_value_t = 15006)]
         inbound_port: u16,
-        /// Start as root, make both listeners IP_TRANSPARENT (what Envoy does
-        /// for Istio's TPROXY mode), then run as UID:GID.
+        /// Which sockets listen on each port: 0.0.0.0 (v4), one [::] with
+        /// IPV6_V6ONLY off (dual), 0.0.0.0 and a v6only [::] (split), or a
+        /// v6only [::] (v6).
+        #[arg(long, value_enum, default_value = "v4")]
+        listen: SidecarListen,
+        /// Also answer UDP on 127.0.0.1 and [::1] at --dns-port, as the
+        /// istio-agent's DNS proxy does, with "dns-proxy got PAYLOAD from PEER".
+        #[arg(long)]
+        dns: bool,
+        #[arg(long, default_value_t = 15053)]
+        dns_port: u16,
+        /// Start as root, make the listeners IP_TRANSPARENT / IPV6_TRANSPARENT
+        /// (what Envoy does for Istio's TPROXY mode), then run as UID:GID.
         #[arg(long, value_name = "UID:GID")]
         transparent_as: Option<String>,
         /// Forward outbound-listener connections here instead of to their
         /// original destination (no interception: the app dials 15001 itself).
         #[arg(long, value_name = "ADDR")]
-        outbound_to: Option<SocketAddrV4>,
-        /// Forward inbound-listener connections here (still from 127.0.0.6)
-        /// instead of to their original destination.
+        outbound_to: Option<SocketAddr>,
+        /// Forward inbound-listener connections here (still from 127.0.0.6,
+        /// or ::6 for IPv6) instead of to their original destination.
         #[arg(long, value_name = "ADDR")]
-        inbound_to: Option<SocketAddrV4>,
+        inbound_to: Option<SocketAddr>,
         /// Bytes the relay reads (and so writes) at most per call.
         #[arg(long, default_value_t = RELAY_CHUNK as u32, value_parser = clap::value_parser!(u32).range(1..=16 << 20))]
         relay_buffer: u32,
@@ -79,11 +100,19 @@ enum Cmd {
     },
     /// Client: connect, send one line, print one JSON line about the outcome.
     Probe {
+        /// IPv4, IPv6 or IPv4-mapped ([::ffff:10.0.0.1]:80) destination.
         #[arg(long)]
         connect: SocketAddr,
         /// Bind the client socket to this address (port 0) before connecting.
         #[arg(long)]
         bind: Option<IpAddr>,
+        /// The socket's family (default: the destination's); inet6 dials an
+        /// IPv4 destination as ::ffff:a.b.c.d.
+        #[arg(long, value_enum)]
+        family: Option<Family>,
+        /// Set IPV6_V6ONLY on an AF_INET6 socket.
+        #[arg(long)]
+        v6only: bool,
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
         #[arg(long, default_value = "hello")]
@@ -93,14 +122,29 @@ enum Cmd {
     UdpEcho {
         #[arg(long)]
         name: String,
-        #[arg(long)]
-        listen: SocketAddr,
+        /// Address to answer on (repeatable; [::] is dual-stack).
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
     },
-    /// UDP client: connect() (the call cgroup/connect4 sees), send one
-    /// datagram, print one JSON line with the reply.
+    /// UDP client: send one datagram, wait for one reply, print one JSON
+    /// line. With --connect: connect() (what cgroup/connect4 and connect6
+    /// see, and glibc's resolver does), send, recvfrom. With --send-to:
+    /// sendto() from an unbound socket, recvfrom().
     UdpProbe {
+        #[arg(long, conflicts_with = "send_to", required_unless_present = "send_to")]
+        connect: Option<SocketAddr>,
         #[arg(long)]
-        connect: SocketAddr,
+        send_to: Option<SocketAddr>,
+        /// The socket's family (default: the destination's).
+        #[arg(long, value_enum)]
+        family: Option<Family>,
+        /// Set IPV6_V6ONLY on an AF_INET6 socket.
+        #[arg(long)]
+        v6only: bool,
+        #[arg(long, default_value = "ping")]
+        payload: String,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// Byte-stream server: echo, or hash and answer a digest at EOF.
     StreamServer {
@@ -158,8 +202,29 @@ fn main() -> Result<()> {
             connect,
             legacy_iptables,
         } => sockopts(connect, legacy_iptables),
-        Cmd::UdpEcho { name, listen } => udp_echo(&name, listen),
-        Cmd::UdpProbe { connect } => udp_probe(connect),
+        Cmd::UdpEcho { name, listen } => udp_echo(&name, &listen),
+        Cmd::UdpProbe {
+            connect,
+            send_to,
+            family,
+            v6only,
+            payload,
+            timeout_ms,
+        } => {
+            let opts = UdpOpts {
+                family,
+                v6only,
+                payload,
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            let r = match (connect, send_to) {
+                (Some(to), _) => udp_probe(to, true, &opts),
+                (None, Some(to)) => udp_probe(to, false, &opts),
+                (None, None) => bail!("udp-probe needs --connect or --send-to"),
+            };
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Cmd::StreamServer {
             listen,
             echo,
@@ -208,6 +273,9 @@ fn main() -> Result<()> {
                         log,
                         outbound_port,
                         inbound_port,
+                        listen,
+                        dns,
+                        dns_port,
                         transparent_as,
                         outbound_to,
                         inbound_to,
@@ -215,17 +283,32 @@ fn main() -> Result<()> {
                     } => {
                         RELAY_SIZE
                             .store(relay_buffer as usize, std::sync::atomic::Ordering::Relaxed);
-                        let fixed = [outbound_to, inbound_to];
-                        sidecar(log, outbound_port, inbound_port, transparent_as, fixed).await
+                        sidecar(SidecarArgs {
+                            log,
+                            ports: [outbound_port, inbound_port],
+                            listen,
+                            dns_port: dns.then_some(dns_port),
+                            transparent_as,
+                            fixed: [outbound_to, inbound_to],
+                        })
+                        .await
                     }
                     Cmd::Server { name, listen } => server(name, listen).await,
                     Cmd::Probe {
                         connect,
                         bind,
+                        family,
+                        v6only,
                         timeout_ms,
                         request,
                     } => {
-                        probe(connect, bind, Duration::from_millis(timeout_ms), request).await;
+                        let opts = ProbeOpts {
+                            bind,
+                            family,
+                            v6only,
+                            timeout: Duration::from_millis(timeout_ms),
+                        };
+                        probe(connect, &opts, request).await;
                         Ok(())
                     }
                     Cmd::Sockopts { .. }
@@ -274,7 +357,7 @@ struct Sidecar {
     ports: [u16; 2],
     /// Fixed upstreams per listener (outbound, inbound) for runs without
     /// interception; None means the original destination.
-    fixed: [Option<SocketAddrV4>; 2],
+    fixed: [Option<SocketAddr>; 2],
     /// Addresses of this namespace's interfaces, to spot connections to ourselves.
     own: Vec<IpAddr>,
 }
@@ -295,37 +378,56 @@ impl Sidecar {
     /// there would loop. (An original destination equal to the accepted
     /// socket's local address is normal for TPROXY-style capture, where the
     /// socket keeps the address the client dialled.)
-    fn is_loop(&self, orig: SocketAddrV4) -> bool {
-        let ip = IpAddr::V4(*orig.ip());
+    fn is_loop(&self, orig: SocketAddr) -> bool {
+        let ip = sock::unmapped_ip(orig.ip());
         self.ports.contains(&orig.port())
-            && (orig.ip().is_loopback() || orig.ip().is_unspecified() || self.own.contains(&ip))
+            && (ip.is_loopback() || ip.is_unspecified() || self.own.contains(&ip))
     }
 }
 
-/// A listener on 0.0.0.0:`port`, IP_TRANSPARENT when asked.
-fn sidecar_listener(port: u16, transparent: bool) -> Result<TcpListener> {
-    let s = TcpSocket::new_v4()?;
+/// A listener on 0.0.0.0:`port` (`v6only` None) or [::]:`port` with
+/// IPV6_V6ONLY as given; IP_TRANSPARENT / IPV6_TRANSPARENT when asked.
+fn sidecar_listener(port: u16, v6only: Option<bool>, transparent: bool) -> Result<TcpListener> {
+    let (s, addr) = match v6only {
+        None => (
+            TcpSocket::new_v4()?,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        ),
+        Some(only) => {
+            let s = TcpSocket::new_v6()?;
+            sock::set_int_opt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                only.into(),
+            )
+            .context("IPV6_V6ONLY")?;
+            (s, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        }
+    };
     s.set_reuseaddr(true)?;
     if transparent {
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt with a live int.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_IP,
-                libc::IP_TRANSPARENT,
-                std::ptr::from_ref(&one).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
+        let (level, name, what) = match v6only {
+            None => (libc::SOL_IP, libc::IP_TRANSPARENT, "IP_TRANSPARENT"),
+            Some(_) => (libc::SOL_IPV6, sock::IPV6_TRANSPARENT, "IPV6_TRANSPARENT"),
         };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("IP_TRANSPARENT (needs CAP_NET_ADMIN: start as root)");
-        }
+        sock::set_int_opt(s.as_raw_fd(), level, name, 1)
+            .with_context(|| format!("{what} (needs CAP_NET_ADMIN: start as root)"))?;
     }
-    s.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-        .with_context(|| format!("binding listener 0.0.0.0:{port}"))?;
+    s.bind(addr)
+        .with_context(|| format!("binding listener {addr}"))?;
     Ok(s.listen(1024)?)
+}
+
+/// The sockets of one capture port for `--listen`: None is 0.0.0.0,
+/// Some(v6only) is [::].
+fn listener_kinds(listen: SidecarListen) -> &'static [Option<bool>] {
+    match listen {
+        SidecarListen::V4 => &[None],
+        SidecarListen::Dual => &[Some(false)],
+        SidecarListen::Split => &[None, Some(true)],
+        SidecarListen::V6 => &[Some(true)],
+    }
 }
 
 /// Drops to `UID:GID` for good (all threads: glibc's setuid is process-wide).
@@ -344,13 +446,27 @@ fn drop_to(ids: &str) -> Result<()> {
     Ok(())
 }
 
-async fn sidecar(
+struct SidecarArgs {
     log: PathBuf,
-    outbound: u16,
-    inbound: u16,
+    /// Outbound and inbound capture ports.
+    ports: [u16; 2],
+    listen: SidecarListen,
+    /// The DNS-proxy stand-in's UDP port, when it runs.
+    dns_port: Option<u16>,
     transparent_as: Option<String>,
-    fixed: [Option<SocketAddrV4>; 2],
-) -> Result<()> {
+    fixed: [Option<SocketAddr>; 2],
+}
+
+async fn sidecar(args: SidecarArgs) -> Result<()> {
+    let SidecarArgs {
+        log,
+        ports,
+        listen,
+        dns_port,
+        transparent_as,
+        fixed,
+    } = args;
+    let [outbound, inbound] = ports;
     meshlane_tests::raise_soft_nofile();
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -369,8 +485,26 @@ async fn sidecar(
         })
         .collect();
     let transparent = transparent_as.is_some();
-    let out_l = sidecar_listener(outbound, transparent)?;
-    let in_l = sidecar_listener(inbound, transparent)?;
+    let mut listeners = Vec::new();
+    for (port, is_inbound) in [(outbound, false), (inbound, true)] {
+        for &kind in listener_kinds(listen) {
+            listeners.push((sidecar_listener(port, kind, transparent)?, port, is_inbound));
+        }
+    }
+    // Bound before ready, like the listeners, as the proxy's uid.
+    let mut dns = Vec::new();
+    if let Some(port) = dns_port {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            let addr = SocketAddr::new(ip, port);
+            let s = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("binding the DNS-proxy stand-in to {addr}"))?;
+            s.set_nonblocking(true)?;
+            dns.push(tokio::net::UdpSocket::from_std(s)?);
+        }
+    }
     if let Some(ids) = &transparent_as {
         drop_to(ids)?;
     }
@@ -380,20 +514,51 @@ async fn sidecar(
         fixed,
         own,
     });
-    say_ready()?;
-    loop {
-        let (accepted, port, is_inbound) = tokio::select! {
-            r = out_l.accept() => (r, outbound, false),
-            r = in_l.accept() => (r, inbound, true),
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let sc = sc.clone();
-                tokio::spawn(async move { sidecar_conn(sc, stream, port, is_inbound).await });
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in dns {
+        tasks.spawn(dns_proxy(s));
+    }
+    for (l, port, is_inbound) in listeners {
+        let sc = sc.clone();
+        tasks.spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((stream, _)) => {
+                        let sc = sc.clone();
+                        tokio::spawn(
+                            async move { sidecar_conn(sc, stream, port, is_inbound).await },
+                        );
+                    }
+                    // EMFILE and friends: keep serving the connections we have.
+                    Err(e) => {
+                        eprintln!("mtest sidecar: accept on {port}: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
             }
-            // EMFILE and friends: keep serving the connections we have.
+        });
+    }
+    say_ready()?;
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// The DNS-proxy stand-in: answers every datagram with
+/// "dns-proxy got PAYLOAD from PEER", so a test can tell the proxy answered
+/// and whom it saw.
+async fn dns_proxy(s: tokio::net::UdpSocket) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        match s.recv_from(&mut buf).await {
+            Ok((n, peer)) => {
+                let payload = String::from_utf8_lossy(&buf[..n]);
+                let reply = dns_proxy_reply(&payload, &fmt_addr(&peer));
+                if let Err(e) = s.send_to(reply.as_bytes(), peer).await {
+                    eprintln!("mtest sidecar: DNS reply to {peer}: {e}");
+                }
+            }
             Err(e) => {
-                eprintln!("mtest sidecar: accept on {port}: {e}");
+                eprintln!("mtest sidecar: DNS recv: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -403,27 +568,44 @@ async fn sidecar(
 async fn sidecar_conn(sc: Arc<Sidecar>, client: TcpStream, port: u16, inbound: bool) {
     let peer = client.peer_addr().map(|a| fmt_addr(&a)).unwrap_or_default();
     let local_sa = client.local_addr().ok();
+    let v6_socket = local_sa.is_some_and(|a| a.is_ipv6());
     let mut rec = SidecarRecord {
         listener: port,
         peer,
         local: local_sa.map(|a| fmt_addr(&a)).unwrap_or_default(),
+        family: if v6_socket { "inet6" } else { "inet" }.into(),
         orig_dst: None,
         orig_dst_error: None,
+        orig_dst6: None,
+        orig_dst6_error: None,
         upstream_local: None,
         upstream_error: None,
     };
     let target = match sc.fixed[usize::from(inbound)] {
         Some(fixed) => fixed,
         None => {
-            let orig = match sock::original_dst(client.as_raw_fd()) {
-                Ok(o) => o,
-                Err(e) => {
-                    rec.orig_dst_error = Some(io_err_text(&e));
+            // Both questions a proxy may ask: SOL_IP on every socket (the
+            // kernel answers it for IPv4-mapped AF_INET6 sockets too), and
+            // SOL_IPV6 on AF_INET6 sockets, as Envoy does for its IPv6 ones.
+            let fd = client.as_raw_fd();
+            let v4 = sock::original_dst(fd).map(SocketAddr::V4);
+            let v6 = v6_socket.then(|| sock::original_dst6(fd).map(SocketAddr::V6));
+            match &v4 {
+                Ok(a) => rec.orig_dst = Some(fmt_addr(a)),
+                Err(e) => rec.orig_dst_error = Some(io_err_text(e)),
+            }
+            match &v6 {
+                Some(Ok(a)) => rec.orig_dst6 = Some(fmt_addr(a)),
+                Some(Err(e)) => rec.orig_dst6_error = Some(io_err_text(e)),
+                None => {}
+            }
+            let orig = match (v6, v4) {
+                (Some(Ok(a)), _) | (_, Ok(a)) => sock::unmapped(a),
+                _ => {
                     sc.write(&rec);
                     return;
                 }
             };
-            rec.orig_dst = Some(orig.to_string());
             if sc.is_loop(orig) {
                 rec.upstream_error = Some("loop".into());
                 sc.write(&rec);
@@ -523,8 +705,14 @@ async fn flush(to: &TcpStream, pending: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn connect_upstream(orig: SocketAddrV4, inbound: bool) -> Result<TcpStream, String> {
-    let s = TcpSocket::new_v4().map_err(|e| format!("socket: {}", io_err_text(&e)))?;
+async fn connect_upstream(orig: SocketAddr, inbound: bool) -> Result<TcpStream, String> {
+    let orig = sock::unmapped(orig);
+    let s = if orig.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {}", io_err_text(&e)))?;
     if inbound {
         // The port is chosen at connect() (as Envoy and HAProxy do), where
         // the kernel knows the whole 4-tuple and may reuse ports in
@@ -545,11 +733,15 @@ async fn connect_upstream(orig: SocketAddrV4, inbound: bool) -> Result<TcpStream
             let e = std::io::Error::last_os_error();
             return Err(format!("IP_BIND_ADDRESS_NO_PORT: {}", io_err_text(&e)));
         }
-        let src = SocketAddr::from((INBOUND_PASSTHROUGH_SRC, 0));
+        let src = if orig.is_ipv4() {
+            SocketAddr::from((INBOUND_PASSTHROUGH_SRC, 0))
+        } else {
+            SocketAddr::from((INBOUND_PASSTHROUGH_SRC6, 0))
+        };
         s.bind(src)
             .map_err(|e| format!("bind {src}: {}", io_err_text(&e)))?;
     }
-    match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, s.connect(SocketAddr::V4(orig))).await {
+    match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, s.connect(orig)).await {
         Ok(Ok(st)) => Ok(st),
         Ok(Err(e)) => Err(format!("connect {orig}: {}", io_err_text(&e))),
         Err(_) => Err(format!(
@@ -632,6 +824,7 @@ struct ProbeOut {
     errno: Option<String>,
     local: Option<String>,
     peer: Option<String>,
+    family: Option<String>,
     reply: Option<serde_json::Value>,
     reply_raw: Option<String>,
 }
@@ -643,9 +836,19 @@ impl ProbeOut {
     }
 }
 
-async fn probe(connect: SocketAddr, bind: Option<IpAddr>, timeout: Duration, request: String) {
+struct ProbeOpts {
+    bind: Option<IpAddr>,
+    family: Option<Family>,
+    v6only: bool,
+    timeout: Duration,
+}
+
+async fn probe(connect: SocketAddr, opts: &ProbeOpts, request: String) {
     let mut out = ProbeOut::default();
-    match probe_connect(connect, bind, timeout).await {
+    let timeout = opts.timeout;
+    let family = opts.family.unwrap_or_else(|| Family::of(&connect));
+    out.family = Some(family.name().into());
+    match probe_connect(connect, family, opts).await {
         Err((what, e)) => out.fail(what, &e),
         Ok(mut s) => {
             out.connected = true;
@@ -677,17 +880,23 @@ async fn probe(connect: SocketAddr, bind: Option<IpAddr>, timeout: Duration, req
 
 async fn probe_connect(
     connect: SocketAddr,
-    bind: Option<IpAddr>,
-    timeout: Duration,
+    family: Family,
+    opts: &ProbeOpts,
 ) -> Result<TcpStream, (&'static str, std::io::Error)> {
-    let s = if connect.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+    let timeout = opts.timeout;
+    let connect = sock::for_family(connect, family).map_err(|e| ("address: ", e))?;
+    let s = match family {
+        Family::Inet => TcpSocket::new_v4(),
+        Family::Inet6 => TcpSocket::new_v6(),
     }
     .map_err(|e| ("socket: ", e))?;
-    if let Some(ip) = bind {
-        s.bind(SocketAddr::new(ip, 0)).map_err(|e| ("bind: ", e))?;
+    if opts.v6only {
+        sock::set_int_opt(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)
+            .map_err(|e| ("IPV6_V6ONLY: ", e))?;
+    }
+    if let Some(ip) = opts.bind {
+        let at = sock::for_family(SocketAddr::new(ip, 0), family).map_err(|e| ("bind: ", e))?;
+        s.bind(at).map_err(|e| ("bind: ", e))?;
     }
     match tokio::time::timeout(timeout, s.connect(connect)).await {
         Ok(r) => r.map_err(|e| ("", e)),
@@ -833,35 +1042,129 @@ fn legacy_iptables() -> Result<Vec<SockoptRecord>> {
 
 // ---------------------------------------------------------------- udp
 
-fn udp_echo(name: &str, listen: SocketAddr) -> Result<()> {
-    let s = std::net::UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
-    println!("ready");
-    std::io::Write::flush(&mut std::io::stdout())?;
-    let mut buf = [0u8; 2048];
-    loop {
-        let (_, peer) = s.recv_from(&mut buf).context("recv_from")?;
-        let _ = s.send_to(format!("{name} from {peer}").as_bytes(), peer);
+fn udp_echo(name: &str, listen: &[SocketAddr]) -> Result<()> {
+    let mut sockets = Vec::new();
+    for addr in listen {
+        sockets
+            .push(std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?);
     }
+    say_ready()?;
+    let name = name.to_string();
+    let threads: Vec<_> = sockets
+        .into_iter()
+        .map(|s| {
+            let name = name.clone();
+            std::thread::spawn(move || -> Result<()> {
+                let mut buf = [0u8; 2048];
+                loop {
+                    let (_, peer) = s.recv_from(&mut buf).context("recv_from")?;
+                    let reply = format!("{name} from {}", fmt_addr(&peer));
+                    let _ = s.send_to(reply.as_bytes(), peer);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("udp-echo thread panicked"))??;
+    }
+    Ok(())
 }
 
-fn udp_probe(connect: SocketAddr) -> Result<()> {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").context("binding UDP")?;
-    let out = match s.connect(connect) {
-        Err(e) => serde_json::json!({"connected": false, "error": e.to_string()}),
-        Ok(()) => {
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let peer = s.peer_addr().map(|a| a.to_string()).ok();
-            let local = s.local_addr().map(|a| a.to_string()).ok();
-            let _ = s.send(b"ping");
-            let mut buf = [0u8; 2048];
-            match s.recv(&mut buf) {
-                Ok(n) => serde_json::json!({"connected": true, "peer": peer, "local": local,
-                    "reply": String::from_utf8_lossy(&buf[..n])}),
-                Err(e) => serde_json::json!({"connected": true, "peer": peer, "local": local,
-                    "error": e.to_string()}),
-            }
+struct UdpOpts {
+    family: Option<Family>,
+    v6only: bool,
+    payload: String,
+    timeout: Duration,
+}
+
+/// One datagram to `to` and one reply, connected (connect, send, recvfrom)
+/// or not (sendto from an unbound socket, recvfrom); raw calls, so nothing
+/// binds or connects the socket behind the test's back.
+fn udp_probe(to: SocketAddr, connected: bool, opts: &UdpOpts) -> UdpProbeResult {
+    use nix::sys::socket::{self as ns, sockopt, AddressFamily, MsgFlags, SockFlag, SockType};
+    let family = opts.family.unwrap_or_else(|| Family::of(&to));
+    let mut out = UdpProbeResult {
+        mode: if connected {
+            "connected"
+        } else {
+            "unconnected"
+        }
+        .into(),
+        family: family.name().into(),
+        ..Default::default()
+    };
+    let fail = |out: &mut UdpProbeResult, what: &str, e: nix::errno::Errno| {
+        out.error = Some(format!("{what}: {}", e.desc()));
+        out.errno = Some(errno_name(e as i32));
+    };
+    let dest = match sock::for_family(to, family) {
+        Ok(d) => ns::SockaddrStorage::from(d),
+        Err(e) => {
+            out.error = Some(format!("address: {e}"));
+            return out;
         }
     };
-    println!("{out}");
-    Ok(())
+    let af = match family {
+        Family::Inet => AddressFamily::Inet,
+        Family::Inet6 => AddressFamily::Inet6,
+    };
+    let fd = match ns::socket(af, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None) {
+        Ok(fd) => fd,
+        Err(e) => {
+            fail(&mut out, "socket", e);
+            return out;
+        }
+    };
+    let raw = fd.as_raw_fd();
+    if opts.v6only {
+        if let Err(e) = ns::setsockopt(&fd, sockopt::Ipv6V6Only, &true) {
+            fail(&mut out, "IPV6_V6ONLY", e);
+            return out;
+        }
+    }
+    let tv = nix::sys::time::TimeVal::new(
+        opts.timeout.as_secs() as i64,
+        opts.timeout.subsec_micros() as i64,
+    );
+    if let Err(e) = ns::setsockopt(&fd, sockopt::ReceiveTimeout, &tv) {
+        fail(&mut out, "SO_RCVTIMEO", e);
+        return out;
+    }
+    let show =
+        |a: Option<ns::SockaddrStorage>| a.and_then(|a| storage_to_std(&a)).map(|a| fmt_addr(&a));
+    let payload = opts.payload.as_bytes();
+    let sent = if connected {
+        if let Err(e) = ns::connect(raw, &dest) {
+            fail(&mut out, "connect", e);
+            return out;
+        }
+        out.connected = true;
+        out.peer = show(ns::getpeername::<ns::SockaddrStorage>(raw).ok());
+        ns::send(raw, payload, MsgFlags::empty())
+    } else {
+        ns::sendto(raw, payload, &dest, MsgFlags::empty())
+    };
+    if let Err(e) = sent {
+        fail(&mut out, "send", e);
+        return out;
+    }
+    out.sent = true;
+    out.local = show(ns::getsockname::<ns::SockaddrStorage>(raw).ok());
+    let mut buf = [0u8; 2048];
+    match ns::recvfrom::<ns::SockaddrStorage>(raw, &mut buf) {
+        Ok((n, from)) => {
+            out.reply = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            out.reply_from = show(from);
+        }
+        Err(e) => fail(&mut out, "recvfrom", e),
+    }
+    out
+}
+
+fn storage_to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
