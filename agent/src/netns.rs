@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -23,7 +23,7 @@ pub struct Netns {
     /// A path that opens it (a /var/run/netns file or /proc/PID/ns/net).
     pub path: PathBuf,
     pub cookie: u64,
-    pub addrs: Vec<Ipv4Addr>,
+    pub addrs: Vec<IpAddr>,
 }
 
 /// Directories of named namespaces, as `ip netns` and CNI runtimes make them.
@@ -98,17 +98,42 @@ fn current_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-fn current_addrs() -> Result<Vec<Ipv4Addr>> {
+/// The namespace's own addresses that can be a pod's: of both families,
+/// without loopback, IPv6 link-local (every interface has one, the same on
+/// many pods) and `::6` (the passthrough source a meshed pod puts on lo).
+fn current_addrs() -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
-        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            let ip = a.ip();
-            if !ip.is_loopback() && !out.contains(&ip) {
-                out.push(ip);
-            }
+        let Some(a) = ifa.address.as_ref() else {
+            continue;
+        };
+        let ip = if let Some(v4) = a.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = a.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if pod_address(ip) && !out.contains(&ip) {
+            out.push(ip);
         }
     }
     Ok(out)
+}
+
+/// True for an address that may name a pod (see [`current_addrs`]).
+pub fn pod_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !a.is_loopback() && !a.is_unspecified(),
+        IpAddr::V6(a) => {
+            let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+            !a.is_loopback()
+                && !a.is_unspecified()
+                && !link_local
+                && a.to_ipv4_mapped().is_none()
+                && a != meshlane_common::V6::PASSTHROUGH_SRC.to_std()
+        }
+    }
 }
 
 /// Enters each namespace on a short-lived thread of its own (setns changes

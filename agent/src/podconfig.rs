@@ -6,11 +6,14 @@
 //! back to its default, which always captures at least as much as the bad
 //! value could have (never a silent bypass). `MeshConfig::entries` turns the
 //! config into the keys and values the kernel programs read.
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use meshlane_common::{
-    cidr_key_data, cidr_list, decide::PodLists, flags, ip, port_list, ports, CidrKeyData,
-    PodConfig, PortKey, CIDR_KEY_FIXED_BITS, MAX_POD_IPS,
+    cidr_key_data, cidr_list, decide::PodLists, flags, ip, port_list, ports, Cidr6KeyData,
+    CidrKeyData, PodConfig, PortKey, CIDR_KEY_FIXED_BITS, MAX_POD_IPS, V6,
 };
 use serde::Serialize;
 
@@ -442,7 +445,7 @@ impl MeshConfig {
     }
 
     /// The kernel's view of this pod in network namespace `netns_cookie`.
-    pub fn pod_config(&self, ips: &[Ipv4Addr]) -> PodConfig {
+    pub fn pod_config(&self, ips: &[IpAddr]) -> PodConfig {
         let mut p = PodConfig::istio_default();
         p.proxy_uid = self.proxy_uid;
         p.proxy_gid = self.proxy_gid;
@@ -473,15 +476,24 @@ impl MeshConfig {
         if self.shortcut_app {
             p.flags |= flags::SHORTCUT_APP;
         }
-        for (i, a) in ips.iter().take(MAX_POD_IPS).enumerate() {
-            p.ips[i] = a.to_bits();
+        let v4 = ips.iter().filter_map(|a| match a {
+            IpAddr::V4(a) => Some(a.to_bits()),
+            IpAddr::V6(_) => None,
+        });
+        for (i, a) in v4.take(MAX_POD_IPS).enumerate() {
+            p.ips[i] = a;
             p.ip_count = i as u32 + 1;
+        }
+        // IPv6 capture is for pods with an IPv6 address, as Istio writes
+        // ip6tables rules for those only.
+        if ips.iter().any(IpAddr::is_ipv6) {
+            p.flags |= flags::IPV6;
         }
         p
     }
 
     /// Everything the kernel needs for this pod, keyed by its netns cookie.
-    pub fn entries(&self, netns_cookie: u64, ips: &[Ipv4Addr]) -> MapEntries {
+    pub fn entries(&self, netns_cookie: u64, ips: &[IpAddr]) -> MapEntries {
         let mut ports = Vec::new();
         let mut add = |list: u16, ps: &[u16]| {
             ports.extend(ps.iter().map(|&p| PortKey::new(netns_cookie, list, p)));
@@ -516,6 +528,7 @@ impl MeshConfig {
             pod: self.pod_config(ips),
             ports,
             cidrs,
+            cidrs6: Vec::new(),
         }
     }
 }
@@ -542,6 +555,21 @@ impl PodLists for MeshConfig {
     fn inbound_port_excluded(&self, port: u16) -> bool {
         self.exclude_inbound_ports.contains(&port)
     }
+    fn outbound_cidr_excluded6(&self, _addr: V6) -> bool {
+        false
+    }
+    fn outbound_cidr_included6(&self, _addr: V6) -> bool {
+        matches!(self.include_outbound_cidrs, Set::All)
+    }
+    fn is_pod_ip4(&self, _addr: u32) -> bool {
+        false
+    }
+    fn is_pod_ip6(&self, _addr: V6) -> bool {
+        false
+    }
+    fn pod_src6(&self) -> Option<V6> {
+        None
+    }
     fn inbound_port_included(&self, port: u16) -> bool {
         match &self.include_inbound_ports {
             Set::All => true,
@@ -557,4 +585,6 @@ pub struct MapEntries {
     pub ports: Vec<PortKey>,
     /// (LPM prefix length, key data).
     pub cidrs: Vec<(u32, CidrKeyData)>,
+    /// The IPv6 CIDR lists: (LPM prefix length, key data) of `CIDRS6`.
+    pub cidrs6: Vec<(u32, Cidr6KeyData)>,
 }

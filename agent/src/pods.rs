@@ -2,10 +2,7 @@
 //! PodList (or `kind: List`), a bare JSON array, a single Pod, or several
 //! YAML documents. Only the fields interception needs are read; everything
 //! else is ignored, as a newer API server may add fields.
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
@@ -19,8 +16,9 @@ pub struct Pod {
     pub namespace: String,
     pub name: String,
     pub annotations: BTreeMap<String, String>,
-    /// IPv4 addresses from status.podIPs (or status.podIP).
-    pub ips: Vec<Ipv4Addr>,
+    /// Addresses of both families from status.podIPs (or status.podIP), in
+    /// the order the API lists them.
+    pub ips: Vec<IpAddr>,
     pub host_network: bool,
     /// Has an istio-proxy container or the sidecar status annotation.
     pub meshed: bool,
@@ -211,10 +209,8 @@ fn convert(raw: RawPod) -> Result<Pod> {
         let a: IpAddr = s.parse().map_err(|_| {
             anyhow!("pod {namespace}/{name}: status pod IP {s:?} is not an IP address")
         })?;
-        if let IpAddr::V4(a) = a {
-            if !ips.contains(&a) {
-                ips.push(a);
-            }
+        if !ips.contains(&a) {
+            ips.push(a);
         }
         Ok(())
     };
@@ -255,6 +251,8 @@ fn convert(raw: RawPod) -> Result<Pod> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const POD_YAML: &str = r#"
@@ -298,7 +296,7 @@ items:
         let p = &pods[0];
         assert_eq!(p.key(), "bookinfo/productpage");
         assert!(p.meshed);
-        assert_eq!(p.ips, vec![Ipv4Addr::new(10, 244, 1, 5)]);
+        assert_eq!(p.ips, vec![IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5))]);
         assert_eq!(p.proxy_run_as_user, Some(1_000_670_000));
         assert_eq!(p.proxy_run_as_group, Some(1_000_670_001));
         assert_eq!(
@@ -317,7 +315,7 @@ items:
         let json = r#"[{"metadata":{"name":"a","annotations":{"sidecar.istio.io/status":"x"}},"status":{"podIP":"10.0.0.1"}}]"#;
         assert_eq!(
             parse(json).unwrap()[0].ips,
-            vec![Ipv4Addr::new(10, 0, 0, 1)]
+            vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))]
         );
         let single = r#"{"kind":"Pod","metadata":{"name":"a"}}"#;
         assert_eq!(parse(single).unwrap().len(), 1);

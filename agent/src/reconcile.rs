@@ -3,7 +3,7 @@
 //! No map, file or namespace is touched here, so every case is a unit test.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
 };
 
@@ -44,7 +44,7 @@ pub fn needs_netns(pods: &[Pod]) -> bool {
 pub fn plan(pods: &[Pod], spaces: &[Netns], defaults: &NodeDefaults) -> Plan {
     let mut status = Vec::new();
     let mut want: BTreeMap<String, Wanted> = BTreeMap::new();
-    let mut by_ip: BTreeMap<Ipv4Addr, Vec<&Netns>> = BTreeMap::new();
+    let mut by_ip: BTreeMap<IpAddr, Vec<&Netns>> = BTreeMap::new();
     for ns in spaces {
         for a in &ns.addrs {
             by_ip.entry(*a).or_default().push(ns);

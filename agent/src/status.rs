@@ -1,7 +1,7 @@
 //! What the agent reports: per pod (name, IPs, netns cookie, state, config
 //! errors), written by `meshlane run` to its state directory and shown by
 //! `meshlane status` together with the attached programs and map occupancy.
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
 use meshlane_common::{
@@ -38,7 +38,7 @@ pub enum PodState {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PodStatus {
     pub name: String,
-    pub ips: Vec<Ipv4Addr>,
+    pub ips: Vec<IpAddr>,
     pub state: PodState,
     pub netns_cookie: Option<u64>,
     pub netns: Option<String>,

@@ -5,7 +5,7 @@
 //! from `decide_connect` as from walking Istio's rules.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -53,7 +53,7 @@ fn cases() -> Vec<Case> {
                 namespace: "default".into(),
                 name: c["name"].as_str().unwrap().into(),
                 annotations,
-                ips: vec![POD_IP],
+                ips: vec![IpAddr::V4(POD_IP)],
                 host_network: false,
                 meshed: true,
                 proxy_run_as_user: c
@@ -326,7 +326,7 @@ fn routable(p: &Packet) -> bool {
 
 /// What meshlane does for the same connect: the redirect port, or None.
 fn meshlane_outcome(cfg: &MeshConfig, p: &Packet, bound: u32) -> Option<u16> {
-    let pc = cfg.pod_config(&[POD_IP]);
+    let pc = cfg.pod_config(&[IpAddr::V4(POD_IP)]);
     let c = Connect {
         uid: p.uid,
         gid: p.gid,
@@ -466,7 +466,7 @@ fn pod_with(ann: &[(&str, &str)]) -> Pod {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        ips: vec![POD_IP],
+        ips: vec![IpAddr::V4(POD_IP)],
         host_network: false,
         meshed: true,
         proxy_run_as_user: None,
@@ -513,7 +513,7 @@ fn defaults_and_lists_become_map_entries() {
     ]));
     assert_eq!(cfg.exclude_inbound_ports, vec![15020, 15021, 15090, 15999]);
     assert_eq!(cfg.unsupported.len(), 1);
-    let e = cfg.entries(42, &[POD_IP]);
+    let e = cfg.entries(42, &[IpAddr::V4(POD_IP)]);
     assert_eq!(e.pod.ip_count, 1);
     assert_eq!(e.pod.ips[0], POD_IP.to_bits());
     // Host bits of 10.1.2.3/8 are cleared in the key.
@@ -633,7 +633,7 @@ fn node_defaults_apply_where_the_pod_says_nothing() {
     let mut p = pod_with(&[]);
     let c = MeshConfig::from_pod_with(&p, &node);
     assert_eq!((c.proxy_uid, c.proxy_gid), (2102, 2102));
-    let k = c.pod_config(&[POD_IP]);
+    let k = c.pod_config(&[IpAddr::V4(POD_IP)]);
     assert_eq!(
         (k.proxy_uid, k.outbound_capture_port, k.inbound_capture_port),
         (2102, 4140, 4143),

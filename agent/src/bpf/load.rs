@@ -45,7 +45,13 @@ pub fn object_bytes(path: Option<&Path>) -> Result<Vec<u8>> {
 pub fn attach_type(hook: Hook) -> bpf_attach_type {
     match hook {
         Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
+        Hook::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
+        Hook::SendMsg4 => bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG,
+        Hook::SendMsg6 => bpf_attach_type::BPF_CGROUP_UDP6_SENDMSG,
+        Hook::RecvMsg4 => bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG,
+        Hook::RecvMsg6 => bpf_attach_type::BPF_CGROUP_UDP6_RECVMSG,
         Hook::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
+        Hook::GetPeerName6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
         Hook::GetSockopt => bpf_attach_type::BPF_CGROUP_GETSOCKOPT,
         Hook::SockOps => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
         Hook::SkLookup => bpf_attach_type::BPF_SK_LOOKUP,
@@ -61,7 +67,14 @@ fn load_and_pin(ebpf: &mut Ebpf, layout: &Layout, p: &Program) -> Result<OwnedFd
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
     let loaded = match p.hook {
-        Hook::Connect4 | Hook::GetPeerName4 => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
+        Hook::Connect4
+        | Hook::Connect6
+        | Hook::SendMsg4
+        | Hook::SendMsg6
+        | Hook::RecvMsg4
+        | Hook::RecvMsg6
+        | Hook::GetPeerName4
+        | Hook::GetPeerName6 => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
         Hook::GetSockopt => <&mut CgroupSockopt>::try_from(&mut *prog)?.load(),
         Hook::SockOps => <&mut SockOps>::try_from(&mut *prog)?.load(),
         Hook::SkLookup => <&mut SkLookup>::try_from(&mut *prog)?.load(),

@@ -4,7 +4,7 @@
 //! lists are in place before its `PODS` entry, and go after it).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsFd, AsRawFd, RawFd},
 };
 
@@ -15,7 +15,7 @@ use aya::maps::{
 };
 use meshlane_common::{
     maps::{self, Map as MapDef},
-    setting, stat, CidrKeyData, ListenerKey, PodConfig, PodCounters, PortKey,
+    setting, stat, Cidr6KeyData, CidrKeyData, ListenerKey, PodConfig, PodCounters, PortKey, V6,
 };
 use tracing::{info, warn};
 
@@ -26,8 +26,20 @@ use crate::podconfig::MapEntries;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodEntries {
     pub cookie: u64,
-    pub ips: Vec<Ipv4Addr>,
+    /// Every address of the pod, of both families.
+    pub ips: Vec<IpAddr>,
     pub entries: MapEntries,
+}
+
+impl PodEntries {
+    /// The pod's IPv6 source for destinations off the pod: its first IPv6
+    /// address, as the API lists them.
+    pub fn src6(&self) -> Option<V6> {
+        self.ips.iter().find_map(|a| match a {
+            IpAddr::V6(a) => Some(V6::from_std(*a)),
+            IpAddr::V4(_) => None,
+        })
+    }
 }
 
 /// Handles on the pinned maps the agent writes and status reads.
@@ -38,6 +50,9 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
     pod_stats: PerCpuHashMap<MapData, u64, PodCounters>,
     pod_by_ip: HashMap<MapData, u32, u64>,
+    pod_by_ip6: HashMap<MapData, V6, u64>,
+    pod_src6: HashMap<MapData, u64, V6>,
+    cidrs6: LpmTrie<MapData, Cidr6KeyData, u32>,
     listeners: SockHash<MapData, ListenerKey>,
     settings: Array<MapData, u32>,
     /// Every map with an occupancy key, for counting entries.
@@ -99,6 +114,9 @@ impl Maps {
             stats: PerCpuArray::try_from(open_map(layout, &maps::STATS)?)?,
             pod_stats: PerCpuHashMap::try_from(open_map(layout, &maps::POD_STATS)?)?,
             pod_by_ip: HashMap::try_from(open_map(layout, &maps::POD_BY_IP)?)?,
+            pod_by_ip6: HashMap::try_from(open_map(layout, &maps::POD_BY_IP6)?)?,
+            pod_src6: HashMap::try_from(open_map(layout, &maps::POD_SRC6)?)?,
+            cidrs6: LpmTrie::try_from(open_map(layout, &maps::CIDRS6)?)?,
             listeners: SockHash::try_from(open_map(layout, &maps::LISTENERS)?)?,
             settings: Array::try_from(open_map(layout, &maps::SETTINGS)?)?,
             counted,
@@ -211,10 +229,26 @@ impl Maps {
                 .insert(&Key::new(*len, *data), 1, 0)
                 .context("CIDRS insert")?;
         }
+        for (len, data) in &p.entries.cidrs6 {
+            self.cidrs6
+                .insert(&Key::new(*len, *data), 1, 0)
+                .context("CIDRS6 insert")?;
+        }
         for ip in &p.ips {
-            self.pod_by_ip
-                .insert(ip.to_bits(), p.cookie, 0)
-                .with_context(|| format!("POD_BY_IP insert {ip}"))?;
+            match ip {
+                IpAddr::V4(a) => self.pod_by_ip.insert(a.to_bits(), p.cookie, 0),
+                IpAddr::V6(a) => self.pod_by_ip6.insert(V6::from_std(*a), p.cookie, 0),
+            }
+            .with_context(|| format!("POD_BY_IP insert {ip}"))?;
+        }
+        match p.src6() {
+            Some(a) => self
+                .pod_src6
+                .insert(p.cookie, a, 0)
+                .context("POD_SRC6 insert")?,
+            None => {
+                let _ = self.pod_src6.remove(&p.cookie);
+            }
         }
         self.add_pod_stats(p.cookie).context("POD_STATS insert")?;
         self.pods
@@ -236,10 +270,14 @@ impl Maps {
                 warn!(cookie = old.cookie, "{e:#}");
             }
             let _ = self.pod_stats.remove(&old.cookie);
+            let _ = self.pod_src6.remove(&old.cookie);
         }
         for ip in &old.ips {
             if new_cookie != Some(old.cookie) || !new_ips.contains(ip) {
-                let _ = self.pod_by_ip.remove(&ip.to_bits());
+                let _ = match ip {
+                    IpAddr::V4(a) => self.pod_by_ip.remove(&a.to_bits()),
+                    IpAddr::V6(a) => self.pod_by_ip6.remove(&V6::from_std(*a)),
+                };
             }
         }
         let keep_ports: BTreeSet<PortKey> = new
@@ -256,6 +294,14 @@ impl Maps {
         for (len, data) in &old.entries.cidrs {
             if !keep_cidrs.contains(&(*len, *data)) {
                 let _ = self.cidrs.remove(&Key::new(*len, *data));
+            }
+        }
+        let keep_cidrs6: BTreeSet<(u32, Cidr6KeyData)> = new
+            .map(|n| n.cidrs6.iter().copied().collect())
+            .unwrap_or_default();
+        for (len, data) in &old.entries.cidrs6 {
+            if !keep_cidrs6.contains(&(*len, *data)) {
+                let _ = self.cidrs6.remove(&Key::new(*len, *data));
             }
         }
     }
@@ -276,8 +322,16 @@ impl Maps {
             .clone()
             .flat_map(|a| a.entries.cidrs.iter().copied())
             .collect();
-        let ips: BTreeSet<(u32, u64)> = kept
-            .flat_map(|a| a.ips.iter().map(|ip| (ip.to_bits(), a.cookie)))
+        let cidrs6: BTreeSet<(u32, Cidr6KeyData)> = kept
+            .clone()
+            .flat_map(|a| a.entries.cidrs6.iter().copied())
+            .collect();
+        let src6: BTreeSet<(u64, V6)> = kept
+            .clone()
+            .filter_map(|a| Some((a.cookie, a.src6()?)))
+            .collect();
+        let ips: BTreeSet<(IpAddr, u64)> = kept
+            .flat_map(|a| a.ips.iter().map(|ip| (*ip, a.cookie)))
             .collect();
         let mut removed = 0usize;
         for c in self.pods.keys().flatten().collect::<Vec<_>>() {
@@ -300,10 +354,30 @@ impl Maps {
                 removed += 1;
             }
         }
+        for k in self.cidrs6.keys().flatten().collect::<Vec<_>>() {
+            if !cidrs6.contains(&(k.prefix_len(), k.data())) {
+                let _ = self.cidrs6.remove(&k);
+                removed += 1;
+            }
+        }
         let by_ip: Vec<(u32, u64)> = self.pod_by_ip.iter().flatten().collect();
         for (ip, c) in by_ip {
-            if !ips.contains(&(ip, c)) {
+            if !ips.contains(&(IpAddr::V4(std::net::Ipv4Addr::from_bits(ip)), c)) {
                 let _ = self.pod_by_ip.remove(&ip);
+                removed += 1;
+            }
+        }
+        let by_ip6: Vec<(V6, u64)> = self.pod_by_ip6.iter().flatten().collect();
+        for (ip, c) in by_ip6 {
+            if !ips.contains(&(IpAddr::V6(ip.to_std()), c)) {
+                let _ = self.pod_by_ip6.remove(&ip);
+                removed += 1;
+            }
+        }
+        let by_src6: Vec<(u64, V6)> = self.pod_src6.iter().flatten().collect();
+        for (c, a) in by_src6 {
+            if !src6.contains(&(c, a)) {
+                let _ = self.pod_src6.remove(&c);
                 removed += 1;
             }
         }

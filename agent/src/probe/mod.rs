@@ -142,7 +142,14 @@ const H_PROBE_READ_KERNEL: u32 = 113;
 fn hook_ids(hook: Hook) -> (u32, Option<u32>) {
     let at = crate::bpf::load::attach_type(hook) as u32;
     match hook {
-        Hook::Connect4 | Hook::GetPeerName4 => (PT_SOCK_ADDR, Some(at)),
+        Hook::Connect4
+        | Hook::Connect6
+        | Hook::SendMsg4
+        | Hook::SendMsg6
+        | Hook::RecvMsg4
+        | Hook::RecvMsg6
+        | Hook::GetPeerName4
+        | Hook::GetPeerName6 => (PT_SOCK_ADDR, Some(at)),
         Hook::GetSockopt => (PT_SOCKOPT, Some(at)),
         Hook::SockOps => (PT_SOCK_OPS, None),
         Hook::SkLookup => (PT_SK_LOOKUP, Some(at)),

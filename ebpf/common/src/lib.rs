@@ -161,13 +161,26 @@ impl V6 {
     /// `::ffff:a.b.c.d` for an IPv4 address in host order.
     #[inline(always)]
     pub const fn mapped(v4: u32) -> V6 {
-        V6([0, 0, V6::MAPPED_PREFIX, u32::from_ne_bytes(v4.to_be_bytes())])
+        V6([
+            0,
+            0,
+            V6::MAPPED_PREFIX,
+            u32::from_ne_bytes(v4.to_be_bytes()),
+        ])
     }
 
     /// True for `::` (an unbound socket's address).
     #[inline(always)]
     pub const fn is_unspecified(self) -> bool {
         (self.0[0] | self.0[1] | self.0[2] | self.0[3]) == 0
+    }
+
+    pub const fn to_std(self) -> core::net::Ipv6Addr {
+        core::net::Ipv6Addr::from_octets(self.octets())
+    }
+
+    pub const fn from_std(a: core::net::Ipv6Addr) -> V6 {
+        V6::from_octets(a.octets())
     }
 }
 

@@ -8,8 +8,8 @@
 use core::mem::size_of;
 
 use crate::{
-    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst, OrigDst6, PodConfig,
-    PodCounters, PortKey, V6,
+    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst, OrigDst6,
+    PodConfig, PodCounters, PortKey, V6,
 };
 
 /// The kind of a map, as the kernel knows it.

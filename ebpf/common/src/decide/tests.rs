@@ -28,7 +28,10 @@ struct Lists {
 }
 
 fn in_prefix6(a: V6, net: V6, len: u8) -> bool {
-    let (a, n) = (u128::from_be_bytes(a.octets()), u128::from_be_bytes(net.octets()));
+    let (a, n) = (
+        u128::from_be_bytes(a.octets()),
+        u128::from_be_bytes(net.octets()),
+    );
     len == 0 || (len >= 128 && a == n) || (len < 128 && (a ^ n) >> (128 - len as u32) == 0)
 }
 
@@ -209,8 +212,14 @@ fn udp_is_redirected_only_for_dns_capture() {
         ..conn(uid, uid, 0, dst, port)
     };
     let l = default_lists();
-    assert_eq!(decide_connect(&cfg, &l, &udp(APP, REMOTE, 9080)), P(Pass::NotTcp));
-    assert_eq!(decide_connect(&cfg, &l, &udp(APP, REMOTE, 53)), P(Pass::NotTcp));
+    assert_eq!(
+        decide_connect(&cfg, &l, &udp(APP, REMOTE, 9080)),
+        P(Pass::NotTcp)
+    );
+    assert_eq!(
+        decide_connect(&cfg, &l, &udp(APP, REMOTE, 53)),
+        P(Pass::NotTcp)
+    );
     cfg.flags |= flags::DNS_CAPTURE;
     // -p udp --dport 53 -j REDIRECT --to-port 15053, for any server, local
     // ones (127.0.0.53) included.
@@ -218,8 +227,14 @@ fn udp_is_redirected_only_for_dns_capture() {
     assert_eq!(decide_connect(&cfg, &l, &udp(APP, 0x7f00_0035, 53)), R(Dns));
     assert_eq!(decide_connect(&cfg, &l, &udp(APP, POD, 53)), R(Dns));
     // Other UDP ports stay untouched; the proxy's own queries too.
-    assert_eq!(decide_connect(&cfg, &l, &udp(APP, REMOTE, 5353)), P(Pass::NotTcp));
-    assert_eq!(decide_connect(&cfg, &l, &udp(PROXY, REMOTE, 53)), P(Pass::ProxyUid));
+    assert_eq!(
+        decide_connect(&cfg, &l, &udp(APP, REMOTE, 5353)),
+        P(Pass::NotTcp)
+    );
+    assert_eq!(
+        decide_connect(&cfg, &l, &udp(PROXY, REMOTE, 53)),
+        P(Pass::ProxyUid)
+    );
     // The gid too (-m owner --gid-owner P -j RETURN names no protocol).
     let mut g = udp(APP, REMOTE, 53);
     g.gid = PROXY;
@@ -227,7 +242,10 @@ fn udp_is_redirected_only_for_dns_capture() {
     // 127.0.0.6 as source: -o lo -s 127.0.0.6/32 -j RETURN.
     let mut s6 = udp(APP, POD, 53);
     s6.bound_addr = ip::INBOUND_PASSTHROUGH_SRC;
-    assert_eq!(decide_connect(&cfg, &l, &s6), P(Pass::InboundPassthroughSource));
+    assert_eq!(
+        decide_connect(&cfg, &l, &s6),
+        P(Pass::InboundPassthroughSource)
+    );
     // excludeOutboundPorts naming 53 gets its -p udp twin.
     let ex = Lists {
         out_excl_ports: std::vec![53],
@@ -325,7 +343,10 @@ fn ipv6_inbound_from_inside_the_pod_is_not_captured() {
         src_addr: src,
         dst_port: 9080,
     };
-    assert_eq!(decide_inbound(&cfg, &l, &a(REMOTE6)), InboundVerdict::Capture);
+    assert_eq!(
+        decide_inbound(&cfg, &l, &a(REMOTE6)),
+        InboundVerdict::Capture
+    );
     assert_eq!(
         decide_inbound(&cfg, &l, &a(POD6)),
         InboundVerdict::Pass(InboundPass::FromInsidePod)
@@ -608,7 +629,9 @@ fn twin(a: u32) -> V6 {
         0 => V6::UNSPECIFIED,
         a => {
             let b = a.to_be_bytes();
-            V6::from_octets([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b[0], b[1], b[2], b[3]])
+            V6::from_octets([
+                0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b[0], b[1], b[2], b[3],
+            ])
         }
     }
 }
@@ -631,7 +654,10 @@ mod families {
 
     fn lists() -> impl Strategy<Value = (Lists, u32)> {
         (
-            prop::collection::vec(prop_oneof![Just(53u16), Just(80), Just(15020), Just(9080)], 0..3),
+            prop::collection::vec(
+                prop_oneof![Just(53u16), Just(80), Just(15020), Just(9080)],
+                0..3,
+            ),
             prop::collection::vec(prop_oneof![Just(80u16), Just(9080)], 0..2),
             prop::collection::vec((addr(), 8u8..=32), 0..2),
             prop::collection::vec((addr(), 8u8..=32), 0..2),
