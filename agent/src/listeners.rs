@@ -5,7 +5,7 @@
 //! proxy process with pidfd_getfd(2) (CAP_SYS_PTRACE) and put into the
 //! sockhash, which keeps its own reference.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -41,17 +41,17 @@ pub fn register_existing(
         return Ok(Vec::new());
     };
     // Listening sockets of that namespace on the wanted ports, by inode.
-    let mut wanted: BTreeMap<u64, u16> = BTreeMap::new();
+    let mut wanted: BTreeMap<u64, Listener> = BTreeMap::new();
     for file in ["tcp", "tcp6"] {
         let text = fs::read_to_string(format!("/proc/{first}/net/{file}")).unwrap_or_default();
-        for (inode, port) in listening(&text, file == "tcp6") {
-            if ports.contains(&port) {
-                wanted.insert(inode, port);
+        for (inode, l) in listening(&text, file == "tcp6") {
+            if ports.contains(&l.port) {
+                wanted.insert(inode, l);
             }
         }
     }
-    let mut done = Vec::new();
-    'pids: for pid in &pids {
+    let mut found: Vec<(Listener, u32, i32)> = Vec::new();
+    for pid in &pids {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
@@ -67,36 +67,60 @@ pub fn register_existing(
             else {
                 continue;
             };
-            let Some(&port) = wanted.get(&inode) else {
+            let Some(&l) = wanted.get(&inode) else {
                 continue;
             };
-            if done.contains(&port) {
-                continue;
-            }
-            let Some(fd) = e.file_name().to_str().and_then(|f| f.parse::<i32>().ok()) else {
-                continue;
-            };
-            let sock = borrow_fd(*pid, fd)
-                .with_context(|| format!("borrowing listener fd {fd} of pid {pid}"))?;
-            maps.register_listener(ListenerKey::new(cookie, port), sock.as_raw_fd())
-                .with_context(|| format!("registering listener on port {port} of pid {pid}"))?;
-            done.push(port);
-            if done.len()
-                == wanted
-                    .values()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len()
-            {
-                break 'pids;
+            if let Some(fd) = e.file_name().to_str().and_then(|f| f.parse::<i32>().ok()) {
+                found.push((l, *pid, fd));
             }
         }
     }
-    Ok(done)
+    // AF_INET listeners first: they take the IPv4 lookups of their port, as
+    // sockops gives them; a dual-stack `[::]` listener takes those only when
+    // no AF_INET one has the port.
+    found.sort_by_key(|(l, _, _)| (l.v6, l.port));
+    let mut done: BTreeSet<ListenerKey> = BTreeSet::new();
+    for (l, pid, fd) in found {
+        let mut keys = Vec::new();
+        if !l.v6 || l.any {
+            keys.push(ListenerKey::serving(cookie, l.port, ListenerKey::IPV4));
+        }
+        if l.v6 {
+            keys.push(ListenerKey::serving(cookie, l.port, ListenerKey::IPV6));
+        }
+        keys.retain(|k| !done.contains(k));
+        if keys.is_empty() {
+            continue;
+        }
+        let sock = borrow_fd(pid, fd)
+            .with_context(|| format!("borrowing listener fd {fd} of pid {pid}"))?;
+        for key in keys {
+            // A v6only `[::]` listener cannot take IPv4 lookups.
+            if l.v6 && key.serves == ListenerKey::IPV4 && v6only(&sock) {
+                continue;
+            }
+            maps.register_listener(key, sock.as_raw_fd())
+                .with_context(|| format!("registering listener on port {} of pid {pid}", l.port))?;
+            done.insert(key);
+        }
+    }
+    let ports: BTreeSet<u16> = done.iter().map(|k| k.port as u16).collect();
+    Ok(ports.into_iter().collect())
 }
 
-/// (inode, port) of the listening sockets in a /proc/net/tcp{,6} table that
-/// listen on the any-address or a non-loopback address.
-fn listening(table: &str, v6: bool) -> Vec<(u64, u16)> {
+/// A listening socket of /proc/net/tcp{,6}.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Listener {
+    port: u16,
+    /// From the tcp6 table (an AF_INET6 socket).
+    v6: bool,
+    /// On the any-address.
+    any: bool,
+}
+
+/// (inode, listener) of the listening sockets in a /proc/net/tcp{,6} table
+/// that listen on the any-address or an address that is not loopback.
+fn listening(table: &str, v6: bool) -> Vec<(u64, Listener)> {
     table
         .lines()
         .skip(1)
@@ -108,17 +132,36 @@ fn listening(table: &str, v6: bool) -> Vec<(u64, u16)> {
             }
             let (addr, port) = local.split_once(':')?;
             let port = u16::from_str_radix(port, 16).ok()?;
+            let any = addr.chars().all(|c| c == '0');
             let usable = if v6 {
-                addr.chars().all(|c| c == '0')
+                // ::1 is printed as three zero words and 01000000.
+                any || addr != "00000000000000000000000001000000"
             } else {
                 // The kernel prints the in-memory (network order) address as
                 // a native u32: its native bytes are the address bytes.
                 let a = u32::from_str_radix(addr, 16).ok()?;
                 a.to_ne_bytes()[0] != 127
             };
-            usable.then_some((inode.parse().ok()?, port))
+            usable.then_some((inode.parse().ok()?, Listener { port, v6, any }))
         })
         .collect()
+}
+
+/// True when the AF_INET6 socket takes IPv6 only (IPV6_V6ONLY).
+fn v6only(sock: &OwnedFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local int.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            std::ptr::from_mut(&mut v).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && v != 0
 }
 
 fn borrow_fd(pid: u32, fd: i32) -> Result<OwnedFd> {
@@ -149,6 +192,16 @@ mod tests {
    1: 0100007F:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 4343 1 0000000000000000 100 0 0 10 0\n\
    2: 0501F40A:1F90 0701F40A:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 4444 1 0000000000000000 100 0 0 10 0\n";
         // 0x3A9E = 15006 on any: yes; 127.0.0.1:15000: no; established: no.
-        assert_eq!(listening(t, false), vec![(4242, 15006)]);
+        assert_eq!(
+            listening(t, false),
+            vec![(
+                4242,
+                Listener {
+                    port: 15006,
+                    v6: false,
+                    any: true
+                }
+            )]
+        );
     }
 }

@@ -175,8 +175,8 @@ impl V6 {
         (self.0[0] | self.0[1] | self.0[2] | self.0[3]) == 0
     }
 
-    pub const fn to_std(self) -> core::net::Ipv6Addr {
-        core::net::Ipv6Addr::from_octets(self.octets())
+    pub fn to_std(self) -> core::net::Ipv6Addr {
+        core::net::Ipv6Addr::from(self.octets())
     }
 
     pub const fn from_std(a: core::net::Ipv6Addr) -> V6 {

@@ -1,15 +1,26 @@
-//! What happens at connect(): the one place a pod's outbound TCP connection is
-//! sent to its sidecar.
+//! What happens at connect() and at an unconnected UDP sendmsg(): the one
+//! place a pod's outbound connection (or DNS query) is sent to its sidecar.
 //!
 //! For a socket in a meshed pod (its network namespace is in `PODS`) the
-//! decision is `meshlane_common::decide::decide_connect`, the same function
-//! the host tests exercise. A redirected connect goes to 127.0.0.1 on the
-//! capture port; the original destination is kept in the socket's storage
-//! (sockops hands it to the proxy's side) and, as iptables' REDIRECT does,
-//! the connection keeps the source address the kernel would have chosen for
-//! the original destination, so the proxy sees the pod's IP, not 127.0.0.1.
+//! decision is `meshlane_common::decide`, the same function the host tests
+//! exercise, for both families:
+//! - AF_INET sockets: `decide_connect` on the IPv4 destination;
+//! - AF_INET6 sockets to an IPv4-mapped address (`::ffff:a.b.c.d`): exactly
+//!   the IPv4 decision (the packets are IPv4, Istio's iptables catch them),
+//!   redirected to `::ffff:127.0.0.1`;
+//! - AF_INET6 sockets to a native IPv6 address, in pods with an IPv6
+//!   address: Istio's ip6tables decision, redirected to `::1`.
+//!
+//! TCP goes to the capture ports; UDP only when the pod asks for DNS capture
+//! and the port is 53, to the DNS proxy (connected sockets here at connect,
+//! unconnected ones at each sendmsg). The original destination is kept in
+//! the socket's storage: sockops hands a TCP one to the proxy's side,
+//! getpeername and recvmsg give it back to the app. As iptables' REDIRECT
+//! does, a redirected TCP connection keeps the source address the kernel
+//! would have chosen for the original destination, so the proxy sees the
+//! pod's IP, not loopback.
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, sockaddr},
+    bindings::{bpf_sock, bpf_sock_addr, sockaddr},
     helpers::generated::{
         bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_map_lookup_elem,
         bpf_sk_release,
@@ -19,19 +30,20 @@ use aya_ebpf::{
     EbpfContext,
 };
 use meshlane_common::{
-    decide::{decide_connect, source_for, Capture, Connect, Pass, Verdict},
-    flags, ip, pod_stat, role, setting, stat, ListenerKey, OrigDst,
+    decide::{decide_connect, source_for, source_for6, Capture, Connect, Pass, Verdict},
+    flags, ip, pod_stat, ports, role, setting, stat, ListenerKey, OrigDst, OrigDst6, PodConfig, V6,
 };
 
 use crate::{
-    ctx::AF_INET,
+    ctx::{field, set_field, AF_INET, AF_INET6},
     maps::{
-        count, mark_proxy_leg, orig_dst_slot, pod_count, setting_on, MapLists, LISTENERS, PODS,
-        POD_BY_IP,
+        count, mark_proxy_leg, orig_dst6_slot, orig_dst_slot, pod_count, setting_on, MapLists,
+        LISTENERS, PODS, POD_BY_IP,
     },
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 
 /// `struct sockaddr_in`, for bpf_bind().
 #[repr(C)]
@@ -42,113 +54,342 @@ struct SockaddrIn {
     zero: [u8; 8],
 }
 
+/// `struct sockaddr_in6`, for bpf_bind().
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port_be: u16,
+    flowinfo: u32,
+    addr: V6,
+    scope_id: u32,
+}
+
+/// Which hook runs: a connect() may bind the socket (bpf_bind is allowed
+/// there only); a sendmsg() rewrites one datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum At {
+    Connect,
+    SendMsg,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer comes from the kernel and is valid for the
     // duration of the program.
-    unsafe { redirect(&ctx) };
+    unsafe { redirect4(&ctx, At::Connect) };
     // Never refuse a connect: meshlane only ever changes where it goes.
     1
 }
 
+#[cgroup_sock_addr(sendmsg4)]
+pub fn redirect_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    unsafe { redirect4(&ctx, At::SendMsg) };
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    unsafe { redirect6(&ctx, At::Connect) };
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as above.
+    unsafe { redirect6(&ctx, At::SendMsg) };
+    1
+}
+
+/// The socket's pod, when it is meshed, and what the hook sees of it.
+struct Meshed {
+    netns_cookie: u64,
+    cfg: PodConfig,
+    sk: *mut bpf_sock,
+    tcp: bool,
+    uid: u32,
+    gid: u32,
+}
+
+/// The meshed pod of the socket in `ctx`, or None: not meshed, not TCP or
+/// UDP, or UDP in a pod without DNS capture (the fast way out for every
+/// datagram of the node).
 #[inline(always)]
-unsafe fn redirect(ctx: &SockAddrContext) {
-    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return;
+unsafe fn meshed(ctx: &SockAddrContext, at: At) -> Option<Meshed> {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    let ty = field!(sa, type_);
+    let tcp = ty == SOCK_STREAM;
+    if !tcp && ty != SOCK_DGRAM {
+        return None;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only use of a map value the agent may replace at any time;
-    // we copy it before use.
-    let Some(cfg) = (unsafe { PODS.get(netns_cookie) }) else {
+    // SAFETY: read-only use of a map value the agent may replace at any
+    // time; copied before use.
+    let cfg = *(unsafe { PODS.get(netns_cookie) })?;
+    if !tcp && !cfg.has(flags::DNS_CAPTURE) {
+        return None;
+    }
+    if at == At::Connect {
+        count(stat::CONNECT_MESHED);
+    }
+    let sk = field!(sa, __bindgen_anon_1.sk);
+    if sk.is_null() {
+        return None;
+    }
+    let uid_gid = unsafe { bpf_get_current_uid_gid() };
+    Some(Meshed {
+        netns_cookie,
+        cfg,
+        sk,
+        tcp,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+    })
+}
+
+#[inline(always)]
+unsafe fn redirect4(ctx: &SockAddrContext, at: At) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let Some(m) = (unsafe { meshed(ctx, at) }) else {
         return;
     };
-    let cfg = *cfg;
-    count(stat::CONNECT_MESHED);
-
-    let uid_gid = unsafe { bpf_get_current_uid_gid() };
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if sk.is_null() {
+    let port_be = field!(sa, user_port) as u16;
+    if !m.tcp && u16::from_be(port_be) != ports::DNS {
         return;
     }
-    let (bound_be, bound_port) = unsafe { ((*sk).src_ip4, (*sk).src_port) };
-    let mut dst = u32::from_be(sa.user_ip4);
+    let mut dst = u32::from_be(field!(sa, user_ip4));
     // connect() to 0.0.0.0 is routed to loopback: the rules see 127.0.0.1.
     if dst == 0 {
         dst = ip::LOCALHOST;
     }
-    let orig_port_be = sa.user_port as u16;
-    let facts = Connect {
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
-        bound_addr: u32::from_be(bound_be),
-        dst_addr: dst,
-        dst_port: u16::from_be(orig_port_be),
-        tcp: true,
+    let (bound_be, bound_port) = (field!(m.sk, src_ip4), field!(m.sk, src_port));
+    let unbound = bound_be == 0 && bound_port == 0;
+    unsafe {
+        redirect_ipv4_dst(
+            ctx,
+            &m,
+            at,
+            u32::from_be(bound_be),
+            unbound,
+            dst,
+            port_be,
+            false,
+        )
     };
-    let verdict = decide_connect(&cfg, &MapLists { netns_cookie }, &facts);
-    let Some(capture_port) = verdict.port(&cfg) else {
+}
+
+#[inline(always)]
+unsafe fn redirect6(ctx: &SockAddrContext, at: At) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let Some(m) = (unsafe { meshed(ctx, at) }) else {
+        return;
+    };
+    let port_be = field!(sa, user_port) as u16;
+    if !m.tcp && u16::from_be(port_be) != ports::DNS {
+        return;
+    }
+    let dst = V6([
+        field!(sa, user_ip6[0]),
+        field!(sa, user_ip6[1]),
+        field!(sa, user_ip6[2]),
+        field!(sa, user_ip6[3]),
+    ]);
+    let bound = V6([
+        field!(m.sk, src_ip6[0]),
+        field!(m.sk, src_ip6[1]),
+        field!(m.sk, src_ip6[2]),
+        field!(m.sk, src_ip6[3]),
+    ]);
+    let unbound = bound.is_unspecified() && field!(m.sk, src_port) == 0;
+    match dst.mapped_v4() {
+        // An IPv4-mapped destination: its packets are IPv4, and so is the
+        // decision (a mapped 0.0.0.0 is routed to loopback too).
+        Some(v4) => {
+            let v4 = if v4 == 0 { ip::LOCALHOST } else { v4 };
+            let bound4 = bound.mapped_v4().unwrap_or(0);
+            unsafe { redirect_ipv4_dst(ctx, &m, at, bound4, unbound, v4, port_be, true) };
+        }
+        // Native IPv6 only in pods with an IPv6 address, as Istio writes
+        // ip6tables rules for those only.
+        None if m.cfg.has(flags::IPV6) => unsafe {
+            redirect_ipv6_dst(ctx, &m, at, bound, unbound, dst, port_be)
+        },
+        None => {}
+    }
+}
+
+/// An IPv4 destination, from an AF_INET socket or an IPv4-mapped one of an
+/// AF_INET6 socket (`mapped`: the address is written back mapped).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn redirect_ipv4_dst(
+    ctx: &SockAddrContext,
+    m: &Meshed,
+    at: At,
+    bound: u32,
+    unbound: bool,
+    dst: u32,
+    port_be: u16,
+    mapped: bool,
+) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let lists = MapLists {
+        netns_cookie: m.netns_cookie,
+    };
+    let facts = Connect {
+        uid: m.uid,
+        gid: m.gid,
+        bound_addr: bound,
+        dst_addr: dst,
+        dst_port: u16::from_be(port_be),
+        tcp: m.tcp,
+    };
+    let verdict = decide_connect(&m.cfg, &lists, &facts);
+    let Some(capture_port) = verdict.port(&m.cfg) else {
         // The proxy dialling a pod of this node: a leg the shortcut may take.
-        if verdict == Verdict::Pass(Pass::ProxyUid)
+        if m.tcp
+            && !mapped
+            && verdict == Verdict::Pass(Pass::ProxyUid)
             && setting_on(setting::SHORTCUT)
-            && !cfg.has(flags::NO_SHORTCUT)
+            && !m.cfg.has(flags::NO_SHORTCUT)
             && unsafe { POD_BY_IP.get(dst) }.is_some()
+            && !mark_proxy_leg(m.sk.cast())
         {
-            if !mark_proxy_leg(sk.cast()) {
-                count(stat::UPDATE_FAILED);
-            }
+            count(stat::UPDATE_FAILED);
         }
         return;
     };
-    // A pod that opted into `meshlane.io/bypass-until-ready` is not sent to a
-    // proxy that does not listen yet (iptables would: connection refused).
-    if cfg.has(flags::BYPASS_UNTIL_READY) && !listening(netns_cookie, capture_port) {
-        count(stat::NOT_READY_BYPASSED);
-        pod_count(netns_cookie, pod_stat::NOT_READY_BYPASSED);
+    if !ready(m, capture_port, ListenerKey::IPV4) {
         return;
     }
-
     // Remember where the app wanted to go. Without it the proxy cannot
     // forward; we still redirect (a capture that fails is better than a
     // silent bypass of the mesh) and count the failure.
-    let storage = orig_dst_slot(sk.cast(), None);
+    let storage = orig_dst_slot(m.sk.cast(), None);
     if storage.is_null() {
         count(stat::RECORD_FAILED);
     } else {
         unsafe {
             *storage = OrigDst {
                 addr_be: dst.to_be(),
-                port_be: orig_port_be,
+                port_be,
                 role: role::REDIRECTED_CLIENT,
             };
         }
     }
-
-    if bound_be == 0 && bound_port == 0 {
-        if let Some(src) = source_for(&cfg, dst) {
-            let mut addr = SockaddrIn {
-                family: AF_INET as u16,
-                port_be: 0,
-                addr_be: src.to_be(),
-                zero: [0; 8],
-            };
-            let rc = unsafe {
-                bpf_bind(
-                    ctx.sock_addr,
-                    core::ptr::from_mut(&mut addr).cast::<sockaddr>(),
-                    core::mem::size_of::<SockaddrIn>() as i32,
-                )
+    if m.tcp && at == At::Connect && unbound {
+        if let Some(src) = source_for(&m.cfg, &lists, dst) {
+            let rc = if mapped {
+                unsafe { bind6(ctx, V6::mapped(src)) }
+            } else {
+                let mut addr = SockaddrIn {
+                    family: AF_INET as u16,
+                    port_be: 0,
+                    addr_be: src.to_be(),
+                    zero: [0; 8],
+                };
+                unsafe {
+                    bpf_bind(
+                        ctx.sock_addr,
+                        core::ptr::from_mut(&mut addr).cast::<sockaddr>(),
+                        core::mem::size_of::<SockaddrIn>() as i32,
+                    )
+                }
             };
             if rc != 0 {
                 count(stat::BIND_FAILED);
             }
         }
     }
-
-    unsafe {
-        core::ptr::write_volatile(&raw mut sa.user_ip4, ip::LOCALHOST.to_be());
-        core::ptr::write_volatile(&raw mut sa.user_port, u32::from(capture_port.to_be()));
+    if mapped {
+        set_ip6(sa, V6::mapped(ip::LOCALHOST));
+    } else {
+        set_field!(sa, user_ip4, ip::LOCALHOST.to_be());
     }
+    set_field!(sa, user_port, u32::from(capture_port.to_be()));
+    counted(m.netns_cookie, verdict);
+}
+
+/// A native IPv6 destination of an AF_INET6 socket.
+#[inline(always)]
+unsafe fn redirect_ipv6_dst(
+    ctx: &SockAddrContext,
+    m: &Meshed,
+    at: At,
+    bound: V6,
+    unbound: bool,
+    dst: V6,
+    port_be: u16,
+) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let lists = MapLists {
+        netns_cookie: m.netns_cookie,
+    };
+    // connect() to :: is routed to loopback: the rules see ::1.
+    let dst = if dst.is_unspecified() {
+        V6::LOCALHOST
+    } else {
+        dst
+    };
+    let facts = Connect {
+        uid: m.uid,
+        gid: m.gid,
+        bound_addr: bound,
+        dst_addr: dst,
+        dst_port: u16::from_be(port_be),
+        tcp: m.tcp,
+    };
+    let verdict = decide_connect(&m.cfg, &lists, &facts);
+    // The shortcut carries IPv4 legs only: no proxy leg to mark here.
+    let Some(capture_port) = verdict.port(&m.cfg) else {
+        return;
+    };
+    if !ready(m, capture_port, ListenerKey::IPV6) {
+        return;
+    }
+    let storage = orig_dst6_slot(m.sk.cast(), None);
+    if storage.is_null() {
+        count(stat::RECORD_FAILED);
+    } else {
+        unsafe {
+            *storage = OrigDst6 {
+                addr: dst,
+                port_be,
+                role: role::REDIRECTED_CLIENT,
+            };
+        }
+    }
+    if m.tcp && at == At::Connect && unbound {
+        if let Some(src) = source_for6(&m.cfg, &lists, dst) {
+            if unsafe { bind6(ctx, src) } != 0 {
+                count(stat::BIND_FAILED);
+            }
+        }
+    }
+    set_ip6(sa, V6::LOCALHOST);
+    set_field!(sa, user_port, u32::from(capture_port.to_be()));
+    counted(m.netns_cookie, verdict);
+}
+
+/// A pod that opted into `meshlane.io/bypass-until-ready` is not sent to a
+/// TCP listener that is not there yet (iptables would: connection refused).
+/// UDP has no listener to look for: always captured.
+#[inline(always)]
+fn ready(m: &Meshed, capture_port: u16, serves: u32) -> bool {
+    if !m.tcp
+        || !m.cfg.has(flags::BYPASS_UNTIL_READY)
+        || listening(m.netns_cookie, capture_port, serves)
+    {
+        return true;
+    }
+    count(stat::NOT_READY_BYPASSED);
+    pod_count(m.netns_cookie, pod_stat::NOT_READY_BYPASSED);
+    false
+}
+
+#[inline(always)]
+fn counted(netns_cookie: u64, verdict: Verdict) {
     let (global, per_pod) = match verdict {
         Verdict::Redirect(Capture::Inbound) => (stat::REDIRECT_INBOUND, pod_stat::REDIRECT_INBOUND),
         Verdict::Redirect(Capture::Dns) => (stat::REDIRECT_DNS, pod_stat::REDIRECT_DNS),
@@ -158,10 +399,38 @@ unsafe fn redirect(ctx: &SockAddrContext) {
     pod_count(netns_cookie, per_pod);
 }
 
-/// True when the pod's proxy listens on `port` (its listener is registered).
+/// Writes the context's IPv6 destination, one 4-byte store per word.
 #[inline(always)]
-fn listening(netns_cookie: u64, port: u16) -> bool {
-    let key = ListenerKey::new(netns_cookie, port);
+fn set_ip6(sa: *mut bpf_sock_addr, a: V6) {
+    set_field!(sa, user_ip6[0], a.0[0]);
+    set_field!(sa, user_ip6[1], a.0[1]);
+    set_field!(sa, user_ip6[2], a.0[2]);
+    set_field!(sa, user_ip6[3], a.0[3]);
+}
+
+/// Binds the AF_INET6 socket of `ctx` to `src` (port chosen by the kernel).
+#[inline(always)]
+unsafe fn bind6(ctx: &SockAddrContext, src: V6) -> i64 {
+    let mut addr = SockaddrIn6 {
+        family: AF_INET6 as u16,
+        port_be: 0,
+        flowinfo: 0,
+        addr: src,
+        scope_id: 0,
+    };
+    unsafe {
+        bpf_bind(
+            ctx.sock_addr,
+            core::ptr::from_mut(&mut addr).cast::<sockaddr>(),
+            core::mem::size_of::<SockaddrIn6>() as i32,
+        )
+    }
+}
+
+/// True when the pod's proxy listens on `port` for lookups of `serves`.
+#[inline(always)]
+fn listening(netns_cookie: u64, port: u16, serves: u32) -> bool {
+    let key = ListenerKey::serving(netns_cookie, port, serves);
     // SAFETY: a sockhash lookup returns a referenced socket, released here.
     unsafe {
         let sk = bpf_map_lookup_elem(

@@ -17,11 +17,10 @@ macro_rules! field {
 
 /// Writes one field of a context pointer with a single store.
 macro_rules! set_field {
-    ($ctx:expr, $f:ident, $v:expr) => {
-        unsafe { core::ptr::write_volatile(&raw mut (*$ctx).$f, $v) }
+    ($ctx:expr, $f:ident $([$i:expr])?, $v:expr) => {
+        unsafe { core::ptr::write_volatile(&raw mut (*$ctx).$f $([$i])?, $v) }
     };
 }
 
 pub(crate) use field;
-#[allow(unused_imports)]
 pub(crate) use set_field;

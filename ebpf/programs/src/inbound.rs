@@ -17,13 +17,13 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use meshlane_common::{
-    decide::{decide_inbound, Arrival, InboundVerdict},
-    flags, pod_stat, stat, ListenerKey,
+    decide::{decide_inbound, Addr, Arrival, InboundVerdict},
+    flags, pod_stat, stat, ListenerKey, V6,
 };
 
 use crate::{
-    ctx::{field, AF_INET, IPPROTO_TCP},
-    maps::{count, pod_count, MapLists, LISTENERS, PODS, POD_BY_IP},
+    ctx::{field, AF_INET, AF_INET6, IPPROTO_TCP},
+    maps::{count, pod_count, MapLists, LISTENERS, PODS, POD_BY_IP, POD_BY_IP6},
 };
 
 #[sk_lookup]
@@ -35,33 +35,67 @@ pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 unsafe fn lookup(ctx: &SkLookupContext) -> u32 {
     let l: *const bpf_sk_lookup = ctx.lookup;
-    if field!(l, family) != AF_INET {
-        return sk_action::SK_PASS;
+    let family = field!(l, family);
+    let tcp = field!(l, protocol) == IPPROTO_TCP;
+    let dst_port = field!(l, local_port) as u16;
+    if family == AF_INET {
+        let dst = u32::from_be(field!(l, local_ip4));
+        // SAFETY: copied out at once.
+        let Some(cookie) = (unsafe { POD_BY_IP.get(dst) }).copied() else {
+            return sk_action::SK_PASS;
+        };
+        let arrival = Arrival {
+            tcp,
+            src_addr: u32::from_be(field!(l, remote_ip4)),
+            dst_port,
+        };
+        capture(ctx, cookie, &arrival, ListenerKey::IPV4)
+    } else if family == AF_INET6 {
+        let dst = V6([
+            field!(l, local_ip6[0]),
+            field!(l, local_ip6[1]),
+            field!(l, local_ip6[2]),
+            field!(l, local_ip6[3]),
+        ]);
+        // SAFETY: copied out at once.
+        let Some(cookie) = (unsafe { POD_BY_IP6.get(dst) }).copied() else {
+            return sk_action::SK_PASS;
+        };
+        let arrival = Arrival {
+            tcp,
+            src_addr: V6([
+                field!(l, remote_ip6[0]),
+                field!(l, remote_ip6[1]),
+                field!(l, remote_ip6[2]),
+                field!(l, remote_ip6[3]),
+            ]),
+            dst_port,
+        };
+        capture(ctx, cookie, &arrival, ListenerKey::IPV6)
+    } else {
+        sk_action::SK_PASS
     }
-    let dst = u32::from_be(field!(l, local_ip4));
+}
+
+/// Hands a connection to pod `cookie` that its rules capture to the proxy's
+/// inbound listener for the lookup's family.
+#[inline(always)]
+fn capture<A: Addr>(ctx: &SkLookupContext, cookie: u64, arrival: &Arrival<A>, serves: u32) -> u32 {
     // SAFETY: copied out at once.
-    let Some(cookie) = (unsafe { POD_BY_IP.get(dst) }).copied() else {
-        return sk_action::SK_PASS;
-    };
     let Some(cfg) = (unsafe { PODS.get(cookie) }).copied() else {
         return sk_action::SK_PASS;
-    };
-    let arrival = Arrival {
-        tcp: field!(l, protocol) == IPPROTO_TCP,
-        src_addr: u32::from_be(field!(l, remote_ip4)),
-        dst_port: field!(l, local_port) as u16,
     };
     if decide_inbound(
         &cfg,
         &MapLists {
             netns_cookie: cookie,
         },
-        &arrival,
+        arrival,
     ) != InboundVerdict::Capture
     {
         return sk_action::SK_PASS;
     }
-    let key = ListenerKey::new(cookie, cfg.inbound_capture_port);
+    let key = ListenerKey::serving(cookie, cfg.inbound_capture_port, serves);
     if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
         count(stat::INBOUND_CAPTURED);
         pod_count(cookie, pod_stat::INBOUND_CAPTURED);

@@ -1,9 +1,11 @@
 //! meshlane's kernel programs. One file per hook:
-//! - `connect.rs`: cgroup/connect4, where a connect() is sent to the sidecar;
+//! - `connect.rs`: cgroup/connect4, connect6, sendmsg4, sendmsg6: where a
+//!   connect() or a DNS datagram is sent to the sidecar;
 //! - `sockops.rs`: carries the original destination from the app's socket to
 //!   the proxy's accepted socket, and forgets it when sockets close;
-//! - `sockopt.rs`: cgroup/getsockopt, answers SO_ORIGINAL_DST;
-//! - `peername.rs`: cgroup/getpeername4, the app sees the address it dialled;
+//! - `sockopt.rs`: cgroup/getsockopt, answers SO_ORIGINAL_DST (IPv4, IPv6);
+//! - `peername.rs`: cgroup/getpeername4/6 and recvmsg4/6, the app sees the
+//!   address it dialled (and DNS replies from the server it asked);
 //! - `inbound.rs`: sk_lookup per pod namespace, inbound capture to 15006;
 //! - `shortcut.rs`: sk_msg on the shortcut sockhash, same-node sends go
 //!   straight into the peer socket.

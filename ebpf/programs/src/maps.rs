@@ -11,8 +11,9 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get};
 use meshlane_common::{
-    cidr_key_data, cidr_list, decide::PodLists, maps as def, port_list, CidrKeyData, ConnKey,
-    FlowKey, ListenerKey, OrigDst, PodConfig, PodCounters, PortKey, CIDR_KEY_FIXED_BITS,
+    cidr6_key_data, cidr_key_data, cidr_list, decide::PodLists, maps as def, port_list,
+    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst, OrigDst6,
+    PodConfig, PodCounters, PortKey, CIDR_KEY_FIXED_BITS, V6,
 };
 
 /// Fails the build when a static's key or value type does not have the
@@ -48,6 +49,11 @@ contract!(def::SOCK_ADDRS, ConnKey, u64);
 contract!(def::SHORTCUT_STATE, i32, u32);
 contract!(def::PROXY_LEG, i32, u32);
 contract!(def::SETTINGS, u32, u32);
+contract!(def::POD_BY_IP6, V6, u64);
+contract!(def::POD_SRC6, u64, V6);
+contract!(def::CIDRS6, Key<Cidr6KeyData>, u32);
+contract!(def::ORIG_DST6, i32, OrigDst6);
+contract!(def::IN_FLIGHT6, FlowKey6, OrigDst6);
 
 /// Meshed pods by network-namespace cookie. Written by the agent.
 #[btf_map]
@@ -90,6 +96,34 @@ pub static POD_STATS: PerCpuHashMap<u64, PodCounters, { def::POD_STATS.capacity 
 /// the destination address, not the namespace. Written by the agent.
 #[btf_map]
 pub static POD_BY_IP: HashMap<u32, u64, { def::POD_BY_IP.capacity as usize }> = HashMap::new();
+
+/// A pod's IPv6 addresses to its netns cookie. Written by the agent.
+#[btf_map]
+pub static POD_BY_IP6: HashMap<V6, u64, { def::POD_BY_IP6.capacity as usize }> = HashMap::new();
+
+/// A pod's IPv6 source address for destinations off the pod, by netns
+/// cookie (what the kernel would pick, so what REDIRECT keeps). Written by
+/// the agent.
+#[btf_map]
+pub static POD_SRC6: HashMap<u64, V6, { def::POD_SRC6.capacity as usize }> = HashMap::new();
+
+/// A pod's IPv6 CIDR lists, longest-prefix matched. Written by the agent.
+#[btf_map]
+pub static CIDRS6: LpmTrie<Cidr6KeyData, u32, { def::CIDRS6.capacity as usize }> =
+    LpmTrie::new();
+
+/// [`ORIG_DST`] of a native IPv6 connection or DNS query.
+#[btf_map]
+pub static ORIG_DST6: SkStorage<OrigDst6> = SkStorage::new();
+
+/// [`IN_FLIGHT`] of native IPv6 connections.
+#[btf_map]
+pub static IN_FLIGHT6: HashMap<
+    FlowKey6,
+    OrigDst6,
+    { def::IN_FLIGHT6.capacity as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// TCP listeners on the proxies' capture ports, registered by sockops at
 /// listen() (and by the agent for listeners older than the programs); the
@@ -201,6 +235,26 @@ pub fn orig_dst_slot(sk: *mut c_void, init: Option<&mut OrigDst>) -> *mut OrigDs
     unsafe { sk_storage(&ORIG_DST, sk, init, true) }
 }
 
+/// The IPv6 original destination recorded on socket `sk`, if any.
+#[inline(always)]
+pub fn orig_dst6_of(sk: *mut c_void) -> Option<OrigDst6> {
+    // SAFETY: read at once, never held.
+    let p = unsafe { sk_storage(&ORIG_DST6, sk, core::ptr::null_mut(), false) };
+    if p.is_null() {
+        None
+    } else {
+        Some(unsafe { *p })
+    }
+}
+
+/// Socket `sk`'s IPv6 original-destination slot, created (holding `init`,
+/// when given) if it has none; null when the kernel cannot allocate it.
+#[inline(always)]
+pub fn orig_dst6_slot(sk: *mut c_void, init: Option<&mut OrigDst6>) -> *mut OrigDst6 {
+    let init = init.map_or(core::ptr::null_mut(), core::ptr::from_mut);
+    unsafe { sk_storage(&ORIG_DST6, sk, init, true) }
+}
+
 /// Socket `sk`'s latched shortcut decision, created undecided; null when the
 /// kernel cannot allocate it.
 #[inline(always)]
@@ -242,6 +296,15 @@ impl MapLists {
         );
         CIDRS.get(&key).is_some()
     }
+
+    #[inline(always)]
+    fn cidr6_in(&self, list: u32, addr: V6) -> bool {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 128,
+            cidr6_key_data(list, self.netns_cookie, addr),
+        );
+        CIDRS6.get(&key).is_some()
+    }
 }
 
 impl PodLists for MapLists {
@@ -260,6 +323,29 @@ impl PodLists for MapLists {
     #[inline(always)]
     fn outbound_cidr_included(&self, addr: u32) -> bool {
         self.cidr_in(cidr_list::OUTBOUND_INCLUDE, addr)
+    }
+    #[inline(always)]
+    fn outbound_cidr_excluded6(&self, addr: V6) -> bool {
+        self.cidr6_in(cidr_list::OUTBOUND_EXCLUDE, addr)
+    }
+    #[inline(always)]
+    fn outbound_cidr_included6(&self, addr: V6) -> bool {
+        self.cidr6_in(cidr_list::OUTBOUND_INCLUDE, addr)
+    }
+    #[inline(always)]
+    fn is_pod_ip4(&self, addr: u32) -> bool {
+        // SAFETY: copied out at once.
+        unsafe { POD_BY_IP.get(addr) }.is_some_and(|c| *c == self.netns_cookie)
+    }
+    #[inline(always)]
+    fn is_pod_ip6(&self, addr: V6) -> bool {
+        // SAFETY: copied out at once.
+        unsafe { POD_BY_IP6.get(addr) }.is_some_and(|c| *c == self.netns_cookie)
+    }
+    #[inline(always)]
+    fn pod_src6(&self) -> Option<V6> {
+        // SAFETY: copied out at once.
+        unsafe { POD_SRC6.get(self.netns_cookie) }.copied()
     }
     #[inline(always)]
     fn inbound_port_excluded(&self, port: u16) -> bool {

@@ -17,7 +17,7 @@
 //!   those are opt-in).
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bpf_sock_ops, BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE,
     },
@@ -27,14 +27,15 @@ use aya_ebpf::{
 };
 use meshlane_common::{
     decide::{decide_inbound, Arrival, InboundVerdict},
-    flags, ip, pod_stat, ports, role, setting, stat, ConnKey, FlowKey, ListenerKey, OrigDst,
+    flags, ip, pod_stat, ports, role, setting, stat, ConnKey, FlowKey, FlowKey6, ListenerKey,
+    OrigDst, OrigDst6, V6,
 };
 
 use crate::{
     ctx::{field, AF_INET, AF_INET6},
     maps::{
-        count, is_proxy_leg, orig_dst_of, orig_dst_slot, pod_count, setting_on, MapLists,
-        IN_FLIGHT, LISTENERS, PODS, SOCKS, SOCK_ADDRS,
+        count, is_proxy_leg, orig_dst6_of, orig_dst6_slot, orig_dst_of, orig_dst_slot, pod_count,
+        setting_on, MapLists, IN_FLIGHT, IN_FLIGHT6, LISTENERS, PODS, SOCKS, SOCK_ADDRS,
     },
 };
 
@@ -90,13 +91,25 @@ unsafe fn track(ctx: &SockOpsContext) {
         unsafe { register_listener(ctx) };
         return;
     }
-    if field!(ops, family) != AF_INET {
+    let family = field!(ops, family);
+    if family == AF_INET6 && remote_ip6(ops).mapped_v4().is_none() {
+        unsafe { track6(ctx, op) };
         return;
     }
+    // AF_INET, or an AF_INET6 socket of an IPv4 connection (an IPv4-mapped
+    // peer): its IPv4 addresses are in local_ip4 and remote_ip4 all the
+    // same. The shortcut takes AF_INET sockets only.
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    let shortcut = family == AF_INET;
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             let redirected = unsafe { publish_orig_dst(ctx, netns_cookie) };
+            if !shortcut {
+                return;
+            }
             if unsafe { proxy_leg(ctx) } {
                 unsafe { join_shortcut(ctx, netns_cookie, Leg::Proxy) };
             } else if redirected || field!(ops, local_ip4) == INBOUND_PASSTHROUGH_BE {
@@ -108,6 +121,7 @@ unsafe fn track(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             match unsafe { take_orig_dst(ctx, netns_cookie) } {
+                _ if !shortcut => {}
                 Accepted::InboundCaptured => unsafe {
                     join_shortcut(ctx, netns_cookie, Leg::Proxy)
                 },
@@ -122,6 +136,128 @@ unsafe fn track(ctx: &SockOpsContext) {
             let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
             let _ = IN_FLIGHT.remove(flow_key(ops, netns_cookie, true));
             let _ = SOCK_ADDRS.remove(conn_key(ops, netns_cookie));
+        }
+        _ => {}
+    }
+}
+
+/// The remote address of an AF_INET6 socket.
+#[inline(always)]
+fn remote_ip6(ops: *const bpf_sock_ops) -> V6 {
+    V6([
+        field!(ops, remote_ip6[0]),
+        field!(ops, remote_ip6[1]),
+        field!(ops, remote_ip6[2]),
+        field!(ops, remote_ip6[3]),
+    ])
+}
+
+/// The local address of an AF_INET6 socket.
+#[inline(always)]
+fn local_ip6(ops: *const bpf_sock_ops) -> V6 {
+    V6([
+        field!(ops, local_ip6[0]),
+        field!(ops, local_ip6[1]),
+        field!(ops, local_ip6[2]),
+        field!(ops, local_ip6[3]),
+    ])
+}
+
+/// [`flow_key`] of a native IPv6 connection.
+#[inline(always)]
+fn flow_key6(ops: *const bpf_sock_ops, netns_cookie: u64, local_is_client: bool) -> FlowKey6 {
+    let (local_port, remote_port) = ports_of(ops);
+    let (local, remote) = (local_ip6(ops), remote_ip6(ops));
+    let (client_addr, server_addr, client_port, server_port) = if local_is_client {
+        (local, remote, local_port, remote_port)
+    } else {
+        (remote, local, remote_port, local_port)
+    };
+    FlowKey6 {
+        netns_cookie,
+        client_addr,
+        server_addr,
+        client_port_be: client_port.to_be(),
+        server_port_be: server_port.to_be(),
+        _pad: 0,
+    }
+}
+
+/// The original-destination hand-over of native IPv6 connections: the same
+/// steps as the IPv4 ones in [`track`], over `IN_FLIGHT6` and `ORIG_DST6`.
+#[inline(always)]
+unsafe fn track6(ctx: &SockOpsContext, op: u32) {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    match op {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let sk = field!(ops, __bindgen_anon_2.sk);
+            if sk.is_null() {
+                return;
+            }
+            let Some(orig) = orig_dst6_of(sk.cast()) else {
+                return;
+            };
+            if orig.role != role::REDIRECTED_CLIENT {
+                return;
+            }
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+            if IN_FLIGHT6
+                .insert(flow_key6(ops, netns_cookie, true), orig, 0)
+                .is_err()
+            {
+                count(stat::RECORD_FAILED);
+                return;
+            }
+            let _ = ctx.set_cb_flags(
+                (field!(ops, bpf_sock_ops_cb_flags) | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
+            );
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+            let key = flow_key6(ops, netns_cookie, false);
+            // SAFETY: copied out at once.
+            let mut mine = match unsafe { IN_FLIGHT6.get(key) } {
+                Some(orig) => OrigDst6 {
+                    role: role::PROXY_ACCEPTED,
+                    ..*orig
+                },
+                None => {
+                    let Some(cfg) = (unsafe { PODS.get(netns_cookie) }).copied() else {
+                        return;
+                    };
+                    let (local_port, _) = ports_of(ops);
+                    if local_port == cfg.inbound_capture_port {
+                        return;
+                    }
+                    let arrival = Arrival {
+                        tcp: true,
+                        src_addr: remote_ip6(ops),
+                        dst_port: local_port,
+                    };
+                    if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival)
+                        != InboundVerdict::Capture
+                    {
+                        return;
+                    }
+                    OrigDst6 {
+                        addr: local_ip6(ops),
+                        port_be: local_port.to_be(),
+                        role: role::PROXY_ACCEPTED,
+                    }
+                }
+            };
+            let sk = field!(ops, __bindgen_anon_2.sk);
+            if sk.is_null() {
+                return;
+            }
+            if orig_dst6_slot(sk.cast(), Some(&mut mine)).is_null() {
+                count(stat::RECORD_FAILED);
+            }
+            let _ = IN_FLIGHT6.remove(key);
+        }
+        BPF_SOCK_OPS_STATE_CB if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+            let _ = IN_FLIGHT6.remove(flow_key6(ops, netns_cookie, true));
         }
         _ => {}
     }
@@ -218,24 +354,29 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> Accepted {
 }
 
 /// A listener on a capture port becomes findable by sk_lookup (inbound) and
-/// connect4 (is the proxy ready?). Registered whether or not the agent knows
-/// the pod yet: the proxy often listens before the pod's IP reaches the agent.
+/// the connect hooks (is the proxy ready?). Registered whether or not the
+/// agent knows the pod yet: the proxy often listens before the pod's IP
+/// reaches the agent. An AF_INET listener serves IPv4 lookups; an AF_INET6
+/// one IPv6 lookups, and, when it listens on `[::]`, IPv4 ones too unless
+/// an AF_INET listener has the port (sockops cannot see v6only; such a
+/// listener refuses IPv4 at assignment and an AF_INET one takes over).
 #[inline(always)]
 unsafe fn register_listener(ctx: &SockOpsContext) {
     let ops: *const bpf_sock_ops = ctx.ops;
     let family = field!(ops, family);
-    let any_or_pod = if family == AF_INET {
-        !ip::is_loopback(u32::from_be(field!(ops, local_ip4)))
+    let (v4, v6) = if family == AF_INET {
+        (!ip::is_loopback(u32::from_be(field!(ops, local_ip4))), false)
     } else if family == AF_INET6 {
-        // Only the any-address: a dual-stack listener that takes IPv4 too.
-        field!(ops, local_ip6[0]) == 0
-            && field!(ops, local_ip6[1]) == 0
-            && field!(ops, local_ip6[2]) == 0
-            && field!(ops, local_ip6[3]) == 0
+        let local = local_ip6(ops);
+        let any = local.is_unspecified();
+        (
+            any,
+            any || !(local.same(V6::LOCALHOST) || local.mapped_v4().is_some()),
+        )
     } else {
-        false
+        (false, false)
     };
-    if !any_or_pod {
+    if !v4 && !v6 {
         return;
     }
     let port = field!(ops, local_port) as u16;
@@ -248,13 +389,22 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
         return;
     }
     let ops_mut = unsafe { &mut *ctx.ops };
-    match LISTENERS.update(
-        ListenerKey::new(netns_cookie, port),
-        ops_mut,
-        BPF_ANY.into(),
-    ) {
-        Ok(()) => count(stat::LISTENERS_REGISTERED),
-        Err(_) => count(stat::UPDATE_FAILED),
+    if v4 {
+        let how = if family == AF_INET { BPF_ANY } else { BPF_NOEXIST };
+        let key = ListenerKey::serving(netns_cookie, port, ListenerKey::IPV4);
+        match LISTENERS.update(key, &mut *ops_mut, how.into()) {
+            Ok(()) => count(stat::LISTENERS_REGISTERED),
+            // An AF_INET listener has the IPv4 lookups already.
+            Err(_) if how == BPF_NOEXIST => {}
+            Err(_) => count(stat::UPDATE_FAILED),
+        }
+    }
+    if v6 {
+        let key = ListenerKey::serving(netns_cookie, port, ListenerKey::IPV6);
+        match LISTENERS.update(key, ops_mut, BPF_ANY.into()) {
+            Ok(()) => count(stat::LISTENERS_REGISTERED),
+            Err(_) => count(stat::UPDATE_FAILED),
+        }
     }
 }
 
