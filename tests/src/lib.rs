@@ -25,8 +25,8 @@ pub use records::{
     ServerReply, SidecarRecord, SockoptRecord, UdpProbeResult, DNS_PROXY_REPLY_PREFIX,
 };
 pub use sandbox::{
-    cgroup2_root, cleanup_stale, data_dir, mtest_bin, workspace_root, Pod, Proc, Sandbox,
-    SidecarListen, SidecarOpts, Stack,
+    cgroup2_root, cleanup_stale, data_dir, istio_v6_rules, mtest_bin, workspace_root, Pod, Proc,
+    Sandbox, SidecarListen, SidecarOpts, Stack,
 };
 pub use sock::{fmt_addr, original_dst, original_dst6, Family};
 

@@ -1099,6 +1099,26 @@ pub fn data_dir() -> PathBuf {
     workspace_root().join("tests").join("data")
 }
 
+/// Istio's ip6tables rules for a dual-stack pod whose IPv4 rules are `v4`:
+/// the same chains and rules with `::6/128` for 127.0.0.6/32 and `::1/128`
+/// for 127.0.0.1/32. That is how istio-iptables writes the IPv6 family when
+/// no IP range or DNS server is involved: the tests/data/istio-ipv6 goldens
+/// of that kind are exactly their .v4 file rewritten so
+/// (tests/tests/families.rs, `derived_ipv6_rules_match_istio_goldens`). Any other IPv4 literal left
+/// is refused.
+pub fn istio_v6_rules(v4: &str) -> Result<String> {
+    let v6 = v4
+        .replace("127.0.0.6/32", "::6/128")
+        .replace("127.0.0.1/32", "::1/128");
+    if let Some(line) = v6
+        .lines()
+        .find(|l| l.split_whitespace().any(|w| w.contains('.')))
+    {
+        bail!("an IPv4 address has no IPv6 counterpart here: {line:?}");
+    }
+    Ok(v6)
+}
+
 fn sanitize(s: &str, max: usize) -> String {
     s.chars()
         .map(|c| c.to_ascii_lowercase())

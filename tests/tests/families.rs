@@ -10,7 +10,7 @@
 //!   meshed pod the IPv4 rules Istio's CNI writes (tests/data/istio-cni:
 //!   basic.rules, or dns.rules for a pod with `ISTIO_META_DNS_CAPTURE`) with
 //!   `iptables-restore`, and, for a pod that lists an IPv6 address, their
-//!   ip6tables counterpart with `ip6tables-restore` ([`v6_rules`]). These pass
+//!   ip6tables counterpart with `ip6tables-restore` ([`istio_v6_rules`]). These pass
 //!   on any kernel with netfilter: they show the assertions are what Istio
 //!   does, so a meshlane failure is a difference from Istio.
 //!
@@ -30,9 +30,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use meshlane_tests::{
-    data_dir, fmt_addr, read_sidecar_log, skip_loudly, Agent, Pod, PodSpec, ProbeResult, Proc,
-    Sandbox, SidecarListen, SidecarOpts, SidecarRecord, Stack, UdpProbeResult, APP_UID,
-    DNS_PROXY_REPLY_PREFIX, PROXY_UID,
+    data_dir, fmt_addr, istio_v6_rules, read_sidecar_log, skip_loudly, Agent, Pod, PodSpec,
+    ProbeResult, Proc, Sandbox, SidecarListen, SidecarOpts, SidecarRecord, Stack, UdpProbeResult,
+    APP_UID, DNS_PROXY_REPLY_PREFIX, PROXY_UID,
 };
 
 fn mtest() -> &'static Path {
@@ -80,26 +80,6 @@ fn run(mode: Mode, scenario: fn(Mode) -> Result<()>) -> Result<()> {
         return Ok(());
     }
     scenario(mode)
-}
-
-/// Istio's ip6tables rules for a dual-stack pod whose IPv4 rules are `v4`:
-/// the same chains and rules with `::6/128` for 127.0.0.6/32 and `::1/128`
-/// for 127.0.0.1/32. That is how istio-iptables writes the IPv6 family when
-/// no IP range or DNS server is involved: the tests/data/istio-ipv6 goldens
-/// of that kind are exactly their .v4 file rewritten so
-/// ([`derived_ipv6_rules_match_istio_goldens`]). Any other IPv4 literal left
-/// is refused.
-fn v6_rules(v4: &str) -> Result<String> {
-    let v6 = v4
-        .replace("127.0.0.6/32", "::6/128")
-        .replace("127.0.0.1/32", "::1/128");
-    if let Some(line) = v6
-        .lines()
-        .find(|l| l.split_whitespace().any(|w| w.contains('.')))
-    {
-        bail!("an IPv4 address has no IPv6 counterpart here: {line:?}");
-    }
-    Ok(v6)
 }
 
 /// A sandbox, the processes of a scenario, and the interception of its
@@ -169,7 +149,7 @@ impl World {
                         let v4 = std::fs::read_to_string(&v4_path)
                             .with_context(|| format!("reading {}", v4_path.display()))?;
                         let path = self.sb.dir().join(format!("{}.v6.rules", pod.name));
-                        std::fs::write(&path, v6_rules(&v4)?)?;
+                        std::fs::write(&path, istio_v6_rules(&v4)?)?;
                         self.sb.ip6tables_restore(pod, &path)?;
                     }
                 }
@@ -892,7 +872,7 @@ fn ipv4_only_pod_gets_mapped_but_no_ipv6_capture_under_istio_rules() -> Result<(
 
 // ------------------------------------------------------------------ oracle
 
-/// [`v6_rules`] reproduces Istio's own ip6tables output wherever no IP range
+/// [`istio_v6_rules`] reproduces Istio's own ip6tables output wherever no IP range
 /// or DNS server address is involved: for the tests/data/istio-ipv6 cases
 /// `ipv6-empty-inbound-ports`, `ipv6-inbound-ports` and
 /// `ipv6-outbound-ports`, the .v4 file rewritten is the .v6 file byte for
@@ -907,12 +887,12 @@ fn derived_ipv6_rules_match_istio_goldens() -> Result<()> {
     ] {
         let v4 = std::fs::read_to_string(dir.join(format!("{case}.v4.rules")))?;
         let v6 = std::fs::read_to_string(dir.join(format!("{case}.v6.rules")))?;
-        assert_eq!(v6_rules(&v4)?, v6, "{case}");
+        assert_eq!(istio_v6_rules(&v4)?, v6, "{case}");
     }
     // And the CNI files the scenarios derive from have nothing else IPv4.
     for file in ["basic.rules", "dns.rules"] {
         let v4 = std::fs::read_to_string(data_dir().join("istio-cni").join(file))?;
-        v6_rules(&v4).with_context(|| file.to_string())?;
+        istio_v6_rules(&v4).with_context(|| file.to_string())?;
     }
     Ok(())
 }

@@ -7,7 +7,9 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use meshlane_tests::{data_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
+use meshlane_tests::{
+    data_dir, istio_v6_rules, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID,
+};
 
 const HAPROXY_CFG: &str = "\
 global
@@ -308,4 +310,173 @@ fn six_traffic_types_through_haproxy_across_two_nodes() -> Result<()> {
 
 fn mtest() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mtest"))
+}
+
+/// HAProxy as a dual-stack pod's inbound sidecar: `[::]:15006` (v6only)
+/// and `0.0.0.0:15006`, both IP_TRANSPARENT as Envoy's are in TPROXY mode,
+/// each forwarding to the original destination from Istio's passthrough
+/// source of its family (::6, 127.0.0.6). HAProxy is the real consumer
+/// here: it learns the original destination from getsockname(), which
+/// TPROXY and meshlane's sk_lookup both leave untouched. (Its outbound side
+/// cannot take part over IPv6: HAProxy asks SO_ORIGINAL_DST only of AF_INET
+/// sockets, so behind a REDIRECT an AF_INET6 listener forwards to itself,
+/// under Istio's rules as under meshlane.) Started as root to bind
+/// transparently, it runs as the proxy uid.
+const HAPROXY_INBOUND_DUAL_CFG: &str = "\
+global
+    log stdout format raw local0
+    uid 1337
+    gid 1337
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 3s
+    timeout client 10s
+    timeout server 10s
+frontend inbound6
+    bind :::15006 v6only transparent
+    default_backend app6
+backend app6
+    server app ipv6@:::0 source ::6:0
+frontend inbound4
+    bind 0.0.0.0:15006 transparent
+    default_backend app4
+backend app4
+    server app 0.0.0.0:0 source 127.0.0.6
+";
+
+/// Issue 13, "What to build" 7: the dual-stack HAProxy run. From another
+/// pod, c dials A's app over IPv6 and over IPv4. Under Istio's TPROXY rules for both families (tproxy.v4/v6 goldens
+/// with the CNI's policy routing) and under meshlane, each connection goes
+/// through HAProxy's listener of its family, which dials the app at the
+/// original destination (an IPv6 upstream for the first) from ::6 or
+/// 127.0.0.6, and the responses are the same.
+#[test]
+fn dual_stack_inbound_through_haproxy_under_ip6tables_and_meshlane() -> Result<()> {
+    let mut sb = Sandbox::new_dual_stack("haproxy-ds")?;
+    let a = sb.add_pod("a")?;
+    let c = sb.add_pod("c")?;
+    let site = sb.dir().join("site");
+    std::fs::create_dir_all(&site)?;
+    std::fs::write(site.join("index.html"), "<h1>ratings v6</h1>\n")?;
+    // http.server on "::" takes both families (it clears IPV6_V6ONLY); its
+    // request log (stderr) names each client.
+    let serve = format!(
+        "exec /usr/bin/python3 -u -m http.server 9080 --bind :: --directory {} 2>&1",
+        site.to_str().context("utf-8")?
+    );
+    let mut web = sb.spawn(&a, APP_UID, APP_UID, Path::new("/bin/sh"), &["-c", &serve])?;
+    sb.wait_listening(&a, 9080, LISTEN_TIMEOUT)?;
+    let cfg = sb.dir().join("haproxy-dual.cfg");
+    std::fs::write(&cfg, HAPROXY_INBOUND_DUAL_CFG)?;
+    let mut haproxy = sb.spawn(
+        &a,
+        0,
+        0,
+        Path::new("/usr/sbin/haproxy"),
+        &["-db", "-f", cfg.to_str().context("utf-8")?],
+    )?;
+    sb.wait_listening(&a, 15006, LISTEN_TIMEOUT)?;
+    let urls = [
+        (
+            format!("http://[{}]:9080/index.html", a.v6()),
+            "inbound6 app6/app",
+        ),
+        (
+            format!("http://{}:9080/index.html", a.ip),
+            "inbound4 app4/app",
+        ),
+    ];
+    let mut log = Vec::new();
+    let fetch_all = |haproxy: &mut Proc, log: &mut Vec<String>| -> Result<Vec<(String, usize)>> {
+        urls.iter()
+            .map(|(u, line)| {
+                let body = curl(&sb, &c, u)?;
+                Ok((body, count_new(haproxy, log, line)))
+            })
+            .collect()
+    };
+
+    // Istio's TPROXY rules for both families, with the CNI's policy routing.
+    let routing: [&[&str]; 4] = [
+        &[
+            "rule",
+            "add",
+            "fwmark",
+            "1337/0xfff",
+            "pref",
+            "32764",
+            "lookup",
+            "133",
+        ],
+        &[
+            "route", "add", "local", "default", "dev", "lo", "table", "133",
+        ],
+        &[
+            "-6",
+            "rule",
+            "add",
+            "fwmark",
+            "1337/0xfff",
+            "pref",
+            "32764",
+            "lookup",
+            "133",
+        ],
+        &[
+            "-6", "route", "add", "local", "default", "dev", "lo", "table", "133",
+        ],
+    ];
+    for args in routing {
+        sb.netns_exec(&a.netns, "ip", args, None)?;
+    }
+    sb.iptables_restore(&a, &data_dir().join("istio-ipv6/tproxy.v4.rules"), false)?;
+    sb.ip6tables_restore(&a, &data_dir().join("istio-ipv6/tproxy.v6.rules"))?;
+    let under_rules = fetch_all(&mut haproxy, &mut log)?;
+    sb.iptables_flush(&a)?;
+    sb.ip6tables_flush(&a)?;
+    for args in [
+        &["rule", "del", "pref", "32764"][..],
+        &["route", "flush", "table", "133"],
+        &["-6", "rule", "del", "pref", "32764"],
+        &["-6", "route", "flush", "table", "133"],
+    ] {
+        sb.netns_exec(&a.netns, "ip", args, None)?;
+    }
+
+    let under_meshlane = {
+        let spec = PodSpec::meshed(&a).annotate("sidecar.istio.io/interceptionMode", "TPROXY");
+        let _agent = Agent::start(&sb, &[spec, PodSpec::plain(&c)])?;
+        fetch_all(&mut haproxy, &mut log)?
+    };
+    for ((u, _), (body, n)) in urls.iter().zip(&under_rules) {
+        assert_eq!(
+            body.trim_end(),
+            "<h1>ratings v6</h1>",
+            "{u} under Istio's rules"
+        );
+        assert_eq!(*n, 1, "{u}: through HAProxy under Istio's rules: {log:#?}");
+    }
+    assert_eq!(
+        under_meshlane, under_rules,
+        "the same under meshlane: {log:#?}"
+    );
+    // HAProxy's upstream connections reached the app over IPv6 from ::6
+    // and over IPv4 from 127.0.0.6 (as the dual-stack app writes it), once
+    // per request under each mechanism.
+    let mut app_log = Vec::new();
+    drain(&mut web, &mut app_log);
+    let from = |src: &str| {
+        app_log
+            .iter()
+            .filter(|l| l.starts_with(&format!("{src} ")) && l.contains("GET /index.html"))
+            .count()
+    };
+    assert_eq!(
+        (from("::6"), from("::ffff:127.0.0.6")),
+        (2, 2),
+        "{app_log:#?}"
+    );
+    Ok(())
 }
