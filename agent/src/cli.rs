@@ -387,8 +387,14 @@ mod tests {
         let cfg = podconfig::MeshConfig::from_pod(&dual);
         let v4 = iptables::render(&cfg).unwrap();
         let v6 = iptables::render6(&cfg).unwrap();
-        assert_eq!(iptables_text(&dual, &cfg, FamilyArg::Ipv4), (v4.clone(), vec![]));
-        assert_eq!(iptables_text(&dual, &cfg, FamilyArg::Ipv6), (v6.clone(), vec![]));
+        assert_eq!(
+            iptables_text(&dual, &cfg, FamilyArg::Ipv4),
+            (v4.clone(), vec![])
+        );
+        assert_eq!(
+            iptables_text(&dual, &cfg, FamilyArg::Ipv6),
+            (v6.clone(), vec![])
+        );
         let (both, notes) = iptables_text(&dual, &cfg, FamilyArg::Both);
         assert!(notes.is_empty());
         assert_eq!(

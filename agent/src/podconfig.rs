@@ -261,12 +261,13 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
             .map_err(|_| format!("{s:?} is not a CIDR (bad address {a:?})"))?;
         (IpAddr::V4(a4), 32u8)
     };
-    let len = match len {
-        None => max,
-        Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
-            format!("{s:?} is not a CIDR (prefix length {l:?} is not 0-{max})")
-        })?,
-    };
+    let len =
+        match len {
+            None => max,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                format!("{s:?} is not a CIDR (prefix length {l:?} is not 0-{max})")
+            })?,
+        };
     Ok(Cidr { addr, len })
 }
 
@@ -587,10 +588,9 @@ impl MeshConfig {
                     IpAddr::V4(net) => {
                         cidrs.push((len, cidr_key_data(list, netns_cookie, net.to_bits())))
                     }
-                    IpAddr::V6(net) => cidrs6.push((
-                        len,
-                        cidr6_key_data(list, netns_cookie, V6::from_std(net)),
-                    )),
+                    IpAddr::V6(net) => {
+                        cidrs6.push((len, cidr6_key_data(list, netns_cookie, V6::from_std(net))))
+                    }
                 }
             }
         };
@@ -626,7 +626,10 @@ impl MeshConfig {
 
 impl HostLists<'_> {
     fn excluded(&self, a: IpAddr) -> bool {
-        self.cfg.exclude_outbound_cidrs.iter().any(|c| c.contains(a))
+        self.cfg
+            .exclude_outbound_cidrs
+            .iter()
+            .any(|c| c.contains(a))
     }
     fn included(&self, a: IpAddr) -> bool {
         match &self.cfg.include_outbound_cidrs {

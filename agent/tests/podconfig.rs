@@ -116,7 +116,11 @@ fn cidr_match(spec: &str, a: IpAddr) -> bool {
         }
         (IpAddr::V6(net), IpAddr::V6(a)) => {
             let len = len.unwrap_or(128);
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             a.to_bits() & mask == net.to_bits() & mask
         }
         (n, a) => panic!("rule {spec} ({n}) met a packet of the other family ({a})"),
@@ -381,12 +385,7 @@ fn meshlane_outcome_in(cfg: &MeshConfig, ips: &[IpAddr], p: &Packet, bound: u32)
 /// What meshlane does for the connect of an AF_INET6 socket bound to
 /// `bound` (:: when unbound) to `dst` (native IPv6, or IPv4-mapped when the
 /// packet is IPv4).
-fn meshlane_outcome6(
-    cfg: &MeshConfig,
-    ips: &[IpAddr],
-    p: &Packet,
-    bound: Ipv6Addr,
-) -> Option<u16> {
+fn meshlane_outcome6(cfg: &MeshConfig, ips: &[IpAddr], p: &Packet, bound: Ipv6Addr) -> Option<u16> {
     let pc = cfg.pod_config(ips);
     let dst = match p.dst {
         IpAddr::V4(a) => a.to_ipv6_mapped(),
@@ -885,12 +884,9 @@ fn dst6_strategy() -> impl Strategy<Value = Ipv6Addr> {
         Just(POD_IP6),
         Just(Ipv6Addr::LOCALHOST),
         Just(PASSTHROUGH6),
-        any::<u64>().prop_map(|x| Ipv6Addr::from_bits(
-            (0x2001_0db8u128 << 96) | u128::from(x)
-        )),
-        any::<u64>().prop_map(|x| Ipv6Addr::from_bits(
-            (0xfd00_0010_0244u128 << 80) | u128::from(x)
-        )),
+        any::<u64>().prop_map(|x| Ipv6Addr::from_bits((0x2001_0db8u128 << 96) | u128::from(x))),
+        any::<u64>()
+            .prop_map(|x| Ipv6Addr::from_bits((0xfd00_0010_0244u128 << 80) | u128::from(x))),
         any::<u128>().prop_map(Ipv6Addr::from_bits),
     ]
 }
@@ -1059,5 +1055,206 @@ fn unbound_connect_to_passthrough6_is_istios_passthrough() {
     assert_eq!(
         meshlane_outcome6(&cfg, &dual_stack(), &p, Ipv6Addr::UNSPECIFIED),
         None
+    );
+}
+
+fn dual_pod_with(ann: &[(&str, &str)]) -> Pod {
+    Pod {
+        ips: dual_stack(),
+        ..pod_with(ann)
+    }
+}
+
+#[test]
+fn ipv6_ranges_become_cidrs6_entries_with_host_bits_cleared() {
+    use meshlane_common::{cidr6_key_data, cidr_key_data, cidr_list};
+    let cfg = MeshConfig::from_pod(&dual_pod_with(&[
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "10.1.2.3/8, 2001:db8:1:2::7/48",
+        ),
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "fd00::/8,192.168.0.0/16,::1",
+        ),
+    ]));
+    assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
+    assert!(cfg.include_outbound_has_loopback, "::1 is a loopback range");
+    let e = cfg.entries(42, &dual_stack());
+    assert!(e.pod.flags & meshlane_common::flags::IPV6 != 0);
+    let net6 = |s: &str| V6::from_std(s.parse().unwrap());
+    assert_eq!(
+        e.cidrs6,
+        vec![
+            (
+                96 + 48,
+                cidr6_key_data(cidr_list::OUTBOUND_EXCLUDE, 42, net6("2001:db8:1::"))
+            ),
+            (
+                96 + 8,
+                cidr6_key_data(cidr_list::OUTBOUND_INCLUDE, 42, net6("fd00::"))
+            ),
+            (
+                96 + 128,
+                cidr6_key_data(cidr_list::OUTBOUND_INCLUDE, 42, net6("::1"))
+            ),
+        ]
+    );
+    // The IPv4 entries are as before, and only IPv4 ones are in CIDRS.
+    assert_eq!(
+        e.cidrs,
+        vec![
+            (
+                96 + 8,
+                cidr_key_data(cidr_list::OUTBOUND_EXCLUDE, 42, 0x0a00_0000)
+            ),
+            (
+                96 + 16,
+                cidr_key_data(cidr_list::OUTBOUND_INCLUDE, 42, 0xc0a8_0000)
+            ),
+        ]
+    );
+    // `*` writes no include entries of either family.
+    let all = MeshConfig::from_pod(&dual_pod_with(&[
+        (annotation::INCLUDE_OUTBOUND_IP_RANGES, "*"),
+        (annotation::EXCLUDE_OUTBOUND_IP_RANGES, "2001:db8::/32"),
+    ]));
+    let e = all.entries(7, &dual_stack());
+    assert_eq!(e.cidrs6.len(), 1);
+    assert!(e.cidrs.is_empty());
+    // And each family's rules get only their own ranges.
+    let v4 = iptables::render(&cfg).unwrap();
+    let v6 = iptables::render6(&cfg).unwrap();
+    assert!(!v4.contains("2001:db8") && !v4.contains("fd00"), "{v4}");
+    assert!(!v6.contains("10.1.2.3") && !v6.contains("192.168"), "{v6}");
+    assert!(
+        v6.contains("-A ISTIO_OUTPUT -d 2001:db8:1:2::7/48 -j RETURN\n"),
+        "{v6}"
+    );
+    assert!(
+        v6.contains("-A ISTIO_OUTPUT -d fd00::/8 -j ISTIO_REDIRECT\n"),
+        "{v6}"
+    );
+}
+
+#[test]
+fn bad_ipv6_ranges_are_reported_and_fall_back_to_capturing_defaults() {
+    for (key, value, needle) in [
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "2001:db8::/129",
+            "0-128",
+        ),
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "10.0.0.0/8,2001:db8::zz/32",
+            "bad IPv6 address",
+        ),
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "fd00::/8,10.0.0.0/33",
+            "0-32",
+        ),
+        (annotation::INCLUDE_OUTBOUND_IP_RANGES, "fd00::/x", "0-128"),
+    ] {
+        let cfg = MeshConfig::from_pod(&dual_pod_with(&[(key, value)]));
+        let d = MeshConfig::istio_default();
+        assert_eq!(
+            cfg.exclude_outbound_cidrs, d.exclude_outbound_cidrs,
+            "{value}"
+        );
+        assert_eq!(cfg.include_outbound_cidrs, Set::All, "{value}");
+        let msgs: Vec<String> = cfg.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(
+            msgs[0].contains(key) && msgs[0].contains(value) && msgs[0].contains(needle),
+            "{msgs:?}"
+        );
+        assert!(msgs[0].ends_with("using the default"), "{msgs:?}");
+    }
+}
+
+#[test]
+fn ipv6_ranges_of_a_pod_without_ipv6_are_reported_and_the_ipv4_ones_apply() {
+    let cfg = MeshConfig::from_pod(&pod_with(&[
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "10.0.0.0/8,2001:db8::/32",
+        ),
+        (annotation::EXCLUDE_OUTBOUND_IP_RANGES, "fd00::/8"),
+    ]));
+    let msgs: Vec<String> = cfg.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(msgs.len(), 2, "{msgs:#?}");
+    for (key, value, entry) in [
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "10.0.0.0/8,2001:db8::/32",
+            "2001:db8::/32",
+        ),
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "fd00::/8",
+            "fd00::/8",
+        ),
+    ] {
+        assert!(
+            msgs.iter().any(|m| m.contains(key)
+                && m.contains(&format!("{value:?}"))
+                && m.contains(entry)
+                && m.contains("no IPv6 address")
+                && m.contains("the IPv4 entries apply")),
+            "{msgs:#?}"
+        );
+    }
+    let ten: IpAddr = "10.0.0.0".parse().unwrap();
+    assert_eq!(
+        cfg.include_outbound_cidrs,
+        Set::Only(vec![Cidr { addr: ten, len: 8 }])
+    );
+    assert!(cfg.exclude_outbound_cidrs.is_empty());
+    let e = cfg.entries(1, &v4_only());
+    assert_eq!(e.cidrs.len(), 1);
+    assert!(e.cidrs6.is_empty());
+    assert_eq!(e.pod.flags & meshlane_common::flags::IPV6, 0);
+    // The IPv4 rules are those of the IPv4 entries alone.
+    let only_v4 = MeshConfig::from_pod(&pod_with(&[(
+        annotation::INCLUDE_OUTBOUND_IP_RANGES,
+        "10.0.0.0/8",
+    )]));
+    assert_eq!(iptables::render(&cfg), iptables::render(&only_v4));
+    // A pod whose addresses are not known yet keeps them (no error): it is
+    // read again once it has its addresses.
+    let mut waiting = pod_with(&[(annotation::EXCLUDE_OUTBOUND_IP_RANGES, "fd00::/8")]);
+    waiting.ips.clear();
+    let cfg = MeshConfig::from_pod(&waiting);
+    assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
+    assert_eq!(cfg.exclude_outbound_cidrs.len(), 1);
+}
+
+#[test]
+fn ipv6_dns_capture_rules_render_with_the_ipv6_loopbacks() {
+    let mut pod = dual_pod_with(&[]);
+    pod.proxy_env.insert(DNS_CAPTURE_ENV.into(), "true".into());
+    let cfg = MeshConfig::from_pod(&pod);
+    let v6 = iptables::render6(&cfg).unwrap();
+    for line in [
+        "-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS\n",
+        "-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053\n",
+        "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053\n",
+        "-A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN\n",
+        "-A ISTIO_OUTPUT -o lo ! -d ::1/128 -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT\n",
+        "-A ISTIO_OUTPUT -d ::1/128 -j RETURN\n",
+        "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2\n",
+    ] {
+        assert!(v6.contains(line), "missing {line:?} in\n{v6}");
+    }
+    assert!(!v6.contains("127.0.0."), "{v6}");
+    // Capture-all DNS writes the same rules in both families but for the
+    // loopback addresses (Istio's AppendRule without a resolver address).
+    let v4 = iptables::render(&cfg).unwrap();
+    assert_eq!(
+        v4.replace("127.0.0.1/32", "::1/128")
+            .replace("127.0.0.6/32", "::6/128"),
+        v6
     );
 }
