@@ -37,6 +37,17 @@ enum OnOff {
     Off,
 }
 
+/// Which of Istio's rule sets `meshlane iptables` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum FamilyArg {
+    /// The iptables-restore input.
+    Ipv4,
+    /// The ip6tables-restore input (pods with an IPv6 address).
+    Ipv6,
+    /// Both, each after a `#` comment line naming the tool that loads it.
+    Both,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Attach the programs and keep the maps true to this node's pods: from
@@ -114,6 +125,9 @@ enum Command {
         /// The pod: NAME or NAMESPACE/NAME.
         #[arg(long)]
         pod: String,
+        /// IPv4 (iptables), IPv6 (ip6tables) or both.
+        #[arg(long, value_enum, default_value = "ipv4")]
+        family: FamilyArg,
     },
     /// Check every kernel feature the programs need (yes/no each); exits non-zero naming what is missing.
     Probe {
@@ -223,7 +237,7 @@ pub fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Iptables { pods, pod } => print_iptables(&pods, &pod),
+        Command::Iptables { pods, pod, family } => print_iptables(&pods, &pod, family),
         Command::Shortcut { state, at } => {
             let mut maps = bpf::Maps::open(&bpf::Layout::new(&at.bpffs)).with_context(|| {
                 format!(
@@ -276,7 +290,7 @@ fn cleanup(at: &Where) -> Result<()> {
     Ok(())
 }
 
-fn print_iptables(file: &std::path::Path, name: &str) -> Result<()> {
+fn print_iptables(file: &std::path::Path, name: &str, family: FamilyArg) -> Result<()> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("reading pods file {}", file.display()))?;
     let all = pods::parse(&text).with_context(|| format!("pods file {}", file.display()))?;
@@ -299,12 +313,102 @@ fn print_iptables(file: &std::path::Path, name: &str) -> Result<()> {
     for e in &cfg.errors {
         eprintln!("warning: pod {}: {e}", pod.key());
     }
-    match iptables::render(&cfg) {
-        Some(rules) => print!("{rules}"),
-        None => eprintln!(
-            "pod {}: interceptionMode NONE: Istio writes no rules",
-            pod.key()
-        ),
+    let (text, notes) = iptables_text(pod, &cfg, family);
+    for n in notes {
+        eprintln!("pod {}: {n}", pod.key());
     }
+    print!("{text}");
     Ok(())
+}
+
+/// The text `meshlane iptables` prints for a meshed pod, and notes for
+/// stderr.
+fn iptables_text(
+    pod: &pods::Pod,
+    cfg: &podconfig::MeshConfig,
+    family: FamilyArg,
+) -> (String, Vec<String>) {
+    use iptables::Family;
+    let mut notes = Vec::new();
+    if cfg.mode == podconfig::Mode::None {
+        notes.push("interceptionMode NONE: Istio writes no rules".to_string());
+        return (String::new(), notes);
+    }
+    let has_v6 = pod.ips.iter().any(std::net::IpAddr::is_ipv6);
+    let want_v6 = family != FamilyArg::Ipv4;
+    if want_v6 && pod.ips.is_empty() {
+        notes.push(
+            "lists no addresses: the ip6tables rules apply only once it has an IPv6 one".into(),
+        );
+    } else if want_v6 && !has_v6 {
+        notes.push("has no IPv6 address: Istio writes no ip6tables rules".into());
+    }
+    let v6 = want_v6 && (has_v6 || pod.ips.is_empty());
+    let mut out = String::new();
+    let mut add = |header: &str, fam: Family| {
+        if family == FamilyArg::Both {
+            out.push_str(header);
+        }
+        out.push_str(&iptables::render_family(cfg, fam).unwrap_or_default());
+    };
+    if family != FamilyArg::Ipv6 {
+        add("# iptables-restore (IPv4)\n", Family::Ipv4);
+    }
+    if v6 {
+        add("# ip6tables-restore (IPv6)\n", Family::Ipv6);
+    }
+    (out, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::istio::annotation;
+
+    fn pod(ips: &[&str]) -> pods::Pod {
+        pods::Pod {
+            namespace: "ns".into(),
+            name: "p".into(),
+            annotations: [(annotation::STATUS.to_string(), "true".to_string())].into(),
+            ips: ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
+            host_network: false,
+            meshed: true,
+            proxy_run_as_user: None,
+            proxy_run_as_group: None,
+            proxy_env: Default::default(),
+        }
+    }
+
+    #[test]
+    fn iptables_family_selects_the_rule_sets() {
+        let dual = pod(&["10.244.1.5", "fd00::5"]);
+        let cfg = podconfig::MeshConfig::from_pod(&dual);
+        let v4 = iptables::render(&cfg).unwrap();
+        let v6 = iptables::render6(&cfg).unwrap();
+        assert_eq!(
+            iptables_text(&dual, &cfg, FamilyArg::Ipv4),
+            (v4.clone(), vec![])
+        );
+        assert_eq!(
+            iptables_text(&dual, &cfg, FamilyArg::Ipv6),
+            (v6.clone(), vec![])
+        );
+        let (both, notes) = iptables_text(&dual, &cfg, FamilyArg::Both);
+        assert!(notes.is_empty());
+        assert_eq!(
+            both,
+            format!("# iptables-restore (IPv4)\n{v4}# ip6tables-restore (IPv6)\n{v6}")
+        );
+        assert!(v6.contains("-o lo -s ::6/128 -j RETURN"), "{v6}");
+
+        // An IPv4-only pod gets no ip6tables rules, and a note saying so.
+        let v4only = pod(&["10.244.1.5"]);
+        let (text, notes) = iptables_text(&v4only, &cfg, FamilyArg::Ipv6);
+        assert_eq!(text, "");
+        assert!(notes[0].contains("no IPv6 address"), "{notes:?}");
+        let (text, _) = iptables_text(&v4only, &cfg, FamilyArg::Both);
+        assert_eq!(text, format!("# iptables-restore (IPv4)\n{v4}"));
+    }
 }

@@ -2,14 +2,47 @@
 //! meshlane's own parsed config (`meshlane iptables`). It shows that meshlane
 //! reads a pod exactly as Istio does, and lets users compare and migrate.
 //!
-//! Rules are emitted in the order Istio's rule builder appends them; the text
-//! groups them per table (mangle, nat, raw), declares each custom chain in the
-//! order it first receives a rule, lists appends, then inserts.
+//! Rules are emitted in the order Istio's rule builder receives them (appends
+//! and inserts alike); the text groups them per table (mangle, nat, raw) and
+//! declares each custom chain in the order it first receives a rule.
+//!
+//! Istio writes the same rules for IPv6 (ip6tables) with `::1` for
+//! 127.0.0.1, `::6` for 127.0.0.6, and only the IPv6 entries of the IP-range
+//! annotations ([`render6`]); the IPv4 rules get only the IPv4 entries.
 use std::fmt::Write as _;
 
 use meshlane_common::ports;
 
-use crate::podconfig::{MeshConfig, Mode, Set};
+use crate::podconfig::{Cidr, MeshConfig, Mode, Set};
+
+/// Which of Istio's two rule sets to render.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// iptables-restore input.
+    Ipv4,
+    /// ip6tables-restore input.
+    Ipv6,
+}
+
+impl Family {
+    /// Istio's `-d 127.0.0.1/32` and its IPv6 twin.
+    fn localhost(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "127.0.0.1/32",
+            Family::Ipv6 => "::1/128",
+        }
+    }
+    /// The proxy's inbound-passthrough source.
+    fn passthrough_src(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "127.0.0.6/32",
+            Family::Ipv6 => "::6/128",
+        }
+    }
+    fn has(self, c: &Cidr) -> bool {
+        c.is_ipv6() == (self == Family::Ipv6)
+    }
+}
 
 const TABLES: [&str; 3] = ["mangle", "nat", "raw"];
 const BUILTIN: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
@@ -75,12 +108,14 @@ impl Builder {
             for c in chains {
                 let _ = writeln!(out, "-N {c}");
             }
-            for r in rules.iter().filter(|r| matches!(r.op, Op::Append)) {
-                let _ = writeln!(out, "-A {} {}", r.chain, r.spec);
-            }
-            for r in &rules {
-                if let Op::Insert(pos) = r.op {
-                    let _ = writeln!(out, "-I {} {pos} {}", r.chain, r.spec);
+            for r in rules {
+                match r.op {
+                    Op::Append => {
+                        let _ = writeln!(out, "-A {} {}", r.chain, r.spec);
+                    }
+                    Op::Insert(pos) => {
+                        let _ = writeln!(out, "-I {} {pos} {}", r.chain, r.spec);
+                    }
                 }
             }
             out.push_str("COMMIT\n");
@@ -89,9 +124,20 @@ impl Builder {
     }
 }
 
-/// Istio's rules for a pod with this config. `None` for `interceptionMode:
-/// NONE`, where Istio writes no rules at all.
+/// Istio's iptables (IPv4) rules for a pod with this config. `None` for
+/// `interceptionMode: NONE`, where Istio writes no rules at all.
 pub fn render(cfg: &MeshConfig) -> Option<String> {
+    render_family(cfg, Family::Ipv4)
+}
+
+/// Istio's ip6tables rules for a pod with this config that has an IPv6
+/// address (Istio writes none for a pod without). `None` for NONE.
+pub fn render6(cfg: &MeshConfig) -> Option<String> {
+    render_family(cfg, Family::Ipv6)
+}
+
+/// The rules of one family.
+pub fn render_family(cfg: &MeshConfig, fam: Family) -> Option<String> {
     if cfg.mode == Mode::None {
         return None;
     }
@@ -102,7 +148,15 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
         cfg.inbound_capture_port,
         ports::TUNNEL,
     );
+    let (localhost, passthrough) = (fam.localhost(), fam.passthrough_src());
+    let reroute = &cfg.reroute_virtual_interfaces;
     let mut b = Builder::default();
+
+    // Traffic arriving from the rerouted virtual interfaces is left to the
+    // rules below (the include-range inserts), not the inbound capture.
+    for i in reroute {
+        b.insert("nat", "PREROUTING", 1, format!("-i {i} -j RETURN"));
+    }
 
     if cfg.invalid_drop {
         b.append(
@@ -141,7 +195,7 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
             b.append(
                 "mangle",
                 "ISTIO_TPROXY",
-                format!("! -d 127.0.0.1/32 -p tcp -j TPROXY --tproxy-mark {INBOUND_MARK}/0xffffffff --on-port {in_port}"),
+                format!("! -d {localhost} -p tcp -j TPROXY --tproxy-mark {INBOUND_MARK}/0xffffffff --on-port {in_port}"),
             );
             "mangle"
         } else {
@@ -207,7 +261,11 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
             format!("-p udp --dport {p} -j RETURN"),
         );
     }
-    b.append("nat", "ISTIO_OUTPUT", "-o lo -s 127.0.0.6/32 -j RETURN");
+    b.append(
+        "nat",
+        "ISTIO_OUTPUT",
+        format!("-o lo -s {passthrough} -j RETURN"),
+    );
     let dns = cfg.dns_capture;
     let loopback_included = cfg.include_outbound_has_loopback;
     for (kind, id) in [("uid", uid), ("gid", gid)] {
@@ -219,7 +277,7 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
         b.append(
             "nat",
             "ISTIO_OUTPUT",
-            format!("-o lo ! -d 127.0.0.1/32 -p tcp {to_self} -m owner --{kind}-owner {id} -j ISTIO_IN_REDIRECT"),
+            format!("-o lo ! -d {localhost} -p tcp {to_self} -m owner --{kind}-owner {id} -j ISTIO_IN_REDIRECT"),
         );
         if !loopback_included {
             let spec = if dns {
@@ -269,8 +327,8 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
         );
         b.append("raw", "ISTIO_INBOUND", "-p udp --sport 53 -j CT --zone 1");
     }
-    b.append("nat", "ISTIO_OUTPUT", "-d 127.0.0.1/32 -j RETURN");
-    for c in &cfg.exclude_outbound_cidrs {
+    b.append("nat", "ISTIO_OUTPUT", format!("-d {localhost} -j RETURN"));
+    for c in cfg.exclude_outbound_cidrs.iter().filter(|c| fam.has(c)) {
         b.append("nat", "ISTIO_OUTPUT", format!("-d {c} -j RETURN"));
     }
     for p in &cfg.include_outbound_ports {
@@ -281,9 +339,22 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
         );
     }
     match &cfg.include_outbound_cidrs {
-        Set::All => b.append("nat", "ISTIO_OUTPUT", "-j ISTIO_REDIRECT"),
+        Set::All => {
+            b.append("nat", "ISTIO_OUTPUT", "-j ISTIO_REDIRECT");
+            for i in reroute {
+                b.insert("nat", "PREROUTING", 1, format!("-i {i} -j ISTIO_REDIRECT"));
+            }
+        }
         Set::Only(list) => {
-            for c in list {
+            for c in list.iter().filter(|c| fam.has(c)) {
+                for i in reroute {
+                    b.insert(
+                        "nat",
+                        "PREROUTING",
+                        1,
+                        format!("-i {i} -d {c} -j ISTIO_REDIRECT"),
+                    );
+                }
                 b.append("nat", "ISTIO_OUTPUT", format!("-d {c} -j ISTIO_REDIRECT"));
             }
         }
@@ -304,7 +375,7 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
             b.append(
                 "mangle",
                 "OUTPUT",
-                format!("! -d 127.0.0.1/32 -p tcp -o lo -m owner --{kind}-owner {id} -j MARK --set-mark {OUTBOUND_MARK}"),
+                format!("! -d {localhost} -p tcp -o lo -m owner --{kind}-owner {id} -j MARK --set-mark {OUTBOUND_MARK}"),
             );
         }
         b.append(
@@ -322,7 +393,7 @@ pub fn render(cfg: &MeshConfig) -> Option<String> {
             "mangle",
             "ISTIO_INBOUND",
             2,
-            "-p tcp -s 127.0.0.6/32 -i lo -j RETURN",
+            format!("-p tcp -s {passthrough} -i lo -j RETURN"),
         );
         b.insert(
             "mangle",

@@ -8,12 +8,12 @@
 //! config into the keys and values the kernel programs read.
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use meshlane_common::{
-    cidr_key_data, cidr_list, decide::PodLists, flags, ip, port_list, ports, Cidr6KeyData,
-    CidrKeyData, PodConfig, PortKey, CIDR_KEY_FIXED_BITS, MAX_POD_IPS, V6,
+    cidr6_key_data, cidr_key_data, cidr_list, decide::PodLists, flags, ip, port_list, ports,
+    Cidr6KeyData, CidrKeyData, PodConfig, PortKey, CIDR_KEY_FIXED_BITS, MAX_POD_IPS, V6,
 };
 use serde::Serialize;
 
@@ -30,15 +30,61 @@ pub enum Mode {
     None,
 }
 
+/// One entry of an IP-range annotation, of either family, as written (host
+/// bits are kept for display and cleared in map keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
+    /// 0..=32 for IPv4, 0..=128 for IPv6.
     pub len: u8,
 }
 
 impl Cidr {
-    pub fn contains(&self, a: Ipv4Addr) -> bool {
-        ip::in_prefix(a.to_bits(), self.addr.to_bits(), self.len)
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
+    /// True when `a` is of this CIDR's family and lies in it.
+    pub fn contains(&self, a: IpAddr) -> bool {
+        match (self.addr, a) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => ip::in_prefix(a.to_bits(), net.to_bits(), self.len),
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = prefix_mask6(self.len);
+                a.to_bits() & mask == net.to_bits() & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// The network address: host bits cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.len.min(32)))
+                };
+                IpAddr::V4(Ipv4Addr::from_bits(a.to_bits() & mask))
+            }
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from_bits(a.to_bits() & prefix_mask6(self.len))),
+        }
+    }
+
+    /// True for a range inside the family's loopback (127.0.0.0/8, ::1).
+    fn is_loopback(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(a) => ip::is_loopback(a.to_bits()),
+            IpAddr::V6(a) => a.is_loopback(),
+        }
+    }
+}
+
+fn prefix_mask6(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len.min(128)))
     }
 }
 
@@ -61,14 +107,19 @@ pub struct ConfigError {
     pub annotation: String,
     pub value: String,
     pub reason: String,
+    /// What meshlane does instead ("using the default" unless said otherwise).
+    pub instead: String,
 }
+
+/// What a rejected setting falls back to.
+const USING_DEFAULT: &str = "using the default";
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "annotation {}={:?}: {}; using the default",
-            self.annotation, self.value, self.reason
+            "annotation {}={:?}: {}; {}",
+            self.annotation, self.value, self.reason, self.instead
         )
     }
 }
@@ -138,16 +189,25 @@ pub struct MeshConfig {
     /// The proxy's listeners redirected connections go to (node-wide).
     pub outbound_capture_port: u16,
     pub inbound_capture_port: u16,
+    /// Entries of both families: IPv4 ones feed the IPv4 decision (and
+    /// iptables), IPv6 ones the IPv6 decision (and ip6tables). A list with
+    /// entries of one family only includes nothing of the other, as Istio's
+    /// per-family rules do; `*` includes everything of both.
     pub include_outbound_cidrs: Set<Cidr>,
-    /// IPv6 entries of the include list are kept out of the IPv4 decision but
-    /// still count for Istio's "loopback included" rule.
+    /// The include list names a loopback range of either family: Istio then
+    /// omits its "app to a local address" RETURN rules in both families.
     pub include_outbound_has_loopback: bool,
+    /// Entries of both families, as `include_outbound_cidrs`.
     pub exclude_outbound_cidrs: Vec<Cidr>,
     pub include_outbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub include_inbound_ports: Set<u16>,
     pub exclude_inbound_ports: Vec<u16>,
     pub status_port: u16,
+    /// `istio.io/reroute-virtual-interfaces` (or the older
+    /// `traffic.sidecar.istio.io/kubevirtInterfaces`): only rendered into
+    /// Istio's rules; meshlane does not act on it (see `unsupported`).
+    pub reroute_virtual_interfaces: Vec<String>,
     pub dns_capture: bool,
     /// `INVALID_DROP=true`: Istio drops conntrack-INVALID packets. meshlane
     /// keeps no conntrack state, so there is nothing to drop; kept for the
@@ -184,37 +244,35 @@ fn parse_ports(v: &str) -> Result<Vec<u16>, String> {
     Ok(out)
 }
 
-/// Parses `a.b.c.d/n` (or a bare address as /32). IPv6 entries return
-/// `Ok(None)`: meshlane captures IPv4 only for now.
-fn parse_cidr(s: &str) -> Result<Option<Cidr>, String> {
+/// Parses `a.b.c.d/n` or `a:b::/n` (a bare address is /32 or /128).
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
     let (a, len) = match s.split_once('/') {
         Some((a, l)) => (a, Some(l)),
         None => (s, None),
     };
-    if a.contains(':') {
-        // Still validate it so a typo is reported.
-        a.parse::<std::net::Ipv6Addr>()
-            .map_err(|_| format!("{s:?} is not a CIDR"))?;
-        if let Some(l) = len {
-            l.parse::<u8>()
-                .ok()
-                .filter(|l| *l <= 128)
-                .ok_or_else(|| format!("{s:?}: bad prefix length"))?;
-        }
-        return Ok(None);
-    }
-    let addr: Ipv4Addr = a
-        .parse()
-        .map_err(|_| format!("{s:?} is not a CIDR (bad address {a:?})"))?;
-    let len = match len {
-        None => 32,
-        Some(l) => l
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("{s:?} is not a CIDR (prefix length {l:?} is not 0-32)"))?,
+    let (addr, max) = if a.contains(':') {
+        let a6: Ipv6Addr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR (bad IPv6 address {a:?})"))?;
+        (IpAddr::V6(a6), 128u8)
+    } else {
+        let a4: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR (bad address {a:?})"))?;
+        (IpAddr::V4(a4), 32u8)
     };
-    Ok(Some(Cidr { addr, len }))
+    let len =
+        match len {
+            None => max,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                format!("{s:?} is not a CIDR (prefix length {l:?} is not 0-{max})")
+            })?,
+        };
+    Ok(Cidr { addr, len })
+}
+
+fn parse_cidrs(v: &str) -> Result<Vec<Cidr>, String> {
+    split_list(v).map(parse_cidr).collect()
 }
 
 /// Go's strconv.ParseBool, as Istio reads its booleans.
@@ -224,13 +282,6 @@ fn parse_bool(v: &str) -> Option<bool> {
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
         _ => None,
     }
-}
-
-fn is_v6_loopback(s: &str) -> bool {
-    let a = s.split('/').next().unwrap_or("");
-    a.parse::<std::net::Ipv6Addr>()
-        .map(|a| a.is_loopback())
-        .unwrap_or(false)
 }
 
 impl MeshConfig {
@@ -250,6 +301,7 @@ impl MeshConfig {
             include_inbound_ports: Set::All,
             exclude_inbound_ports: vec![ports::STATUS, ports::HEALTH, ports::STATS],
             status_port: ports::STATUS,
+            reroute_virtual_interfaces: Vec::new(),
             dns_capture: false,
             invalid_drop: false,
             bypass_until_ready: false,
@@ -278,6 +330,7 @@ impl MeshConfig {
                 annotation: annotation.to_string(),
                 value: value.to_string(),
                 reason,
+                instead: USING_DEFAULT.into(),
             });
         };
 
@@ -317,39 +370,51 @@ impl MeshConfig {
             }
         }
 
+        // IPv6 entries for a pod that has addresses but no IPv6 one: Istio
+        // writes no ip6tables rules for it, so they cannot apply; the IPv4
+        // entries still do. (A pod without addresses yet keeps them: it is
+        // read again once it has its addresses.)
+        let no_ipv6 = !pod.ips.is_empty() && !pod.ips.iter().any(IpAddr::is_ipv6);
+        let mut v6_ignored = Vec::new();
+        let mut keep_family = |key: &'static str, v: &str, list: Vec<Cidr>| -> Vec<Cidr> {
+            if !no_ipv6 || !list.iter().any(Cidr::is_ipv6) {
+                return list;
+            }
+            let (v6, v4): (Vec<Cidr>, Vec<Cidr>) = list.into_iter().partition(Cidr::is_ipv6);
+            let names: Vec<String> = v6.iter().map(ToString::to_string).collect();
+            v6_ignored.push(ConfigError {
+                annotation: key.to_string(),
+                value: v.to_string(),
+                reason: format!(
+                    "the pod has no IPv6 address, so the IPv6 entries {} cannot apply",
+                    names.join(",")
+                ),
+                instead: "they are ignored; the IPv4 entries apply".into(),
+            });
+            v4
+        };
         if let Some(v) = ann.get(annotation::INCLUDE_OUTBOUND_IP_RANGES) {
             if v.trim() == "*" {
                 cfg.include_outbound_cidrs = Set::All;
             } else {
-                let mut list = Vec::new();
-                let mut loopback = false;
-                let mut failed = None;
-                for s in split_list(v) {
-                    match parse_cidr(s) {
-                        Ok(Some(c)) => {
-                            loopback |= ip::is_loopback(c.addr.to_bits());
-                            list.push(c);
-                        }
-                        Ok(None) => loopback |= is_v6_loopback(s),
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                match failed {
-                    Some(e) => err(annotation::INCLUDE_OUTBOUND_IP_RANGES, v, e),
-                    None => {
+                match parse_cidrs(v) {
+                    Ok(list) => {
+                        // Istio decides "loopback included" from both
+                        // families' lists, whether or not IPv6 is on.
+                        cfg.include_outbound_has_loopback = list.iter().any(Cidr::is_loopback);
+                        let list = keep_family(annotation::INCLUDE_OUTBOUND_IP_RANGES, v, list);
                         cfg.include_outbound_cidrs = Set::Only(list);
-                        cfg.include_outbound_has_loopback = loopback;
                     }
+                    Err(e) => err(annotation::INCLUDE_OUTBOUND_IP_RANGES, v, e),
                 }
             }
         }
         if let Some(v) = ann.get(annotation::EXCLUDE_OUTBOUND_IP_RANGES) {
-            let parsed: Result<Vec<_>, _> = split_list(v).map(parse_cidr).collect();
-            match parsed {
-                Ok(list) => cfg.exclude_outbound_cidrs = list.into_iter().flatten().collect(),
+            match parse_cidrs(v) {
+                Ok(list) => {
+                    cfg.exclude_outbound_cidrs =
+                        keep_family(annotation::EXCLUDE_OUTBOUND_IP_RANGES, v, list);
+                }
                 Err(e) => err(annotation::EXCLUDE_OUTBOUND_IP_RANGES, v, e),
             }
         }
@@ -440,6 +505,14 @@ impl MeshConfig {
                 ));
             }
         }
+        // Istio's newer name wins over its older one.
+        if let Some(v) = ann
+            .get(annotation::REROUTE_VIRTUAL_INTERFACES)
+            .or_else(|| ann.get(annotation::KUBEVIRT_INTERFACES))
+        {
+            cfg.reroute_virtual_interfaces = split_list(v).map(str::to_string).collect();
+        }
+        errors.extend(v6_ignored);
         cfg.errors = errors;
         cfg
     }
@@ -505,19 +578,20 @@ impl MeshConfig {
             add(port_list::INBOUND_INCLUDE, ps);
         }
         let mut cidrs = Vec::new();
+        let mut cidrs6 = Vec::new();
         let mut add_cidrs = |list: u32, cs: &[Cidr]| {
             for c in cs {
                 // The trie matches on the prefix bits only; clear the host
                 // bits so two spellings of one network are one key.
-                let net = if c.len == 0 {
-                    0
-                } else {
-                    c.addr.to_bits() & (u32::MAX << (32 - u32::from(c.len)))
-                };
-                cidrs.push((
-                    CIDR_KEY_FIXED_BITS + u32::from(c.len),
-                    cidr_key_data(list, netns_cookie, net),
-                ));
+                let len = CIDR_KEY_FIXED_BITS + u32::from(c.len);
+                match c.network() {
+                    IpAddr::V4(net) => {
+                        cidrs.push((len, cidr_key_data(list, netns_cookie, net.to_bits())))
+                    }
+                    IpAddr::V6(net) => {
+                        cidrs6.push((len, cidr6_key_data(list, netns_cookie, V6::from_std(net))))
+                    }
+                }
             }
         };
         add_cidrs(cidr_list::OUTBOUND_EXCLUDE, &self.exclude_outbound_cidrs);
@@ -528,53 +602,82 @@ impl MeshConfig {
             pod: self.pod_config(ips),
             ports,
             cidrs,
-            cidrs6: Vec::new(),
+            cidrs6,
         }
     }
 }
 
-/// The host's answer to the per-pod lists, for tests of the shared decision.
-impl PodLists for MeshConfig {
-    fn outbound_port_excluded(&self, port: u16) -> bool {
-        self.exclude_outbound_ports.contains(&port)
+/// The host's answer to the per-pod lists (what the kernel reads from its
+/// maps), for tests of the shared decision: a pod's config with its
+/// addresses. Like the kernel's `POD_BY_IP`/`POD_BY_IP6`, every address of
+/// the pod counts as its own.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLists<'a> {
+    pub cfg: &'a MeshConfig,
+    pub ips: &'a [IpAddr],
+}
+
+impl MeshConfig {
+    /// The per-pod lists of this config for a pod with addresses `ips`.
+    pub fn lists<'a>(&'a self, ips: &'a [IpAddr]) -> HostLists<'a> {
+        HostLists { cfg: self, ips }
     }
-    fn outbound_port_included(&self, port: u16) -> bool {
-        self.include_outbound_ports.contains(&port)
-    }
-    fn outbound_cidr_excluded(&self, addr: u32) -> bool {
-        self.exclude_outbound_cidrs
+}
+
+impl HostLists<'_> {
+    fn excluded(&self, a: IpAddr) -> bool {
+        self.cfg
+            .exclude_outbound_cidrs
             .iter()
-            .any(|c| c.contains(Ipv4Addr::from_bits(addr)))
+            .any(|c| c.contains(a))
     }
-    fn outbound_cidr_included(&self, addr: u32) -> bool {
-        match &self.include_outbound_cidrs {
+    fn included(&self, a: IpAddr) -> bool {
+        match &self.cfg.include_outbound_cidrs {
             Set::All => true,
-            Set::Only(cs) => cs.iter().any(|c| c.contains(Ipv4Addr::from_bits(addr))),
+            Set::Only(cs) => cs.iter().any(|c| c.contains(a)),
         }
     }
+}
+
+impl PodLists for HostLists<'_> {
+    fn outbound_port_excluded(&self, port: u16) -> bool {
+        self.cfg.exclude_outbound_ports.contains(&port)
+    }
+    fn outbound_port_included(&self, port: u16) -> bool {
+        self.cfg.include_outbound_ports.contains(&port)
+    }
+    fn outbound_cidr_excluded(&self, addr: u32) -> bool {
+        self.excluded(IpAddr::V4(Ipv4Addr::from_bits(addr)))
+    }
+    fn outbound_cidr_included(&self, addr: u32) -> bool {
+        self.included(IpAddr::V4(Ipv4Addr::from_bits(addr)))
+    }
+    fn outbound_cidr_excluded6(&self, addr: V6) -> bool {
+        self.excluded(IpAddr::V6(addr.to_std()))
+    }
+    fn outbound_cidr_included6(&self, addr: V6) -> bool {
+        self.included(IpAddr::V6(addr.to_std()))
+    }
     fn inbound_port_excluded(&self, port: u16) -> bool {
-        self.exclude_inbound_ports.contains(&port)
-    }
-    fn outbound_cidr_excluded6(&self, _addr: V6) -> bool {
-        false
-    }
-    fn outbound_cidr_included6(&self, _addr: V6) -> bool {
-        matches!(self.include_outbound_cidrs, Set::All)
-    }
-    fn is_pod_ip4(&self, _addr: u32) -> bool {
-        false
-    }
-    fn is_pod_ip6(&self, _addr: V6) -> bool {
-        false
-    }
-    fn pod_src6(&self) -> Option<V6> {
-        None
+        self.cfg.exclude_inbound_ports.contains(&port)
     }
     fn inbound_port_included(&self, port: u16) -> bool {
-        match &self.include_inbound_ports {
+        match &self.cfg.include_inbound_ports {
             Set::All => true,
             Set::Only(ps) => ps.contains(&port),
         }
+    }
+    fn is_pod_ip4(&self, addr: u32) -> bool {
+        self.ips.contains(&IpAddr::V4(Ipv4Addr::from_bits(addr)))
+    }
+    fn is_pod_ip6(&self, addr: V6) -> bool {
+        self.ips.contains(&IpAddr::V6(addr.to_std()))
+    }
+    fn pod_src6(&self) -> Option<V6> {
+        self.ips.iter().find_map(|a| match a {
+            IpAddr::V6(a) => Some(V6::from_std(*a)),
+            IpAddr::V4(_) => None,
+        })
     }
 }
 

@@ -1,15 +1,19 @@
 //! The shared decision against an independent oracle: a small interpreter of
-//! the `nat` table in Istio's real rules (tests/data/istio-cni). For
-//! every golden case, the pod's annotations go through meshlane's parser into
-//! the kernel's PodConfig, and random connects must get the same outcome
-//! from `decide_connect` as from walking Istio's rules.
+//! the `nat` table in Istio's real rules (tests/data/istio-cni, and the
+//! iptables and ip6tables rules of tests/data/istio-ipv6). For every golden
+//! case, the pod's annotations go through meshlane's parser into the
+//! kernel's PodConfig, and random connects must get the same outcome from
+//! `decide_connect`/`decide_connect6` as from walking Istio's rules.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
-use meshlane_common::decide::{decide_connect, Connect};
+use meshlane_common::{
+    decide::{decide_connect, decide_connect6, Connect},
+    V6,
+};
 use proptest::prelude::*;
 
 use meshlane::{
@@ -20,6 +24,17 @@ use meshlane::{
 };
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5);
+/// `::6`, which Istio's set-up adds to lo of an IPv6 pod.
+const PASSTHROUGH6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+fn v4_only() -> Vec<IpAddr> {
+    vec![IpAddr::V4(POD_IP)]
+}
+
+fn dual_stack() -> Vec<IpAddr> {
+    vec![IpAddr::V4(POD_IP), IpAddr::V6(POD_IP6)]
+}
 
 /// Istio's rules, copied into the repository (tests/data/README.md).
 fn goldens_dir() -> PathBuf {
@@ -80,8 +95,8 @@ fn cases() -> Vec<Case> {
 struct Packet {
     uid: u32,
     gid: u32,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     dport: u16,
     tcp: bool,
     out_lo: bool,
@@ -89,12 +104,27 @@ struct Packet {
     mark: u32,
 }
 
-fn cidr_match(spec: &str, a: Ipv4Addr) -> bool {
+/// `-s`/`-d` of a rule; the rules of one family only ever meet packets of
+/// that family (a mismatch is a bug in the test).
+fn cidr_match(spec: &str, a: IpAddr) -> bool {
     let (net, len) = spec
         .split_once('/')
-        .map_or((spec, 32), |(n, l)| (n, l.parse().unwrap()));
-    let net: Ipv4Addr = net.parse().unwrap();
-    meshlane_common::ip::in_prefix(a.to_bits(), net.to_bits(), len)
+        .map_or((spec, None), |(n, l)| (n, Some(l.parse::<u32>().unwrap())));
+    match (net.parse::<IpAddr>().unwrap(), a) {
+        (IpAddr::V4(net), IpAddr::V4(a)) => {
+            meshlane_common::ip::in_prefix(a.to_bits(), net.to_bits(), len.unwrap_or(32) as u8)
+        }
+        (IpAddr::V6(net), IpAddr::V6(a)) => {
+            let len = len.unwrap_or(128);
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            a.to_bits() & mask == net.to_bits() & mask
+        }
+        (n, a) => panic!("rule {spec} ({n}) met a packet of the other family ({a})"),
+    }
 }
 
 /// Evaluates one rule's matches; returns the target (and its port) if all match.
@@ -321,21 +351,55 @@ fn mangle_outcome(rules: &str, p: &Packet) -> Option<u16> {
 /// loopback address cannot reach an address off the pod (no route), so
 /// nothing is redirected under either mechanism.
 fn routable(p: &Packet) -> bool {
+    // ::1 is IPv6's loopback; ::6 is an ordinary address on lo.
     !p.src.is_loopback() || p.out_lo
 }
 
-/// What meshlane does for the same connect: the redirect port, or None.
+fn v4(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("{a} is not IPv4"),
+    }
+}
+
+/// What meshlane does for the same connect from an AF_INET socket of an
+/// IPv4-only pod: the redirect port, or None.
 fn meshlane_outcome(cfg: &MeshConfig, p: &Packet, bound: u32) -> Option<u16> {
-    let pc = cfg.pod_config(&[IpAddr::V4(POD_IP)]);
+    meshlane_outcome_in(cfg, &v4_only(), p, bound)
+}
+
+/// The same for a pod with addresses `ips`.
+fn meshlane_outcome_in(cfg: &MeshConfig, ips: &[IpAddr], p: &Packet, bound: u32) -> Option<u16> {
+    let pc = cfg.pod_config(ips);
     let c = Connect {
         uid: p.uid,
         gid: p.gid,
         bound_addr: bound,
-        dst_addr: p.dst.to_bits(),
+        dst_addr: v4(p.dst).to_bits(),
         dst_port: p.dport,
         tcp: p.tcp,
     };
-    decide_connect(&pc, cfg, &c).port(&pc)
+    decide_connect(&pc, &cfg.lists(ips), &c).port(&pc)
+}
+
+/// What meshlane does for the connect of an AF_INET6 socket bound to
+/// `bound` (:: when unbound) to `dst` (native IPv6, or IPv4-mapped when the
+/// packet is IPv4).
+fn meshlane_outcome6(cfg: &MeshConfig, ips: &[IpAddr], p: &Packet, bound: Ipv6Addr) -> Option<u16> {
+    let pc = cfg.pod_config(ips);
+    let dst = match p.dst {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    let c = Connect {
+        uid: p.uid,
+        gid: p.gid,
+        bound_addr: V6::from_std(bound),
+        dst_addr: V6::from_std(dst),
+        dst_port: p.dport,
+        tcp: p.tcp,
+    };
+    decide_connect6(&pc, &cfg.lists(ips), &c).port(&pc)
 }
 
 /// The source address the kernel would use (bound, else its own choice).
@@ -357,8 +421,34 @@ fn packet(
     Packet {
         uid,
         gid,
-        src,
-        dst,
+        src: src.into(),
+        dst: dst.into(),
+        dport,
+        tcp,
+        out_lo: local,
+        mark: 0,
+    }
+}
+
+/// An IPv6 packet leaving a dual-stack pod. Unbound, the kernel picks the
+/// destination itself as source when it is an address of the pod's own
+/// (::1, ::6 on lo, the pod's address: "prefer the same address"), else the
+/// pod's address.
+fn packet6(
+    uid: u32,
+    gid: u32,
+    bound: Option<Ipv6Addr>,
+    dst: Ipv6Addr,
+    dport: u16,
+    tcp: bool,
+) -> Packet {
+    let local = dst == Ipv6Addr::LOCALHOST || dst == PASSTHROUGH6 || dst == POD_IP6;
+    let src = bound.unwrap_or(if local { dst } else { POD_IP6 });
+    Packet {
+        uid,
+        gid,
+        src: src.into(),
+        dst: dst.into(),
         dport,
         tcp,
         out_lo: local,
@@ -448,8 +538,6 @@ proptest! {
         let bound = bind_6.then_some(Ipv4Addr::new(127, 0, 0, 6));
         let p = packet(&[POD_IP], uid, gid, bound, dst, dport, tcp);
         let ipt = iptables_outcome(&case.rules, &p);
-        // UDP redirects (DNS capture) are not done by the connect hook yet.
-        prop_assume!(tcp || ipt.is_none());
         prop_assert_eq!(
             meshlane_outcome(&cfg, &p, bound.map_or(0, Ipv4Addr::to_bits)),
             ipt,
@@ -676,5 +764,497 @@ fn bad_node_defaults_name_the_flag_and_value() {
     assert_eq!(
         NodeDefaults::new(1337, 15001, 15006),
         Ok(NodeDefaults::ISTIO)
+    );
+}
+
+// ---- IPv6 ----
+
+/// Istio's iptables and ip6tables rules for IPv6 pods (tests/data/README.md).
+fn ipv6_goldens_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/istio-ipv6")
+}
+
+/// One case of tests/data/istio-ipv6: a dual-stack pod and Istio's rules of
+/// both families for it.
+struct Case6 {
+    name: String,
+    pod: Pod,
+    rules_v4: String,
+    rules_v6: String,
+    cni_exact: bool,
+}
+
+fn ipv6_cases() -> Vec<Case6> {
+    let dir = ipv6_goldens_dir();
+    let text = std::fs::read_to_string(dir.join("cases.json"))
+        .unwrap_or_else(|e| panic!("golden cases not found in {} ({e})", dir.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("cases.json parses");
+    v["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| {
+            let name: String = c["name"].as_str().unwrap().into();
+            let annotations: BTreeMap<String, String> =
+                serde_json::from_value(c["annotations"].clone()).expect("annotations");
+            let proxy_env: BTreeMap<String, String> =
+                serde_json::from_value(c["proxy_env"].clone()).expect("env");
+            // A list of ids is a set-up no pod can have (the case is not
+            // cni_exact); the pod then gets no runAsUser at all.
+            let id = |k: &str| c[k].as_i64();
+            let read = |k: &str| {
+                std::fs::read_to_string(dir.join(c[k].as_str().unwrap())).expect("rules file")
+            };
+            Case6 {
+                pod: Pod {
+                    namespace: "default".into(),
+                    name: name.clone(),
+                    annotations,
+                    ips: dual_stack(),
+                    host_network: false,
+                    meshed: true,
+                    proxy_run_as_user: id("proxy_uid"),
+                    proxy_run_as_group: id("proxy_gid"),
+                    proxy_env,
+                },
+                rules_v4: read("rules_v4"),
+                rules_v6: read("rules_v6"),
+                cni_exact: c["cni_exact"].as_bool().expect("cni_exact"),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// Why a case that is not `cni_exact` cannot be reproduced from a pod: the
+/// set-up of Istio's test that no pod annotation (or proxy env, or
+/// securityContext) expresses.
+fn not_expressible(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "ipv6-uid-gid" => {
+            "two proxy uids (3,4) and gids (1,2): a pod has one runAsUser and one runAsGroup"
+        }
+        "ipv6-dns-outbound-owner-groups" => {
+            "OwnerGroupsInclude=java,202 comes from ISTIO_OUTBOUND_OWNER_GROUPS in the CNI plugin's own environment, not from the pod"
+        }
+        "dns-uid-gid" => {
+            "two proxy uids/gids, and DNS capture limited to explicit resolvers (127.0.0.53, ::127.0.0.53): the CNI's ISTIO_META_DNS_CAPTURE captures all DNS"
+        }
+        "tproxy" => {
+            "DNS capture limited to the resolver 127.0.0.53 (the CNI captures all DNS), and no automatic 15020/15021/15090 inbound excludes (the CNI adds them for includeInboundPorts '*'); excludeInterfaces, which meshlane does not render, is also set"
+        }
+        _ => return None,
+    })
+}
+
+#[test]
+fn rendered_rules_equal_the_ipv6_goldens_byte_for_byte() {
+    let cases = ipv6_cases();
+    assert_eq!(cases.len(), 8, "istio-ipv6/cases.json lists eight cases");
+    let mut compared = 0;
+    for case in &cases {
+        if !case.cni_exact {
+            let why = not_expressible(&case.name)
+                .unwrap_or_else(|| panic!("case {}: not cni_exact, and no reason here", case.name));
+            println!("skipping {}: not reproducible from a pod: {why}", case.name);
+            continue;
+        }
+        let cfg = MeshConfig::from_pod(&case.pod);
+        assert!(cfg.errors.is_empty(), "{}: {:?}", case.name, cfg.errors);
+        for (family, got, want) in [
+            ("iptables", iptables::render(&cfg), &case.rules_v4),
+            ("ip6tables", iptables::render6(&cfg), &case.rules_v6),
+        ] {
+            let got = got.expect("captured");
+            assert!(
+                &got == want,
+                "case {} ({family}): rendered rules differ from the golden\n--- golden\n{}--- rendered\n{}",
+                case.name,
+                want,
+                got
+            );
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 4, "four cases are cni_exact");
+}
+
+fn dst6_strategy() -> impl Strategy<Value = Ipv6Addr> {
+    prop_oneof![
+        Just(POD_IP6),
+        Just(Ipv6Addr::LOCALHOST),
+        Just(PASSTHROUGH6),
+        any::<u64>().prop_map(|x| Ipv6Addr::from_bits((0x2001_0db8u128 << 96) | u128::from(x))),
+        any::<u64>()
+            .prop_map(|x| Ipv6Addr::from_bits((0xfd00_0010_0244u128 << 80) | u128::from(x))),
+        any::<u128>().prop_map(Ipv6Addr::from_bits),
+    ]
+}
+
+/// Where a connection from an IPv6 socket of a dual-stack pod goes under
+/// Istio's rules: native IPv6 meets the ip6tables rules, IPv4-mapped the
+/// iptables ones.
+fn check6(
+    cfg: &MeshConfig,
+    rules_v6: &str,
+    p6: &Packet,
+    bound6: Option<Ipv6Addr>,
+) -> Result<(), TestCaseError> {
+    // Known divergence (see unbound_connect_to_passthrough6_is_istios_passthrough):
+    // unbound, the kernel picks ::6 itself as source for ::6, which Istio's
+    // `-o lo -s ::6/128 -j RETURN` passes; decide_connect6 sees only `::`.
+    if bound6.is_none() && p6.dst == IpAddr::V6(PASSTHROUGH6) {
+        return Ok(());
+    }
+    let ips = dual_stack();
+    prop_assert_eq!(
+        meshlane_outcome6(cfg, &ips, p6, bound6.unwrap_or(Ipv6Addr::UNSPECIFIED)),
+        iptables_outcome(rules_v6, p6),
+        "native IPv6 {:?}\n{}",
+        p6,
+        rules_v6
+    );
+    Ok(())
+}
+
+/// An IPv4 connect, from an AF_INET socket and from an AF_INET6 one to the
+/// IPv4-mapped address, of a dual-stack pod, against the iptables rules.
+fn check_mapped(
+    cfg: &MeshConfig,
+    rules_v4: &str,
+    p: &Packet,
+    bound: Option<Ipv4Addr>,
+) -> Result<(), TestCaseError> {
+    let ips = dual_stack();
+    let ipt = iptables_outcome(rules_v4, p);
+    prop_assert_eq!(
+        meshlane_outcome_in(cfg, &ips, p, bound.map_or(0, Ipv4Addr::to_bits)),
+        ipt,
+        "AF_INET {:?}\n{}",
+        p,
+        rules_v4
+    );
+    let bound6 = bound.map_or(Ipv6Addr::UNSPECIFIED, |b| b.to_ipv6_mapped());
+    prop_assert_eq!(
+        meshlane_outcome6(cfg, &ips, p, bound6),
+        ipt,
+        "AF_INET6 to IPv4-mapped {:?}\n{}",
+        p,
+        rules_v4
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// The four cni_exact IPv6 goldens, walked directly (not meshlane's
+    /// rendering): native IPv6 against the ip6tables rules, IPv4 and
+    /// IPv4-mapped against the iptables rules.
+    #[test]
+    fn decision_matches_istio_ipv6_goldens(
+        case_idx in 0usize..4,
+        uid in uid_strategy(),
+        gid in uid_strategy(),
+        bind_6 in prop::bool::weighted(0.15),
+        dst6 in dst6_strategy(),
+        dst in dst_strategy(),
+        dport in port_strategy(),
+        tcp in prop::bool::weighted(0.9),
+    ) {
+        let cases: Vec<Case6> = ipv6_cases().into_iter().filter(|c| c.cni_exact).collect();
+        let case = &cases[case_idx];
+        let cfg = MeshConfig::from_pod(&case.pod);
+        let bound6 = bind_6.then_some(PASSTHROUGH6);
+        check6(&cfg, &case.rules_v6, &packet6(uid, gid, bound6, dst6, dport, tcp), bound6)?;
+        let bound = bind_6.then_some(Ipv4Addr::new(127, 0, 0, 6));
+        check_mapped(&cfg, &case.rules_v4, &packet(&[POD_IP], uid, gid, bound, dst, dport, tcp), bound)?;
+    }
+}
+
+fn cidr6_pool() -> Vec<&'static str> {
+    vec![
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "10.244.1.5/32",
+        "0.0.0.0/0",
+        "2001:db8::/32",
+        "2001:db8:1::/48",
+        "fd00:10:244::/48",
+        "fd00:10:244:1::5/128",
+        "::/0",
+        "::1/128",
+        "::ffff:10.0.0.0/104",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// Any combination of the outbound annotations with ranges of both
+    /// families, for a dual-stack pod: meshlane's iptables and ip6tables
+    /// rendering, walked, agree with the kernel's decision for AF_INET,
+    /// IPv4-mapped and native IPv6 connects, TCP and UDP (DNS).
+    #[test]
+    fn decision_matches_rendered_ip6tables_for_random_annotations(
+        excl_ports in list_strategy(vec!["53", "80", "9080", "15020"]),
+        incl_ports in list_strategy(vec!["53", "443", "9080"]),
+        incl_cidrs in prop::option::of(prop_oneof![Just("*".to_string()), list_strategy(cidr6_pool()).prop_map(Option::unwrap_or_default)]),
+        excl_cidrs in list_strategy(cidr6_pool()),
+        dns in any::<bool>(),
+        tproxy in prop::bool::weighted(0.2),
+        custom in any::<bool>(),
+        uid in uid_strategy(),
+        gid in uid_strategy(),
+        bind_6 in prop::bool::weighted(0.15),
+        dst6 in dst6_strategy(),
+        dst in dst_strategy(),
+        dport in port_strategy(),
+        tcp in prop::bool::weighted(0.8),
+    ) {
+        let mut ann = Vec::new();
+        if let Some(v) = &excl_ports { ann.push((annotation::EXCLUDE_OUTBOUND_PORTS, v.as_str())); }
+        if let Some(v) = &incl_ports { ann.push((annotation::INCLUDE_OUTBOUND_PORTS, v.as_str())); }
+        if let Some(v) = &incl_cidrs { ann.push((annotation::INCLUDE_OUTBOUND_IP_RANGES, v.as_str())); }
+        if let Some(v) = &excl_cidrs { ann.push((annotation::EXCLUDE_OUTBOUND_IP_RANGES, v.as_str())); }
+        if tproxy { ann.push((annotation::INTERCEPTION_MODE, "TPROXY")); }
+        let mut pod = pod_with(&ann);
+        pod.ips = dual_stack();
+        if dns { pod.proxy_env.insert(DNS_CAPTURE_ENV.into(), "true".into()); }
+        if custom {
+            pod.proxy_run_as_user = Some(1_000_670_000);
+            pod.proxy_run_as_group = Some(1_000_670_001);
+        }
+        let cfg = MeshConfig::from_pod(&pod);
+        prop_assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
+        let rules_v4 = iptables::render(&cfg).expect("rules");
+        let rules_v6 = iptables::render6(&cfg).expect("rules");
+        let bound6 = bind_6.then_some(PASSTHROUGH6);
+        check6(&cfg, &rules_v6, &packet6(uid, gid, bound6, dst6, dport, tcp), bound6)?;
+        let bound = bind_6.then_some(Ipv4Addr::new(127, 0, 0, 6));
+        check_mapped(&cfg, &rules_v4, &packet(&[POD_IP], uid, gid, bound, dst, dport, tcp), bound)?;
+    }
+}
+
+/// Known divergence, for the owner of meshlane_common::decide: an unbound
+/// AF_INET6 socket of the proxy connecting to `[::6]:P` gets `::6` as its
+/// source (the kernel prefers the destination itself when it is a local
+/// address), so Istio's `-o lo -s ::6/128 -j RETURN` leaves it alone;
+/// decide_connect6 sees the unbound `::` and sends it to the inbound
+/// listener. (IPv4 has no twin: unbound to 127.0.0.6 gets 127.0.0.1.)
+#[test]
+#[ignore = "decide_connect6 does not yet treat an unbound connect to ::6 as from ::6"]
+fn unbound_connect_to_passthrough6_is_istios_passthrough() {
+    let cfg = MeshConfig::from_pod(&Pod {
+        ips: dual_stack(),
+        ..pod_with(&[])
+    });
+    let rules = iptables::render6(&cfg).expect("rules");
+    let p = packet6(1337, 1337, None, PASSTHROUGH6, 9080, true);
+    assert_eq!(iptables_outcome(&rules, &p), None, "Istio: passthrough");
+    assert_eq!(
+        meshlane_outcome6(&cfg, &dual_stack(), &p, Ipv6Addr::UNSPECIFIED),
+        None
+    );
+}
+
+fn dual_pod_with(ann: &[(&str, &str)]) -> Pod {
+    Pod {
+        ips: dual_stack(),
+        ..pod_with(ann)
+    }
+}
+
+#[test]
+fn ipv6_ranges_become_cidrs6_entries_with_host_bits_cleared() {
+    use meshlane_common::{cidr6_key_data, cidr_key_data, cidr_list};
+    let cfg = MeshConfig::from_pod(&dual_pod_with(&[
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "10.1.2.3/8, 2001:db8:1:2::7/48",
+        ),
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "fd00::/8,192.168.0.0/16,::1",
+        ),
+    ]));
+    assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
+    assert!(cfg.include_outbound_has_loopback, "::1 is a loopback range");
+    let e = cfg.entries(42, &dual_stack());
+    assert!(e.pod.flags & meshlane_common::flags::IPV6 != 0);
+    let net6 = |s: &str| V6::from_std(s.parse().unwrap());
+    assert_eq!(
+        e.cidrs6,
+        vec![
+            (
+                96 + 48,
+                cidr6_key_data(cidr_list::OUTBOUND_EXCLUDE, 42, net6("2001:db8:1::"))
+            ),
+            (
+                96 + 8,
+                cidr6_key_data(cidr_list::OUTBOUND_INCLUDE, 42, net6("fd00::"))
+            ),
+            (
+                96 + 128,
+                cidr6_key_data(cidr_list::OUTBOUND_INCLUDE, 42, net6("::1"))
+            ),
+        ]
+    );
+    // The IPv4 entries are as before, and only IPv4 ones are in CIDRS.
+    assert_eq!(
+        e.cidrs,
+        vec![
+            (
+                96 + 8,
+                cidr_key_data(cidr_list::OUTBOUND_EXCLUDE, 42, 0x0a00_0000)
+            ),
+            (
+                96 + 16,
+                cidr_key_data(cidr_list::OUTBOUND_INCLUDE, 42, 0xc0a8_0000)
+            ),
+        ]
+    );
+    // `*` writes no include entries of either family.
+    let all = MeshConfig::from_pod(&dual_pod_with(&[
+        (annotation::INCLUDE_OUTBOUND_IP_RANGES, "*"),
+        (annotation::EXCLUDE_OUTBOUND_IP_RANGES, "2001:db8::/32"),
+    ]));
+    let e = all.entries(7, &dual_stack());
+    assert_eq!(e.cidrs6.len(), 1);
+    assert!(e.cidrs.is_empty());
+    // And each family's rules get only their own ranges.
+    let v4 = iptables::render(&cfg).unwrap();
+    let v6 = iptables::render6(&cfg).unwrap();
+    assert!(!v4.contains("2001:db8") && !v4.contains("fd00"), "{v4}");
+    assert!(!v6.contains("10.1.2.3") && !v6.contains("192.168"), "{v6}");
+    assert!(
+        v6.contains("-A ISTIO_OUTPUT -d 2001:db8:1:2::7/48 -j RETURN\n"),
+        "{v6}"
+    );
+    assert!(
+        v6.contains("-A ISTIO_OUTPUT -d fd00::/8 -j ISTIO_REDIRECT\n"),
+        "{v6}"
+    );
+}
+
+#[test]
+fn bad_ipv6_ranges_are_reported_and_fall_back_to_capturing_defaults() {
+    for (key, value, needle) in [
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "2001:db8::/129",
+            "0-128",
+        ),
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "10.0.0.0/8,2001:db8::zz/32",
+            "bad IPv6 address",
+        ),
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "fd00::/8,10.0.0.0/33",
+            "0-32",
+        ),
+        (annotation::INCLUDE_OUTBOUND_IP_RANGES, "fd00::/x", "0-128"),
+    ] {
+        let cfg = MeshConfig::from_pod(&dual_pod_with(&[(key, value)]));
+        let d = MeshConfig::istio_default();
+        assert_eq!(
+            cfg.exclude_outbound_cidrs, d.exclude_outbound_cidrs,
+            "{value}"
+        );
+        assert_eq!(cfg.include_outbound_cidrs, Set::All, "{value}");
+        let msgs: Vec<String> = cfg.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(
+            msgs[0].contains(key) && msgs[0].contains(value) && msgs[0].contains(needle),
+            "{msgs:?}"
+        );
+        assert!(msgs[0].ends_with("using the default"), "{msgs:?}");
+    }
+}
+
+#[test]
+fn ipv6_ranges_of_a_pod_without_ipv6_are_reported_and_the_ipv4_ones_apply() {
+    let cfg = MeshConfig::from_pod(&pod_with(&[
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "10.0.0.0/8,2001:db8::/32",
+        ),
+        (annotation::EXCLUDE_OUTBOUND_IP_RANGES, "fd00::/8"),
+    ]));
+    let msgs: Vec<String> = cfg.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(msgs.len(), 2, "{msgs:#?}");
+    for (key, value, entry) in [
+        (
+            annotation::INCLUDE_OUTBOUND_IP_RANGES,
+            "10.0.0.0/8,2001:db8::/32",
+            "2001:db8::/32",
+        ),
+        (
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            "fd00::/8",
+            "fd00::/8",
+        ),
+    ] {
+        assert!(
+            msgs.iter().any(|m| m.contains(key)
+                && m.contains(&format!("{value:?}"))
+                && m.contains(entry)
+                && m.contains("no IPv6 address")
+                && m.contains("the IPv4 entries apply")),
+            "{msgs:#?}"
+        );
+    }
+    let ten: IpAddr = "10.0.0.0".parse().unwrap();
+    assert_eq!(
+        cfg.include_outbound_cidrs,
+        Set::Only(vec![Cidr { addr: ten, len: 8 }])
+    );
+    assert!(cfg.exclude_outbound_cidrs.is_empty());
+    let e = cfg.entries(1, &v4_only());
+    assert_eq!(e.cidrs.len(), 1);
+    assert!(e.cidrs6.is_empty());
+    assert_eq!(e.pod.flags & meshlane_common::flags::IPV6, 0);
+    // The IPv4 rules are those of the IPv4 entries alone.
+    let only_v4 = MeshConfig::from_pod(&pod_with(&[(
+        annotation::INCLUDE_OUTBOUND_IP_RANGES,
+        "10.0.0.0/8",
+    )]));
+    assert_eq!(iptables::render(&cfg), iptables::render(&only_v4));
+    // A pod whose addresses are not known yet keeps them (no error): it is
+    // read again once it has its addresses.
+    let mut waiting = pod_with(&[(annotation::EXCLUDE_OUTBOUND_IP_RANGES, "fd00::/8")]);
+    waiting.ips.clear();
+    let cfg = MeshConfig::from_pod(&waiting);
+    assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
+    assert_eq!(cfg.exclude_outbound_cidrs.len(), 1);
+}
+
+#[test]
+fn ipv6_dns_capture_rules_render_with_the_ipv6_loopbacks() {
+    let mut pod = dual_pod_with(&[]);
+    pod.proxy_env.insert(DNS_CAPTURE_ENV.into(), "true".into());
+    let cfg = MeshConfig::from_pod(&pod);
+    let v6 = iptables::render6(&cfg).unwrap();
+    for line in [
+        "-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS\n",
+        "-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053\n",
+        "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053\n",
+        "-A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN\n",
+        "-A ISTIO_OUTPUT -o lo ! -d ::1/128 -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT\n",
+        "-A ISTIO_OUTPUT -d ::1/128 -j RETURN\n",
+        "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2\n",
+    ] {
+        assert!(v6.contains(line), "missing {line:?} in\n{v6}");
+    }
+    assert!(!v6.contains("127.0.0."), "{v6}");
+    // Capture-all DNS writes the same rules in both families but for the
+    // loopback addresses (Istio's AppendRule without a resolver address).
+    let v4 = iptables::render(&cfg).unwrap();
+    assert_eq!(
+        v4.replace("127.0.0.1/32", "::1/128")
+            .replace("127.0.0.6/32", "::6/128"),
+        v6
     );
 }
