@@ -296,10 +296,13 @@ items:
         let p = &pods[0];
         assert_eq!(p.key(), "bookinfo/productpage");
         assert!(p.meshed);
-        assert_eq!(p.ips, vec![
-            IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5)),
-            IpAddr::V6("fd00::5".parse().unwrap())
-        ]);
+        assert_eq!(
+            p.ips,
+            vec![
+                IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5)),
+                IpAddr::V6("fd00::5".parse().unwrap())
+            ]
+        );
         assert_eq!(p.proxy_run_as_user, Some(1_000_670_000));
         assert_eq!(p.proxy_run_as_group, Some(1_000_670_001));
         assert_eq!(

@@ -900,12 +900,6 @@ fn check6(
     p6: &Packet,
     bound6: Option<Ipv6Addr>,
 ) -> Result<(), TestCaseError> {
-    // Known divergence (see unbound_connect_to_passthrough6_is_istios_passthrough):
-    // unbound, the kernel picks ::6 itself as source for ::6, which Istio's
-    // `-o lo -s ::6/128 -j RETURN` passes; decide_connect6 sees only `::`.
-    if bound6.is_none() && p6.dst == IpAddr::V6(PASSTHROUGH6) {
-        return Ok(());
-    }
     let ips = dual_stack();
     prop_assert_eq!(
         meshlane_outcome6(cfg, &ips, p6, bound6.unwrap_or(Ipv6Addr::UNSPECIFIED)),
@@ -1036,14 +1030,13 @@ proptest! {
     }
 }
 
-/// Known divergence, for the owner of meshlane_common::decide: an unbound
-/// AF_INET6 socket of the proxy connecting to `[::6]:P` gets `::6` as its
-/// source (the kernel prefers the destination itself when it is a local
-/// address), so Istio's `-o lo -s ::6/128 -j RETURN` leaves it alone;
-/// decide_connect6 sees the unbound `::` and sends it to the inbound
-/// listener. (IPv4 has no twin: unbound to 127.0.0.6 gets 127.0.0.1.)
+/// Found by the property test: an unbound AF_INET6 socket of the proxy
+/// connecting to `[::6]:P` gets `::6` as its source (the kernel prefers the
+/// destination itself when it is a local address), so Istio's
+/// `-o lo -s ::6/128 -j RETURN` leaves it alone; decide_connect6 must not
+/// send it to the inbound listener. (IPv4 has no twin: unbound to 127.0.0.6 gets 127.0.0.1.)
+/// `Addr::source` models the kernel's choice.
 #[test]
-#[ignore = "decide_connect6 does not yet treat an unbound connect to ::6 as from ::6"]
 fn unbound_connect_to_passthrough6_is_istios_passthrough() {
     let cfg = MeshConfig::from_pod(&Pod {
         ips: dual_stack(),

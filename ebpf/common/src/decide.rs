@@ -47,6 +47,14 @@ pub trait Addr: Copy + PartialEq {
     fn is_on_lo(self) -> bool {
         self.is_loopback()
     }
+    /// The source the kernel gives an unbound socket (`bound` unspecified)
+    /// connecting to `dst`, as far as the rules can tell: for `::6` (a
+    /// local address) that is `::6` itself, which `-s ::6/128` matches;
+    /// an unbound IPv4 socket to 127.0.0.6 gets 127.0.0.1.
+    #[inline(always)]
+    fn source(bound: Self, _dst: Self) -> Self {
+        bound
+    }
     fn is_pod_ip<L: PodLists>(self, cfg: &PodConfig, lists: &L) -> bool;
     fn cidr_excluded<L: PodLists>(self, lists: &L) -> bool;
     fn cidr_included<L: PodLists>(self, lists: &L) -> bool;
@@ -83,6 +91,14 @@ impl Addr for V6 {
     #[inline(always)]
     fn is_on_lo(self) -> bool {
         self.same(V6::LOCALHOST) | self.same(V6::PASSTHROUGH_SRC)
+    }
+    #[inline(always)]
+    fn source(bound: V6, dst: V6) -> V6 {
+        if bound.is_unspecified() && dst.same(V6::PASSTHROUGH_SRC) {
+            V6::PASSTHROUGH_SRC
+        } else {
+            bound
+        }
     }
     #[inline(always)]
     fn is_pod_ip<L: PodLists>(self, _cfg: &PodConfig, lists: &L) -> bool {
@@ -251,7 +267,8 @@ fn decide_nat<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect<A>) 
     // include list names a loopback range.
     let app_local_returns = !cfg.has(flags::INCLUDE_OUTBOUND_HAS_LOOPBACK);
 
-    if c.bound_addr.is_loopback() && !local {
+    let bound = A::source(c.bound_addr, dst);
+    if bound.is_loopback() && !local {
         return Verdict::Pass(Pass::LoopbackSourceOffPod);
     }
     // -p tcp --dport P -j RETURN (excludeOutboundPorts)
@@ -259,7 +276,7 @@ fn decide_nat<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect<A>) 
         return Verdict::Pass(Pass::ExcludedOutboundPort);
     }
     // -o lo -s 127.0.0.6/32 -j RETURN
-    if local && c.bound_addr == A::PASSTHROUGH_SRC {
+    if local && bound == A::PASSTHROUGH_SRC {
         return Verdict::Pass(Pass::InboundPassthroughSource);
     }
     // The proxy calling back into its own pod goes to the inbound listener:

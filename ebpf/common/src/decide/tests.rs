@@ -744,6 +744,9 @@ mod families {
             prop_assume!(!l.out_excl_cidrs.iter().chain(&l.out_incl_cidrs).any(|&(a, _)| ip::is_loopback(a)));
             let v4 = Connect { uid, gid, bound_addr: bound, dst_addr: dst, dst_port: port, tcp };
             let v6 = Connect { uid, gid, bound_addr: twin(bound), dst_addr: twin(dst), dst_port: port, tcp };
+            // Unbound to 127.0.0.6 leaves from 127.0.0.1; unbound to ::6
+            // leaves from ::6 (Addr::source): the twins part there.
+            prop_assume!(!(bound == 0 && dst == ip::INBOUND_PASSTHROUGH_SRC));
             let want = decide_connect(&cfg, &l, &v4);
             // 127.0.0.6 is a loopback address, ::6 is not: a socket bound to
             // it may leave the pod, and Istio's ip6tables (`-o lo -s ::6`)
