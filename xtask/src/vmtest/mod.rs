@@ -81,6 +81,7 @@ const QUICK_SUITE: &[&str] = &[
     "cli",
     "harness_iptables",
     "haproxy",
+    "families",
     "shortcut",
 ];
 /// The binary that runs first and alone: it checks the start-up probes and
