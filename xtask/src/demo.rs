@@ -8,8 +8,8 @@
 
 use anyhow::{bail, Result};
 use meshlane_tests::{
-    mtest_bin, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox, APP_UID,
-    PROXY_UID,
+    mtest_bin, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox, SidecarListen,
+    SidecarOpts, UdpProbeResult, APP_UID, DNS_PROXY_REPLY_PREFIX, PROXY_UID,
 };
 
 struct Case {
@@ -19,6 +19,8 @@ struct Case {
     gid: u32,
     to: String,
     bind: Option<&'static str>,
+    /// More `mtest probe` arguments (`--family inet6`).
+    args: &'static [&'static str],
     /// "POD:15001" / "POD:15006" (that pod's sidecar first) or the name of
     /// the server reached directly.
     expect: &'static str,
@@ -27,7 +29,7 @@ struct Case {
 
 pub fn run() -> Result<()> {
     let mtest = mtest_bin();
-    let mut sb = Sandbox::new("demo")?;
+    let mut sb = Sandbox::new_dual_stack("demo")?;
     sb.add_node2()?;
     let mut pods: Vec<Pod> = ["product", "reviews", "istiod"]
         .iter()
@@ -41,28 +43,51 @@ pub fn run() -> Result<()> {
     procs.push(sb.start_server(
         pp,
         &pp.name,
-        &["0.0.0.0:9080", "127.0.0.1:15000", "0.0.0.0:15090"],
+        &["[::]:9080", "127.0.0.1:15000", "0.0.0.0:15090"],
     )?);
-    procs.push(sb.start_server(rv, &rv.name, &["0.0.0.0:9080"])?);
-    procs.push(sb.start_server(istiod, &istiod.name, &["0.0.0.0:15012", "0.0.0.0:9080"])?);
-    procs.push(sb.start_server(ra, &ra.name, &["0.0.0.0:9080"])?);
+    procs.push(sb.start_server(rv, &rv.name, &["[::]:9080"])?);
+    procs.push(sb.start_server(istiod, &istiod.name, &["0.0.0.0:15012", "[::]:9080"])?);
+    procs.push(sb.start_server(ra, &ra.name, &["[::]:9080"])?);
+    // istiod doubles as the cluster's DNS server (UDP 53, both families).
+    procs.push(sb.start_udp_echo(istiod, "dns", &["[::]:53"])?);
     let mut sidecar_pods = Vec::new();
     for pod in [pp, rv, ra] {
-        procs.push(sb.start_sidecar(pod)?);
+        // Dual-stack listeners, and the DNS proxy's stand-in on 15053.
+        let opts = SidecarOpts {
+            listen: SidecarListen::Dual,
+            dns: true,
+        };
+        procs.push(sb.start_sidecar_with(pod, opts)?);
         logs.push(sb.sidecar_log(pod));
         sidecar_pods.push(pod.name.clone());
     }
     println!("sandbox: node 1 {} with pods:", sb.node_netns());
-    println!("  product     {} (meshed, sidecar uid {PROXY_UID})", pp.ip);
-    println!("  reviews     {} (meshed, sidecar uid {PROXY_UID})", rv.ip);
-    println!("  istiod      {} (not meshed)", istiod.ip);
+    println!(
+        "  product     {} {} (meshed, sidecar uid {PROXY_UID}, DNS capture)",
+        pp.ip,
+        pp.v6()
+    );
+    println!(
+        "  reviews     {} {} (meshed, sidecar uid {PROXY_UID})",
+        rv.ip,
+        rv.v6()
+    );
+    println!(
+        "  istiod      {} {} (not meshed; also the DNS server)",
+        istiod.ip,
+        istiod.v6()
+    );
     println!("node 2, joined by a veth:");
-    println!("  ratings     {} (meshed, sidecar uid {PROXY_UID})", ra.ip);
-    println!("  prom        {} (not meshed)", pods[4].ip);
+    println!(
+        "  ratings     {} {} (meshed, sidecar uid {PROXY_UID})",
+        ra.ip,
+        ra.v6()
+    );
+    println!("  prom        {} {} (not meshed)", pods[4].ip, pods[4].v6());
     let agent = Agent::start(
         &sb,
         &[
-            PodSpec::meshed(pp),
+            PodSpec::meshed(pp).proxy_env("ISTIO_META_DNS_CAPTURE", "true"),
             PodSpec::meshed(rv),
             PodSpec::plain(istiod),
         ],
@@ -91,7 +116,42 @@ pub fn run() -> Result<()> {
     };
 
     let ip = |p: &Pod, port: u16| format!("{}:{port}", p.ip);
+    let ip6 = |p: &Pod, port: u16| format!("[{}]:{port}", p.v6());
+    let mapped = |p: &Pod, port: u16| format!("[{}]:{port}", p.mapped());
     let cases = vec![
+        Case {
+            what: "app AF_INET6 -> ::ffff:remote pod (row 1)",
+            from: 0,
+            uid: APP_UID,
+            gid: APP_UID,
+            to: mapped(rv, 9080),
+            bind: None,
+            args: &["--family", "inet6"],
+            expect: "product:15001",
+            expect_orig: Some(ip(rv, 9080)),
+        },
+        Case {
+            what: "app -> remote pod's IPv6 (row 1)",
+            from: 0,
+            uid: APP_UID,
+            gid: APP_UID,
+            to: ip6(ra, 9080),
+            bind: None,
+            args: &[],
+            expect: "product:15001",
+            expect_orig: Some(ip6(ra, 9080)),
+        },
+        Case {
+            what: "plain pod -> reviews' IPv6 (inbound, row 10)",
+            from: 2,
+            uid: APP_UID,
+            gid: APP_UID,
+            to: ip6(rv, 9080),
+            bind: None,
+            args: &[],
+            expect: "reviews:15006",
+            expect_orig: Some(ip6(rv, 9080)),
+        },
         Case {
             what: "app -> remote pod (type 2, row 1)",
             from: 0,
@@ -99,6 +159,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(rv, 9080),
             bind: None,
+            args: &[],
             expect: "product:15001",
             expect_orig: Some(ip(rv, 9080)),
         },
@@ -109,6 +170,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(istiod, 9080),
             bind: None,
+            args: &[],
             expect: "product:15001",
             expect_orig: Some(ip(istiod, 9080)),
         },
@@ -119,6 +181,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(pp, 9080),
             bind: None,
+            args: &[],
             expect: "product",
             expect_orig: None,
         },
@@ -129,6 +192,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: ip(rv, 9080),
             bind: None,
+            args: &[],
             expect: "reviews:15006",
             expect_orig: Some(ip(rv, 9080)),
         },
@@ -139,6 +203,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: ip(istiod, 9080),
             bind: None,
+            args: &[],
             expect: "istiod",
             expect_orig: None,
         },
@@ -149,6 +214,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: ip(pp, 9080),
             bind: None,
+            args: &[],
             expect: "product:15006",
             expect_orig: Some(ip(pp, 9080)),
         },
@@ -159,6 +225,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: "127.0.0.6:15002".into(),
             bind: None,
+            args: &[],
             expect: "product:15006",
             expect_orig: Some("127.0.0.6:15002".into()),
         },
@@ -169,6 +236,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: "127.0.0.1:15000".into(),
             bind: None,
+            args: &[],
             expect: "product",
             expect_orig: None,
         },
@@ -179,6 +247,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: ip(istiod, 15012),
             bind: None,
+            args: &[],
             expect: "istiod",
             expect_orig: None,
         },
@@ -189,6 +258,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: ip(pp, 9080),
             bind: Some("127.0.0.6"),
+            args: &[],
             expect: "product",
             expect_orig: None,
         },
@@ -199,6 +269,7 @@ pub fn run() -> Result<()> {
             gid: PROXY_UID,
             to: ip(istiod, 9080),
             bind: None,
+            args: &[],
             expect: "istiod",
             expect_orig: None,
         },
@@ -209,6 +280,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(pp, 9080),
             bind: None,
+            args: &[],
             expect: "reviews:15001",
             expect_orig: Some(ip(pp, 9080)),
         },
@@ -219,6 +291,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(rv, 9080),
             bind: None,
+            args: &[],
             expect: "reviews:15006",
             expect_orig: Some(ip(rv, 9080)),
         },
@@ -229,6 +302,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(rv, 9080),
             bind: None,
+            args: &[],
             expect: "reviews:15006",
             expect_orig: Some(ip(rv, 9080)),
         },
@@ -239,6 +313,7 @@ pub fn run() -> Result<()> {
             gid: APP_UID,
             to: ip(pp, 15090),
             bind: None,
+            args: &[],
             expect: "product",
             expect_orig: None,
         },
@@ -254,11 +329,16 @@ pub fn run() -> Result<()> {
         if let Some(b) = c.bind {
             args.extend(["--bind", b]);
         }
+        args.extend_from_slice(c.args);
         let out = sb.run(&pods[c.from], c.uid, c.gid, &mtest, &args)?;
         let p = ProbeResult::parse(&out)?;
         let rec = p.local.as_deref().and_then(record_of);
         let (landed, orig) = match (&rec, &p.reply) {
-            (Some((pod, r)), _) => (format!("{pod}:{}", r.listener), r.orig_dst.clone()),
+            // An AF_INET6 accepted socket's answer is SOL_IPV6's.
+            (Some((pod, r)), _) => (
+                format!("{pod}:{}", r.listener),
+                r.orig_dst6.clone().or(r.orig_dst.clone()),
+            ),
             (None, Some(reply)) => (reply.server.clone(), None),
             (None, None) => (
                 format!("refused/{}", p.errno.clone().unwrap_or_default()),
@@ -281,6 +361,45 @@ pub fn run() -> Result<()> {
         );
     }
 
+    // DNS over UDP from product (DNS capture on): unconnected and connected,
+    // to istiod's IPv4 and IPv6 addresses. The query must reach product's
+    // DNS proxy (15053) and the answer must come from the address asked.
+    println!("\nUDP DNS from product (ISTIO_META_DNS_CAPTURE=true):");
+    let dns_to = [ip(istiod, 53), ip6(istiod, 53)];
+    let mut dns_rows = 0;
+    for to in &dns_to {
+        for how in ["--send-to", "--connect"] {
+            dns_rows += 1;
+            let out = sb.run(
+                pp,
+                APP_UID,
+                APP_UID,
+                &mtest,
+                &["udp-probe", how, to, "--payload", "q"],
+            )?;
+            let r = UdpProbeResult::parse(&out)?;
+            let via_proxy = r
+                .reply
+                .as_deref()
+                .is_some_and(|x| x.starts_with(DNS_PROXY_REPLY_PREFIX));
+            let ok = via_proxy && r.reply_from.as_deref() == Some(to.as_str());
+            if !ok {
+                failures += 1;
+            }
+            println!(
+                "  {:<10} {:<28} answered by {:<18} reply from {:<28} {}",
+                how.trim_start_matches("--"),
+                to,
+                if via_proxy {
+                    "the DNS proxy"
+                } else {
+                    "the server"
+                },
+                r.reply_from.clone().unwrap_or_default(),
+                if ok { "OK" } else { "MISMATCH" }
+            );
+        }
+    }
     // Whole requests, hop by hop: app -> its sidecar (15001) -> the other
     // pod's sidecar (15006) -> that pod's app from 127.0.0.6.
     println!("\nrequests through both sidecars:");
@@ -365,12 +484,12 @@ pub fn run() -> Result<()> {
     if failures > 0 {
         bail!(
             "{failures} of {} connections did not land where the decision table says",
-            cases.len() + walks.len()
+            cases.len() + walks.len() + dns_rows
         );
     }
     println!(
         "all {} connections landed where the decision table says",
-        cases.len() + walks.len()
+        cases.len() + walks.len() + dns_rows
     );
     Ok(())
 }
