@@ -1251,3 +1251,53 @@ fn ipv6_dns_capture_rules_render_with_the_ipv6_loopbacks() {
         v6
     );
 }
+
+/// A pod may have any number of addresses of both families (issue 13: the
+/// old limit of four IPv4 addresses goes): every one of them is the pod's
+/// own to the decision (row 2 for the app, row 4 for the proxy), the first
+/// four in the pod's entry and the rest through the node's address maps
+/// (`is_pod_ip4`, as the kernel asks POD_BY_IP).
+#[test]
+fn every_address_of_a_many_address_pod_is_local() {
+    let mut ips: Vec<IpAddr> = (1..=7u8)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(10, 244, 9, i)))
+        .collect();
+    ips.extend((1..=3u16).map(|i| IpAddr::V6(Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, i))));
+    let cfg = MeshConfig::from_pod(&Pod {
+        ips: ips.clone(),
+        ..pod_with(&[])
+    });
+    let pc = cfg.pod_config(&ips);
+    assert_eq!(pc.ip_count as usize, meshlane_common::MAX_POD_IPS);
+    for ip in &ips {
+        let app = packet6(1000, 1000, None, Ipv6Addr::UNSPECIFIED, 9080, true);
+        let app = Packet { dst: *ip, ..app };
+        let proxy = Packet {
+            uid: 1337,
+            gid: 1337,
+            ..app
+        };
+        let (a, p) = match ip {
+            IpAddr::V4(_) => (
+                meshlane_outcome_in(&cfg, &ips, &app, 0),
+                meshlane_outcome_in(&cfg, &ips, &proxy, 0),
+            ),
+            IpAddr::V6(_) => (
+                meshlane_outcome6(&cfg, &ips, &app, Ipv6Addr::UNSPECIFIED),
+                meshlane_outcome6(&cfg, &ips, &proxy, Ipv6Addr::UNSPECIFIED),
+            ),
+        };
+        assert_eq!(a, None, "row 2: the app to its own {ip} is not captured");
+        assert_eq!(
+            p,
+            Some(15006),
+            "row 4: the proxy to its own {ip} goes inbound"
+        );
+    }
+    // And a neighbour's address is not the pod's.
+    let other = Packet {
+        dst: IpAddr::V4(Ipv4Addr::new(10, 244, 9, 8)),
+        ..packet6(1000, 1000, None, Ipv6Addr::UNSPECIFIED, 9080, true)
+    };
+    assert_eq!(meshlane_outcome_in(&cfg, &ips, &other, 0), Some(15001));
+}
