@@ -44,6 +44,8 @@ const MODULES: &[&str] = &[
     "xt_socket",
     "xt_connmark",
     "xt_comment",
+    // Istio's DNS rules: conntrack zones in the raw table (-j CT --zone).
+    "xt_CT",
     "ip_tables",
     "iptable_nat",
     "iptable_mangle",
