@@ -17,7 +17,7 @@ use aya::{
 use aya_obj::generated::bpf_attach_type;
 use meshlane_common::{
     maps,
-    programs::{self, Hook, Program, Target},
+    programs::{self, Hook, ProgType, Program, Target},
     ConnKey,
 };
 
@@ -66,19 +66,12 @@ fn load_and_pin(ebpf: &mut Ebpf, layout: &Layout, p: &Program) -> Result<OwnedFd
     let prog = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-    let loaded = match p.hook {
-        Hook::Connect4
-        | Hook::Connect6
-        | Hook::SendMsg4
-        | Hook::SendMsg6
-        | Hook::RecvMsg4
-        | Hook::RecvMsg6
-        | Hook::GetPeerName4
-        | Hook::GetPeerName6 => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
-        Hook::GetSockopt => <&mut CgroupSockopt>::try_from(&mut *prog)?.load(),
-        Hook::SockOps => <&mut SockOps>::try_from(&mut *prog)?.load(),
-        Hook::SkLookup => <&mut SkLookup>::try_from(&mut *prog)?.load(),
-        Hook::SkMsg => <&mut SkMsg>::try_from(&mut *prog)?.load(),
+    let loaded = match p.hook.prog_type() {
+        ProgType::SockAddr => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
+        ProgType::Sockopt => <&mut CgroupSockopt>::try_from(&mut *prog)?.load(),
+        ProgType::SockOps => <&mut SockOps>::try_from(&mut *prog)?.load(),
+        ProgType::SkLookup => <&mut SkLookup>::try_from(&mut *prog)?.load(),
+        ProgType::SkMsg => <&mut SkMsg>::try_from(&mut *prog)?.load(),
     };
     loaded.with_context(|| {
         format!(

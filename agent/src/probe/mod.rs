@@ -36,7 +36,7 @@ use aya_obj::{
     programs::{CgroupSockAddrAttachType, CgroupSockoptAttachType},
     Object, ProgramSection,
 };
-use meshlane_common::programs::{self, Hook};
+use meshlane_common::programs::{self, Hook, ProgType};
 
 /// The start of every refusal, so tools (the VM matrix) can recognise it.
 pub const REFUSAL: &str = "meshlane cannot run on this kernel";
@@ -141,19 +141,12 @@ const H_PROBE_READ_KERNEL: u32 = 113;
 /// The kernel's program type and expected attach type of a hook.
 fn hook_ids(hook: Hook) -> (u32, Option<u32>) {
     let at = crate::bpf::load::attach_type(hook) as u32;
-    match hook {
-        Hook::Connect4
-        | Hook::Connect6
-        | Hook::SendMsg4
-        | Hook::SendMsg6
-        | Hook::RecvMsg4
-        | Hook::RecvMsg6
-        | Hook::GetPeerName4
-        | Hook::GetPeerName6 => (PT_SOCK_ADDR, Some(at)),
-        Hook::GetSockopt => (PT_SOCKOPT, Some(at)),
-        Hook::SockOps => (PT_SOCK_OPS, None),
-        Hook::SkLookup => (PT_SK_LOOKUP, Some(at)),
-        Hook::SkMsg => (PT_SK_MSG, Some(at)),
+    match hook.prog_type() {
+        ProgType::SockAddr => (PT_SOCK_ADDR, Some(at)),
+        ProgType::Sockopt => (PT_SOCKOPT, Some(at)),
+        ProgType::SockOps => (PT_SOCK_OPS, None),
+        ProgType::SkLookup => (PT_SK_LOOKUP, Some(at)),
+        ProgType::SkMsg => (PT_SK_MSG, Some(at)),
     }
 }
 

@@ -76,8 +76,8 @@ impl Hook {
         }
     }
 
-    /// Where a program of this hook is attached.
-    pub const fn target(self) -> Target {
+    /// The kernel's program type of this hook.
+    pub const fn prog_type(self) -> ProgType {
         match self {
             Hook::Connect4
             | Hook::Connect6
@@ -86,13 +86,37 @@ impl Hook {
             | Hook::RecvMsg4
             | Hook::RecvMsg6
             | Hook::GetPeerName4
-            | Hook::GetPeerName6
-            | Hook::GetSockopt
-            | Hook::SockOps => Target::Cgroup,
-            Hook::SkLookup => Target::PodNetns,
-            Hook::SkMsg => Target::Map(crate::maps::SOCKS.name),
+            | Hook::GetPeerName6 => ProgType::SockAddr,
+            Hook::GetSockopt => ProgType::Sockopt,
+            Hook::SockOps => ProgType::SockOps,
+            Hook::SkLookup => ProgType::SkLookup,
+            Hook::SkMsg => ProgType::SkMsg,
         }
     }
+
+    /// Where a program of this hook is attached.
+    pub const fn target(self) -> Target {
+        match self {
+            Hook::SkLookup => Target::PodNetns,
+            Hook::SkMsg => Target::Map(crate::maps::SOCKS.name),
+            _ => Target::Cgroup,
+        }
+    }
+}
+
+/// A program type of the kernel (`BPF_PROG_TYPE_*`) meshlane uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgType {
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`: connect, sendmsg, recvmsg, getpeername.
+    SockAddr,
+    /// `BPF_PROG_TYPE_CGROUP_SOCKOPT`.
+    Sockopt,
+    /// `BPF_PROG_TYPE_SOCK_OPS`.
+    SockOps,
+    /// `BPF_PROG_TYPE_SK_LOOKUP`.
+    SkLookup,
+    /// `BPF_PROG_TYPE_SK_MSG`.
+    SkMsg,
 }
 
 /// What a program is attached to.

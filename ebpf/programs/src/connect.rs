@@ -35,7 +35,7 @@ use meshlane_common::{
 };
 
 use crate::{
-    ctx::{field, set_field, AF_INET, AF_INET6},
+    ctx::{field, set_field, set_v6_field, v6_field, AF_INET, AF_INET6},
     maps::{
         count, mark_proxy_leg, orig_dst6_slot, orig_dst_slot, pod_count, setting_on, MapLists,
         LISTENERS, PODS, POD_BY_IP,
@@ -189,18 +189,8 @@ unsafe fn redirect6(ctx: &SockAddrContext, at: At) {
     if !m.tcp && u16::from_be(port_be) != ports::DNS {
         return;
     }
-    let dst = V6([
-        field!(sa, user_ip6[0]),
-        field!(sa, user_ip6[1]),
-        field!(sa, user_ip6[2]),
-        field!(sa, user_ip6[3]),
-    ]);
-    let bound = V6([
-        field!(m.sk, src_ip6[0]),
-        field!(m.sk, src_ip6[1]),
-        field!(m.sk, src_ip6[2]),
-        field!(m.sk, src_ip6[3]),
-    ]);
+    let dst = v6_field!(sa, user_ip6);
+    let bound = v6_field!(m.sk, src_ip6);
     let unbound = bound.is_unspecified() && field!(m.sk, src_port) == 0;
     match dst.mapped_v4() {
         // An IPv4-mapped destination: its packets are IPv4, and so is the
@@ -303,7 +293,7 @@ unsafe fn redirect_ipv4_dst(
         }
     }
     if mapped {
-        set_ip6(sa, V6::mapped(ip::LOCALHOST));
+        set_v6_field!(sa, user_ip6, V6::mapped(ip::LOCALHOST));
     } else {
         set_field!(sa, user_ip4, ip::LOCALHOST.to_be());
     }
@@ -367,7 +357,7 @@ unsafe fn redirect_ipv6_dst(
             }
         }
     }
-    set_ip6(sa, V6::LOCALHOST);
+    set_v6_field!(sa, user_ip6, V6::LOCALHOST);
     set_field!(sa, user_port, u32::from(capture_port.to_be()));
     counted(m.netns_cookie, verdict);
 }
@@ -397,15 +387,6 @@ fn counted(netns_cookie: u64, verdict: Verdict) {
     };
     count(global);
     pod_count(netns_cookie, per_pod);
-}
-
-/// Writes the context's IPv6 destination, one 4-byte store per word.
-#[inline(always)]
-fn set_ip6(sa: *mut bpf_sock_addr, a: V6) {
-    set_field!(sa, user_ip6[0], a.0[0]);
-    set_field!(sa, user_ip6[1], a.0[1]);
-    set_field!(sa, user_ip6[2], a.0[2]);
-    set_field!(sa, user_ip6[3], a.0[3]);
 }
 
 /// Binds the AF_INET6 socket of `ctx` to `src` (port chosen by the kernel).

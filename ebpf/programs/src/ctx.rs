@@ -22,5 +22,32 @@ macro_rules! set_field {
     };
 }
 
+/// Reads an IPv6 address field (`[u32; 4]`) of a context pointer, one
+/// 4-byte load per word.
+macro_rules! v6_field {
+    ($ctx:expr, $f:ident) => {
+        meshlane_common::V6([
+            $crate::ctx::field!($ctx, $f[0]),
+            $crate::ctx::field!($ctx, $f[1]),
+            $crate::ctx::field!($ctx, $f[2]),
+            $crate::ctx::field!($ctx, $f[3]),
+        ])
+    };
+}
+
+/// Writes an IPv6 address field of a context pointer, one 4-byte store per
+/// word.
+macro_rules! set_v6_field {
+    ($ctx:expr, $f:ident, $v:expr) => {{
+        let v: meshlane_common::V6 = $v;
+        $crate::ctx::set_field!($ctx, $f[0], v.0[0]);
+        $crate::ctx::set_field!($ctx, $f[1], v.0[1]);
+        $crate::ctx::set_field!($ctx, $f[2], v.0[2]);
+        $crate::ctx::set_field!($ctx, $f[3], v.0[3]);
+    }};
+}
+
 pub(crate) use field;
 pub(crate) use set_field;
+pub(crate) use set_v6_field;
+pub(crate) use v6_field;

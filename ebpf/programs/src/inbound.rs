@@ -18,11 +18,11 @@ use aya_ebpf::{
 };
 use meshlane_common::{
     decide::{decide_inbound, Addr, Arrival, InboundVerdict},
-    flags, pod_stat, stat, ListenerKey, V6,
+    flags, pod_stat, stat, ListenerKey,
 };
 
 use crate::{
-    ctx::{field, AF_INET, AF_INET6, IPPROTO_TCP},
+    ctx::{field, v6_field, AF_INET, AF_INET6, IPPROTO_TCP},
     maps::{count, pod_count, MapLists, LISTENERS, PODS, POD_BY_IP, POD_BY_IP6},
 };
 
@@ -51,24 +51,14 @@ unsafe fn lookup(ctx: &SkLookupContext) -> u32 {
         };
         capture(ctx, cookie, &arrival, ListenerKey::IPV4)
     } else if family == AF_INET6 {
-        let dst = V6([
-            field!(l, local_ip6[0]),
-            field!(l, local_ip6[1]),
-            field!(l, local_ip6[2]),
-            field!(l, local_ip6[3]),
-        ]);
+        let dst = v6_field!(l, local_ip6);
         // SAFETY: copied out at once.
         let Some(cookie) = (unsafe { POD_BY_IP6.get(dst) }).copied() else {
             return sk_action::SK_PASS;
         };
         let arrival = Arrival {
             tcp,
-            src_addr: V6([
-                field!(l, remote_ip6[0]),
-                field!(l, remote_ip6[1]),
-                field!(l, remote_ip6[2]),
-                field!(l, remote_ip6[3]),
-            ]),
+            src_addr: v6_field!(l, remote_ip6),
             dst_port,
         };
         capture(ctx, cookie, &arrival, ListenerKey::IPV6)

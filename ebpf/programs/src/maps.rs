@@ -109,8 +109,7 @@ pub static POD_SRC6: HashMap<u64, V6, { def::POD_SRC6.capacity as usize }> = Has
 
 /// A pod's IPv6 CIDR lists, longest-prefix matched. Written by the agent.
 #[btf_map]
-pub static CIDRS6: LpmTrie<Cidr6KeyData, u32, { def::CIDRS6.capacity as usize }> =
-    LpmTrie::new();
+pub static CIDRS6: LpmTrie<Cidr6KeyData, u32, { def::CIDRS6.capacity as usize }> = LpmTrie::new();
 
 /// [`ORIG_DST`] of a native IPv6 connection or DNS query.
 #[btf_map]

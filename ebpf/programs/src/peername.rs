@@ -9,7 +9,7 @@ use aya_ebpf::{
 use meshlane_common::{ip, role, OrigDst, V6};
 
 use crate::{
-    ctx::{field, set_field},
+    ctx::{field, set_field, set_v6_field, v6_field},
     maps::{orig_dst6_of, orig_dst_of, PODS},
 };
 
@@ -46,7 +46,7 @@ pub fn restore_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg6)]
 pub fn restore_recvmsg6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    let from = read_ip6(sa);
+    let from = v6_field!(sa, user_ip6);
     if (from.same(V6::LOCALHOST) || from.same(V6::mapped(ip::LOCALHOST))) && from_dns_proxy(&ctx) {
         restore6(sa);
     }
@@ -89,19 +89,6 @@ fn restore6(sa: *mut bpf_sock_addr) {
             _ => return,
         },
     };
-    set_field!(sa, user_ip6[0], addr.0[0]);
-    set_field!(sa, user_ip6[1], addr.0[1]);
-    set_field!(sa, user_ip6[2], addr.0[2]);
-    set_field!(sa, user_ip6[3], addr.0[3]);
+    set_v6_field!(sa, user_ip6, addr);
     set_field!(sa, user_port, u32::from(port_be));
-}
-
-#[inline(always)]
-fn read_ip6(sa: *const bpf_sock_addr) -> V6 {
-    V6([
-        field!(sa, user_ip6[0]),
-        field!(sa, user_ip6[1]),
-        field!(sa, user_ip6[2]),
-        field!(sa, user_ip6[3]),
-    ])
 }

@@ -32,7 +32,7 @@ use meshlane_common::{
 };
 
 use crate::{
-    ctx::{field, AF_INET, AF_INET6},
+    ctx::{field, v6_field, AF_INET, AF_INET6},
     maps::{
         count, is_proxy_leg, orig_dst6_of, orig_dst6_slot, orig_dst_of, orig_dst_slot, pod_count,
         setting_on, MapLists, IN_FLIGHT, IN_FLIGHT6, LISTENERS, PODS, SOCKS, SOCK_ADDRS,
@@ -144,23 +144,13 @@ unsafe fn track(ctx: &SockOpsContext) {
 /// The remote address of an AF_INET6 socket.
 #[inline(always)]
 fn remote_ip6(ops: *const bpf_sock_ops) -> V6 {
-    V6([
-        field!(ops, remote_ip6[0]),
-        field!(ops, remote_ip6[1]),
-        field!(ops, remote_ip6[2]),
-        field!(ops, remote_ip6[3]),
-    ])
+    v6_field!(ops, remote_ip6)
 }
 
 /// The local address of an AF_INET6 socket.
 #[inline(always)]
 fn local_ip6(ops: *const bpf_sock_ops) -> V6 {
-    V6([
-        field!(ops, local_ip6[0]),
-        field!(ops, local_ip6[1]),
-        field!(ops, local_ip6[2]),
-        field!(ops, local_ip6[3]),
-    ])
+    v6_field!(ops, local_ip6)
 }
 
 /// [`flow_key`] of a native IPv6 connection.
@@ -365,7 +355,10 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     let ops: *const bpf_sock_ops = ctx.ops;
     let family = field!(ops, family);
     let (v4, v6) = if family == AF_INET {
-        (!ip::is_loopback(u32::from_be(field!(ops, local_ip4))), false)
+        (
+            !ip::is_loopback(u32::from_be(field!(ops, local_ip4))),
+            false,
+        )
     } else if family == AF_INET6 {
         let local = local_ip6(ops);
         let any = local.is_unspecified();
@@ -390,7 +383,11 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     }
     let ops_mut = unsafe { &mut *ctx.ops };
     if v4 {
-        let how = if family == AF_INET { BPF_ANY } else { BPF_NOEXIST };
+        let how = if family == AF_INET {
+            BPF_ANY
+        } else {
+            BPF_NOEXIST
+        };
         let key = ListenerKey::serving(netns_cookie, port, ListenerKey::IPV4);
         match LISTENERS.update(key, &mut *ops_mut, how.into()) {
             Ok(()) => count(stat::LISTENERS_REGISTERED),
