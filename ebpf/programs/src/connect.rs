@@ -110,11 +110,13 @@ struct Meshed {
     tcp: bool,
     uid: u32,
     gid: u32,
+    /// The destination port, network order.
+    port_be: u16,
 }
 
 /// The meshed pod of the socket in `ctx`, or None: not meshed, not TCP or
-/// UDP, or UDP in a pod without DNS capture (the fast way out for every
-/// datagram of the node).
+/// UDP, or UDP in a pod without DNS capture or to another port than 53 (the
+/// fast way out for every datagram of the node).
 #[inline(always)]
 unsafe fn meshed(ctx: &SockAddrContext, at: At) -> Option<Meshed> {
     let sa: *const bpf_sock_addr = ctx.sock_addr;
@@ -133,6 +135,10 @@ unsafe fn meshed(ctx: &SockAddrContext, at: At) -> Option<Meshed> {
     if at == At::Connect {
         count(stat::CONNECT_MESHED);
     }
+    let port_be = field!(sa, user_port) as u16;
+    if !tcp && u16::from_be(port_be) != ports::DNS {
+        return None;
+    }
     let sk = field!(sa, __bindgen_anon_1.sk);
     if sk.is_null() {
         return None;
@@ -145,6 +151,7 @@ unsafe fn meshed(ctx: &SockAddrContext, at: At) -> Option<Meshed> {
         tcp,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
+        port_be,
     })
 }
 
@@ -154,10 +161,6 @@ unsafe fn redirect4(ctx: &SockAddrContext, at: At) {
     let Some(m) = (unsafe { meshed(ctx, at) }) else {
         return;
     };
-    let port_be = field!(sa, user_port) as u16;
-    if !m.tcp && u16::from_be(port_be) != ports::DNS {
-        return;
-    }
     let mut dst = u32::from_be(field!(sa, user_ip4));
     // connect() to 0.0.0.0 is routed to loopback: the rules see 127.0.0.1.
     if dst == 0 {
@@ -165,18 +168,7 @@ unsafe fn redirect4(ctx: &SockAddrContext, at: At) {
     }
     let (bound_be, bound_port) = (field!(m.sk, src_ip4), field!(m.sk, src_port));
     let unbound = bound_be == 0 && bound_port == 0;
-    unsafe {
-        redirect_ipv4_dst(
-            ctx,
-            &m,
-            at,
-            u32::from_be(bound_be),
-            unbound,
-            dst,
-            port_be,
-            false,
-        )
-    };
+    unsafe { redirect_ipv4_dst(ctx, &m, at, u32::from_be(bound_be), unbound, dst, false) };
 }
 
 #[inline(always)]
@@ -185,10 +177,6 @@ unsafe fn redirect6(ctx: &SockAddrContext, at: At) {
     let Some(m) = (unsafe { meshed(ctx, at) }) else {
         return;
     };
-    let port_be = field!(sa, user_port) as u16;
-    if !m.tcp && u16::from_be(port_be) != ports::DNS {
-        return;
-    }
     let dst = v6_field!(sa, user_ip6);
     let bound = v6_field!(m.sk, src_ip6);
     let unbound = bound.is_unspecified() && field!(m.sk, src_port) == 0;
@@ -198,12 +186,12 @@ unsafe fn redirect6(ctx: &SockAddrContext, at: At) {
         Some(v4) => {
             let v4 = if v4 == 0 { ip::LOCALHOST } else { v4 };
             let bound4 = bound.mapped_v4().unwrap_or(0);
-            unsafe { redirect_ipv4_dst(ctx, &m, at, bound4, unbound, v4, port_be, true) };
+            unsafe { redirect_ipv4_dst(ctx, &m, at, bound4, unbound, v4, true) };
         }
         // Native IPv6 only in pods with an IPv6 address, as Istio writes
         // ip6tables rules for those only.
         None if m.cfg.has(flags::IPV6) => unsafe {
-            redirect_ipv6_dst(ctx, &m, at, bound, unbound, dst, port_be)
+            redirect_ipv6_dst(ctx, &m, at, bound, unbound, dst)
         },
         None => {}
     }
@@ -220,9 +208,9 @@ unsafe fn redirect_ipv4_dst(
     bound: u32,
     unbound: bool,
     dst: u32,
-    port_be: u16,
     mapped: bool,
 ) {
+    let port_be = m.port_be;
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let lists = MapLists {
         netns_cookie: m.netns_cookie,
@@ -310,8 +298,8 @@ unsafe fn redirect_ipv6_dst(
     bound: V6,
     unbound: bool,
     dst: V6,
-    port_be: u16,
 ) {
+    let port_be = m.port_be;
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let lists = MapLists {
         netns_cookie: m.netns_cookie,
