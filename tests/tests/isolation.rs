@@ -1,0 +1,101 @@
+//! Isolation (issue 14): nothing one pod does can change another pod's
+//! capture. Each attack is run as an ordinary pod could, and the victim is
+//! checked both ways before and after: its app's outbound connection lands
+//! on its sidecar's 15001, a peer's inbound connection on its 15006.
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use meshlane_tests::{
+    pod_entry, pod_state, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Sandbox, APP_UID,
+};
+
+fn mtest() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mtest"))
+}
+
+/// The agent rescans namespaces every 5 s (RECHECK in agent/src/agent.rs);
+/// an attack has had its effect after two rounds.
+const TWO_ROUNDS: Duration = Duration::from_secs(11);
+
+/// Where a connection from `from` to `to` landed: the listener of `at`'s
+/// sidecar that took it, or None when it reached its server directly (or
+/// failed).
+fn landed(sb: &Sandbox, from: &Pod, to: &str, at: &Pod) -> Result<Option<u16>> {
+    let out = sb.run(from, APP_UID, APP_UID, mtest(), &["probe", "--connect", to])?;
+    let p = ProbeResult::parse(&out)?;
+    let Some(local) = p.local.as_deref() else {
+        return Ok(None);
+    };
+    Ok(read_sidecar_log(&sb.sidecar_log(at))
+        .into_iter()
+        .find(|r| r.peer == local)
+        .map(|r| r.listener))
+}
+
+/// The victim's app outbound to the peer lands on its 15001, the peer's
+/// inbound to the victim on its 15006.
+fn assert_captured_both_ways(sb: &Sandbox, victim: &Pod, peer: &Pod, when: &str) -> Result<()> {
+    let out = landed(sb, victim, &format!("{}:9080", peer.ip), victim)?;
+    let inb = landed(sb, peer, &format!("{}:9080", victim.ip), victim)?;
+    if (out, inb) != (Some(15001), Some(15006)) {
+        bail!(
+            "{when}: BYPASS: the victim's outbound landed on {out:?} (want its 15001), a peer's \
+             inbound on {inb:?} (want its 15006)"
+        );
+    }
+    Ok(())
+}
+
+/// Attack 1 of issue 14: a pod that may add addresses (NET_ADMIN, which
+/// clusters using istio-init allow) puts the victim's IP on its own `lo`.
+/// Before the fix the agent saw the victim's IP in two namespaces and
+/// removed the victim's entries: uncaptured both ways.
+#[test]
+fn an_ip_planted_on_another_namespace_changes_nothing() -> Result<()> {
+    let mut sb = Sandbox::new("iso-ip")?;
+    let victim = sb.add_pod("victim")?;
+    let impostor = sb.add_pod("impostor")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&victim, "victim", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+        sb.start_server(&impostor, "impostor", &["0.0.0.0:9080"])?,
+    ];
+    procs.push(sb.start_sidecar(&victim)?);
+    procs.push(sb.start_sidecar(&impostor)?);
+    let agent = Agent::start(
+        &sb,
+        &[
+            PodSpec::meshed(&victim),
+            PodSpec::meshed(&impostor),
+            PodSpec::plain(&peer),
+        ],
+    )?;
+    assert_captured_both_ways(&sb, &victim, &peer, "before the attack")?;
+
+    sb.netns_exec(
+        &impostor.netns,
+        "ip",
+        &["addr", "add", &format!("{}/32", victim.ip), "dev", "lo"],
+        None,
+    )?;
+    let since = Instant::now();
+    while since.elapsed() < TWO_ROUNDS {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let st = agent.status_cmd()?;
+    assert_captured_both_ways(&sb, &victim, &peer, "after the impostor planted the IP")?;
+    let key = format!("default/{}", victim.name);
+    assert_eq!(
+        pod_state(&st, &key).as_deref(),
+        Some("active"),
+        "{:#}",
+        pod_entry(&st, &key).cloned().unwrap_or_default()
+    );
+    drop(agent);
+    drop(procs);
+    Ok(())
+}
