@@ -208,7 +208,9 @@ impl Agent {
         } else {
             Vec::new()
         };
-        let Plan { want, mut status } = reconcile::plan(&self.pods, &spaces, &self.opts.defaults);
+        let bound = reconcile::bindings(&self.applied);
+        let Plan { want, mut status } =
+            reconcile::plan(&self.pods, &spaces, &self.opts.defaults, &bound);
 
         // Remove what is no longer wanted, then write what is.
         let old = std::mem::take(&mut self.applied);

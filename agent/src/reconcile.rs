@@ -7,6 +7,7 @@ use std::{
     path::PathBuf,
 };
 
+use meshlane_common::flags;
 use tracing::warn;
 
 use crate::{
@@ -22,12 +23,17 @@ use crate::{
 pub struct Wanted {
     pub netns: PathBuf,
     pub entries: PodEntries,
+    /// The pod's one namespace: it stays bound to it while the namespace
+    /// lives ([`plan`]'s `bound`). False for the namespaces of an ambiguous
+    /// first binding, which are looked at again each round.
+    pub sticky: bool,
 }
 
 /// What a round should leave in the kernel, and what it tells of each pod.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// By pod key (`namespace/name`).
+    /// By pod key (`namespace/name`); the other namespaces of an ambiguous
+    /// pod as `namespace/name@cookie`.
     pub want: BTreeMap<String, Wanted>,
     pub status: Vec<PodStatus>,
 }
@@ -38,16 +44,60 @@ pub fn needs_netns(pods: &[Pod]) -> bool {
         .any(|p| p.meshed && !p.host_network && !p.ips.is_empty())
 }
 
-/// Plans a round: each meshed pod is bound to the one namespace holding its
-/// addresses; a pod whose problems (bad annotation, no namespace yet, its
-/// addresses in several namespaces) are reported for that pod only.
-pub fn plan(pods: &[Pod], spaces: &[Netns], defaults: &NodeDefaults) -> Plan {
+/// The pods whose namespace [`plan`] keeps, by pod key: the single binding
+/// of each from `want`.
+pub fn bindings(want: &BTreeMap<String, Wanted>) -> BTreeMap<String, u64> {
+    want.iter()
+        .filter(|(_, w)| w.sticky)
+        .map(|(k, w)| (k.clone(), w.entries.cookie))
+        .collect()
+}
+
+/// Plans a round: each meshed pod is bound to the namespace holding its
+/// addresses, and stays bound to it (`bound`, from the last round) while
+/// that namespace lives, whatever other namespace gains the same address:
+/// an address planted elsewhere is reported as a conflict and changes
+/// nothing. A namespace bound to one pod is never another's. A first
+/// binding that finds the pod's addresses in several namespaces captures
+/// all of them with the pod's configuration (which only hurts an impostor)
+/// until one remains; none of them then passes connections by
+/// `bypass-until-ready`. Problems (bad annotation, no namespace yet) are
+/// reported for that pod only.
+pub fn plan(
+    pods: &[Pod],
+    spaces: &[Netns],
+    defaults: &NodeDefaults,
+    bound: &BTreeMap<String, u64>,
+) -> Plan {
     let mut status = Vec::new();
     let mut want: BTreeMap<String, Wanted> = BTreeMap::new();
     let mut by_ip: BTreeMap<IpAddr, Vec<&Netns>> = BTreeMap::new();
     for ns in spaces {
         for a in &ns.addrs {
             by_ip.entry(*a).or_default().push(ns);
+        }
+    }
+    let by_cookie: BTreeMap<u64, &Netns> = spaces.iter().map(|n| (n.cookie, n)).collect();
+    let capturable = |p: &Pod| p.meshed && !p.host_network && !p.ips.is_empty();
+    // Namespaces that stay bound to their pod are claimed before any other
+    // pod looks for its own.
+    let mut claimed: BTreeMap<u64, String> = pods
+        .iter()
+        .filter(|p| capturable(p))
+        .filter_map(|p| {
+            let c = *bound.get(&p.key())?;
+            by_cookie.contains_key(&c).then(|| (c, p.key()))
+        })
+        .collect();
+    // Conflicts to report on the pod a namespace is bound to.
+    let mut conflicts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // The known pods (of any kind) each namespace holds an address of: a
+    // namespace holding only one pod's addresses is that pod's before one
+    // that also holds another's.
+    let mut owners: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for p in pods {
+        for ns in p.ips.iter().filter_map(|ip| by_ip.get(ip)).flatten() {
+            owners.entry(ns.cookie).or_default().insert(p.key());
         }
     }
 
@@ -58,9 +108,10 @@ pub fn plan(pods: &[Pod], spaces: &[Netns], defaults: &NodeDefaults) -> Plan {
             status.push(st);
             continue;
         }
+        let key = pod.key();
         let cfg = MeshConfig::from_pod_with(pod, defaults);
         for e in &cfg.errors {
-            warn!(pod = %pod.key(), "{e}");
+            warn!(pod = %key, "{e}");
         }
         st.config_errors = cfg.errors.iter().map(ToString::to_string).collect();
         st.notes = cfg.unsupported.clone();
@@ -72,52 +123,278 @@ pub fn plan(pods: &[Pod], spaces: &[Netns], defaults: &NodeDefaults) -> Plan {
         } else if pod.ips.is_empty() {
             st.state = PodState::WaitingForIp;
         } else {
-            let found: BTreeSet<(u64, PathBuf)> = pod
+            let holders: BTreeSet<(u64, PathBuf)> = pod
                 .ips
                 .iter()
                 .filter_map(|ip| by_ip.get(ip))
                 .flatten()
                 .map(|ns| (ns.cookie, ns.path.clone()))
                 .collect();
-            match found.len() {
+            let sticky = bound
+                .get(&key)
+                .and_then(|c| by_cookie.get(c))
+                .map(|ns| (ns.cookie, ns.path.clone()));
+            let chosen: Vec<(u64, PathBuf)> = match &sticky {
+                Some(b) => vec![b.clone()],
+                None => {
+                    let free: Vec<(u64, PathBuf)> = holders
+                        .iter()
+                        .filter(|(c, _)| claimed.get(c).is_none_or(|k| k == &key))
+                        .cloned()
+                        .collect();
+                    let only_ours: Vec<(u64, PathBuf)> = free
+                        .iter()
+                        .filter(|(c, _)| owners.get(c).is_some_and(|o| o.len() == 1))
+                        .cloned()
+                        .collect();
+                    if only_ours.is_empty() {
+                        free
+                    } else {
+                        only_ours
+                    }
+                }
+            };
+            for (c, path) in holders.iter().filter(|h| !chosen.contains(h)) {
+                let owner = claimed.get(c);
+                st.notes.push(format!(
+                    "conflict: network namespace {} (cookie {c}){} also holds an address of this \
+                     pod; ignored, the pod stays captured in its own",
+                    path.display(),
+                    owner
+                        .map(|o| format!(", bound to pod {o},"))
+                        .unwrap_or_default()
+                ));
+                if let Some(o) = owner {
+                    conflicts.entry(o.clone()).or_default().push(format!(
+                        "conflict: this pod's network namespace also holds an address of pod \
+                         {key}; ignored for {key}"
+                    ));
+                }
+            }
+            match chosen.len() {
                 0 => st.state = PodState::WaitingForNetns,
                 1 => {
-                    let (cookie, path) = found.into_iter().next().expect("one");
+                    let (cookie, path) = chosen.into_iter().next().expect("one");
+                    claimed.insert(cookie, key.clone());
                     st.netns_cookie = Some(cookie);
                     st.netns = Some(path.display().to_string());
                     st.state = PodState::Active;
-                    if want.values().any(|a| a.entries.cookie == cookie) {
-                        st.state = PodState::Error;
-                        st.config_errors.push(format!(
-                            "network namespace {} is claimed by another pod",
-                            path.display()
-                        ));
-                    } else {
+                    let entries = PodEntries {
+                        cookie,
+                        ips: pod.ips.clone(),
+                        entries: cfg.entries(cookie, &pod.ips),
+                    };
+                    want.insert(
+                        key.clone(),
+                        Wanted {
+                            netns: path,
+                            entries,
+                            sticky: true,
+                        },
+                    );
+                }
+                n => {
+                    // Which namespace is the pod's cannot be told yet: all
+                    // are captured. The first serves the pod's addresses
+                    // for inbound lookups (POD_BY_IP); the others get the
+                    // pod's configuration without them.
+                    let (cookie, path) = chosen[0].clone();
+                    st.netns_cookie = Some(cookie);
+                    st.netns = Some(path.display().to_string());
+                    st.state = PodState::Active;
+                    st.notes.push(format!(
+                        "the pod's addresses are in {n} network namespaces ({}): all are \
+                         captured with its configuration, without bypass-until-ready, until \
+                         one remains",
+                        chosen
+                            .iter()
+                            .map(|(_, p)| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    for (i, (cookie, path)) in chosen.into_iter().enumerate() {
+                        claimed.insert(cookie, key.clone());
+                        let mut entries = PodEntries {
+                            cookie,
+                            ips: if i == 0 { pod.ips.clone() } else { Vec::new() },
+                            entries: cfg.entries(cookie, &pod.ips),
+                        };
+                        entries.entries.pod.flags &= !flags::BYPASS_UNTIL_READY;
+                        let k = if i == 0 {
+                            key.clone()
+                        } else {
+                            format!("{key}@{cookie}")
+                        };
                         want.insert(
-                            pod.key(),
+                            k,
                             Wanted {
-                                netns: path.clone(),
-                                entries: PodEntries {
-                                    cookie,
-                                    ips: pod.ips.clone(),
-                                    entries: cfg.entries(cookie, &pod.ips),
-                                },
+                                netns: path,
+                                entries,
+                                sticky: false,
                             },
                         );
                     }
-                }
-                _ => {
-                    st.state = PodState::Error;
-                    st.config_errors.push(format!(
-                        "pod IPs {:?} are in {} network namespaces ({}); not capturing until that is resolved",
-                        pod.ips,
-                        found.len(),
-                        found.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                    ));
                 }
             }
         }
         status.push(st);
     }
+    for st in &mut status {
+        if let Some(c) = conflicts.remove(&st.name) {
+            st.notes.extend(c);
+        }
+    }
     Plan { want, status }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::istio::annotation;
+
+    fn pod(name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
+            namespace: "default".into(),
+            name: name.into(),
+            annotations: BTreeMap::new(),
+            ips: vec![IpAddr::V4(Ipv4Addr::from(ip))],
+            host_network: false,
+            meshed: true,
+            proxy_run_as_user: None,
+            proxy_run_as_group: None,
+            proxy_env: BTreeMap::new(),
+        }
+    }
+
+    fn ns(cookie: u64, ips: &[[u8; 4]]) -> Netns {
+        Netns {
+            inode: cookie,
+            path: PathBuf::from(format!("/run/netns/ns{cookie}")),
+            cookie,
+            addrs: ips.iter().map(|a| IpAddr::V4(Ipv4Addr::from(*a))).collect(),
+        }
+    }
+
+    const V: [u8; 4] = [10, 0, 0, 5];
+    const X: [u8; 4] = [10, 0, 0, 6];
+
+    fn state<'a>(p: &'a Plan, name: &str) -> &'a PodStatus {
+        p.status
+            .iter()
+            .find(|s| s.name == format!("default/{name}"))
+            .expect("status")
+    }
+
+    #[test]
+    fn a_bound_pod_stays_bound_when_another_namespace_gains_its_address() {
+        let pods = [pod("victim", V), pod("impostor", X)];
+        let first = plan(
+            &pods,
+            &[ns(1, &[V]), ns(2, &[X])],
+            &NodeDefaults::ISTIO,
+            &BTreeMap::new(),
+        );
+        let bound = bindings(&first.want);
+        assert_eq!(bound.get("default/victim"), Some(&1));
+        // The impostor puts the victim's address on its own namespace.
+        let next = plan(
+            &pods,
+            &[ns(1, &[V]), ns(2, &[X, V])],
+            &NodeDefaults::ISTIO,
+            &bound,
+        );
+        assert_eq!(next.want["default/victim"], first.want["default/victim"]);
+        assert_eq!(
+            next.want["default/impostor"],
+            first.want["default/impostor"]
+        );
+        assert_eq!(next.want.len(), 2);
+        let v = state(&next, "victim");
+        assert_eq!(v.state, PodState::Active);
+        assert!(v.notes.iter().any(|n| n.starts_with("conflict:")), "{v:?}");
+        let x = state(&next, "impostor");
+        assert!(
+            x.notes.iter().any(|n| n.contains("default/victim")),
+            "{x:?}"
+        );
+    }
+
+    #[test]
+    fn a_namespace_bound_to_one_pod_is_never_anothers() {
+        // The impostor holds only the victim's address; the victim's own
+        // namespace has not appeared yet.
+        let pods = [pod("impostor", X), pod("victim", V)];
+        let bound = BTreeMap::from([("default/impostor".to_string(), 2)]);
+        let p = plan(&pods, &[ns(2, &[X, V])], &NodeDefaults::ISTIO, &bound);
+        assert_eq!(state(&p, "victim").state, PodState::WaitingForNetns);
+        assert!(!p.want.contains_key("default/victim"));
+        assert_eq!(p.want["default/impostor"].entries.cookie, 2);
+    }
+
+    #[test]
+    fn an_ambiguous_first_binding_captures_every_candidate_without_bypass() {
+        let mut v = pod("victim", V);
+        v.annotations
+            .insert(annotation::BYPASS_UNTIL_READY.into(), "true".into());
+        let p = plan(
+            &[v],
+            &[ns(1, &[V]), ns(3, &[V])],
+            &NodeDefaults::ISTIO,
+            &BTreeMap::new(),
+        );
+        assert_eq!(p.want.len(), 2, "{:?}", p.want.keys());
+        let primary = &p.want["default/victim"];
+        let extra = &p.want["default/victim@3"];
+        assert_eq!((primary.entries.cookie, extra.entries.cookie), (1, 3));
+        assert_eq!(primary.entries.ips, vec![IpAddr::V4(Ipv4Addr::from(V))]);
+        assert!(
+            extra.entries.ips.is_empty(),
+            "one namespace serves the address"
+        );
+        for w in [primary, extra] {
+            assert!(!w.sticky);
+            assert!(!w.entries.entries.pod.has(flags::BYPASS_UNTIL_READY));
+        }
+        assert_eq!(state(&p, "victim").state, PodState::Active);
+        // Not sticky: once one namespace remains, the pod binds to it.
+        let bound = bindings(&p.want);
+        assert!(bound.is_empty());
+        let v = pod("victim", V);
+        let p = plan(
+            &[v],
+            &[ns(3, &[V]), ns(1, &[])],
+            &NodeDefaults::ISTIO,
+            &bound,
+        );
+        assert_eq!(p.want.len(), 1);
+        assert_eq!(p.want["default/victim"].entries.cookie, 3);
+        assert!(p.want["default/victim"].sticky);
+    }
+
+    #[test]
+    fn a_first_binding_prefers_the_namespace_holding_only_the_pods_addresses() {
+        // The impostor, a known pod, planted the victim's address before
+        // the agent first saw either, and comes later in the list.
+        let pods = [pod("victim", V), pod("impostor", X)];
+        let p = plan(
+            &pods,
+            &[ns(2, &[X, V]), ns(1, &[V])],
+            &NodeDefaults::ISTIO,
+            &BTreeMap::new(),
+        );
+        assert_eq!(p.want.len(), 2, "{:?}", p.want.keys());
+        assert_eq!(p.want["default/victim"].entries.cookie, 1);
+        assert!(p.want["default/victim"].sticky);
+        assert_eq!(p.want["default/impostor"].entries.cookie, 2);
+    }
+
+    #[test]
+    fn a_pod_whose_namespace_is_gone_binds_again() {
+        let pods = [pod("victim", V)];
+        let bound = BTreeMap::from([("default/victim".to_string(), 1)]);
+        let p = plan(&pods, &[ns(4, &[V])], &NodeDefaults::ISTIO, &bound);
+        assert_eq!(p.want["default/victim"].entries.cookie, 4);
+    }
 }

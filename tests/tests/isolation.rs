@@ -66,7 +66,7 @@ fn an_ip_planted_on_another_namespace_changes_nothing() -> Result<()> {
     ];
     procs.push(sb.start_sidecar(&victim)?);
     procs.push(sb.start_sidecar(&impostor)?);
-    let agent = Agent::start(
+    let mut agent = Agent::start(
         &sb,
         &[
             PodSpec::meshed(&victim),
@@ -86,9 +86,16 @@ fn an_ip_planted_on_another_namespace_changes_nothing() -> Result<()> {
     while since.elapsed() < TWO_ROUNDS {
         std::thread::sleep(Duration::from_millis(500));
     }
-    let st = agent.status_cmd()?;
     assert_captured_both_ways(&sb, &victim, &peer, "after the impostor planted the IP")?;
     let key = format!("default/{}", victim.name);
+    let st = agent.wait_status(Duration::from_secs(2), |st| pod_state(st, &key).is_some())?;
+    let conflict = pod_entry(&st, &key)
+        .and_then(|p| p["notes"].as_array())
+        .is_some_and(|n| {
+            n.iter()
+                .any(|n| n.as_str().is_some_and(|n| n.starts_with("conflict:")))
+        });
+    assert!(conflict, "the conflict is reported: {st:#}");
     assert_eq!(
         pod_state(&st, &key).as_deref(),
         Some("active"),
