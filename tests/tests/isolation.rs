@@ -106,3 +106,49 @@ fn an_ip_planted_on_another_namespace_changes_nothing() -> Result<()> {
     drop(procs);
     Ok(())
 }
+
+/// Attack 2 of issue 14: shared capacity. PORTS holds 65,536 entries for the
+/// whole node; a pod whose `excludeOutboundPorts` nearly fills it left the
+/// next pod unable to write its entries: uncaptured both ways ("PORTS
+/// insert ... Argument list too long").
+#[test]
+fn a_pod_filling_the_shared_maps_leaves_others_captured() -> Result<()> {
+    let mut sb = Sandbox::new("iso-quota")?;
+    let hog = sb.add_pod("hog")?;
+    let victim = sb.add_pod("victim")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&victim, "victim", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+    ];
+    procs.push(sb.start_sidecar(&victim)?);
+    // The hog's list and its three inbound exclusions leave two of the
+    // 65,536 PORTS entries; the victim needs four.
+    let capacity = meshlane_common::maps::PORTS.capacity;
+    let ports: Vec<String> = (1..=capacity - 5).map(|p| p.to_string()).collect();
+    let hog_spec = PodSpec::meshed(&hog).annotate(
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        &ports.join(","),
+    );
+    let mut agent = Agent::start(
+        &sb,
+        &[hog_spec, PodSpec::meshed(&victim), PodSpec::plain(&peer)],
+    )?;
+    assert_captured_both_ways(&sb, &victim, &peer, "beside a pod with 65,531 exclusions")?;
+    let key = format!("default/{}", hog.name);
+    let st = agent.wait_status(Duration::from_secs(2), |st| pod_state(st, &key).is_some())?;
+    let errs = pod_entry(&st, &key).map(|p| p["config_errors"].to_string());
+    assert!(
+        errs.as_deref()
+            .is_some_and(|e| e.contains("excludeOutboundPorts") && e.contains("65531")),
+        "the hog's error names the annotation and the count: {errs:?}"
+    );
+    assert_eq!(
+        pod_state(&st, &key).as_deref(),
+        Some("active"),
+        "the hog is captured too"
+    );
+    drop(agent);
+    drop(procs);
+    Ok(())
+}
