@@ -236,13 +236,30 @@ impl Agent {
                 Err(e) => {
                     self.map_errors += 1;
                     error!(pod = %key, "writing maps: {e:#}");
+                    // Whatever part of the new entries was written is
+                    // removed so the kernel never sees half a pod; a pod
+                    // that was captured keeps its previous entries (written
+                    // again, as the new ones may have replaced some).
+                    let previous = old.get(&key);
+                    self.remove_stale(&a, previous);
+                    let kept = previous.is_some_and(|p| match self.write(p) {
+                        Ok(()) => true,
+                        Err(e2) => {
+                            error!(pod = %key, "restoring the previous entries: {e2:#}");
+                            self.remove_stale(p, None);
+                            false
+                        }
+                    });
                     if let Some(st) = status.iter_mut().find(|s| s.name == key) {
-                        st.state = PodState::Error;
                         st.config_errors.push(format!("map update failed: {e:#}"));
+                        if !kept {
+                            st.state = PodState::Error;
+                        }
                     }
-                    // Whatever part was written is removed so the kernel
-                    // never sees half a pod.
-                    self.remove_stale(&a, None);
+                    if kept {
+                        let p = previous.expect("kept").clone();
+                        self.applied.insert(key, p);
+                    }
                 }
             }
         }

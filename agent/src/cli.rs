@@ -97,6 +97,12 @@ enum Command {
         /// The proxy's listener for redirected inbound connections.
         #[arg(long, value_name = "PORT", default_value_t = meshlane_common::ports::INBOUND_CAPTURE)]
         inbound_capture_port: u16,
+        /// Most entries one pod's list annotation (ports, IP ranges) may
+        /// have. A longer list is reported and falls back to its default,
+        /// which captures at least as much: the node-wide maps are shared, so
+        /// one pod must not fill them (or stall the agent) for the others.
+        #[arg(long, value_name = "N", default_value_t = podconfig::NodeDefaults::DEFAULT_MAX_LIST_ENTRIES)]
+        max_list_entries: usize,
         /// Print the parsed options as JSON and exit, without touching the
         /// kernel (to check what a deployment really passes).
         #[arg(long)]
@@ -168,6 +174,7 @@ pub fn main() -> Result<()> {
             proxy_uid,
             outbound_capture_port,
             inbound_capture_port,
+            max_list_entries,
             print_options,
         } => {
             let cgroup = match cgroup {
@@ -179,6 +186,7 @@ pub fn main() -> Result<()> {
                 outbound_capture_port,
                 inbound_capture_port,
             )
+            .and_then(|d| d.with_max_list_entries(max_list_entries))
             .map_err(anyhow::Error::msg)?;
             let flags = serde_json::json!({
                 "pods": pods,

@@ -111,6 +111,20 @@ pub struct ConfigError {
     pub instead: String,
 }
 
+/// A value as errors quote it: whole up to 120 characters, else its start
+/// and its length (a list annotation may be hundreds of kilobytes).
+fn shortened(v: &str) -> String {
+    const MAX: usize = 120;
+    if v.len() <= MAX {
+        return v.to_string();
+    }
+    let mut end = MAX;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &v[..end], v.len())
+}
+
 /// What a rejected setting falls back to.
 const USING_DEFAULT: &str = "using the default";
 
@@ -134,6 +148,8 @@ pub struct NodeDefaults {
     pub proxy_uid: u32,
     pub outbound_capture_port: u16,
     pub inbound_capture_port: u16,
+    /// Most entries of one list annotation (`--max-list-entries`).
+    pub max_list_entries: usize,
 }
 
 impl NodeDefaults {
@@ -142,7 +158,24 @@ impl NodeDefaults {
         proxy_uid: ports::PROXY_UID,
         outbound_capture_port: ports::OUTBOUND_CAPTURE,
         inbound_capture_port: ports::INBOUND_CAPTURE,
+        max_list_entries: Self::DEFAULT_MAX_LIST_ENTRIES,
     };
+
+    /// A list annotation's entries at most, by default: far more than any
+    /// real port or range list, and 256 pods at this limit on every list
+    /// still fit the node-wide maps.
+    pub const DEFAULT_MAX_LIST_ENTRIES: usize = 256;
+
+    /// These defaults with another limit on list entries.
+    pub fn with_max_list_entries(self, n: usize) -> Result<Self, String> {
+        if n == 0 {
+            return Err("--max-list-entries 0: every list annotation would be refused".into());
+        }
+        Ok(Self {
+            max_list_entries: n,
+            ..self
+        })
+    }
 
     /// Validated defaults; the error names the flag and the value.
     pub fn new(
@@ -170,6 +203,7 @@ impl NodeDefaults {
             proxy_uid,
             outbound_capture_port,
             inbound_capture_port,
+            max_list_entries: Self::DEFAULT_MAX_LIST_ENTRIES,
         })
     }
 }
@@ -233,7 +267,19 @@ fn parse_port(s: &str) -> Result<u16, String> {
         .map_err(|_| format!("port {s:?} is not a number from 0 to 65535"))
 }
 
-fn parse_ports(v: &str) -> Result<Vec<u16>, String> {
+/// Refuses a list of more than `max` entries before anything is parsed.
+fn within(v: &str, max: usize) -> Result<(), String> {
+    let n = split_list(v).count();
+    if n > max {
+        return Err(format!(
+            "{n} entries, more than a pod may list ({max}, the agent's --max-list-entries)"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_ports(v: &str, max: usize) -> Result<Vec<u16>, String> {
+    within(v, max)?;
     let mut out = Vec::new();
     for p in split_list(v) {
         let p = parse_port(p)?;
@@ -271,7 +317,8 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
     Ok(Cidr { addr, len })
 }
 
-fn parse_cidrs(v: &str) -> Result<Vec<Cidr>, String> {
+fn parse_cidrs(v: &str, max: usize) -> Result<Vec<Cidr>, String> {
+    within(v, max)?;
     split_list(v).map(parse_cidr).collect()
 }
 
@@ -328,7 +375,7 @@ impl MeshConfig {
         let mut err = |annotation: &str, value: &str, reason: String| {
             errors.push(ConfigError {
                 annotation: annotation.to_string(),
-                value: value.to_string(),
+                value: shortened(value),
                 reason,
                 instead: USING_DEFAULT.into(),
             });
@@ -384,7 +431,7 @@ impl MeshConfig {
             let names: Vec<String> = v6.iter().map(ToString::to_string).collect();
             v6_ignored.push(ConfigError {
                 annotation: key.to_string(),
-                value: v.to_string(),
+                value: shortened(v),
                 reason: format!(
                     "the pod has no IPv6 address, so the IPv6 entries {} cannot apply",
                     names.join(",")
@@ -397,7 +444,7 @@ impl MeshConfig {
             if v.trim() == "*" {
                 cfg.include_outbound_cidrs = Set::All;
             } else {
-                match parse_cidrs(v) {
+                match parse_cidrs(v, node.max_list_entries) {
                     Ok(list) => {
                         // Istio decides "loopback included" from both
                         // families' lists, whether or not IPv6 is on.
@@ -410,7 +457,7 @@ impl MeshConfig {
             }
         }
         if let Some(v) = ann.get(annotation::EXCLUDE_OUTBOUND_IP_RANGES) {
-            match parse_cidrs(v) {
+            match parse_cidrs(v, node.max_list_entries) {
                 Ok(list) => {
                     cfg.exclude_outbound_cidrs =
                         keep_family(annotation::EXCLUDE_OUTBOUND_IP_RANGES, v, list);
@@ -428,7 +475,11 @@ impl MeshConfig {
                         Err((v.clone(), "\"*\" is not allowed here".into()))
                     });
                 }
-                Some(parse_ports(v).map(Set::Only).map_err(|e| (v.clone(), e)))
+                Some(
+                    parse_ports(v, node.max_list_entries)
+                        .map(Set::Only)
+                        .map_err(|e| (v.clone(), e)),
+                )
             };
         match port_list(annotation::EXCLUDE_OUTBOUND_PORTS, false) {
             Some(Ok(Set::Only(p))) => cfg.exclude_outbound_ports = p,

@@ -1301,3 +1301,60 @@ fn every_address_of_a_many_address_pod_is_local() {
     };
     assert_eq!(meshlane_outcome_in(&cfg, &ips, &other, 0), Some(15001));
 }
+
+/// Issue 14, part 2: one pod's list annotation cannot fill the node-wide
+/// maps. A list longer than the node's limit is refused before it is
+/// parsed, named with its count, and the setting falls back to its
+/// default, which captures at least as much; the error quotes only the
+/// start of a huge value.
+#[test]
+fn lists_over_the_nodes_limit_fall_back_to_capturing_defaults() {
+    let node = NodeDefaults::ISTIO.with_max_list_entries(3).expect("valid");
+    let cfg = MeshConfig::from_pod_with(
+        &pod_with(&[
+            (annotation::EXCLUDE_OUTBOUND_PORTS, "1,2,3,4"),
+            (annotation::INCLUDE_INBOUND_PORTS, "80,81,82,83"),
+            (
+                annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+                "10.0.0.0/8,10.1.0.0/16,10.2.0.0/16,10.3.0.0/16",
+            ),
+            (annotation::EXCLUDE_INBOUND_PORTS, "7,8,9"),
+        ]),
+        &node,
+    );
+    let d = MeshConfig::istio_default();
+    assert_eq!(cfg.exclude_outbound_ports, d.exclude_outbound_ports);
+    assert_eq!(cfg.include_inbound_ports, d.include_inbound_ports);
+    assert_eq!(cfg.exclude_outbound_cidrs, d.exclude_outbound_cidrs);
+    // At the limit is fine.
+    assert!(cfg.exclude_inbound_ports.starts_with(&[7, 8, 9]));
+    let named: Vec<&str> = cfg.errors.iter().map(|e| e.annotation.as_str()).collect();
+    assert_eq!(
+        named,
+        [
+            annotation::EXCLUDE_OUTBOUND_IP_RANGES,
+            annotation::EXCLUDE_OUTBOUND_PORTS,
+            annotation::INCLUDE_INBOUND_PORTS
+        ]
+    );
+    assert!(
+        cfg.errors.iter().all(|e| e.reason.starts_with("4 entries")),
+        "{:?}",
+        cfg.errors
+    );
+
+    let huge: Vec<String> = (1..=5000).map(|p| p.to_string()).collect();
+    let cfg = MeshConfig::from_pod(&pod_with(&[(
+        annotation::EXCLUDE_OUTBOUND_PORTS,
+        &huge.join(","),
+    )]));
+    let e = &cfg.errors[0];
+    assert!(e.reason.starts_with("5000 entries"), "{e}");
+    assert!(
+        e.value.len() < 200
+            && e.value
+                .ends_with(&format!("({} bytes)", huge.join(",").len())),
+        "{e}"
+    );
+    assert!(NodeDefaults::ISTIO.with_max_list_entries(0).is_err());
+}

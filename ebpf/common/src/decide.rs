@@ -212,6 +212,9 @@ pub fn decide_connect<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Conn
             )
         )
         && (c.uid == cfg.proxy_uid || c.gid == cfg.proxy_gid)
+        // ISTIO_INBOUND's `-s 127.0.0.6/32 -i lo -j RETURN` (::6 for IPv6)
+        // comes before the TPROXY rule.
+        && A::source(c.bound_addr, c.dst_addr) != A::PASSTHROUGH_SRC
         && is_local(cfg, lists, c.dst_addr)
         && c.dst_addr != A::LOCALHOST
         && capture_inbound(cfg, lists, c.dst_port)

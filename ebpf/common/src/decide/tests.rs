@@ -618,6 +618,19 @@ fn tproxy_mode_captures_the_proxys_local_traffic_nat_leaves_alone() {
         decide_connect(&cfg, &l, &conn(APP, APP, 0, POD, 9080)),
         Verdict::Pass(Pass::AppToLocal)
     );
+    // ISTIO_INBOUND returns `-s 127.0.0.6 -i lo` before TPROXY, also when
+    // nat let the packet through for an excluded port (found by the
+    // ip6tables property test for ::6).
+    let mut l = default_lists();
+    l.out_excl_ports.push(80);
+    assert_eq!(
+        decide_connect(
+            &cfg,
+            &l,
+            &conn(PROXY, PROXY, ip::INBOUND_PASSTHROUGH_SRC, POD, 80)
+        ),
+        Verdict::Pass(Pass::ExcludedOutboundPort)
+    );
 }
 
 /// The IPv6 twin of an IPv4 address in these tests: loopback and
