@@ -152,3 +152,67 @@ fn a_pod_filling_the_shared_maps_leaves_others_captured() -> Result<()> {
     drop(procs);
     Ok(())
 }
+
+/// Found by reading the code (issue 14, 4): for a namespace not in PODS yet,
+/// sockops registered listeners on Istio's 15001/15006 instead of the
+/// node's `--outbound-capture-port`/`--inbound-capture-port`, so a proxy
+/// listening before its pod is written was never registered (without
+/// hostPID the agent cannot find it through procfs either): its inbound
+/// refused, bypass-until-ready pods uncaptured. The kernel's own count of
+/// registrations shows it; then both directions are checked.
+#[test]
+fn custom_capture_ports_register_when_the_proxy_listens_before_its_pod_is_known() -> Result<()> {
+    let mut sb = Sandbox::new("iso-ports")?;
+    let a = sb.add_pod("a")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&a, "a", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+    ];
+    let mut agent = Agent::start_on(
+        &sb,
+        1,
+        &[PodSpec::plain(&peer)],
+        &[
+            "--outbound-capture-port",
+            "4140",
+            "--inbound-capture-port",
+            "4143",
+        ],
+    )?;
+    let log = sb.sidecar_log(&a);
+    let mut sidecar = sb.spawn(
+        &a,
+        meshlane_tests::PROXY_UID,
+        meshlane_tests::PROXY_UID,
+        mtest(),
+        &[
+            "sidecar",
+            "--log",
+            log.to_str().expect("utf-8"),
+            "--outbound-port",
+            "4140",
+            "--inbound-port",
+            "4143",
+        ],
+    )?;
+    sidecar.wait_ready(Duration::from_secs(10))?;
+    procs.push(sidecar);
+    let registered = agent.status_cmd()?["counters"]["listeners_registered"].as_u64();
+    assert_eq!(
+        registered,
+        Some(2),
+        "sockops registers both listeners at listen(), before the pod is known"
+    );
+    agent.write_pods(&[PodSpec::meshed(&a), PodSpec::plain(&peer)])?;
+    let key = format!("default/{}", a.name);
+    agent.wait_status(Duration::from_secs(10), |st| {
+        pod_state(st, &key).as_deref() == Some("active")
+    })?;
+    let out = landed(&sb, &a, &format!("{}:9080", peer.ip), &a)?;
+    let inb = landed(&sb, &peer, &format!("{}:9080", a.ip), &a)?;
+    assert_eq!((out, inb), (Some(4140), Some(4143)));
+    drop(agent);
+    drop(procs);
+    Ok(())
+}
