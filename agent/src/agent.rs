@@ -105,6 +105,10 @@ impl Agent {
         }
         info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
         let mut maps = Maps::open(&opts.layout)?;
+        maps.set_capture_ports(
+            opts.defaults.outbound_capture_port,
+            opts.defaults.inbound_capture_port,
+        )?;
         let max_queued = match opts.shortcut_max_queued {
             Some(b) => b,
             None => bpf::default_shortcut_max_queued(),

@@ -154,6 +154,19 @@ impl Maps {
         Ok(())
     }
 
+    /// The node's capture ports, for namespaces the maps do not hold yet.
+    pub fn set_capture_ports(&mut self, outbound: u16, inbound: u16) -> Result<()> {
+        for (index, port) in [
+            (setting::OUTBOUND_CAPTURE_PORT, outbound),
+            (setting::INBOUND_CAPTURE_PORT, inbound),
+        ] {
+            self.settings
+                .set(index, u32::from(port), 0)
+                .context("writing SETTINGS")?;
+        }
+        Ok(())
+    }
+
     pub fn shortcut_max_queued(&self) -> Result<u32> {
         Ok(self.settings.get(&setting::SHORTCUT_MAX_QUEUED, 0)?)
     }

@@ -442,7 +442,12 @@ pub mod setting {
     /// offset unknown the shortcut cannot see a peer's backlog and does not
     /// redirect at all.
     pub const OFFSET_PSOCK_QUEUED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The node's capture ports (`--outbound-capture-port`,
+    /// `--inbound-capture-port`), for namespaces not in `PODS` yet: a proxy
+    /// often listens before the agent knows its pod. 0: Istio's.
+    pub const OUTBOUND_CAPTURE_PORT: u32 = 4;
+    pub const INBOUND_CAPTURE_PORT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Key of the `LISTENERS` sockhash: a TCP listener in a network namespace.

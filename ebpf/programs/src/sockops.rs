@@ -35,7 +35,8 @@ use crate::{
     ctx::{field, v6_field, AF_INET, AF_INET6},
     maps::{
         count, is_proxy_leg, orig_dst6_of, orig_dst6_slot, orig_dst_of, orig_dst_slot, pod_count,
-        setting_on, MapLists, IN_FLIGHT, IN_FLIGHT6, LISTENERS, PODS, SOCKS, SOCK_ADDRS,
+        setting_on, setting_value, MapLists, IN_FLIGHT, IN_FLIGHT6, LISTENERS, PODS, SOCKS,
+        SOCK_ADDRS,
     },
 };
 
@@ -376,7 +377,14 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
     let wanted = match unsafe { PODS.get(netns_cookie) } {
         Some(cfg) => port == cfg.inbound_capture_port || port == cfg.outbound_capture_port,
-        None => port == ports::INBOUND_CAPTURE || port == ports::OUTBOUND_CAPTURE,
+        None => {
+            let node_port = |index: u32, istio: u16| match setting_value(index) {
+                0 => istio,
+                p => p as u16,
+            };
+            port == node_port(setting::INBOUND_CAPTURE_PORT, ports::INBOUND_CAPTURE)
+                || port == node_port(setting::OUTBOUND_CAPTURE_PORT, ports::OUTBOUND_CAPTURE)
+        }
     };
     if !wanted {
         return;
