@@ -216,3 +216,66 @@ fn custom_capture_ports_register_when_the_proxy_listens_before_its_pod_is_known(
     drop(procs);
     Ok(())
 }
+
+/// Attack 3 of issue 14: listener registration. sockops registered any
+/// listen() on a capture port in the pod, whatever its uid. An app process
+/// (uid 1000) of a dual-stack pod whose proxy listens on IPv4 only listens
+/// on `[::]:15006` (v6only, so it does not collide with the proxy): inbound
+/// IPv6 connections were handed to the app's socket, as if it were the
+/// proxy. And in a pod with `bypass-until-ready`, an app that listens on
+/// `[::]:15001`/`[::]:15006` and closes them must not turn the pod's capture
+/// off. Only the proxy's uid may register.
+#[test]
+fn an_apps_listener_on_a_capture_port_changes_nothing() -> Result<()> {
+    let mut sb = Sandbox::new_dual_stack("iso-lsn")?;
+    let victim = sb.add_pod("victim")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&victim, "victim", &["[::]:9080"])?,
+        sb.start_server(&peer, "peer", &["[::]:9080"])?,
+    ];
+    procs.push(sb.start_sidecar(&victim)?); // IPv4 listeners only
+    let spec = PodSpec::meshed(&victim).annotate("meshlane.io/bypass-until-ready", "true");
+    let _agent = Agent::start(&sb, &[spec, PodSpec::plain(&peer)])?;
+    assert_captured_both_ways(&sb, &victim, &peer, "before the app listens")?;
+
+    // The app's own "sidecar" on the capture ports, IPv6 only, as uid 1000.
+    let fake_log = sb.dir().join("fake-sidecar.jsonl");
+    let mut fake = sb.spawn(
+        &victim,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &[
+            "sidecar",
+            "--log",
+            fake_log.to_str().expect("utf-8"),
+            "--listen",
+            "v6",
+        ],
+    )?;
+    fake.wait_ready(Duration::from_secs(10))?;
+    let to6 = format!("[{}]:9080", victim.v6());
+    let out = sb.run(
+        &peer,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &["probe", "--connect", &to6],
+    )?;
+    let p = ProbeResult::parse(&out)?;
+    let stolen: Vec<_> = read_sidecar_log(&fake_log)
+        .into_iter()
+        .filter(|r| p.local.as_deref() == Some(r.peer.as_str()))
+        .collect();
+    assert!(
+        stolen.is_empty(),
+        "BYPASS: the app's listener took a captured inbound IPv6 connection: {stolen:?}"
+    );
+    // It closes them again: the capture stays as it was.
+    drop(fake);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_captured_both_ways(&sb, &victim, &peer, "after the app listened and closed")?;
+    drop(procs);
+    Ok(())
+}
