@@ -994,7 +994,10 @@ fn shape_args(bench: Bench, plan: &Plan, warmup_ms: u64, duration_ms: u64) -> Ve
     let (shape, size, conns) = bench.client(plan);
     vec![
         "--shape".into(),
-        format!("{shape:?}").to_lowercase(),
+        clap::ValueEnum::to_possible_value(&shape)
+            .expect("every shape has a name")
+            .get_name()
+            .to_string(),
         "--size".into(),
         size.to_string(),
         "--conns".into(),
