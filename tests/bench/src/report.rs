@@ -434,33 +434,7 @@ pub fn goals(res: &Results, rows: &[Row]) -> Vec<Goal> {
             },
         });
     }
-    for (a, b, what) in PAIRS {
-        // "Not slower" is a speed of at least 1; "within 1%" at least 0.99.
-        let floor = if b == Mode::Direct { 0.99 } else { 1.0 };
-        for bench in Bench::ALL {
-            if !(bench.applies(a) && bench.applies(b)) {
-                continue;
-            }
-            for key in judged(bench) {
-                let Some(row) = find(rows, bench, key) else {
-                    continue;
-                };
-                let goal = format!("{what}: {}, {}", bench.name(), row.label);
-                out.push(match speed(row, a, b) {
-                    Some(x) => Goal {
-                        goal,
-                        measured: format!("{x:.3}x {}'s speed", b.name()),
-                        verdict: verdict(x >= floor),
-                    },
-                    None => Goal {
-                        goal,
-                        measured: "no data".into(),
-                        verdict: "not measured",
-                    },
-                });
-            }
-        }
-    }
+    out.extend(pair_goals(rows));
     for s in res.scale.iter().filter(|s| {
         matches!(
             s.mode,
@@ -520,6 +494,40 @@ pub fn goals(res: &Results, rows: &[Row]) -> Vec<Goal> {
                 _ => "not measured",
             },
         });
+    }
+    out
+}
+
+/// The goals of the [`PAIRS`]: one per shape and judged metric both modes
+/// of a pair ran.
+fn pair_goals(rows: &[Row]) -> Vec<Goal> {
+    let mut out = Vec::new();
+    for (a, b, what) in PAIRS {
+        // "Not slower" is a speed of at least 1; "within 1%" at least 0.99.
+        let floor = if b == Mode::Direct { 0.99 } else { 1.0 };
+        for bench in Bench::ALL {
+            if !(bench.applies(a) && bench.applies(b)) {
+                continue;
+            }
+            for key in judged(bench) {
+                let Some(row) = find(rows, bench, key) else {
+                    continue;
+                };
+                let goal = format!("{what}: {}, {}", bench.name(), row.label);
+                out.push(match speed(row, a, b) {
+                    Some(x) => Goal {
+                        goal,
+                        measured: format!("{x:.3}x {}'s speed", b.name()),
+                        verdict: verdict(x >= floor),
+                    },
+                    None => Goal {
+                        goal,
+                        measured: "no data".into(),
+                        verdict: "not measured",
+                    },
+                });
+            }
+        }
     }
     out
 }
@@ -1282,6 +1290,102 @@ mod tests {
             None
         );
         assert_eq!(summed(&rows, Bench::Rr64, &keys, Mode::Explicit), None);
+    }
+
+    #[test]
+    fn pair_goals_judge_speed_with_the_pairs_floor() {
+        let row = |bench: Bench, metric: &'static str, hib: bool, a: Mode, b: Mode, x: f64| {
+            let stats: BTreeMap<Mode, Stat> = [(b, 100.0), (a, 100.0 * x)]
+                .into_iter()
+                .map(|(m, v)| (m, Stat::of(vec![v]).unwrap()))
+                .collect();
+            Row {
+                shape: bench.name(),
+                metric,
+                label: metric,
+                higher_is_better: hib,
+                stats,
+                ratios: [(ratio_key(a, b), x)].into_iter().collect(),
+            }
+        };
+        let rows = vec![
+            // 0.5% fewer calls: within 1% of no agent.
+            row(
+                Bench::Sockopt,
+                "calls_per_s",
+                true,
+                Mode::Unmeshed,
+                Mode::Direct,
+                0.995,
+            ),
+            // 2% more latency: not within 1%.
+            row(
+                Bench::Rr64,
+                "p50_us",
+                false,
+                Mode::Unmeshed,
+                Mode::Direct,
+                1.02,
+            ),
+            // 0.5% fewer queries than iptables: slower, so missed.
+            row(
+                Bench::Dns,
+                "queries_per_s",
+                true,
+                Mode::MeshlaneDns,
+                Mode::IptablesDns,
+                0.995,
+            ),
+            // More connections/s than ip6tables: met (a real run has one
+            // row per shape and metric, holding every mode).
+            row(
+                Bench::Crr,
+                "conn_per_s",
+                true,
+                Mode::MeshlaneV6,
+                Mode::Ip6tables,
+                1.2,
+            ),
+        ];
+        let goals = pair_goals(&rows);
+        let verdict_of = |needle: &str| {
+            goals
+                .iter()
+                .find(|g| g.goal.contains(needle))
+                .map(|g| g.verdict)
+                .unwrap_or_else(|| panic!("no goal {needle:?} in {goals:?}"))
+        };
+        assert_eq!(verdict_of("within 1% of no agent: getsockopt loop"), "met");
+        assert_eq!(
+            verdict_of("within 1% of no agent: request/response 64 B, p50_us"),
+            "MISSED"
+        );
+        assert_eq!(verdict_of("UDP DNS: meshlane not slower than Istio's DNS rules: UDP DNS query/answer, queries_per_s"), "MISSED");
+        assert_eq!(
+            verdict_of("IPv6: meshlane not slower than ip6tables: connection rate, conn_per_s"),
+            "met"
+        );
+        // A shape the run did not have gives no goal lines (the markdown
+        // lists what ran); a mode without numbers gives "not measured".
+        assert!(
+            !goals.iter().any(|g| g.goal.contains("p99_us")),
+            "{goals:?}"
+        );
+    }
+
+    #[test]
+    fn shapes_run_in_their_modes_only() {
+        assert!(Bench::Crr.applies(Mode::MeshlaneV6));
+        assert!(!Bench::Rr16k.applies(Mode::Ip6tables));
+        assert!(Bench::Dns.applies(Mode::MeshlaneDns));
+        assert!(!Bench::Dns.applies(Mode::Direct));
+        assert!(!Bench::Crr.applies(Mode::IptablesDns));
+        assert!(Bench::Sockopt.applies(Mode::Unmeshed));
+        assert!(Bench::UdpSend.applies(Mode::Direct));
+        assert!(!Bench::Sockopt.applies(Mode::Meshlane));
+        for b in Bench::MAIN {
+            assert!(b.applies(Mode::Unmeshed) && b.applies(Mode::Iptables));
+        }
     }
 
     #[test]
