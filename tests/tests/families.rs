@@ -28,7 +28,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use meshlane_tests::{
     data_dir, fmt_addr, istio_v6_rules, read_sidecar_log, skip_loudly, Agent, Pod, PodSpec,
     ProbeResult, Proc, Sandbox, SidecarListen, SidecarOpts, SidecarRecord, Stack, UdpProbeResult,

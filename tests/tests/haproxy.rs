@@ -7,9 +7,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use meshlane_tests::{
-    data_dir, istio_v6_rules, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID,
-};
+use meshlane_tests::{data_dir, Agent, Pod, PodSpec, Proc, Sandbox, APP_UID, PROXY_UID};
 
 const HAPROXY_CFG: &str = "\
 global
