@@ -20,7 +20,9 @@ pub struct Args {
     /// The sidecar in every mode: test (mtest sidecar) or haproxy.
     #[arg(long, default_value = "test")]
     proxy: String,
-    /// Modes (comma separated): direct, explicit, iptables, meshlane, meshlane+shortcut.
+    /// Modes (comma separated): direct, explicit, iptables, meshlane,
+    /// meshlane+shortcut, meshlane+shortcut-app, unmeshed, ip6tables,
+    /// meshlane-v6, iptables-dns, meshlane-dns.
     #[arg(long)]
     modes: Option<String>,
     /// Skip the kept-connections and churn runs.
@@ -115,6 +117,11 @@ pub fn smoke() -> Result<()> {
         "explicit",
         // The run says how idle CPUs waited (held polling, or why not).
         "CPU idle: ",
+        // The IPv6, DNS and unmeshed comparisons ran (their modes may be
+        // n/a where the kernel or agent cannot offer them).
+        "| meshlane-v6 vs ip6tables | connection rate |",
+        "| meshlane-dns vs iptables-dns | UDP DNS query/answer |",
+        "| unmeshed vs direct | getsockopt loop |",
     ] {
         if !md.contains(must) {
             bail!("the smoke run's results.md lacks {must:?}");

@@ -7,7 +7,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, AtomicU8, Ordering},
@@ -45,7 +45,25 @@ pub enum Shape {
     Hold,
     /// MAX_COUNT short connections (like crr), as fast as CONNS threads can.
     Churn,
+    /// UDP queries of SIZE to CONNECT (port 53), each waiting for its
+    /// answer, which must come from the DNS proxy stand-in (first byte
+    /// [`DNS_PROXY_TAG`]) with CONNECT as its source.
+    Dns,
+    /// Unconnected UDP datagrams of SIZE to CONNECT (sendto each), as fast
+    /// as one thread can; the receiver drops them.
+    UdpSend,
+    /// One TCP connection to CONNECT, then getsockopt TCP_INFO, SO_ERROR and
+    /// SO_RCVBUF in a tight loop (one operation = the three calls).
+    Sockopt,
 }
+
+/// First byte of the DNS proxy stand-in's answers.
+pub const DNS_PROXY_TAG: u8 = b'P';
+/// First byte of the answers of the "DNS server" the queries are addressed
+/// to (an answer from it means the query was not captured).
+pub const DNS_SERVER_TAG: u8 = b'S';
+/// getsockopt calls per operation of the sockopt shape.
+pub const SOCKOPT_CALLS: u64 = 3;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClientArgs {
@@ -185,7 +203,9 @@ fn self_cpu_us() -> f64 {
 pub fn run(args: &ClientArgs) -> Result<Report> {
     meshlane_tests::raise_soft_nofile();
     let report = match args.shape {
-        Shape::Crr | Shape::Rr | Shape::Stream => windowed(args)?,
+        Shape::Crr | Shape::Rr | Shape::Stream | Shape::Dns | Shape::UdpSend | Shape::Sockopt => {
+            windowed(args)?
+        }
         Shape::Churn => churn(args)?,
         Shape::Hold => hold(args)?,
     };
@@ -286,6 +306,9 @@ fn windowed(args: &ClientArgs) -> Result<Report> {
                 Shape::Crr => crr_worker(&a, &sh),
                 Shape::Rr => rr_worker(&a, &sh),
                 Shape::Stream => stream_worker(&a, &sh),
+                Shape::Dns => dns_worker(&a, &sh),
+                Shape::UdpSend => udp_send_worker(&a, &sh),
+                Shape::Sockopt => sockopt_worker(&a, &sh),
                 Shape::Hold | Shape::Churn => unreachable!("not windowed"),
             };
             if let Err(e) = &r {
@@ -448,6 +471,142 @@ fn stream_worker(a: &ClientArgs, sh: &Shared) -> Result<()> {
     if got != sent {
         bail!("the server received {got} bytes of {sent} sent");
     }
+    Ok(())
+}
+
+/// A UDP socket of `to`'s family on an ephemeral port.
+fn udp_socket(to: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    UdpSocket::bind(any)
+}
+
+fn dns_worker(a: &ClientArgs, sh: &Shared) -> Result<()> {
+    let s = udp_socket(a.connect).context("UDP socket")?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let size = (a.size as usize).clamp(16, 1400);
+    let mut q = vec![b'q'; size];
+    let mut resp = vec![0u8; 2048];
+    let mut h = Histogram::new();
+    let mut consecutive = 0;
+    let mut id: u64 = 0;
+    while sh.phase() != STOP {
+        id += 1;
+        // A query id in the payload, so a late answer to an earlier query
+        // is not taken for this one's.
+        q[1..9].copy_from_slice(&id.to_le_bytes());
+        let t = Instant::now();
+        let r = s.send_to(&q, a.connect).and_then(|_| loop {
+            let (n, from) = s.recv_from(&mut resp)?;
+            if n == q.len() && resp[1..9] == q[1..9] {
+                break Ok((resp[0], from));
+            }
+            // A stale answer: wait for ours (the read timeout bounds it).
+        });
+        let what = match r {
+            Ok((DNS_PROXY_TAG, from)) if from == a.connect => None,
+            Ok((DNS_PROXY_TAG, from)) => Some(format!(
+                "the answer came from {from}, not {} (the source was not restored)",
+                a.connect
+            )),
+            Ok((DNS_SERVER_TAG, _)) => Some(format!(
+                "{} answered itself: the query was not captured",
+                a.connect
+            )),
+            Ok((t, _)) => Some(format!("unknown answer tag {t:#x}")),
+            Err(e) => Some(format!("query: {e}")),
+        };
+        match what {
+            None => {
+                consecutive = 0;
+                if sh.phase() == MEASURE {
+                    h.record(t.elapsed().as_nanos() as u64);
+                }
+                sh.ops.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(e) => {
+                sh.error(&e);
+                consecutive += 1;
+                if consecutive >= MAX_CONSECUTIVE_ERRORS {
+                    sh.merge(&h);
+                    bail!("{consecutive} queries in a row failed, last: {e}");
+                }
+            }
+        }
+    }
+    sh.merge(&h);
+    Ok(())
+}
+
+fn udp_send_worker(a: &ClientArgs, sh: &Shared) -> Result<()> {
+    let s = udp_socket(a.connect).context("UDP socket")?;
+    let mut d = vec![0u8; (a.size as usize).clamp(1, 1400)];
+    d[0] = super::server::UDP_DISCARD;
+    let mut consecutive = 0;
+    while sh.phase() != STOP {
+        // Batches keep the shared counter off the per-datagram path.
+        let mut sent = 0;
+        for _ in 0..64 {
+            match s.send_to(&d, a.connect) {
+                Ok(_) => sent += 1,
+                // A full send buffer (ENOBUFS/EAGAIN) is back-pressure, not
+                // a failure of the path.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Err(e) => {
+                    sh.error(&e);
+                    consecutive += 1;
+                    if consecutive >= MAX_CONSECUTIVE_ERRORS {
+                        bail!("{consecutive} sends in a row failed, last: {e}");
+                    }
+                }
+            }
+        }
+        if sent > 0 {
+            consecutive = 0;
+        }
+        sh.ops.fetch_add(sent, Ordering::Relaxed);
+        sh.bytes.fetch_add(sent * d.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// getsockopt(fd, level, name) into a buffer of `len` bytes.
+fn getsockopt_raw(fd: i32, level: i32, name: i32, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf is valid for len bytes and len is its length.
+    let rc = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &mut len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn sockopt_worker(a: &ClientArgs, sh: &Shared) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let s = connect(a.connect).with_context(|| format!("connecting to {}", a.connect))?;
+    let fd = s.as_raw_fd();
+    // struct tcp_info is 232 bytes on current kernels; a larger buffer
+    // is fine (the kernel writes what it has).
+    let mut info = [0u8; 256];
+    let mut int = [0u8; 4];
+    while sh.phase() != STOP {
+        let mut done = 0;
+        for _ in 0..256 {
+            getsockopt_raw(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)
+                .context("getsockopt TCP_INFO")?;
+            getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut int)
+                .context("getsockopt SO_ERROR")?;
+            getsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &mut int)
+                .context("getsockopt SO_RCVBUF")?;
+            done += 1;
+        }
+        sh.ops.fetch_add(done, Ordering::Relaxed);
+    }
+    drop(s);
     Ok(())
 }
 

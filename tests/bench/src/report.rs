@@ -104,6 +104,50 @@ pub fn metrics(bench: Bench) -> Vec<Metric> {
             SOFTIRQ,
             CTXSW,
         ],
+        Bench::Dns => vec![
+            Metric {
+                key: "queries_per_s",
+                label: "queries/s",
+                higher_is_better: true,
+                value: rate,
+            },
+            P50,
+            P99,
+            Metric {
+                label: "CPU µs per query (client, stand-in, server, agent)",
+                ..CPU
+            },
+        ],
+        Bench::UdpSend => vec![
+            Metric {
+                key: "datagrams_per_s",
+                label: "datagrams sent/s",
+                higher_is_better: true,
+                value: rate,
+            },
+            Metric {
+                label: "CPU µs per datagram (sender, receiver, agent)",
+                ..CPU
+            },
+        ],
+        Bench::Sockopt => vec![
+            Metric {
+                key: "calls_per_s",
+                label: "getsockopt calls/s",
+                higher_is_better: true,
+                value: |r| rate(r).map(|x| x * super::client::SOCKOPT_CALLS as f64),
+            },
+            Metric {
+                key: "cpu_ns_per_call",
+                label: "CPU ns per getsockopt call (client)",
+                higher_is_better: false,
+                value: |r| {
+                    (r.ops > 0).then(|| {
+                        r.cpu_client_us * 1e3 / (r.ops * super::client::SOCKOPT_CALLS) as f64
+                    })
+                },
+            },
+        ],
         Bench::Stream1k | Bench::Stream64k => vec![
             Metric {
                 key: "gbit_per_s",
@@ -191,6 +235,43 @@ const RATIOS: [(Mode, Mode); 6] = [
     (Mode::MeshlaneShortcutApp, Mode::Explicit),
 ];
 
+/// The comparisons of the second table: (subject, reference, what it
+/// asks). Each is judged on the first metric of every shape both ran, and
+/// for the DNS shape on its latencies too.
+const PAIRS: [(Mode, Mode, &str); 3] = [
+    (
+        Mode::MeshlaneV6,
+        Mode::Ip6tables,
+        "IPv6: meshlane not slower than ip6tables",
+    ),
+    (
+        Mode::MeshlaneDns,
+        Mode::IptablesDns,
+        "UDP DNS: meshlane not slower than Istio's DNS rules",
+    ),
+    (
+        Mode::Unmeshed,
+        Mode::Direct,
+        "unmeshed pods on a meshlane node: within 1% of no agent",
+    ),
+];
+
+/// How fast `a` is relative to `b` on `row` (>1: faster), from the ratio of
+/// medians.
+fn speed(row: &Row, a: Mode, b: Mode) -> Option<f64> {
+    let x = *row.ratios.get(&ratio_key(a, b))?;
+    Some(if row.higher_is_better { x } else { 1.0 / x })
+}
+
+/// The metrics a pair's goal is judged on, for `bench`.
+fn judged(bench: Bench) -> Vec<&'static str> {
+    match bench {
+        Bench::Dns => vec!["queries_per_s", "p50_us", "p99_us"],
+        Bench::Rr64 | Bench::Rr16k => vec!["p50_us", "p99_us"],
+        b => vec![metrics(b)[0].key],
+    }
+}
+
 fn ratio_key(a: Mode, b: Mode) -> String {
     format!("{} / {}", a.name(), b.name())
 }
@@ -209,9 +290,11 @@ pub fn rows(res: &Results) -> Vec<Row> {
                 .collect();
             let ratios = RATIOS
                 .iter()
+                .copied()
+                .chain(PAIRS.iter().map(|&(a, b, _)| (a, b)))
                 .filter_map(|(a, b)| {
-                    let (x, y) = (stats.get(a)?, stats.get(b)?);
-                    (y.median != 0.0).then(|| (ratio_key(*a, *b), x.median / y.median))
+                    let (x, y) = (stats.get(&a)?, stats.get(&b)?);
+                    (y.median != 0.0).then(|| (ratio_key(a, b), x.median / y.median))
                 })
                 .collect();
             out.push(Row {
@@ -351,6 +434,7 @@ pub fn goals(res: &Results, rows: &[Row]) -> Vec<Goal> {
             },
         });
     }
+    out.extend(pair_goals(rows));
     for s in res.scale.iter().filter(|s| {
         matches!(
             s.mode,
@@ -414,6 +498,40 @@ pub fn goals(res: &Results, rows: &[Row]) -> Vec<Goal> {
     out
 }
 
+/// The goals of the [`PAIRS`]: one per shape and judged metric both modes
+/// of a pair ran.
+fn pair_goals(rows: &[Row]) -> Vec<Goal> {
+    let mut out = Vec::new();
+    for (a, b, what) in PAIRS {
+        // "Not slower" is a speed of at least 1; "within 1%" at least 0.99.
+        let floor = if b == Mode::Direct { 0.99 } else { 1.0 };
+        for bench in Bench::ALL {
+            if !(bench.applies(a) && bench.applies(b)) {
+                continue;
+            }
+            for key in judged(bench) {
+                let Some(row) = find(rows, bench, key) else {
+                    continue;
+                };
+                let goal = format!("{what}: {}, {}", bench.name(), row.label);
+                out.push(match speed(row, a, b) {
+                    Some(x) => Goal {
+                        goal,
+                        measured: format!("{x:.3}x {}'s speed", b.name()),
+                        verdict: verdict(x >= floor),
+                    },
+                    None => Goal {
+                        goal,
+                        measured: "no data".into(),
+                        verdict: "not measured",
+                    },
+                });
+            }
+        }
+    }
+    out
+}
+
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
@@ -467,7 +585,12 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
 pub fn markdown(res: &Results) -> String {
     let rows = rows(res);
     let goals = goals(res, &rows);
-    let modes: Vec<Mode> = res.modes.iter().map(|i| i.mode).collect();
+    let modes: Vec<Mode> = res
+        .modes
+        .iter()
+        .map(|i| i.mode)
+        .filter(|m| m.is_main())
+        .collect();
     let mut s = String::new();
     let m = &res.machine;
     let _ = writeln!(
@@ -521,7 +644,8 @@ pub fn markdown(res: &Results) -> String {
         }
     }
     let _ = writeln!(s, "{head}\n{sep}");
-    for r in &rows {
+    let main_shapes: Vec<&str> = Bench::MAIN.iter().map(|b| b.name()).collect();
+    for r in rows.iter().filter(|r| main_shapes.contains(&r.shape)) {
         let mut line = format!("| {} | {} |", r.shape, r.label);
         for md in &modes {
             let cell = match (r.stats.get(md), unavailable(res, *md)) {
@@ -542,6 +666,7 @@ pub fn markdown(res: &Results) -> String {
         }
         let _ = writeln!(s, "{line}");
     }
+    pairs_table(res, &rows, &mut s);
     // Goals.
     let _ = writeln!(s, "\nGoals, judged on this run:\n");
     let _ = writeln!(s, "| goal | measured | verdict |\n|---|---|---|");
@@ -706,6 +831,59 @@ pub fn markdown(res: &Results) -> String {
         }
     }
     s
+}
+
+/// The IPv6, DNS and unmeshed comparisons: one line per shape and metric
+/// both modes of a pair ran, with the ratio of medians and the speed it
+/// means (>1: the subject is faster).
+fn pairs_table(res: &Results, rows: &[Row], s: &mut String) {
+    let ran = |m: Mode| res.modes.iter().any(|i| i.mode == m);
+    let pairs: Vec<_> = PAIRS
+        .iter()
+        .filter(|(a, b, _)| ran(*a) || ran(*b))
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nIPv6, UDP DNS and the cost to unmeshed pods (same repetitions; \
+         `unmeshed` is `direct` with the agent running, its programs attached to the node \
+         cgroup above the unmeshed pods). Speed: the ratio as \"how fast\", above 1 is faster.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| comparison | shape | metric | reference | subject | subject ÷ reference | speed |\n|---|---|---|---:|---:|---:|---:|"
+    );
+    for (a, b, _) in pairs {
+        for r in rows {
+            let Some(bench) = Bench::ALL.into_iter().find(|x| x.name() == r.shape) else {
+                continue;
+            };
+            if !(bench.applies(*a) && bench.applies(*b)) {
+                continue;
+            }
+            let cell = |m: &Mode| match (r.stats.get(m), unavailable(res, *m)) {
+                (Some(st), _) => format!("{} ±{:.0}%", fmt_num(st.median), st.spread_pct()),
+                (None, true) => "n/a".into(),
+                (None, false) => "–".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} vs {} | {} | {} | {} | {} | {} | {} |",
+                a.name(),
+                b.name(),
+                r.shape,
+                r.label,
+                cell(b),
+                cell(a),
+                r.ratios
+                    .get(&ratio_key(*a, *b))
+                    .map_or("–".into(), |x| format!("{x:.3}")),
+                speed(r, *a, *b).map_or("–".into(), |x| format!("{x:.3}")),
+            );
+        }
+    }
 }
 
 /// What each interception adds to the floor (explicit: the same sidecars,
@@ -886,7 +1064,12 @@ pub fn svg(res: &Results, bench: Bench) -> String {
     let metric = metrics(bench)[0];
     let rows = rows(res);
     let row = find(&rows, bench, metric.key);
-    let modes: Vec<Mode> = res.modes.iter().map(|i| i.mode).collect();
+    let modes: Vec<Mode> = res
+        .modes
+        .iter()
+        .map(|i| i.mode)
+        .filter(|&m| bench.applies(m))
+        .collect();
     let (w, h) = (640.0, 340.0);
     let (left, right, top, bottom) = (60.0, 20.0, 50.0, 60.0);
     let plot_w = w - left - right;
@@ -940,6 +1123,11 @@ pub fn svg(res: &Results, bench: Bench) -> String {
             Mode::Meshlane => "#42a5f5",
             Mode::MeshlaneShortcut => "#1565c0",
             Mode::MeshlaneShortcutApp => "#0d2c6b",
+            Mode::Unmeshed => "#bdbdbd",
+            Mode::Ip6tables => "#c62828",
+            Mode::MeshlaneV6 => "#26a69a",
+            Mode::IptablesDns => "#ef9a9a",
+            Mode::MeshlaneDns => "#7e57c2",
         };
         let _ = writeln!(
             s,
@@ -1102,6 +1290,102 @@ mod tests {
             None
         );
         assert_eq!(summed(&rows, Bench::Rr64, &keys, Mode::Explicit), None);
+    }
+
+    #[test]
+    fn pair_goals_judge_speed_with_the_pairs_floor() {
+        let row = |bench: Bench, metric: &'static str, hib: bool, a: Mode, b: Mode, x: f64| {
+            let stats: BTreeMap<Mode, Stat> = [(b, 100.0), (a, 100.0 * x)]
+                .into_iter()
+                .map(|(m, v)| (m, Stat::of(vec![v]).unwrap()))
+                .collect();
+            Row {
+                shape: bench.name(),
+                metric,
+                label: metric,
+                higher_is_better: hib,
+                stats,
+                ratios: [(ratio_key(a, b), x)].into_iter().collect(),
+            }
+        };
+        let rows = vec![
+            // 0.5% fewer calls: within 1% of no agent.
+            row(
+                Bench::Sockopt,
+                "calls_per_s",
+                true,
+                Mode::Unmeshed,
+                Mode::Direct,
+                0.995,
+            ),
+            // 2% more latency: not within 1%.
+            row(
+                Bench::Rr64,
+                "p50_us",
+                false,
+                Mode::Unmeshed,
+                Mode::Direct,
+                1.02,
+            ),
+            // 0.5% fewer queries than iptables: slower, so missed.
+            row(
+                Bench::Dns,
+                "queries_per_s",
+                true,
+                Mode::MeshlaneDns,
+                Mode::IptablesDns,
+                0.995,
+            ),
+            // More connections/s than ip6tables: met (a real run has one
+            // row per shape and metric, holding every mode).
+            row(
+                Bench::Crr,
+                "conn_per_s",
+                true,
+                Mode::MeshlaneV6,
+                Mode::Ip6tables,
+                1.2,
+            ),
+        ];
+        let goals = pair_goals(&rows);
+        let verdict_of = |needle: &str| {
+            goals
+                .iter()
+                .find(|g| g.goal.contains(needle))
+                .map(|g| g.verdict)
+                .unwrap_or_else(|| panic!("no goal {needle:?} in {goals:?}"))
+        };
+        assert_eq!(verdict_of("within 1% of no agent: getsockopt loop"), "met");
+        assert_eq!(
+            verdict_of("within 1% of no agent: request/response 64 B, p50_us"),
+            "MISSED"
+        );
+        assert_eq!(verdict_of("UDP DNS: meshlane not slower than Istio's DNS rules: UDP DNS query/answer, queries_per_s"), "MISSED");
+        assert_eq!(
+            verdict_of("IPv6: meshlane not slower than ip6tables: connection rate, conn_per_s"),
+            "met"
+        );
+        // A shape the run did not have gives no goal lines (the markdown
+        // lists what ran); a mode without numbers gives "not measured".
+        assert!(
+            !goals.iter().any(|g| g.goal.contains("p99_us")),
+            "{goals:?}"
+        );
+    }
+
+    #[test]
+    fn shapes_run_in_their_modes_only() {
+        assert!(Bench::Crr.applies(Mode::MeshlaneV6));
+        assert!(!Bench::Rr16k.applies(Mode::Ip6tables));
+        assert!(Bench::Dns.applies(Mode::MeshlaneDns));
+        assert!(!Bench::Dns.applies(Mode::Direct));
+        assert!(!Bench::Crr.applies(Mode::IptablesDns));
+        assert!(Bench::Sockopt.applies(Mode::Unmeshed));
+        assert!(Bench::UdpSend.applies(Mode::Direct));
+        assert!(!Bench::Sockopt.applies(Mode::Meshlane));
+        for b in Bench::MAIN {
+            assert!(b.applies(Mode::Unmeshed) && b.applies(Mode::Iptables));
+        }
     }
 
     #[test]

@@ -82,3 +82,33 @@ async fn conn(mut s: TcpStream) -> std::io::Result<()> {
         }
     }
 }
+
+/// First byte of a datagram the UDP server drops without answering (the
+/// UDP send-rate shape).
+pub const UDP_DISCARD: u8 = b'D';
+
+/// `mbench udp-server`: answers each datagram with the same bytes but the
+/// first replaced by `tag`, so the client can tell who answered (the DNS
+/// proxy stand-in or the "DNS server" it was addressed to); datagrams
+/// starting with [`UDP_DISCARD`] are dropped. One blocking thread: a
+/// datagram costs one recvfrom and one sendto, the same in every mode.
+pub fn serve_udp(listen: SocketAddr, tag: u8) -> Result<()> {
+    let s = std::net::UdpSocket::bind(listen)
+        .with_context(|| format!("binding the UDP server to {listen}"))?;
+    println!("ready");
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let (n, peer) = match s.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("UDP server recvfrom"),
+        };
+        if n == 0 || buf[0] == UDP_DISCARD {
+            continue;
+        }
+        buf[0] = tag;
+        // A full socket buffer at the peer loses the answer; the client
+        // counts that as an error of its own.
+        let _ = s.send_to(&buf[..n], peer);
+    }
+}

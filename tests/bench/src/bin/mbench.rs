@@ -78,6 +78,15 @@ enum Cmd {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// A UDP answerer: each datagram back with its first byte replaced by
+    /// TAG (datagrams starting with 'D' are dropped).
+    UdpServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// One ASCII character.
+        #[arg(long)]
+        tag: char,
+    },
     /// The load generator; prints one JSON report line.
     Client(ClientArgs),
 }
@@ -154,6 +163,10 @@ fn main() -> Result<()> {
             .build()
             .context("building the tokio runtime")?
             .block_on(server::serve(listen)),
+        Cmd::UdpServer { listen, tag } => {
+            let tag = u8::try_from(tag).context("--tag must be one ASCII character")?;
+            server::serve_udp(listen, tag)
+        }
         Cmd::Client(args) => {
             let r = client::run(&args)?;
             println!("{}", serde_json::to_string(&r)?);
