@@ -125,6 +125,12 @@ unsafe fn meshed(ctx: &SockAddrContext, at: At) -> Option<Meshed> {
     if !tcp && ty != SOCK_DGRAM {
         return None;
     }
+    // Every datagram of the node passes here: the port first, before any
+    // lookup.
+    let port_be = field!(sa, user_port) as u16;
+    if !tcp && u16::from_be(port_be) != ports::DNS {
+        return None;
+    }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use of a map value the agent may replace at any
     // time; copied before use.
@@ -134,10 +140,6 @@ unsafe fn meshed(ctx: &SockAddrContext, at: At) -> Option<Meshed> {
     }
     if at == At::Connect {
         count(stat::CONNECT_MESHED);
-    }
-    let port_be = field!(sa, user_port) as u16;
-    if !tcp && u16::from_be(port_be) != ports::DNS {
-        return None;
     }
     let sk = field!(sa, __bindgen_anon_1.sk);
     if sk.is_null() {
