@@ -301,11 +301,20 @@ impl Agent {
             let want = [p.inbound_capture_port, p.outbound_capture_port];
             let missing: Vec<u16> = want
                 .into_iter()
-                .filter(|port| !registered.contains(&ListenerKey::new(cookie, *port)))
+                .filter(|port| {
+                    let key = ListenerKey::serving(cookie, *port, ListenerKey::IPV4, p.proxy_uid);
+                    !registered.contains(&key)
+                })
                 .collect();
             let mut found = Vec::new();
             if !missing.is_empty() {
-                match listeners::register_existing(&mut self.maps, cookie, &a.netns, &missing) {
+                match listeners::register_existing(
+                    &mut self.maps,
+                    cookie,
+                    &a.netns,
+                    &missing,
+                    p.proxy_uid,
+                ) {
                     Ok(ports) => {
                         for port in &ports {
                             info!(pod = %key, port, "registered a proxy listener that predates the programs");

@@ -26,6 +26,7 @@ pub fn register_existing(
     cookie: u64,
     netns: &Path,
     ports: &[u16],
+    proxy_uid: u32,
 ) -> Result<Vec<u16>> {
     let ns = fs::metadata(netns).with_context(|| format!("stat {}", netns.display()))?;
     let ns_id = (ns.dev(), ns.ino());
@@ -45,7 +46,8 @@ pub fn register_existing(
     for file in ["tcp", "tcp6"] {
         let text = fs::read_to_string(format!("/proc/{first}/net/{file}")).unwrap_or_default();
         for (inode, l) in listening(&text, file == "tcp6") {
-            if ports.contains(&l.port) {
+            // Only the proxy's own listeners, as sockops registers them.
+            if ports.contains(&l.port) && l.uid == proxy_uid {
                 wanted.insert(inode, l);
             }
         }
@@ -83,10 +85,20 @@ pub fn register_existing(
     for (l, pid, fd) in found {
         let mut keys = Vec::new();
         if !l.v6 || l.any {
-            keys.push(ListenerKey::serving(cookie, l.port, ListenerKey::IPV4));
+            keys.push(ListenerKey::serving(
+                cookie,
+                l.port,
+                ListenerKey::IPV4,
+                l.uid,
+            ));
         }
         if l.v6 {
-            keys.push(ListenerKey::serving(cookie, l.port, ListenerKey::IPV6));
+            keys.push(ListenerKey::serving(
+                cookie,
+                l.port,
+                ListenerKey::IPV6,
+                l.uid,
+            ));
         }
         keys.retain(|k| !done.contains(k));
         if keys.is_empty() {
@@ -116,6 +128,8 @@ struct Listener {
     v6: bool,
     /// On the any-address.
     any: bool,
+    /// The socket's owner.
+    uid: u32,
 }
 
 /// (inode, listener) of the listening sockets in a /proc/net/tcp{,6} table
@@ -126,7 +140,7 @@ fn listening(table: &str, v6: bool) -> Vec<(u64, Listener)> {
         .skip(1)
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+            let (local, state, uid, inode) = (f.get(1)?, f.get(3)?, f.get(7)?, f.get(9)?);
             if *state != "0A" {
                 return None;
             }
@@ -142,7 +156,8 @@ fn listening(table: &str, v6: bool) -> Vec<(u64, Listener)> {
                 let a = u32::from_str_radix(addr, 16).ok()?;
                 a.to_ne_bytes()[0] != 127
             };
-            usable.then_some((inode.parse().ok()?, Listener { port, v6, any }))
+            let uid = uid.parse().ok()?;
+            usable.then_some((inode.parse().ok()?, Listener { port, v6, any, uid }))
         })
         .collect()
 }
@@ -199,7 +214,8 @@ mod tests {
                 Listener {
                     port: 15006,
                     v6: false,
-                    any: true
+                    any: true,
+                    uid: 1337
                 }
             )]
         );

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{MapData, SockHash},
-    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::bpf_attach_type;
@@ -44,6 +44,8 @@ pub fn object_bytes(path: Option<&Path>) -> Result<Vec<u8>> {
 /// The kernel's attach type of a hook.
 pub fn attach_type(hook: Hook) -> bpf_attach_type {
     match hook {
+        Hook::PostBind4 => bpf_attach_type::BPF_CGROUP_INET4_POST_BIND,
+        Hook::PostBind6 => bpf_attach_type::BPF_CGROUP_INET6_POST_BIND,
         Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
         Hook::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
         Hook::SendMsg4 => bpf_attach_type::BPF_CGROUP_UDP4_SENDMSG,
@@ -67,6 +69,7 @@ fn load_and_pin(ebpf: &mut Ebpf, layout: &Layout, p: &Program) -> Result<OwnedFd
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
     let loaded = match p.hook.prog_type() {
+        ProgType::Sock => <&mut CgroupSock>::try_from(&mut *prog)?.load(),
         ProgType::SockAddr => <&mut CgroupSockAddr>::try_from(&mut *prog)?.load(),
         ProgType::Sockopt => <&mut CgroupSockopt>::try_from(&mut *prog)?.load(),
         ProgType::SockOps => <&mut SockOps>::try_from(&mut *prog)?.load(),

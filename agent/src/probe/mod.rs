@@ -112,6 +112,7 @@ impl fmt::Display for Feature {
 const PT_SOCK_OPS: u32 = bpf_prog_type::BPF_PROG_TYPE_SOCK_OPS as u32;
 const PT_SK_MSG: u32 = bpf_prog_type::BPF_PROG_TYPE_SK_MSG as u32;
 const PT_SOCK_ADDR: u32 = bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR as u32;
+const PT_SOCK: u32 = bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK as u32;
 const PT_SOCKOPT: u32 = bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCKOPT as u32;
 const PT_SK_LOOKUP: u32 = bpf_prog_type::BPF_PROG_TYPE_SK_LOOKUP as u32;
 
@@ -142,6 +143,7 @@ const H_PROBE_READ_KERNEL: u32 = 113;
 fn hook_ids(hook: Hook) -> (u32, Option<u32>) {
     let at = crate::bpf::load::attach_type(hook) as u32;
     match hook.prog_type() {
+        ProgType::Sock => (PT_SOCK, Some(at)),
         ProgType::SockAddr => (PT_SOCK_ADDR, Some(at)),
         ProgType::Sockopt => (PT_SOCKOPT, Some(at)),
         ProgType::SockOps => (PT_SOCK_OPS, None),
@@ -243,6 +245,16 @@ fn helper_min(prog_type: u32, attach: Option<u32>, helper: u32) -> Option<&'stat
         // the same series as sockops (5.15) is assumed for the message. The
         // probe itself asks the kernel.
         (PT_SOCKOPT, H_NETNS_COOKIE) => "5.15",
+        // aac3fc320d94 "bpf: post-hooks for sys_bind": sock_filter_func_proto
+        // has had get_current_uid_gid (sockets are created in process
+        // context) since cgroup sock programs could read it.
+        (PT_SOCK, H_UID_GID) => "4.17",
+        // f318903c0bf4 (above) enabled it for cgroup sock programs too.
+        (PT_SOCK, H_NETNS_COOKIE) => "5.7",
+        // bpf_sk_storage_get_cg_sock_proto; the release is not re-checked
+        // against the commit (the 6.1 VM row loads it), only this message's
+        // version depends on it: the probe asks the kernel either way.
+        (PT_SOCK, H_SK_STORAGE_GET) => "5.10",
         _ => return None,
     })
 }
@@ -370,6 +382,11 @@ fn section_type(s: &ProgramSection) -> Option<(u32, Option<u32>, bool)> {
             };
             (PT_SOCK_ADDR, Some(a), true)
         }
+        ProgramSection::CgroupSock { attach_type } => (
+            PT_SOCK,
+            Some(bpf_attach_type::from(*attach_type) as u32),
+            true,
+        ),
         ProgramSection::CgroupSockopt { attach_type } => {
             let a = match attach_type {
                 CgroupSockoptAttachType::Get => AT_GETSOCKOPT,

@@ -23,7 +23,8 @@ pub mod stat {
     pub const LISTENERS_REGISTERED: u32 = 14;
     pub const UPDATE_FAILED: u32 = 15;
     pub const SHORTCUT_FELL_BACK: u32 = 16;
-    pub const COUNT: u32 = 17;
+    pub const LISTENERS_UNOWNED: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 /// Indexes into a pod's per-CPU counters in `POD_STATS` (keyed by netns cookie).
@@ -121,6 +122,8 @@ pub const NODE: &[Counter] = {
             None, "Map updates the kernel programs could not make (a sockhash full, ...)."),
         row(SHORTCUT_FELL_BACK as usize, "shortcut_fell_back", "meshlane_shortcut_fell_back_total",
             None, "Shortcut sockets moved to TCP for life because their peer left too many redirected bytes unread."),
+        row(LISTENERS_UNOWNED as usize, "listeners_unowned", "meshlane_listeners_unowned_total",
+            None, "Listeners on a capture port whose bind() was not seen (bound before the programs were attached): left to the agent."),
     ]
 };
 

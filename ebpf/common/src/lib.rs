@@ -461,27 +461,27 @@ pub struct ListenerKey {
     pub port: u32,
     /// Which lookups the listener can take: [`ListenerKey::IPV4`] (an
     /// AF_INET listener, or an AF_INET6 one that is not v6only) or
-    /// [`ListenerKey::IPV6`] (an AF_INET6 listener). The field was padding
-    /// (always 0) before IPv6, so IPv4 keys are unchanged.
+    /// [`ListenerKey::IPV6`] (an AF_INET6 listener).
     pub serves: u32,
+    /// The uid that bound the listener (the `LISTEN_OWNER` record): capture
+    /// asks for the pod's proxy uid, so an app's listener on a capture port
+    /// is never used, and cannot replace or remove the proxy's.
+    pub owner: u32,
+    pub _pad: u32,
 }
 
 impl ListenerKey {
     pub const IPV4: u32 = 0;
     pub const IPV6: u32 = 6;
 
-    /// The IPv4 listener key (what connect4 and IPv4 sk_lookup ask for).
     #[inline(always)]
-    pub const fn new(netns_cookie: u64, port: u16) -> Self {
-        Self::serving(netns_cookie, port, Self::IPV4)
-    }
-
-    #[inline(always)]
-    pub const fn serving(netns_cookie: u64, port: u16, serves: u32) -> Self {
+    pub const fn serving(netns_cookie: u64, port: u16, serves: u32, owner: u32) -> Self {
         Self {
             netns_cookie,
             port: port as u32,
             serves,
+            owner,
+            _pad: 0,
         }
     }
 }

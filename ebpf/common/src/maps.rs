@@ -176,6 +176,17 @@ pub const PROXY_LEG: Map = Map {
     capacity: 0,
     occupancy: None,
 };
+/// The uid that bound a socket to a capture port, plus one (0: none), set
+/// at bind(): sockops registers a listener under its owner, and capture
+/// uses only the listeners of the pod's proxy uid.
+pub const LISTEN_OWNER: Map = Map {
+    name: "LISTEN_OWNER",
+    kind: Kind::SkStorage,
+    key_size: sz::<i32>(),
+    value_size: sz::<u32>(),
+    capacity: 0,
+    occupancy: None,
+};
 /// Node-wide switches written by the agent (`crate::setting`).
 pub const SETTINGS: Map = Map {
     name: "SETTINGS",
@@ -247,6 +258,7 @@ pub const ALL: &[Map] = &[
     SHORTCUT_STATE,
     SETTINGS,
     PROXY_LEG,
+    LISTEN_OWNER,
     SOCK_ADDRS,
     POD_BY_IP6,
     POD_SRC6,

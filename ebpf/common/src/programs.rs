@@ -8,6 +8,10 @@
 /// The kernel hook a program runs at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
+    /// `BPF_PROG_TYPE_CGROUP_SOCK`, `BPF_CGROUP_INET4_POST_BIND`.
+    PostBind4,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK`, `BPF_CGROUP_INET6_POST_BIND`.
+    PostBind6,
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_INET4_CONNECT`.
     Connect4,
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`, `BPF_CGROUP_INET6_CONNECT`.
@@ -38,6 +42,8 @@ impl Hook {
     /// The hook as people name it (and as the object's ELF section says).
     pub const fn section(self) -> &'static str {
         match self {
+            Hook::PostBind4 => "cgroup/post_bind4",
+            Hook::PostBind6 => "cgroup/post_bind6",
             Hook::Connect4 => "cgroup/connect4",
             Hook::Connect6 => "cgroup/connect6",
             Hook::SendMsg4 => "cgroup/sendmsg4",
@@ -57,8 +63,9 @@ impl Hook {
     /// commit that added it in a comment).
     pub const fn min_kernel(self) -> &'static str {
         match self {
-            // d74bad4e74ee "bpf: Hooks for sys_connect"
-            Hook::Connect4 | Hook::Connect6 => "4.17",
+            // d74bad4e74ee "bpf: Hooks for sys_connect", aac3fc320d94
+            // "bpf: post-hooks for sys_bind"
+            Hook::Connect4 | Hook::Connect6 | Hook::PostBind4 | Hook::PostBind6 => "4.17",
             // 1cedee13d25a "bpf: Hooks for sys_sendmsg"
             Hook::SendMsg4 | Hook::SendMsg6 => "4.18",
             // 983695fa6765 "bpf: fix unconnected udp hooks"
@@ -79,6 +86,7 @@ impl Hook {
     /// The kernel's program type of this hook.
     pub const fn prog_type(self) -> ProgType {
         match self {
+            Hook::PostBind4 | Hook::PostBind6 => ProgType::Sock,
             Hook::Connect4
             | Hook::Connect6
             | Hook::SendMsg4
@@ -107,6 +115,8 @@ impl Hook {
 /// A program type of the kernel (`BPF_PROG_TYPE_*`) meshlane uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProgType {
+    /// `BPF_PROG_TYPE_CGROUP_SOCK`: post_bind.
+    Sock,
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`: connect, sendmsg, recvmsg, getpeername.
     SockAddr,
     /// `BPF_PROG_TYPE_CGROUP_SOCKOPT`.
@@ -155,6 +165,16 @@ pub const REDIRECT_CONNECT4: Program = Program {
     name: "redirect_connect4",
     hook: Hook::Connect4,
     does: "sends a meshed pod's TCP connect() to its proxy (the decision table)",
+};
+pub const RECORD_BIND4: Program = Program {
+    name: "record_bind4",
+    hook: Hook::PostBind4,
+    does: "records the uid that bound a socket to a capture port: only the proxy's listeners are used for capture",
+};
+pub const RECORD_BIND6: Program = Program {
+    name: "record_bind6",
+    hook: Hook::PostBind6,
+    does: "the same for AF_INET6 sockets",
 };
 pub const RESTORE_PEERNAME4: Program = Program {
     name: "restore_peername4",
@@ -217,6 +237,8 @@ pub const SHORTCUT_SEND: Program = Program {
 /// getpeername, sockops) before the connect hook that records it, so a
 /// redirected connection always finds its reader attached.
 pub const ALL: &[Program] = &[
+    RECORD_BIND4,
+    RECORD_BIND6,
     RESTORE_PEERNAME4,
     RESTORE_PEERNAME6,
     RESTORE_RECVMSG4,

@@ -359,7 +359,7 @@ unsafe fn redirect_ipv6_dst(
 fn ready(m: &Meshed, capture_port: u16, serves: u32) -> bool {
     if !m.tcp
         || !m.cfg.has(flags::BYPASS_UNTIL_READY)
-        || listening(m.netns_cookie, capture_port, serves)
+        || listening(m.netns_cookie, capture_port, serves, m.cfg.proxy_uid)
     {
         return true;
     }
@@ -398,10 +398,11 @@ unsafe fn bind6(ctx: &SockAddrContext, src: V6) -> i64 {
     }
 }
 
-/// True when the pod's proxy listens on `port` for lookups of `serves`.
+/// True when the pod's proxy (uid `owner`) listens on `port` for lookups
+/// of `serves`.
 #[inline(always)]
-fn listening(netns_cookie: u64, port: u16, serves: u32) -> bool {
-    let key = ListenerKey::serving(netns_cookie, port, serves);
+fn listening(netns_cookie: u64, port: u16, serves: u32, owner: u32) -> bool {
+    let key = ListenerKey::serving(netns_cookie, port, serves, owner);
     // SAFETY: a sockhash lookup returns a referenced socket, released here.
     unsafe {
         let sk = bpf_map_lookup_elem(

@@ -85,7 +85,8 @@ fn capture<A: Addr>(ctx: &SkLookupContext, cookie: u64, arrival: &Arrival<A>, se
     {
         return sk_action::SK_PASS;
     }
-    let key = ListenerKey::serving(cookie, cfg.inbound_capture_port, serves);
+    // Only the proxy's own listener: an app's on the same port is never it.
+    let key = ListenerKey::serving(cookie, cfg.inbound_capture_port, serves, cfg.proxy_uid);
     if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
         count(stat::INBOUND_CAPTURED);
         pod_count(cookie, pod_stat::INBOUND_CAPTURED);

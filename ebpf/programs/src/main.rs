@@ -1,4 +1,5 @@
 //! meshlane's kernel programs. One file per hook:
+//! - `bind.rs`: cgroup/post_bind4 and post_bind6, who bound a capture port;
 //! - `connect.rs`: cgroup/connect4, connect6, sendmsg4, sendmsg6: where a
 //!   connect() or a DNS datagram is sent to the sidecar;
 //! - `sockops.rs`: carries the original destination from the app's socket to
@@ -12,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod bind;
 mod connect;
 mod ctx;
 mod inbound;

@@ -49,6 +49,7 @@ contract!(def::SOCK_ADDRS, ConnKey, u64);
 contract!(def::SHORTCUT_STATE, i32, u32);
 contract!(def::PROXY_LEG, i32, u32);
 contract!(def::SETTINGS, u32, u32);
+contract!(def::LISTEN_OWNER, i32, u32);
 contract!(def::POD_BY_IP6, V6, u64);
 contract!(def::POD_SRC6, u64, V6);
 contract!(def::CIDRS6, Key<Cidr6KeyData>, u32);
@@ -155,6 +156,10 @@ pub static SHORTCUT_STATE: SkStorage<u32> = SkStorage::new();
 /// proxy-to-proxy leg, which the shortcut may take (see `shortcut.rs`).
 #[btf_map]
 pub static PROXY_LEG: SkStorage<u32> = SkStorage::new();
+
+/// The uid (plus one) that bound a socket to a capture port.
+#[btf_map]
+pub static LISTEN_OWNER: SkStorage<u32> = SkStorage::new();
 
 /// Node-wide switches written by the agent (`meshlane_common::setting`).
 #[btf_map]
@@ -266,6 +271,27 @@ pub fn shortcut_state_slot(sk: *mut c_void) -> *mut u32 {
 #[inline(always)]
 pub fn mark_proxy_leg(sk: *mut c_void) -> bool {
     !unsafe { sk_storage(&PROXY_LEG, sk, core::ptr::null_mut(), true) }.is_null()
+}
+
+/// Socket `sk`'s owner record, created empty; null when the kernel cannot
+/// allocate it.
+#[inline(always)]
+pub fn listen_owner_slot(sk: *mut c_void) -> *mut u32 {
+    unsafe { sk_storage(&LISTEN_OWNER, sk, core::ptr::null_mut(), true) }
+}
+
+/// The uid that bound `sk` to a capture port, if [`listen_owner_slot`]
+/// recorded one.
+#[inline(always)]
+pub fn listen_owner_of(sk: *mut c_void) -> Option<u32> {
+    let p = unsafe { sk_storage(&LISTEN_OWNER, sk, core::ptr::null_mut(), false) };
+    if p.is_null() {
+        return None;
+    }
+    match unsafe { *p } {
+        0 => None,
+        v => Some(v - 1),
+    }
 }
 
 /// True when `sk` was marked by [`mark_proxy_leg`].

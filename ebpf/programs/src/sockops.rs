@@ -32,11 +32,12 @@ use meshlane_common::{
 };
 
 use crate::{
+    bind::node_port,
     ctx::{field, v6_field, AF_INET, AF_INET6},
     maps::{
-        count, is_proxy_leg, orig_dst6_of, orig_dst6_slot, orig_dst_of, orig_dst_slot, pod_count,
-        setting_on, setting_value, MapLists, IN_FLIGHT, IN_FLIGHT6, LISTENERS, PODS, SOCKS,
-        SOCK_ADDRS,
+        count, is_proxy_leg, listen_owner_of, orig_dst6_of, orig_dst6_slot, orig_dst_of,
+        orig_dst_slot, pod_count, setting_on, MapLists, IN_FLIGHT, IN_FLIGHT6, LISTENERS, PODS,
+        SOCKS, SOCK_ADDRS,
     },
 };
 
@@ -378,10 +379,6 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     let wanted = match unsafe { PODS.get(netns_cookie) } {
         Some(cfg) => port == cfg.inbound_capture_port || port == cfg.outbound_capture_port,
         None => {
-            let node_port = |index: u32, istio: u16| match setting_value(index) {
-                0 => istio,
-                p => p as u16,
-            };
             port == node_port(setting::INBOUND_CAPTURE_PORT, ports::INBOUND_CAPTURE)
                 || port == node_port(setting::OUTBOUND_CAPTURE_PORT, ports::OUTBOUND_CAPTURE)
         }
@@ -389,6 +386,17 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     if !wanted {
         return;
     }
+    // Registered under the uid that bound it (bind.rs); a listener whose
+    // bind was not seen (bound before the programs were attached) is left
+    // to the agent, which reads its owner from procfs.
+    let sk = field!(ops, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return;
+    }
+    let Some(owner) = listen_owner_of(sk.cast()) else {
+        count(stat::LISTENERS_UNOWNED);
+        return;
+    };
     let ops_mut = unsafe { &mut *ctx.ops };
     if v4 {
         let how = if family == AF_INET {
@@ -396,7 +404,7 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
         } else {
             BPF_NOEXIST
         };
-        let key = ListenerKey::serving(netns_cookie, port, ListenerKey::IPV4);
+        let key = ListenerKey::serving(netns_cookie, port, ListenerKey::IPV4, owner);
         match LISTENERS.update(key, &mut *ops_mut, how.into()) {
             Ok(()) => count(stat::LISTENERS_REGISTERED),
             // An AF_INET listener has the IPv4 lookups already.
@@ -405,7 +413,7 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
         }
     }
     if v6 {
-        let key = ListenerKey::serving(netns_cookie, port, ListenerKey::IPV6);
+        let key = ListenerKey::serving(netns_cookie, port, ListenerKey::IPV6, owner);
         match LISTENERS.update(key, ops_mut, BPF_ANY.into()) {
             Ok(()) => count(stat::LISTENERS_REGISTERED),
             Err(_) => count(stat::UPDATE_FAILED),
