@@ -34,9 +34,13 @@
 //! writes the IPv6 family; the istio-ipv6 cases load their own .v6.rules.
 use std::{
     collections::BTreeMap,
-    fmt,
+    fmt::{self, Write as _},
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -66,6 +70,9 @@ const PORTS6: &[u16] = &[9080, 1111, 3333, 5555, 15008, 15020, 53];
 /// inbound port 4000, the excluded inbound 6000, the included outbound
 /// 31000, Istio's 15008 and 15020, and DNS.
 const IPV6_CASE_PORTS: &[u16] = &[9080, 4000, 6000, 31000, 15008, 15020, 53];
+
+/// Cases run at the same time (CONFORMANCE_JOBS overrides).
+const JOBS: usize = 2;
 
 /// The proxy env that turns DNS capture on.
 const DNS_CAPTURE: (&str, &str) = ("ISTIO_META_DNS_CAPTURE", "true");
@@ -313,6 +320,27 @@ impl Probe {
     }
 }
 
+/// An address (the range's first plus one) in every IPv6 range of the case's
+/// includeOutboundIPRanges and excludeOutboundIPRanges annotations.
+fn range_probes(case: &Case) -> Vec<std::net::Ipv6Addr> {
+    let mut out: Vec<std::net::Ipv6Addr> = Vec::new();
+    for (k, v) in &case.annotations {
+        if !k.ends_with("OutboundIPRanges") {
+            continue;
+        }
+        for cidr in v.split(',').map(str::trim) {
+            let ip = cidr.split_once('/').map_or(cidr, |(ip, _)| ip);
+            if let Ok(net) = ip.parse::<std::net::Ipv6Addr>() {
+                let a = std::net::Ipv6Addr::from(u128::from(net) + 1);
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn probes(case: &Case, uid: u32, gid: u32, pod: &Pod, peer: &Pod, dns: bool) -> Vec<Probe> {
     // (owner, uid, gid, bound to the passthrough source)
     let owners: [(&'static str, u32, u32, bool); 4] = [
@@ -346,6 +374,24 @@ fn probes(case: &Case, uid: u32, gid: u32, pod: &Pod, peer: &Pod, dns: bool) -> 
         ("inet6", v6_dests.to_vec(), "::6", case.ports6),
     ];
     let mut out = Vec::new();
+    // IPv6 include/exclude ranges the case's annotations name (ipv6-ipnets:
+    // 2001:db8::/32 both included and excluded): an address in each, with
+    // port 9080 only, as nothing answers there (each probe can wait out its
+    // timeout) and the ports' rules are probed on the other destinations.
+    for a in range_probes(case) {
+        for (owner, uid, gid, bound) in owners {
+            out.push(Probe {
+                inbound: false,
+                kind: Kind::Tcp,
+                family: "inet6",
+                owner,
+                uid,
+                gid,
+                bind: bound.then(|| "::6".to_string()),
+                dst: format!("[{a}]:9080"),
+            });
+        }
+    }
     for (family, dests, pass, ports) in &families {
         for (owner, uid, gid, bound) in owners {
             for d in dests {
@@ -593,6 +639,8 @@ fn policy_routing(sb: &Sandbox, pod: &Pod, add: bool) -> Result<()> {
 struct CaseRun {
     probes: usize,
     diffs: Vec<String>,
+    /// The per-probe table, printed when every case is done.
+    table: String,
 }
 
 /// Runs one case under both mechanisms.
@@ -669,11 +717,13 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
     };
     drop(procs);
 
-    println!("\n== case {} (proxy uid {uid} gid {gid}) ==", case.name);
-    println!(
+    let mut table = String::new();
+    writeln!(table, "\n== case {} (proxy uid {uid} gid {gid}) ==", case.name)?;
+    writeln!(
+        table,
         "{:<14} {:<14} {:<26} {:<58} {:<58} SAME",
         "FAMILY", "OWNER", "DESTINATION", "IPTABLES", "MESHLANE"
-    );
+    )?;
     let mut diffs = Vec::new();
     let mut landed_counts: BTreeMap<String, usize> = BTreeMap::new();
     for ((p, a), b) in matrix.iter().zip(&under_iptables).zip(&under_meshlane) {
@@ -685,7 +735,8 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
             Kind::Udp { connected: false } => format!("udp-sendto/{}", p.family),
             Kind::Udp { connected: true } => format!("udp-conn/{}", p.family),
         };
-        println!(
+        writeln!(
+            table,
             "{:<14} {:<14} {:<26} {:<58} {:<58} {}",
             family,
             p.owner,
@@ -693,7 +744,7 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
             a.to_string(),
             b.to_string(),
             if same { "yes" } else { "NO" }
-        );
+        )?;
         if !same {
             diffs.push(format!(
                 "{}: {family} {} -> {dst}: iptables {a} | meshlane {b}",
@@ -701,10 +752,11 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
             ));
         }
     }
-    println!("landed under iptables: {landed_counts:?}");
+    writeln!(table, "landed under iptables: {landed_counts:?}")?;
     Ok(CaseRun {
         probes: matrix.len(),
         diffs,
+        table,
     })
 }
 
@@ -731,10 +783,33 @@ fn probe_matrix_matches_istio_rules_for_every_case() -> Result<()> {
     if let Ok(only) = std::env::var("CONFORMANCE_CASE") {
         cases.retain(|c| c.name.contains(&only));
     }
+    // Cases run JOBS at a time (each in its own sandbox, with its own agent),
+    // to keep the run near 4 minutes on 2 cores; tables print in case order.
+    let jobs: usize = std::env::var("CONFORMANCE_JOBS")
+        .ok()
+        .and_then(|j| j.parse().ok())
+        .unwrap_or(JOBS)
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<CaseRun>>>> =
+        Mutex::new((0..cases.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(case) = cases.get(i) else { break };
+                let r = run_case(i, case);
+                results.lock().expect("results")[i] = Some(r);
+            });
+        }
+    });
     let mut rows = 0;
     let mut diffs = Vec::new();
-    for (i, case) in cases.iter().enumerate() {
-        let r = run_case(i, case)?;
+    for (case, r) in cases.iter().zip(results.into_inner().expect("results")) {
+        let r = r
+            .context("case not run")?
+            .with_context(|| format!("case {}", case.name))?;
+        print!("{}", r.table);
         rows += r.probes;
         diffs.extend(r.diffs);
     }
