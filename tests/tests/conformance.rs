@@ -31,7 +31,25 @@
 //!
 //! The IPv6 rules of the istio-cni cases are derived from their IPv4 rules
 //! ([`v6_form`]) the way the tests/data/istio-ipv6 goldens show istio-iptables
-//! writes the IPv6 family; the istio-ipv6 cases load their own .v6.rules.
+//! writes the IPv6 family ([`v6_form_matches_istio_ipv6_goldens`] checks it);
+//! the istio-ipv6 cases load their own .v6.rules. The istio-ipv6 cases that
+//! are not `cni_exact` are left out, each for the reason [`LEFT_OUT`] gives
+//! (the test prints them).
+//!
+//! Differences this suite found in meshlane (kernel/agent side, reported,
+//! not hidden: the test fails while they last):
+//! * An unbound AF_INET6 socket connecting to `[::6]`: the kernel picks `::6`
+//!   itself as the source (it is the pod's own address on lo, RFC 6724 rule
+//!   1), so Istio's `-o lo -s ::6/128 -j RETURN` lets it through to the app;
+//!   meshlane decides `-s ::6` from the socket's bound address only, and
+//!   captures it (proxy uid or gid to 15006; the DNS case's TCP 53 to 15053).
+//!   127.0.0.6 is different: a connect to it leaves from 127.0.0.1, and
+//!   both agree.
+//! * `istio.io/reroute-virtual-interfaces` (istio-ipv6/ipv6-ipnets: eth0,
+//!   eth1): Istio's `-I PREROUTING 1 -i eth0 -j RETURN` (both families) stops
+//!   inbound capture of what arrives on those interfaces, here the pod's
+//!   eth0; meshlane ignores the annotation (reported as unsupported) and
+//!   captures inbound 4000 over IPv4 and IPv6.
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
@@ -293,7 +311,9 @@ fn shown(dst: &str) -> String {
 enum Kind {
     Tcp,
     /// UDP DNS: sendto from an unbound socket, or connect and send.
-    Udp { connected: bool },
+    Udp {
+        connected: bool,
+    },
 }
 
 struct Probe {
@@ -375,9 +395,9 @@ fn probes(case: &Case, uid: u32, gid: u32, pod: &Pod, peer: &Pod, dns: bool) -> 
     ];
     let mut out = Vec::new();
     // IPv6 include/exclude ranges the case's annotations name (ipv6-ipnets:
-    // 2001:db8::/32 both included and excluded): an address in each, with
-    // port 9080 only, as nothing answers there (each probe can wait out its
-    // timeout) and the ports' rules are probed on the other destinations.
+    // 2001:db8::/32 both included and excluded): an address in each (the
+    // peer answers there, see run_case), with port 9080 only; the ports'
+    // rules are probed on the other destinations.
     for a in range_probes(case) {
         for (owner, uid, gid, bound) in owners {
             out.push(Probe {
@@ -539,8 +559,8 @@ fn run_tcp_probe(sb: &Sandbox, pod: &Pod, peer: &Pod, log: &Path, p: &Probe) -> 
     // The app saw the sidecar's inbound source where the probe had another
     // one: a sidecar relayed this connection, so its record must be there.
     let pass = |a: &str| matches!(ip_only(a).as_str(), "127.0.0.6" | "[::6]");
-    let relayed = r.reply.as_ref().is_some_and(|x| pass(&x.peer))
-        && !r.local.as_deref().is_some_and(pass);
+    let relayed =
+        r.reply.as_ref().is_some_and(|x| pass(&x.peer)) && !r.local.as_deref().is_some_and(pass);
     if rec.is_none() && relayed {
         eprintln!(
             "conformance: probe {:?} (local {:?}) reached the app from the passthrough source \
@@ -623,7 +643,12 @@ fn policy_routing(sb: &Sandbox, pod: &Pod, add: bool) -> Result<()> {
             sb.netns_exec(&pod.netns, "ip", &rule, None)?;
             sb.netns_exec(&pod.netns, "ip", &route, None)?;
         } else {
-            sb.netns_exec(&pod.netns, "ip", &[fam, "rule", "del", "pref", "32764"], None)?;
+            sb.netns_exec(
+                &pod.netns,
+                "ip",
+                &[fam, "rule", "del", "pref", "32764"],
+                None,
+            )?;
             sb.netns_exec(
                 &pod.netns,
                 "ip",
@@ -678,6 +703,16 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
     sidecar.wait_ready(Duration::from_secs(10))?;
     procs.push(sidecar);
     let matrix = probes(case, uid, gid, &pod, &peer, dns);
+    // Each IPv6 range address probed is the peer's too, on-link from the
+    // pod (both on the node's bridge), so what reaches it directly gets an
+    // answer (without a route the connect fails before any rule could act).
+    for a in range_probes(case) {
+        let a = format!("{a}/128");
+        let add = ["-6", "addr", "add", &a, "dev", "eth0", "nodad"];
+        sb.netns_exec(&peer.netns, "ip", &add, None)?;
+        let route = ["-6", "route", "add", &a, "dev", "eth0"];
+        sb.netns_exec(&pod.netns, "ip", &route, None)?;
+    }
 
     let v6_path = match &case.v6 {
         V6Rules::File(p) => p.clone(),
@@ -718,7 +753,11 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
     drop(procs);
 
     let mut table = String::new();
-    writeln!(table, "\n== case {} (proxy uid {uid} gid {gid}) ==", case.name)?;
+    writeln!(
+        table,
+        "\n== case {} (proxy uid {uid} gid {gid}) ==",
+        case.name
+    )?;
     writeln!(
         table,
         "{:<14} {:<14} {:<26} {:<58} {:<58} SAME",
@@ -826,5 +865,66 @@ fn probe_matrix_matches_istio_rules_for_every_case() -> Result<()> {
         diffs.len(),
         diffs.join("\n")
     );
+    Ok(())
+}
+
+/// Rules lines of an iptables-restore file with their table.
+fn table_lines(text: &str) -> Vec<(String, String)> {
+    let mut table = String::new();
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if l.starts_with("-A ") || l.starts_with("-I ") {
+            out.push((table.clone(), l.to_string()));
+        }
+    }
+    out
+}
+
+/// [`v6_form`] writes what istio-iptables writes for the IPv6 family: for
+/// every tests/data/istio-ipv6 case, the .v4 file's IPv6 form has exactly
+/// the .v6 file's rules, except (a) the .v6 file's rules naming an IPv6
+/// range or resolver, which no IPv4 rule can yield, and (b) jumps the form
+/// keeps into chains that have no rule in that table of the .v6 file (a
+/// jump into an empty chain falls through: no effect).
+#[test]
+fn v6_form_matches_istio_ipv6_goldens() -> Result<()> {
+    let dir = data_dir().join("istio-ipv6");
+    let v = read_json(&dir.join("cases.json"))?;
+    for c in v["cases"].as_array().context("cases")? {
+        let name = c["name"].as_str().unwrap_or_default();
+        let read = |k: &str| {
+            let p = dir.join(c[k].as_str().unwrap_or_default());
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+        };
+        let derived = table_lines(&v6_form(&read("rules_v4")?)?);
+        let golden = table_lines(&read("rules_v6")?);
+        for (table, l) in derived.iter().filter(|x| !golden.contains(x)) {
+            let target = l.rsplit_once("-j ").map(|(_, t)| t.trim()).unwrap_or("");
+            let target_has_rules = golden.iter().any(|(t, g)| {
+                t == table
+                    && (g.starts_with(&format!("-A {target} "))
+                        || g.starts_with(&format!("-I {target} ")))
+            });
+            assert!(
+                !target_has_rules && l.split_whitespace().count() == 4,
+                "{name}: derived {table} rule not in Istio's IPv6 rules: {l}"
+            );
+        }
+        for (table, l) in golden.iter().filter(|x| !derived.contains(x)) {
+            let names_v6 = l.split_whitespace().any(|w| {
+                let ip = w.split_once('/').map_or(w, |(ip, _)| ip);
+                ip.parse::<std::net::Ipv6Addr>().is_ok_and(|a| {
+                    a != std::net::Ipv6Addr::LOCALHOST
+                        && a != std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)
+                })
+            });
+            assert!(
+                names_v6,
+                "{name}: Istio's IPv6 {table} rule missing from the derived form: {l}"
+            );
+        }
+    }
     Ok(())
 }
