@@ -36,20 +36,19 @@
 //! are not `cni_exact` are left out, each for the reason [`LEFT_OUT`] gives
 //! (the test prints them).
 //!
-//! Differences this suite found in meshlane (kernel/agent side, reported,
-//! not hidden: the test fails while they last):
-//! * An unbound AF_INET6 socket connecting to `[::6]`: the kernel picks `::6`
-//!   itself as the source (it is the pod's own address on lo, RFC 6724 rule
-//!   1), so Istio's `-o lo -s ::6/128 -j RETURN` lets it through to the app;
-//!   meshlane decides `-s ::6` from the socket's bound address only, and
-//!   captures it (proxy uid or gid to 15006; the DNS case's TCP 53 to 15053).
-//!   127.0.0.6 is different: a connect to it leaves from 127.0.0.1, and
-//!   both agree.
+//! Differences this suite finds in meshlane (agent side, reported, not
+//! hidden: the test fails while they last):
 //! * `istio.io/reroute-virtual-interfaces` (istio-ipv6/ipv6-ipnets: eth0,
 //!   eth1): Istio's `-I PREROUTING 1 -i eth0 -j RETURN` (both families) stops
 //!   inbound capture of what arrives on those interfaces, here the pod's
 //!   eth0; meshlane ignores the annotation (reported as unsupported) and
 //!   captures inbound 4000 over IPv4 and IPv6.
+//!
+//! Found here too and fixed on main since (91d57e2): an unbound AF_INET6
+//! socket dialling `[::6]` leaves from `::6` (the kernel's source selection
+//! picks the destination itself, an address of lo), so Istio's
+//! `-o lo -s ::6/128 -j RETURN` lets it through; the `inet6` rows to `[::6]`
+//! (proxy uid and gid owners, the DNS case's TCP 53) keep checking it.
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
