@@ -302,8 +302,8 @@ impl Agent {
             let missing: Vec<u16> = want
                 .into_iter()
                 .filter(|port| {
-                    let key = ListenerKey::serving(cookie, *port, ListenerKey::IPV4, p.proxy_uid);
-                    !registered.contains(&key)
+                    let key = |owner| ListenerKey::serving(cookie, *port, ListenerKey::IPV4, owner);
+                    !registered.contains(&key(p.proxy_uid)) && !registered.contains(&key(0))
                 })
                 .collect();
             let mut found = Vec::new();

@@ -47,7 +47,7 @@ pub fn register_existing(
         let text = fs::read_to_string(format!("/proc/{first}/net/{file}")).unwrap_or_default();
         for (inode, l) in listening(&text, file == "tcp6") {
             // Only the proxy's own listeners, as sockops registers them.
-            if ports.contains(&l.port) && l.uid == proxy_uid {
+            if ports.contains(&l.port) && (l.uid == proxy_uid || l.uid == 0) {
                 wanted.insert(inode, l);
             }
         }

@@ -99,7 +99,7 @@ const DNS_CAPTURE: (&str, &str) = ("ISTIO_META_DNS_CAPTURE", "true");
 /// express, and what they teach that the cases here do use.
 /// The case whose inbound rows on `istio.io/reroute-virtual-interfaces`
 /// are a known gap (see the summary in the test).
-const KNOWN_GAP_CASE: &str = "ipv6-ipnets";
+const KNOWN_GAP_CASE: &str = "istio-ipv6/ipv6-ipnets";
 
 const LEFT_OUT: &[(&str, &str)] = &[
     (

@@ -464,8 +464,9 @@ pub struct ListenerKey {
     /// [`ListenerKey::IPV6`] (an AF_INET6 listener).
     pub serves: u32,
     /// The uid that bound the listener (the `LISTEN_OWNER` record): capture
-    /// asks for the pod's proxy uid, so an app's listener on a capture port
-    /// is never used, and cannot replace or remove the proxy's.
+    /// asks for the pod's proxy uid (or root, for proxies that bind before
+    /// dropping privileges), so an app's listener on a capture port is never
+    /// used, and cannot replace or remove the proxy's.
     pub owner: u32,
     pub _pad: u32,
 }

@@ -360,6 +360,7 @@ fn ready(m: &Meshed, capture_port: u16, serves: u32) -> bool {
     if !m.tcp
         || !m.cfg.has(flags::BYPASS_UNTIL_READY)
         || listening(m.netns_cookie, capture_port, serves, m.cfg.proxy_uid)
+        || listening(m.netns_cookie, capture_port, serves, 0)
     {
         return true;
     }

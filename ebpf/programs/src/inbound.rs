@@ -85,9 +85,14 @@ fn capture<A: Addr>(ctx: &SkLookupContext, cookie: u64, arrival: &Arrival<A>, se
     {
         return sk_action::SK_PASS;
     }
-    // Only the proxy's own listener: an app's on the same port is never it.
+    // Only the proxy's own listener (its uid's, or root's: a proxy may bind
+    // as root and drop privileges, as transparent ones do): an app's on the
+    // same port is never it.
     let key = ListenerKey::serving(cookie, cfg.inbound_capture_port, serves, cfg.proxy_uid);
-    if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+    let root = ListenerKey::serving(cookie, cfg.inbound_capture_port, serves, 0);
+    if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok()
+        || LISTENERS.redirect_sk_lookup(ctx, root, 0).is_ok()
+    {
         count(stat::INBOUND_CAPTURED);
         pod_count(cookie, pod_stat::INBOUND_CAPTURED);
         return sk_action::SK_PASS;
