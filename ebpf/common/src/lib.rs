@@ -578,7 +578,7 @@ mod layout_tests {
         assert_eq!(size_of::<PortKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 8);
         assert_eq!(size_of::<FlowKey>(), 24);
-        assert_eq!(size_of::<ListenerKey>(), 16);
+        assert_eq!(size_of::<ListenerKey>(), 24);
         assert_eq!(size_of::<ConnKey>(), 24);
         assert_eq!(size_of::<V6>(), 16);
         assert_eq!(size_of::<OrigDst6>(), 20);
