@@ -271,13 +271,6 @@ impl PodConfig {
         }
         false
     }
-
-    /// What iptables' `-o lo` amounts to in a pod: the destination is routed
-    /// through the loopback device (the pod's own address or 127.0.0.0/8).
-    #[inline(always)]
-    pub fn is_local(&self, addr: u32) -> bool {
-        ip::is_loopback(addr) || self.is_pod_ip(addr)
-    }
 }
 
 /// Which per-pod port list a [`PortKey`] belongs to.

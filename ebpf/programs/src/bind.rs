@@ -40,14 +40,7 @@ fn record(ctx: &SockContext) {
     let port = field!(sk, src_port) as u16;
     // SAFETY: the context is the socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(sk.cast()) };
-    let capture = match unsafe { PODS.get(netns_cookie) } {
-        Some(cfg) => port == cfg.inbound_capture_port || port == cfg.outbound_capture_port,
-        None => {
-            port == node_port(setting::INBOUND_CAPTURE_PORT, ports::INBOUND_CAPTURE)
-                || port == node_port(setting::OUTBOUND_CAPTURE_PORT, ports::OUTBOUND_CAPTURE)
-        }
-    };
-    if !capture {
+    if !is_capture_port(netns_cookie, port) {
         return;
     }
     let uid = unsafe { bpf_get_current_uid_gid() } as u32;
@@ -58,9 +51,24 @@ fn record(ctx: &SockContext) {
     }
 }
 
+/// True when `port` is a capture port in namespace `netns_cookie`: the
+/// pod's, or the node's for a namespace not in PODS yet (a proxy often
+/// binds before the agent knows its pod).
+#[inline(always)]
+pub fn is_capture_port(netns_cookie: u64, port: u16) -> bool {
+    // SAFETY: read at once, never held.
+    match unsafe { PODS.get(netns_cookie) } {
+        Some(cfg) => port == cfg.inbound_capture_port || port == cfg.outbound_capture_port,
+        None => {
+            port == node_port(setting::INBOUND_CAPTURE_PORT, ports::INBOUND_CAPTURE)
+                || port == node_port(setting::OUTBOUND_CAPTURE_PORT, ports::OUTBOUND_CAPTURE)
+        }
+    }
+}
+
 /// The node's capture port at `index` of SETTINGS, or Istio's.
 #[inline(always)]
-pub fn node_port(index: u32, istio: u16) -> u16 {
+fn node_port(index: u32, istio: u16) -> u16 {
     match setting_value(index) {
         0 => istio,
         p => p as u16,

@@ -27,12 +27,12 @@ use aya_ebpf::{
 };
 use meshlane_common::{
     decide::{decide_inbound, Arrival, InboundVerdict},
-    flags, ip, pod_stat, ports, role, setting, stat, ConnKey, FlowKey, FlowKey6, ListenerKey,
-    OrigDst, OrigDst6, V6,
+    flags, ip, pod_stat, role, setting, stat, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst,
+    OrigDst6, V6,
 };
 
 use crate::{
-    bind::node_port,
+    bind::is_capture_port,
     ctx::{field, v6_field, AF_INET, AF_INET6},
     maps::{
         count, is_proxy_leg, listen_owner_of, orig_dst6_of, orig_dst6_slot, orig_dst_of,
@@ -376,14 +376,7 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
     }
     let port = field!(ops, local_port) as u16;
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-    let wanted = match unsafe { PODS.get(netns_cookie) } {
-        Some(cfg) => port == cfg.inbound_capture_port || port == cfg.outbound_capture_port,
-        None => {
-            port == node_port(setting::INBOUND_CAPTURE_PORT, ports::INBOUND_CAPTURE)
-                || port == node_port(setting::OUTBOUND_CAPTURE_PORT, ports::OUTBOUND_CAPTURE)
-        }
-    };
-    if !wanted {
+    if !is_capture_port(netns_cookie, port) {
         return;
     }
     // Registered under the uid that bound it (bind.rs); a listener whose
