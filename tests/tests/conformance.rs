@@ -97,10 +97,6 @@ const DNS_CAPTURE: (&str, &str) = ("ISTIO_META_DNS_CAPTURE", "true");
 /// The istio-ipv6 cases that are not `cni_exact`, left out of the comparison:
 /// what in their set-up no pod annotation (or proxy env, or runAsUser) can
 /// express, and what they teach that the cases here do use.
-/// The case whose inbound rows on `istio.io/reroute-virtual-interfaces`
-/// are a known gap (see the summary in the test).
-const KNOWN_GAP_CASE: &str = "istio-ipv6/ipv6-ipnets";
-
 const LEFT_OUT: &[(&str, &str)] = &[
     (
         "ipv6-uid-gid",
@@ -142,12 +138,16 @@ enum V6Rules {
     Derived,
     /// Istio's own ip6tables rules.
     File(PathBuf),
+    /// Rendered with the IPv4 rules.
+    Rendered,
 }
 
 struct Case {
     /// "istio-cni/basic", "istio-ipv6/ipv6-ipnets".
     name: String,
-    v4: PathBuf,
+    /// Istio's IPv4 rules; `None`: rendered by meshlane's model of Istio's
+    /// generator (see [`rendered_cases`]), both families.
+    v4: Option<PathBuf>,
     v6: V6Rules,
     annotations: Vec<(String, String)>,
     proxy_env: Vec<(String, String)>,
@@ -185,7 +185,7 @@ fn cni_cases() -> Result<Vec<Case>> {
         .iter()
         .map(|c| Case {
             name: format!("istio-cni/{}", c["name"].as_str().unwrap_or_default()),
-            v4: dir.join(c["rules"].as_str().unwrap_or_default()),
+            v4: Some(dir.join(c["rules"].as_str().unwrap_or_default())),
             v6: V6Rules::Derived,
             annotations: string_pairs(&c["annotations"]),
             proxy_env: string_pairs(&c["proxy_env"]),
@@ -216,7 +216,7 @@ fn ipv6_cases() -> Result<(Vec<Case>, Vec<String>)> {
         let (uid, gid) = (id("proxy_uid")?, id("proxy_gid")?);
         exact.push(Case {
             name: format!("istio-ipv6/{name}"),
-            v4: dir.join(c["rules_v4"].as_str().unwrap_or_default()),
+            v4: Some(dir.join(c["rules_v4"].as_str().unwrap_or_default())),
             v6: V6Rules::File(dir.join(c["rules_v6"].as_str().unwrap_or_default())),
             annotations: string_pairs(&c["annotations"]),
             proxy_env: string_pairs(&c["proxy_env"]),
@@ -228,6 +228,63 @@ fn ipv6_cases() -> Result<(Vec<Case>, Vec<String>)> {
         });
     }
     Ok((exact, other))
+}
+
+/// Pod configurations no golden covers, for the interface annotations:
+/// their rules come from `meshlane iptables`' renderer, which writes the
+/// rules istio-iptables' `capture/run.go` writes for them (excluded
+/// interfaces: `-A PREROUTING -i IF -j RETURN` and `-A OUTPUT -o IF -j
+/// RETURN` first, in mangle too for TPROXY; rerouted ones: `-I PREROUTING 1
+/// -i IF -j RETURN` and, for the outbound ranges, `-I PREROUTING 1 -i IF
+/// [-d CIDR] -j ISTIO_REDIRECT`), and whose reroute part the
+/// istio-ipv6/ipv6-ipnets golden checks. eth0 is the pod's interface to
+/// the peer; eth9 names one it does not have.
+fn rendered_cases() -> Vec<Case> {
+    let case = |name: &str, ann: &[(&str, &str)]| Case {
+        name: format!("rendered/{name}"),
+        v4: None,
+        v6: V6Rules::Rendered,
+        annotations: ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        proxy_env: Vec::new(),
+        run_as_user: None,
+        run_as_group: None,
+        ports: PORTS6,
+        ports6: PORTS6,
+    };
+    const EXCLUDE: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+    const REROUTE: &str = "istio.io/reroute-virtual-interfaces";
+    vec![
+        case("exclude-interfaces", &[(EXCLUDE, "eth0,eth9")]),
+        case(
+            "exclude-interfaces-tproxy",
+            &[
+                (EXCLUDE, "eth0"),
+                ("sidecar.istio.io/interceptionMode", "TPROXY"),
+            ],
+        ),
+        case("reroute-all", &[(REROUTE, "eth0")]),
+        case(
+            "reroute-all-tproxy",
+            &[
+                (REROUTE, "eth0"),
+                ("sidecar.istio.io/interceptionMode", "TPROXY"),
+                ("traffic.sidecar.istio.io/excludeInboundPorts", "1111"),
+            ],
+        ),
+    ]
+}
+
+/// The rules meshlane's renderer writes for `case`'s pod, one family.
+fn render_rules(case: &Case, pod: &Pod, fam: meshlane::iptables::Family) -> Result<String> {
+    let spec = case_pod_spec(case, pod);
+    let text = serde_json::to_string(&spec.to_json())?;
+    let pods = meshlane::pods::parse(&text)?;
+    let p = pods.first().context("the case's pod")?;
+    let cfg = meshlane::podconfig::MeshConfig::from_pod(p);
+    meshlane::iptables::render_family(&cfg, fam).context("interceptionMode NONE")
 }
 
 /// The IPv6 form of Istio's IPv4 rules `v4`, as istio-iptables writes the
@@ -717,20 +774,33 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
         sb.netns_exec(&pod.netns, "ip", &route, None)?;
     }
 
+    let v4_path = match &case.v4 {
+        Some(p) => p.clone(),
+        None => {
+            let path = sb.dir().join("rules.v4");
+            std::fs::write(&path, render_rules(case, &pod, meshlane::iptables::Family::Ipv4)?)?;
+            path
+        }
+    };
     let v6_path = match &case.v6 {
         V6Rules::File(p) => p.clone(),
         V6Rules::Derived => {
-            let v4 = std::fs::read_to_string(&case.v4)
-                .with_context(|| format!("reading {}", case.v4.display()))?;
+            let v4 = std::fs::read_to_string(&v4_path)
+                .with_context(|| format!("reading {}", v4_path.display()))?;
             let path = sb.dir().join("rules.v6");
             std::fs::write(&path, v6_form(&v4).with_context(|| case.name.clone())?)?;
+            path
+        }
+        V6Rules::Rendered => {
+            let path = sb.dir().join("rules.v6");
+            std::fs::write(&path, render_rules(case, &pod, meshlane::iptables::Family::Ipv6)?)?;
             path
         }
     };
     if is_tproxy(case) {
         policy_routing(&sb, &pod, true)?;
     }
-    sb.iptables_restore(&pod, &case.v4, false)?;
+    sb.iptables_restore(&pod, &v4_path, false)?;
     sb.ip6tables_restore(&pod, &v6_path)?;
     let under_iptables: Vec<Outcome> = matrix
         .iter()
@@ -820,6 +890,7 @@ fn probe_matrix_matches_istio_rules_for_every_case() -> Result<()> {
         println!("left out: istio-ipv6/{name}: {why}");
     }
     cases.extend(exact);
+    cases.extend(rendered_cases());
     // For working on one case: CONFORMANCE_CASE=substring runs only the
     // cases whose name has it (the summary line then says how many ran).
     if let Ok(only) = std::env::var("CONFORMANCE_CASE") {
@@ -855,29 +926,11 @@ fn probe_matrix_matches_istio_rules_for_every_case() -> Result<()> {
         rows += r.probes;
         diffs.extend(r.diffs);
     }
-    // The one difference meshlane knows it has and says so (README, known
-    // gaps): `istio.io/reroute-virtual-interfaces` is reported as
-    // unsupported, so connections arriving on the interfaces it names are
-    // captured where Istio's `-I PREROUTING 1 -i eth0 -j RETURN` leaves
-    // them alone (more capture, never less). Printed and counted apart;
-    // any other difference, in that case or another, fails.
-    let (known, diffs): (Vec<String>, Vec<String>) = diffs.into_iter().partition(|d| {
-        d.starts_with(&format!("{KNOWN_GAP_CASE}: ")) && d.contains(" peer->pod -> ")
-    });
-    for d in &known {
-        println!("KNOWN GAP (reroute-virtual-interfaces unsupported, not counted): {d}");
-    }
     println!(
         "\nconformance: {rows} probes over {} cases (families: inet, inet6-mapped, inet6; UDP \
-         DNS): {} differences, {} known-gap differences (inbound on interfaces \
-         istio.io/reroute-virtual-interfaces names)",
+         DNS): {} differences",
         cases.len(),
         diffs.len(),
-        known.len(),
-    );
-    assert!(
-        known.len() <= 2,
-        "the known gap grew beyond its two inbound rows: {known:#?}"
     );
     println!("run time: {:?}", started.elapsed());
     assert!(
