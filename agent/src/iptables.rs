@@ -152,6 +152,19 @@ pub fn render_family(cfg: &MeshConfig, fam: Family) -> Option<String> {
     let reroute = &cfg.reroute_virtual_interfaces;
     let mut b = Builder::default();
 
+    // Excluded interfaces: nothing arriving on or leaving by them is
+    // touched (appended first, so ahead of every later PREROUTING and
+    // OUTPUT rule; in mangle too for TPROXY).
+    for i in &cfg.exclude_interfaces {
+        b.append("nat", "PREROUTING", format!("-i {i} -j RETURN"));
+        b.append("nat", "OUTPUT", format!("-o {i} -j RETURN"));
+    }
+    if tproxy {
+        for i in &cfg.exclude_interfaces {
+            b.append("mangle", "PREROUTING", format!("-i {i} -j RETURN"));
+            b.append("mangle", "OUTPUT", format!("-o {i} -j RETURN"));
+        }
+    }
     // Traffic arriving from the rerouted virtual interfaces is left to the
     // rules below (the include-range inserts), not the inbound capture.
     for i in reroute {

@@ -16,6 +16,8 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
+use crate::podconfig::{Cidr, NetView};
+
 /// A network namespace seen on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Netns {
@@ -24,6 +26,8 @@ pub struct Netns {
     pub path: PathBuf,
     pub cookie: u64,
     pub addrs: Vec<IpAddr>,
+    /// Its interfaces and main-table routes (for the interface annotations).
+    pub net: NetView,
 }
 
 /// Directories of named namespaces, as `ip netns` and CNI runtimes make them.
@@ -121,6 +125,76 @@ fn current_addrs() -> Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// The interfaces and routes of the namespace the calling thread is in.
+/// Routes come from /proc/thread-self/net (the thread's namespace): IPv4's
+/// `route` is the main table; of IPv6's `ipv6_route` (every table) routes
+/// by `lo` and reject routes are left out, which leaves the main table's in
+/// a pod (the TPROXY set-up's table 133 routes by `lo` only), and of one
+/// destination the lowest metric is kept, as the kernel picks.
+fn current_net() -> NetView {
+    let ifaces: Vec<(String, u32)> = nix::net::if_::if_nameindex()
+        .map(|l| {
+            l.iter()
+                .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let index = |name: &str| ifaces.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
+    let mut best: BTreeMap<(IpAddr, u8), (u32, u32)> = BTreeMap::new();
+    let mut keep = |addr: IpAddr, len: u8, metric: u32, dev: &str| {
+        if let Some(i) = index(dev) {
+            let e = best.entry((addr, len)).or_insert((metric, i));
+            if metric < e.0 {
+                *e = (metric, i);
+            }
+        }
+    };
+    let read =
+        |f: &str| fs::read_to_string(format!("/proc/thread-self/net/{f}")).unwrap_or_default();
+    for line in read("route").lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let hex = |i: usize| f.get(i).and_then(|v| u32::from_str_radix(v, 16).ok());
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; the
+        // addresses are in network order, printed as a host-order number.
+        let (Some(dst), Some(metric), Some(mask)) = (hex(1), f.get(6), hex(7)) else {
+            continue;
+        };
+        let dst = std::net::Ipv4Addr::from(dst.to_ne_bytes());
+        let len = mask.count_ones() as u8;
+        keep(IpAddr::V4(dst), len, metric.parse().unwrap_or(0), f[0]);
+    }
+    const RTF_REJECT: u32 = 0x0200;
+    for line in read("ipv6_route").lines() {
+        // dst dst_len src src_len next_hop metric refcnt use flags dev
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[9] == "lo" {
+            continue;
+        }
+        let (Ok(dst), Ok(len), Ok(metric), Ok(flags)) = (
+            u128::from_str_radix(f[0], 16),
+            u8::from_str_radix(f[1], 16),
+            u32::from_str_radix(f[5], 16),
+            u32::from_str_radix(f[8], 16),
+        ) else {
+            continue;
+        };
+        if flags & RTF_REJECT != 0 {
+            continue;
+        }
+        keep(
+            IpAddr::V6(std::net::Ipv6Addr::from_bits(dst)),
+            len,
+            metric,
+            f[9],
+        );
+    }
+    let routes = best
+        .into_iter()
+        .map(|((addr, len), (_, dev))| (Cidr { addr, len }, dev))
+        .collect();
+    NetView { ifaces, routes }
+}
+
 /// True for an address that may name a pod (see [`current_addrs`]).
 pub fn pod_address(ip: IpAddr) -> bool {
     match ip {
@@ -159,6 +233,7 @@ pub fn inspect(paths: Vec<(u64, PathBuf)>) -> Result<Vec<Netns>> {
                     path,
                     cookie,
                     addrs,
+                    net: current_net(),
                 });
             }
             out

@@ -12,8 +12,9 @@ use std::{
 };
 
 use meshlane_common::{
-    cidr6_key_data, cidr_key_data, cidr_list, decide::PodLists, flags, ip, port_list, ports,
-    Cidr6KeyData, CidrKeyData, PodConfig, PortKey, CIDR_KEY_FIXED_BITS, MAX_POD_IPS, V6,
+    cidr6_key_data, cidr_key_data, cidr_list, decide::PodLists, flags, iface_role, ip, port_list,
+    ports, Cidr6KeyData, CidrKeyData, IfaceKey, PodConfig, PortKey, CIDR_KEY_FIXED_BITS,
+    MAX_POD_IPS, V6,
 };
 use serde::Serialize;
 
@@ -239,9 +240,13 @@ pub struct MeshConfig {
     pub exclude_inbound_ports: Vec<u16>,
     pub status_port: u16,
     /// `istio.io/reroute-virtual-interfaces` (or the older
-    /// `traffic.sidecar.istio.io/kubevirtInterfaces`): only rendered into
-    /// Istio's rules; meshlane does not act on it (see `unsupported`).
+    /// `traffic.sidecar.istio.io/kubevirtInterfaces`): connections arriving
+    /// on them for the pod go to the outbound listener when the outbound
+    /// ranges include their destination, else to the app.
     pub reroute_virtual_interfaces: Vec<String>,
+    /// `traffic.sidecar.istio.io/excludeInterfaces`: nothing arriving on or
+    /// leaving by them is captured.
+    pub exclude_interfaces: Vec<String>,
     pub dns_capture: bool,
     /// `INVALID_DROP=true`: Istio drops conntrack-INVALID packets. meshlane
     /// keeps no conntrack state, so there is nothing to drop; kept for the
@@ -254,8 +259,6 @@ pub struct MeshConfig {
     /// `meshlane.io/shortcut-app` (default false).
     pub shortcut_app: bool,
     pub errors: Vec<ConfigError>,
-    /// Annotations meshlane does not act on (yet), reported, not fatal.
-    pub unsupported: Vec<String>,
 }
 
 fn split_list(v: &str) -> impl Iterator<Item = &str> {
@@ -349,13 +352,13 @@ impl MeshConfig {
             exclude_inbound_ports: vec![ports::STATUS, ports::HEALTH, ports::STATS],
             status_port: ports::STATUS,
             reroute_virtual_interfaces: Vec::new(),
+            exclude_interfaces: Vec::new(),
             dns_capture: false,
             invalid_drop: false,
             bypass_until_ready: false,
             shortcut: true,
             shortcut_app: false,
             errors: Vec::new(),
-            unsupported: Vec::new(),
         }
     }
 
@@ -545,16 +548,8 @@ impl MeshConfig {
                 }
             }
         }
-        for key in [
-            annotation::EXCLUDE_INTERFACES,
-            annotation::KUBEVIRT_INTERFACES,
-            annotation::REROUTE_VIRTUAL_INTERFACES,
-        ] {
-            if ann.get(key).is_some_and(|v| !v.trim().is_empty()) {
-                cfg.unsupported.push(format!(
-                    "{key} is not supported by meshlane yet and is ignored"
-                ));
-            }
+        if let Some(v) = ann.get(annotation::EXCLUDE_INTERFACES) {
+            cfg.exclude_interfaces = split_list(v).map(str::to_string).collect();
         }
         // Istio's newer name wins over its older one.
         if let Some(v) = ann
@@ -613,7 +608,68 @@ impl MeshConfig {
         if ips.iter().any(IpAddr::is_ipv6) {
             p.flags |= flags::IPV6;
         }
+        if !self.reroute_virtual_interfaces.is_empty() || !self.exclude_interfaces.is_empty() {
+            p.flags |= flags::INTERFACES;
+        }
         p
+    }
+
+    /// [`iface_role`] bits of the interface named `name`.
+    pub fn iface_roles(&self, name: &str) -> u32 {
+        let mut r = 0;
+        if self.reroute_virtual_interfaces.iter().any(|i| i == name) {
+            r |= iface_role::REROUTE;
+        }
+        if self.exclude_interfaces.iter().any(|i| i == name) {
+            r |= iface_role::EXCLUDE;
+        }
+        r
+    }
+
+    /// What the pod's namespace `net` adds to its map entries: the
+    /// interfaces the annotations name, by index, and (when one is
+    /// excluded) the routes that tell which one a connection leaves by.
+    /// Names the namespace lacks are listed in `missing`: like Istio's
+    /// `-i IF` rules, they match nothing until such an interface appears.
+    pub fn net_entries(&self, netns_cookie: u64, net: &NetView) -> NetEntries {
+        let mut out = NetEntries::default();
+        for name in self
+            .reroute_virtual_interfaces
+            .iter()
+            .chain(&self.exclude_interfaces)
+        {
+            match net.ifaces.iter().find(|(n, _)| n == name) {
+                Some((_, ifindex)) => {
+                    let e = (
+                        IfaceKey::new(netns_cookie, *ifindex),
+                        self.iface_roles(name),
+                    );
+                    if !out.ifaces.contains(&e) {
+                        out.ifaces.push(e);
+                    }
+                }
+                None if !out.missing.contains(name) => out.missing.push(name.clone()),
+                None => {}
+            }
+        }
+        if out.ifaces.iter().any(|(_, r)| r & iface_role::EXCLUDE != 0) {
+            for (c, dev) in &net.routes {
+                let len = CIDR_KEY_FIXED_BITS + u32::from(c.len);
+                match c.network() {
+                    IpAddr::V4(a) => out.routes.push((
+                        len,
+                        cidr_key_data(cidr_list::ROUTE, netns_cookie, a.to_bits()),
+                        *dev,
+                    )),
+                    IpAddr::V6(a) => out.routes6.push((
+                        len,
+                        cidr6_key_data(cidr_list::ROUTE, netns_cookie, V6::from_std(a)),
+                        *dev,
+                    )),
+                }
+            }
+        }
+        out
     }
 
     /// Everything the kernel needs for this pod, keyed by its netns cookie.
@@ -666,12 +722,18 @@ impl MeshConfig {
 pub struct HostLists<'a> {
     pub cfg: &'a MeshConfig,
     pub ips: &'a [IpAddr],
+    /// The pod's namespace, where interfaces matter.
+    pub net: Option<&'a NetView>,
 }
 
 impl MeshConfig {
     /// The per-pod lists of this config for a pod with addresses `ips`.
     pub fn lists<'a>(&'a self, ips: &'a [IpAddr]) -> HostLists<'a> {
-        HostLists { cfg: self, ips }
+        HostLists {
+            cfg: self,
+            ips,
+            net: None,
+        }
     }
 }
 
@@ -730,6 +792,51 @@ impl PodLists for HostLists<'_> {
             IpAddr::V4(_) => None,
         })
     }
+    fn iface_roles(&self, ifindex: u32) -> u32 {
+        self.net
+            .and_then(|n| n.ifaces.iter().find(|(_, i)| *i == ifindex))
+            .map_or(0, |(name, _)| self.cfg.iface_roles(name))
+    }
+    fn route_dev4(&self, addr: u32) -> u32 {
+        self.net
+            .map_or(0, |n| n.route_dev(IpAddr::V4(Ipv4Addr::from_bits(addr))))
+    }
+    fn route_dev6(&self, addr: V6) -> u32 {
+        self.net
+            .map_or(0, |n| n.route_dev(IpAddr::V6(addr.to_std())))
+    }
+}
+
+/// A pod namespace's interfaces and routes, as the agent reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetView {
+    /// Interface names and their indexes.
+    pub ifaces: Vec<(String, u32)>,
+    /// The main table's routes: destination and the ifindex of its device.
+    pub routes: Vec<(Cidr, u32)>,
+}
+
+impl NetView {
+    /// The device of the longest route to `a` (0: none), as the kernel's
+    /// main table would pick it.
+    pub fn route_dev(&self, a: IpAddr) -> u32 {
+        self.routes
+            .iter()
+            .filter(|(c, _)| c.contains(a))
+            .max_by_key(|(c, _)| c.len)
+            .map_or(0, |(_, dev)| *dev)
+    }
+}
+
+/// [`MeshConfig::net_entries`]: the pod's `IFACES` entries and its routes
+/// in `CIDRS`/`CIDRS6` (list `ROUTE`, valued by ifindex).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetEntries {
+    pub ifaces: Vec<(IfaceKey, u32)>,
+    pub routes: Vec<(u32, CidrKeyData, u32)>,
+    pub routes6: Vec<(u32, Cidr6KeyData, u32)>,
+    /// Interface names the namespace does not have.
+    pub missing: Vec<String>,
 }
 
 /// The map contents for one pod.

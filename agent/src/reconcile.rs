@@ -13,7 +13,7 @@ use tracing::warn;
 use crate::{
     bpf::PodEntries,
     netns::Netns,
-    podconfig::{MeshConfig, Mode, NodeDefaults},
+    podconfig::{MeshConfig, Mode, NetEntries, NodeDefaults},
     pods::Pod,
     status::{PodState, PodStatus},
 };
@@ -51,6 +51,16 @@ pub fn bindings(want: &BTreeMap<String, Wanted>) -> BTreeMap<String, u64> {
         .filter(|(_, w)| w.sticky)
         .map(|(k, w)| (k.clone(), w.entries.cookie))
         .collect()
+}
+
+/// Reports interfaces the pod's annotations name that its namespace lacks.
+fn note_missing(st: &mut PodStatus, net: &NetEntries) {
+    for name in &net.missing {
+        st.notes.push(format!(
+            "interface {name:?} (named by an interface annotation) is not in the pod's network \
+             namespace: its rule matches nothing until it appears"
+        ));
+    }
 }
 
 /// Plans a round: each meshed pod is bound to the namespace holding its
@@ -114,7 +124,6 @@ pub fn plan(
             warn!(pod = %key, "{e}");
         }
         st.config_errors = cfg.errors.iter().map(ToString::to_string).collect();
-        st.notes = cfg.unsupported.clone();
         st.config = Some(cfg.clone());
         if pod.host_network {
             st.state = PodState::HostNetwork;
@@ -179,10 +188,13 @@ pub fn plan(
                     st.netns_cookie = Some(cookie);
                     st.netns = Some(path.display().to_string());
                     st.state = PodState::Active;
+                    let net = cfg.net_entries(cookie, &by_cookie[&cookie].net);
+                    note_missing(&mut st, &net);
                     let entries = PodEntries {
                         cookie,
                         ips: pod.ips.clone(),
                         entries: cfg.entries(cookie, &pod.ips),
+                        net,
                     };
                     want.insert(
                         key.clone(),
@@ -214,10 +226,15 @@ pub fn plan(
                     ));
                     for (i, (cookie, path)) in chosen.into_iter().enumerate() {
                         claimed.insert(cookie, key.clone());
+                        let net = cfg.net_entries(cookie, &by_cookie[&cookie].net);
+                        if i == 0 {
+                            note_missing(&mut st, &net);
+                        }
                         let mut entries = PodEntries {
                             cookie,
                             ips: if i == 0 { pod.ips.clone() } else { Vec::new() },
                             entries: cfg.entries(cookie, &pod.ips),
+                            net,
                         };
                         entries.entries.pod.flags &= !flags::BYPASS_UNTIL_READY;
                         let k = if i == 0 {
@@ -274,6 +291,7 @@ mod tests {
             path: PathBuf::from(format!("/run/netns/ns{cookie}")),
             cookie,
             addrs: ips.iter().map(|a| IpAddr::V4(Ipv4Addr::from(*a))).collect(),
+            net: Default::default(),
         }
     }
 

@@ -12,7 +12,7 @@ use std::{
 
 use meshlane_common::{
     decide::{decide_connect, decide_connect6, Connect},
-    V6,
+    flags, V6,
 };
 use proptest::prelude::*;
 
@@ -600,7 +600,11 @@ fn defaults_and_lists_become_map_entries() {
         (annotation::EXCLUDE_INTERFACES, "eth1"),
     ]));
     assert_eq!(cfg.exclude_inbound_ports, vec![15020, 15021, 15090, 15999]);
-    assert_eq!(cfg.unsupported.len(), 1);
+    assert_eq!(cfg.exclude_interfaces, vec!["eth1".to_string()]);
+    assert_ne!(
+        cfg.entries(42, &[IpAddr::V4(POD_IP)]).pod.flags & flags::INTERFACES,
+        0
+    );
     let e = cfg.entries(42, &[IpAddr::V4(POD_IP)]);
     assert_eq!(e.pod.ip_count, 1);
     assert_eq!(e.pod.ips[0], POD_IP.to_bits());

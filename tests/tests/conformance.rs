@@ -36,13 +36,12 @@
 //! are not `cni_exact` are left out, each for the reason [`LEFT_OUT`] gives
 //! (the test prints them).
 //!
-//! Differences this suite finds in meshlane (agent side, reported, not
-//! hidden: the test fails while they last):
-//! * `istio.io/reroute-virtual-interfaces` (istio-ipv6/ipv6-ipnets: eth0,
-//!   eth1): Istio's `-I PREROUTING 1 -i eth0 -j RETURN` (both families) stops
-//!   inbound capture of what arrives on those interfaces, here the pod's
-//!   eth0; meshlane ignores the annotation (reported as unsupported) and
-//!   captures inbound 4000 over IPv4 and IPv6.
+//! Found here and fixed: `istio.io/reroute-virtual-interfaces`
+//! (istio-ipv6/ipv6-ipnets: eth0, eth1), whose `-I PREROUTING 1 -i eth0 -j
+//! RETURN` leaves inbound on the pod's eth0 alone, was ignored by meshlane,
+//! which captured inbound 4000 over both families; sk_lookup now reads the
+//! arrival interface. The `rendered/*` cases check excludeInterfaces and
+//! the reroute-to-15001 side the goldens do not cover.
 //!
 //! Found here too and fixed on main since (91d57e2): an unbound AF_INET6
 //! socket dialling `[::6]` leaves from `::6` (the kernel's source selection
@@ -778,7 +777,10 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
         Some(p) => p.clone(),
         None => {
             let path = sb.dir().join("rules.v4");
-            std::fs::write(&path, render_rules(case, &pod, meshlane::iptables::Family::Ipv4)?)?;
+            std::fs::write(
+                &path,
+                render_rules(case, &pod, meshlane::iptables::Family::Ipv4)?,
+            )?;
             path
         }
     };
@@ -793,7 +795,10 @@ fn run_case(idx: usize, case: &Case) -> Result<CaseRun> {
         }
         V6Rules::Rendered => {
             let path = sb.dir().join("rules.v6");
-            std::fs::write(&path, render_rules(case, &pod, meshlane::iptables::Family::Ipv6)?)?;
+            std::fs::write(
+                &path,
+                render_rules(case, &pod, meshlane::iptables::Family::Ipv6)?,
+            )?;
             path
         }
     };

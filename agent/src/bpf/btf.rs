@@ -114,6 +114,14 @@ impl<'a> Btf<'a> {
     }
 }
 
+/// True when the running kernel tells sk_lookup programs the interface a
+/// packet arrived on (`struct bpf_sk_lookup.ingress_ifindex`, Linux 5.17).
+pub fn sk_lookup_has_ingress_ifindex() -> bool {
+    std::fs::read(VMLINUX).is_ok_and(|d| {
+        Btf::parse(&d).is_ok_and(|b| b.member_offset("bpf_sk_lookup", "ingress_ifindex").is_ok())
+    })
+}
+
 /// Where the shortcut finds a peer's queued bytes, on the running kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PsockOffsets {

@@ -106,6 +106,27 @@ fn attach_to_map(ebpf: &Ebpf, p: &Program, map: &str, prog: &OwnedFd) -> Result<
     })
 }
 
+/// The global the sk_lookup program reads to know whether it may read the
+/// arrival interface (see `ebpf/programs/src/inbound.rs`).
+const HAS_INGRESS_IFINDEX: &str = "HAS_INGRESS_IFINDEX";
+
+/// A loader with the programs' read-only globals set for this kernel.
+fn loader<'a>() -> EbpfLoader<'a> {
+    static YES: u32 = 1;
+    static NO: u32 = 0;
+    let mut l = EbpfLoader::new();
+    let has = super::btf::sk_lookup_has_ingress_ifindex();
+    if !has {
+        tracing::warn!(
+            "this kernel does not tell sk_lookup the arrival interface (Linux 5.17): \
+             traffic.sidecar.istio.io/excludeInterfaces and istio.io/reroute-virtual-interfaces \
+             are not applied to arriving connections, which stay captured"
+        );
+    }
+    l.override_global(HAS_INGRESS_IFINDEX, if has { &YES } else { &NO }, true);
+    l
+}
+
 /// Program names and where they are attached, for status output.
 pub fn program_hooks() -> impl Iterator<Item = (&'static str, &'static str)> {
     programs::ALL.iter().map(|p| (p.name, p.attached_to()))
@@ -117,10 +138,15 @@ pub fn program_hooks() -> impl Iterator<Item = (&'static str, &'static str)> {
 pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-    let mut ebpf: Ebpf = EbpfLoader::new()
+    let mut ebpf: Ebpf = loader()
         .load(object)
         .context("loading the eBPF object (maps)")?;
-    for (name, map) in ebpf.maps() {
+    // Only the maps of the contract: the object's read-only globals are
+    // the programs' own, set at each load.
+    for (name, map) in ebpf
+        .maps()
+        .filter(|(n, _)| maps::ALL.iter().any(|m| m.name == *n))
+    {
         let path = layout.map(name);
         map.pin(&path)
             .with_context(|| format!("pinning map {name} at {}", path.display()))?;
@@ -189,7 +215,7 @@ pub fn adopt(object: &[u8], layout: &Layout) -> Result<()> {
             bail!("pinned link {} is missing", layout.link(p.name).display());
         }
     }
-    let mut loader = EbpfLoader::new();
+    let mut loader = loader();
     for m in maps::ALL {
         loader.map_pin_path(m.name, layout.map(m.name));
     }

@@ -15,12 +15,13 @@ use aya::maps::{
 };
 use meshlane_common::{
     maps::{self, Map as MapDef},
-    setting, stat, Cidr6KeyData, CidrKeyData, ListenerKey, PodConfig, PodCounters, PortKey, V6,
+    setting, stat, Cidr6KeyData, CidrKeyData, IfaceKey, ListenerKey, PodConfig, PodCounters,
+    PortKey, V6,
 };
 use tracing::{info, warn};
 
 use super::{layout::Layout, load, sys};
-use crate::podconfig::MapEntries;
+use crate::podconfig::{MapEntries, NetEntries};
 
 /// What the agent writes for one captured pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +30,8 @@ pub struct PodEntries {
     /// Every address of the pod, of both families.
     pub ips: Vec<IpAddr>,
     pub entries: MapEntries,
+    /// Its namespace's named interfaces and routes.
+    pub net: NetEntries,
 }
 
 impl PodEntries {
@@ -39,6 +42,18 @@ impl PodEntries {
             IpAddr::V6(a) => Some(V6::from_std(*a)),
             IpAddr::V4(_) => None,
         })
+    }
+
+    /// Every `CIDRS` key of the pod: its lists' and its routes'.
+    fn cidr_keys(&self) -> impl Iterator<Item = (u32, CidrKeyData)> + '_ {
+        let routes = self.net.routes.iter().map(|(l, d, _)| (*l, *d));
+        self.entries.cidrs.iter().copied().chain(routes)
+    }
+
+    /// Every `CIDRS6` key of the pod.
+    fn cidr6_keys(&self) -> impl Iterator<Item = (u32, Cidr6KeyData)> + '_ {
+        let routes = self.net.routes6.iter().map(|(l, d, _)| (*l, *d));
+        self.entries.cidrs6.iter().copied().chain(routes)
     }
 }
 
@@ -53,6 +68,7 @@ pub struct Maps {
     pod_by_ip6: HashMap<MapData, V6, u64>,
     pod_src6: HashMap<MapData, u64, V6>,
     cidrs6: LpmTrie<MapData, Cidr6KeyData, u32>,
+    ifaces: HashMap<MapData, IfaceKey, u32>,
     listeners: SockHash<MapData, ListenerKey>,
     settings: Array<MapData, u32>,
     /// Every map with an occupancy key, for counting entries.
@@ -117,6 +133,7 @@ impl Maps {
             pod_by_ip6: HashMap::try_from(open_map(layout, &maps::POD_BY_IP6)?)?,
             pod_src6: HashMap::try_from(open_map(layout, &maps::POD_SRC6)?)?,
             cidrs6: LpmTrie::try_from(open_map(layout, &maps::CIDRS6)?)?,
+            ifaces: HashMap::try_from(open_map(layout, &maps::IFACES)?)?,
             listeners: SockHash::try_from(open_map(layout, &maps::LISTENERS)?)?,
             settings: Array::try_from(open_map(layout, &maps::SETTINGS)?)?,
             counted,
@@ -247,6 +264,21 @@ impl Maps {
                 .insert(&Key::new(*len, *data), 1, 0)
                 .context("CIDRS6 insert")?;
         }
+        for (len, data, dev) in &p.net.routes {
+            self.cidrs
+                .insert(&Key::new(*len, *data), dev, 0)
+                .context("CIDRS insert (route)")?;
+        }
+        for (len, data, dev) in &p.net.routes6 {
+            self.cidrs6
+                .insert(&Key::new(*len, *data), dev, 0)
+                .context("CIDRS6 insert (route)")?;
+        }
+        for (k, roles) in &p.net.ifaces {
+            self.ifaces
+                .insert(k, roles, 0)
+                .with_context(|| format!("IFACES insert {k:?}"))?;
+        }
         for ip in &p.ips {
             match ip {
                 IpAddr::V4(a) => self.pod_by_ip.insert(a.to_bits(), p.cookie, 0),
@@ -274,6 +306,7 @@ impl Maps {
     /// goes first so the kernel stops using the lists; with it, the pod's
     /// inbound link.
     pub fn remove_stale(&mut self, layout: &Layout, old: &PodEntries, new: Option<&PodEntries>) {
+        let new_all = new;
         let new_cookie = new.map(|n| n.cookie);
         let new_ips = new.map(|n| n.ips.as_slice()).unwrap_or_default();
         let new = new.map(|n| &n.entries);
@@ -301,20 +334,27 @@ impl Maps {
                 let _ = self.ports.remove(k);
             }
         }
-        let keep_cidrs: BTreeSet<(u32, CidrKeyData)> = new
-            .map(|n| n.cidrs.iter().copied().collect())
-            .unwrap_or_default();
-        for (len, data) in &old.entries.cidrs {
-            if !keep_cidrs.contains(&(*len, *data)) {
-                let _ = self.cidrs.remove(&Key::new(*len, *data));
+        let keep_cidrs: BTreeSet<(u32, CidrKeyData)> =
+            new_all.map(|n| n.cidr_keys().collect()).unwrap_or_default();
+        for k in old.cidr_keys() {
+            if !keep_cidrs.contains(&k) {
+                let _ = self.cidrs.remove(&Key::new(k.0, k.1));
             }
         }
-        let keep_cidrs6: BTreeSet<(u32, Cidr6KeyData)> = new
-            .map(|n| n.cidrs6.iter().copied().collect())
+        let keep_cidrs6: BTreeSet<(u32, Cidr6KeyData)> = new_all
+            .map(|n| n.cidr6_keys().collect())
             .unwrap_or_default();
-        for (len, data) in &old.entries.cidrs6 {
-            if !keep_cidrs6.contains(&(*len, *data)) {
-                let _ = self.cidrs6.remove(&Key::new(*len, *data));
+        for k in old.cidr6_keys() {
+            if !keep_cidrs6.contains(&k) {
+                let _ = self.cidrs6.remove(&Key::new(k.0, k.1));
+            }
+        }
+        let keep_ifaces: BTreeSet<IfaceKey> = new_all
+            .map(|n| n.net.ifaces.iter().map(|(k, _)| *k).collect())
+            .unwrap_or_default();
+        for (k, _) in &old.net.ifaces {
+            if !keep_ifaces.contains(k) {
+                let _ = self.ifaces.remove(k);
             }
         }
     }
@@ -331,13 +371,13 @@ impl Maps {
             .clone()
             .flat_map(|a| a.entries.ports.iter().copied())
             .collect();
-        let cidrs: BTreeSet<(u32, CidrKeyData)> = kept
+        let cidrs: BTreeSet<(u32, CidrKeyData)> =
+            kept.clone().flat_map(PodEntries::cidr_keys).collect();
+        let cidrs6: BTreeSet<(u32, Cidr6KeyData)> =
+            kept.clone().flat_map(PodEntries::cidr6_keys).collect();
+        let ifaces: BTreeSet<IfaceKey> = kept
             .clone()
-            .flat_map(|a| a.entries.cidrs.iter().copied())
-            .collect();
-        let cidrs6: BTreeSet<(u32, Cidr6KeyData)> = kept
-            .clone()
-            .flat_map(|a| a.entries.cidrs6.iter().copied())
+            .flat_map(|a| a.net.ifaces.iter().map(|(k, _)| *k))
             .collect();
         let src6: BTreeSet<(u64, V6)> = kept
             .clone()
@@ -370,6 +410,12 @@ impl Maps {
         for k in self.cidrs6.keys().flatten().collect::<Vec<_>>() {
             if !cidrs6.contains(&(k.prefix_len(), k.data())) {
                 let _ = self.cidrs6.remove(&k);
+                removed += 1;
+            }
+        }
+        for k in self.ifaces.keys().flatten().collect::<Vec<_>>() {
+            if !ifaces.contains(&k) {
+                let _ = self.ifaces.remove(&k);
                 removed += 1;
             }
         }

@@ -7,7 +7,7 @@
 //! includeOutboundPorts; includeOutboundIPRanges. Each step below names the
 //! rule it stands for.
 
-use crate::{flags, ip, ports, PodConfig, V6};
+use crate::{flags, iface_role, ip, ports, PodConfig, V6};
 
 /// Per-pod lists that are too long to live in [`PodConfig`]; the kernel
 /// answers these from maps, the host from vectors.
@@ -28,6 +28,13 @@ pub trait PodLists {
     /// The pod's IPv6 source address for destinations off the pod: what
     /// the kernel picks, and so what iptables' REDIRECT keeps.
     fn pod_src6(&self) -> Option<V6>;
+    /// [`crate::iface_role`] bits of interface `ifindex` of the pod's
+    /// namespace (0: the annotations name it not).
+    fn iface_roles(&self, ifindex: u32) -> u32;
+    /// The ifindex of the device of the pod's route to `addr` (longest
+    /// prefix of its main table; 0: no route known).
+    fn route_dev4(&self, addr: u32) -> u32;
+    fn route_dev6(&self, addr: V6) -> u32;
 }
 
 /// An address family's addresses, as the decision needs them: Istio writes
@@ -58,6 +65,7 @@ pub trait Addr: Copy + PartialEq {
     fn is_pod_ip<L: PodLists>(self, cfg: &PodConfig, lists: &L) -> bool;
     fn cidr_excluded<L: PodLists>(self, lists: &L) -> bool;
     fn cidr_included<L: PodLists>(self, lists: &L) -> bool;
+    fn route_dev<L: PodLists>(self, lists: &L) -> u32;
 }
 
 impl Addr for u32 {
@@ -78,6 +86,10 @@ impl Addr for u32 {
     #[inline(always)]
     fn cidr_included<L: PodLists>(self, lists: &L) -> bool {
         lists.outbound_cidr_included(self)
+    }
+    #[inline(always)]
+    fn route_dev<L: PodLists>(self, lists: &L) -> u32 {
+        lists.route_dev4(self)
     }
 }
 
@@ -111,6 +123,10 @@ impl Addr for V6 {
     #[inline(always)]
     fn cidr_included<L: PodLists>(self, lists: &L) -> bool {
         lists.outbound_cidr_included6(self)
+    }
+    #[inline(always)]
+    fn route_dev<L: PodLists>(self, lists: &L) -> u32 {
+        lists.route_dev6(self)
     }
 }
 
@@ -159,6 +175,9 @@ pub enum Pass {
     /// ip6tables rules for it (IPv4-mapped destinations are IPv4 packets
     /// and meet the IPv4 rules).
     Ipv4OnlyPod,
+    /// Leaves by an interface `excludeInterfaces` names (`-A OUTPUT -o IF
+    /// -j RETURN`, ahead of every other rule).
+    ExcludedInterface,
 }
 
 /// Which proxy listener a redirected connection goes to.
@@ -196,6 +215,9 @@ impl Verdict {
 /// and the outbound annotations).
 #[inline(always)]
 pub fn decide_connect<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect<A>) -> Verdict {
+    if leaves_by_excluded(cfg, lists, c.dst_addr) {
+        return Verdict::Pass(Pass::ExcludedInterface);
+    }
     let v = decide_nat(cfg, lists, c);
     // TPROXY mode adds Istio's mangle rules: the proxy's uid or gid sending
     // to a local address other than 127.0.0.1 is marked in OUTPUT and, on
@@ -222,6 +244,22 @@ pub fn decide_connect<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Conn
         return Verdict::Redirect(Capture::Inbound);
     }
     v
+}
+
+/// True when a packet to `dst` leaves the pod by an interface its
+/// `excludeInterfaces` names: by `lo` for the pod's own addresses, else by
+/// the device of the pod's route to it.
+#[inline(always)]
+pub fn leaves_by_excluded<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, dst: A) -> bool {
+    if !cfg.has(flags::INTERFACES) {
+        return false;
+    }
+    let dev = if is_local(cfg, lists, dst) {
+        crate::LOOPBACK_IFINDEX
+    } else {
+        dst.route_dev(lists)
+    };
+    dev != 0 && lists.iface_roles(dev) & iface_role::EXCLUDE != 0
 }
 
 /// The decision for an AF_INET6 socket: an IPv4-mapped destination is
@@ -332,7 +370,11 @@ fn decide_nat<A: Addr, L: PodLists>(cfg: &PodConfig, lists: &L, c: &Connect<A>) 
 pub struct Arrival<A = u32> {
     pub tcp: bool,
     pub src_addr: A,
+    pub dst_addr: A,
     pub dst_port: u16,
+    /// The interface it arrived on in the pod's namespace; 0: unknown (a
+    /// kernel before 5.17 does not tell sk_lookup).
+    pub ifindex: u32,
 }
 
 /// Why an arriving connection is left alone.
@@ -351,6 +393,11 @@ pub enum InboundPass {
     ExcludedPort,
     /// includeInboundPorts names other ports.
     NotIncluded,
+    /// Arrived on an interface `excludeInterfaces` names.
+    ExcludedInterface,
+    /// Arrived on a rerouted virtual interface, for a destination outside
+    /// the pod's outbound ranges (`-I PREROUTING 1 -i IF -j RETURN`).
+    VirtualInterface,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +406,10 @@ pub enum InboundVerdict {
     /// Row 10: to the proxy's inbound listener, keeping the destination as
     /// the accepted socket's local address.
     Capture,
+    /// Arrived on a rerouted virtual interface for a destination the pod's
+    /// outbound ranges include: to the proxy's outbound listener
+    /// (`-I PREROUTING 1 -i IF [-d CIDR] -j ISTIO_REDIRECT`).
+    Outbound,
 }
 
 /// The decision for a connection arriving at a meshed pod (rows 9-11 and
@@ -374,6 +425,32 @@ pub fn decide_inbound<A: Addr, L: PodLists>(
     }
     if is_local(cfg, lists, a.src_addr) {
         return InboundVerdict::Pass(InboundPass::FromInsidePod);
+    }
+    let roles = if cfg.has(flags::INTERFACES) && a.ifindex != 0 {
+        lists.iface_roles(a.ifindex)
+    } else {
+        0
+    };
+    // Istio's interface rules are in nat PREROUTING: reroute first (they
+    // are inserted at the top), then the excluded interfaces' RETURN, then
+    // REDIRECT-mode capture. TPROXY capture is in mangle PREROUTING, which
+    // comes before nat and which an excluded interface's RETURN leaves
+    // first; what it does not take still meets the nat rules.
+    let tproxy_capture = cfg.has(flags::TPROXY)
+        && roles & iface_role::EXCLUDE == 0
+        && capture_inbound(cfg, lists, a.dst_port);
+    if !tproxy_capture {
+        if roles & iface_role::REROUTE != 0 {
+            return if cfg.has(flags::INCLUDE_ALL_OUTBOUND_CIDRS) || a.dst_addr.cidr_included(lists)
+            {
+                InboundVerdict::Outbound
+            } else {
+                InboundVerdict::Pass(InboundPass::VirtualInterface)
+            };
+        }
+        if roles & iface_role::EXCLUDE != 0 {
+            return InboundVerdict::Pass(InboundPass::ExcludedInterface);
+        }
     }
     if capture_inbound(cfg, lists, a.dst_port) {
         InboundVerdict::Capture

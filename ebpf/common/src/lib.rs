@@ -216,6 +216,10 @@ pub mod flags {
     /// native IPv6 is captured (an IPv4-only pod gets only the IPv4 rules,
     /// which IPv4-mapped AF_INET6 sockets meet too).
     pub const IPV6: u32 = 1 << 8;
+    /// The pod's annotations name interfaces of its namespace
+    /// (`excludeInterfaces`, `reroute-virtual-interfaces`): look them up in
+    /// `IFACES`, and for excluded ones the pod's routes in `CIDRS`.
+    pub const INTERFACES: u32 = 1 << 9;
 }
 
 /// One meshed pod, as the kernel sees it. Keyed by the pod's network
@@ -307,7 +311,14 @@ impl PortKey {
 pub mod cidr_list {
     pub const OUTBOUND_EXCLUDE: u32 = 1;
     pub const OUTBOUND_INCLUDE: u32 = 2;
+    /// The routes of the pod's main table, valued by the ifindex of their
+    /// device: which interface a connection leaves by (written only for
+    /// pods with excluded interfaces).
+    pub const ROUTE: u32 = 3;
 }
+
+/// `lo`: every network namespace's first interface.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Data part of the `CIDRS` LPM-trie key: list, netns cookie, then the
 /// address in network byte order so prefix bits line up with the trie's.
@@ -354,6 +365,42 @@ pub const fn cidr6_key_data(list: u32, netns_cookie: u64, addr: V6) -> Cidr6KeyD
         i += 1;
     }
     k
+}
+
+/// What a pod's annotations make of one of its namespace's interfaces
+/// (the value of the `IFACES` map, bits).
+pub mod iface_role {
+    /// `istio.io/reroute-virtual-interfaces` (or its older name): what
+    /// arrives on it goes to the outbound listener when the pod's outbound
+    /// ranges include its destination, else is left alone (Istio's
+    /// `-I PREROUTING 1 -i IF [-d CIDR] -j ISTIO_REDIRECT` and
+    /// `-I PREROUTING 1 -i IF -j RETURN`).
+    pub const REROUTE: u32 = 1 << 0;
+    /// `traffic.sidecar.istio.io/excludeInterfaces`: what arrives on it, and
+    /// what leaves by it, is left alone (`-A PREROUTING -i IF -j RETURN`,
+    /// `-A OUTPUT -o IF -j RETURN`).
+    pub const EXCLUDE: u32 = 1 << 1;
+}
+
+/// Key of the `IFACES` map: an interface (by index) of a pod's network
+/// namespace that the pod's annotations name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfaceKey {
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+impl IfaceKey {
+    #[inline(always)]
+    pub const fn new(netns_cookie: u64, ifindex: u32) -> Self {
+        Self {
+            netns_cookie,
+            ifindex,
+            _pad: 0,
+        }
+    }
 }
 
 /// Role of a socket that carries an original destination in socket storage.
@@ -557,6 +604,7 @@ mod user {
     unsafe impl aya::Pod for super::V6 {}
     unsafe impl aya::Pod for super::OrigDst6 {}
     unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::IfaceKey {}
 }
 
 #[cfg(test)]
@@ -569,6 +617,7 @@ mod layout_tests {
     fn contract_types_have_no_padding() {
         assert_eq!(size_of::<PodConfig>(), 4 * 3 + 2 * 4 + 4 + 4 * MAX_POD_IPS);
         assert_eq!(size_of::<PortKey>(), 16);
+        assert_eq!(size_of::<IfaceKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 8);
         assert_eq!(size_of::<FlowKey>(), 24);
         assert_eq!(size_of::<ListenerKey>(), 24);

@@ -8,8 +8,8 @@
 use core::mem::size_of;
 
 use crate::{
-    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst, OrigDst6,
-    PodConfig, PodCounters, PortKey, V6,
+    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, IfaceKey, ListenerKey, OrigDst,
+    OrigDst6, PodConfig, PodCounters, PortKey, V6,
 };
 
 /// The kind of a map, as the kernel knows it.
@@ -243,6 +243,18 @@ pub const IN_FLIGHT6: Map = Map {
     occupancy: Some("in_flight6"),
 };
 
+/// Interfaces of a pod's namespace its annotations name, to their
+/// [`crate::iface_role`] bits. Written by the agent (names resolved in the
+/// pod's namespace).
+pub const IFACES: Map = Map {
+    name: "IFACES",
+    kind: Kind::Hash,
+    key_size: sz::<IfaceKey>(),
+    value_size: sz::<u32>(),
+    capacity: 16_384,
+    occupancy: Some("ifaces"),
+};
+
 /// Every map of the kernel object.
 pub const ALL: &[Map] = &[
     PODS,
@@ -265,6 +277,7 @@ pub const ALL: &[Map] = &[
     CIDRS6,
     ORIG_DST6,
     IN_FLIGHT6,
+    IFACES,
 ];
 
 /// The row of map `name`.

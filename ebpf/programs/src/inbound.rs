@@ -26,6 +26,26 @@ use crate::{
     maps::{count, pod_count, MapLists, LISTENERS, PODS, POD_BY_IP, POD_BY_IP6},
 };
 
+/// 1 when the kernel gives sk_lookup the arrival interface
+/// (`ingress_ifindex`, Linux 5.17), set by the agent at load time. The
+/// object is loaded with this read-only and frozen, so the verifier knows
+/// its value and never checks the field's access on an older kernel, which
+/// would refuse it.
+#[no_mangle]
+static HAS_INGRESS_IFINDEX: u32 = 0;
+
+/// The interface a lookup's packet arrived on, or 0 where the kernel
+/// cannot tell.
+#[inline(always)]
+unsafe fn ingress_ifindex(l: *const bpf_sk_lookup) -> u32 {
+    // SAFETY: a read of the program's own read-only global.
+    if unsafe { core::ptr::read_volatile(&raw const HAS_INGRESS_IFINDEX) } != 0 {
+        field!(l, ingress_ifindex)
+    } else {
+        0
+    }
+}
+
 #[sk_lookup]
 pub fn capture_inbound(ctx: SkLookupContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's duration.
@@ -47,7 +67,9 @@ unsafe fn lookup(ctx: &SkLookupContext) -> u32 {
         let arrival = Arrival {
             tcp,
             src_addr: u32::from_be(field!(l, remote_ip4)),
+            dst_addr: dst,
             dst_port,
+            ifindex: unsafe { ingress_ifindex(l) },
         };
         capture(ctx, cookie, &arrival, ListenerKey::IPV4)
     } else if family == AF_INET6 {
@@ -59,7 +81,9 @@ unsafe fn lookup(ctx: &SkLookupContext) -> u32 {
         let arrival = Arrival {
             tcp,
             src_addr: v6_field!(l, remote_ip6),
+            dst_addr: dst,
             dst_port,
+            ifindex: unsafe { ingress_ifindex(l) },
         };
         capture(ctx, cookie, &arrival, ListenerKey::IPV6)
     } else {
@@ -75,21 +99,24 @@ fn capture<A: Addr>(ctx: &SkLookupContext, cookie: u64, arrival: &Arrival<A>, se
     let Some(cfg) = (unsafe { PODS.get(cookie) }).copied() else {
         return sk_action::SK_PASS;
     };
-    if decide_inbound(
+    // Row 10 goes to the inbound listener; a rerouted virtual interface's
+    // traffic to the outbound one.
+    let port = match decide_inbound(
         &cfg,
         &MapLists {
             netns_cookie: cookie,
         },
         arrival,
-    ) != InboundVerdict::Capture
-    {
-        return sk_action::SK_PASS;
-    }
+    ) {
+        InboundVerdict::Capture => cfg.inbound_capture_port,
+        InboundVerdict::Outbound => cfg.outbound_capture_port,
+        InboundVerdict::Pass(_) => return sk_action::SK_PASS,
+    };
     // Only the proxy's own listener (its uid's, or root's: a proxy may bind
     // as root and drop privileges, as transparent ones do): an app's on the
     // same port is never it.
-    let key = ListenerKey::serving(cookie, cfg.inbound_capture_port, serves, cfg.proxy_uid);
-    let root = ListenerKey::serving(cookie, cfg.inbound_capture_port, serves, 0);
+    let key = ListenerKey::serving(cookie, port, serves, cfg.proxy_uid);
+    let root = ListenerKey::serving(cookie, port, serves, 0);
     if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok()
         || LISTENERS.redirect_sk_lookup(ctx, root, 0).is_ok()
     {

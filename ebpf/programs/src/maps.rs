@@ -12,8 +12,8 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get};
 use meshlane_common::{
     cidr6_key_data, cidr_key_data, cidr_list, decide::PodLists, maps as def, port_list,
-    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst, OrigDst6,
-    PodConfig, PodCounters, PortKey, CIDR_KEY_FIXED_BITS, V6,
+    Cidr6KeyData, CidrKeyData, ConnKey, FlowKey, FlowKey6, IfaceKey, ListenerKey, OrigDst,
+    OrigDst6, PodConfig, PodCounters, PortKey, CIDR_KEY_FIXED_BITS, V6,
 };
 
 /// Fails the build when a static's key or value type does not have the
@@ -55,6 +55,7 @@ contract!(def::POD_SRC6, u64, V6);
 contract!(def::CIDRS6, Key<Cidr6KeyData>, u32);
 contract!(def::ORIG_DST6, i32, OrigDst6);
 contract!(def::IN_FLIGHT6, FlowKey6, OrigDst6);
+contract!(def::IFACES, IfaceKey, u32);
 
 /// Meshed pods by network-namespace cookie. Written by the agent.
 #[btf_map]
@@ -124,6 +125,11 @@ pub static IN_FLIGHT6: HashMap<
     { def::IN_FLIGHT6.capacity as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// Interfaces of a pod's namespace its annotations name, to their
+/// `iface_role` bits. Written by the agent.
+#[btf_map]
+pub static IFACES: HashMap<IfaceKey, u32, { def::IFACES.capacity as usize }> = HashMap::new();
 
 /// TCP listeners on the proxies' capture ports, registered by sockops at
 /// listen() (and by the agent for listeners older than the programs); the
@@ -330,6 +336,25 @@ impl MapLists {
         );
         CIDRS6.get(&key).is_some()
     }
+
+    /// The value of the longest prefix of `list` holding `addr` (0: none).
+    #[inline(always)]
+    fn cidr_value(&self, list: u32, addr: u32) -> u32 {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 32,
+            cidr_key_data(list, self.netns_cookie, addr),
+        );
+        CIDRS.get(&key).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn cidr6_value(&self, list: u32, addr: V6) -> u32 {
+        let key = Key::new(
+            CIDR_KEY_FIXED_BITS + 128,
+            cidr6_key_data(list, self.netns_cookie, addr),
+        );
+        CIDRS6.get(&key).copied().unwrap_or(0)
+    }
 }
 
 impl PodLists for MapLists {
@@ -379,5 +404,20 @@ impl PodLists for MapLists {
     #[inline(always)]
     fn inbound_port_included(&self, port: u16) -> bool {
         self.port_in(port_list::INBOUND_INCLUDE, port)
+    }
+    #[inline(always)]
+    fn iface_roles(&self, ifindex: u32) -> u32 {
+        // SAFETY: copied out at once.
+        unsafe { IFACES.get(IfaceKey::new(self.netns_cookie, ifindex)) }
+            .copied()
+            .unwrap_or(0)
+    }
+    #[inline(always)]
+    fn route_dev4(&self, addr: u32) -> u32 {
+        self.cidr_value(cidr_list::ROUTE, addr)
+    }
+    #[inline(always)]
+    fn route_dev6(&self, addr: V6) -> u32 {
+        self.cidr6_value(cidr_list::ROUTE, addr)
     }
 }

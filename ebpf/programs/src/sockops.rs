@@ -224,10 +224,14 @@ unsafe fn track6(ctx: &SockOpsContext, op: u32) {
                     let arrival = Arrival {
                         tcp: true,
                         src_addr: remote_ip6(ops),
+                        dst_addr: local_ip6(ops),
                         dst_port: local_port,
+                        // Not known here; see `accepted`.
+                        ifindex: 0,
                     };
                     if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival)
                         != InboundVerdict::Capture
+                        && !cfg.has(flags::INTERFACES)
                     {
                         return;
                     }
@@ -317,12 +321,21 @@ unsafe fn take_orig_dst(ctx: &SockOpsContext, netns_cookie: u64) -> Accepted {
             if local_port == cfg.inbound_capture_port {
                 return Accepted::Other;
             }
+            // The arrival interface is not known to sockops, so for a pod
+            // whose annotations name interfaces every accepted connection
+            // is recorded with its local address as original destination:
+            // right for one sk_lookup rerouted to the outbound listener
+            // (whatever its port), and what conntrack would answer for one
+            // left to the app too (which then counts as captured).
             let arrival = Arrival {
                 tcp: true,
                 src_addr: u32::from_be(field!(ops, remote_ip4)),
+                dst_addr: u32::from_be(field!(ops, local_ip4)),
                 dst_port: local_port,
+                ifindex: 0,
             };
             if decide_inbound(&cfg, &MapLists { netns_cookie }, &arrival) != InboundVerdict::Capture
+                && !cfg.has(flags::INTERFACES)
             {
                 return Accepted::Other;
             }

@@ -25,6 +25,10 @@ struct Lists {
     out_incl_cidrs6: Vec<(V6, u8)>,
     pod_ips4: Vec<u32>,
     pod_ips6: Vec<V6>,
+    /// (ifindex, iface_role bits).
+    ifaces: Vec<(u32, u32)>,
+    /// (network, prefix length, device ifindex).
+    routes4: Vec<(u32, u8, u32)>,
 }
 
 fn in_prefix6(a: V6, net: V6, len: u8) -> bool {
@@ -76,6 +80,22 @@ impl PodLists for Lists {
     }
     fn pod_src6(&self) -> Option<V6> {
         self.pod_ips6.first().copied()
+    }
+    fn iface_roles(&self, ifindex: u32) -> u32 {
+        self.ifaces
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map_or(0, |(_, r)| *r)
+    }
+    fn route_dev4(&self, addr: u32) -> u32 {
+        self.routes4
+            .iter()
+            .filter(|&&(n, l, _)| ip::in_prefix(addr, n, l))
+            .max_by_key(|&&(_, l, _)| l)
+            .map_or(0, |&(_, _, d)| d)
+    }
+    fn route_dev6(&self, _addr: V6) -> u32 {
+        0
     }
 }
 
@@ -341,7 +361,9 @@ fn ipv6_inbound_from_inside_the_pod_is_not_captured() {
     let a = |src: V6| Arrival {
         tcp: true,
         src_addr: src,
+        dst_addr: V6::UNSPECIFIED,
         dst_port: 9080,
+        ifindex: 0,
     };
     assert_eq!(
         decide_inbound(&cfg, &l, &a(REMOTE6)),
@@ -507,8 +529,135 @@ fn arrival(src: u32, port: u16) -> Arrival {
     Arrival {
         tcp: true,
         src_addr: src,
+        dst_addr: POD,
         dst_port: port,
+        ifindex: 0,
     }
+}
+
+const ETH0: u32 = 2;
+const ETH1: u32 = 3;
+
+/// A pod whose annotations name interfaces: `roles` by ifindex, routes
+/// 10.244.0.0/16 by eth0 and 192.168.0.0/16 by eth1.
+fn iface_pod(roles: &[(u32, u32)]) -> (PodConfig, Lists) {
+    let mut cfg = pod();
+    cfg.flags |= flags::INTERFACES;
+    let mut l = default_lists();
+    l.ifaces = roles.to_vec();
+    l.routes4 = std::vec![(0x0af4_0000, 16, ETH0), (0xc0a8_0000, 16, ETH1)];
+    (cfg, l)
+}
+
+#[test]
+fn excluded_interface_is_left_alone_both_ways() {
+    let (cfg, l) = iface_pod(&[(ETH0, iface_role::EXCLUDE)]);
+    let on = |ifindex| Arrival {
+        ifindex,
+        ..arrival(REMOTE, 9080)
+    };
+    assert_eq!(
+        decide_inbound(&cfg, &l, &on(ETH0)),
+        InboundVerdict::Pass(InboundPass::ExcludedInterface)
+    );
+    assert_eq!(decide_inbound(&cfg, &l, &on(ETH1)), InboundVerdict::Capture);
+    // Unknown arrival interface (a kernel before 5.17): captured.
+    assert_eq!(decide_inbound(&cfg, &l, &on(0)), InboundVerdict::Capture);
+    // Outbound: by the route's device, ahead of every other rule (the
+    // proxy's own and DNS too); the pod's own addresses leave by lo.
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(APP, APP, 0, REMOTE, 9080)),
+        P(Pass::ExcludedInterface)
+    );
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(APP, APP, 0, 0xc0a8_0101, 9080)),
+        R(Outbound)
+    );
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(PROXY, PROXY, 0, POD, 9080)),
+        R(Inbound)
+    );
+    // Without the flag the lists are not consulted.
+    let plain = pod();
+    assert_eq!(
+        decide_connect(&plain, &l, &conn(APP, APP, 0, REMOTE, 9080)),
+        R(Outbound)
+    );
+}
+
+#[test]
+fn excluding_lo_leaves_the_pods_own_traffic_alone() {
+    let (cfg, l) = iface_pod(&[(crate::LOOPBACK_IFINDEX, iface_role::EXCLUDE)]);
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(PROXY, PROXY, 0, POD, 9080)),
+        P(Pass::ExcludedInterface)
+    );
+    assert_eq!(
+        decide_connect(&cfg, &l, &conn(APP, APP, 0, REMOTE, 9080)),
+        R(Outbound)
+    );
+}
+
+#[test]
+fn rerouted_virtual_interface_goes_to_the_outbound_listener_when_included() {
+    let on = |ifindex, port| Arrival {
+        ifindex,
+        ..arrival(REMOTE, port)
+    };
+    // includeOutboundIPRanges '*': everything arriving on it.
+    let (cfg, l) = iface_pod(&[(ETH1, iface_role::REROUTE)]);
+    for port in [9080, 15008, 15020] {
+        assert_eq!(
+            decide_inbound(&cfg, &l, &on(ETH1, port)),
+            InboundVerdict::Outbound,
+            "{port}"
+        );
+    }
+    assert_eq!(
+        decide_inbound(&cfg, &l, &on(ETH0, 9080)),
+        InboundVerdict::Capture
+    );
+    // A range list without the destination: left alone.
+    let (mut cfg, mut l) = iface_pod(&[(ETH1, iface_role::REROUTE | iface_role::EXCLUDE)]);
+    cfg.flags &= !flags::INCLUDE_ALL_OUTBOUND_CIDRS;
+    l.out_incl_cidrs = std::vec![(0x0a00_0000, 24)];
+    assert_eq!(
+        decide_inbound(&cfg, &l, &on(ETH1, 9080)),
+        InboundVerdict::Pass(InboundPass::VirtualInterface)
+    );
+    // ... and with it, to the outbound listener (reroute comes first).
+    l.out_incl_cidrs.push((POD, 32));
+    assert_eq!(
+        decide_inbound(&cfg, &l, &on(ETH1, 9080)),
+        InboundVerdict::Outbound
+    );
+}
+
+#[test]
+fn tproxy_capture_comes_before_reroute_but_not_before_exclusion() {
+    let on = |ifindex| Arrival {
+        ifindex,
+        ..arrival(REMOTE, 9080)
+    };
+    let (mut cfg, l) = iface_pod(&[(ETH0, iface_role::REROUTE), (ETH1, iface_role::EXCLUDE)]);
+    cfg.flags |= flags::TPROXY;
+    assert_eq!(decide_inbound(&cfg, &l, &on(ETH0)), InboundVerdict::Capture);
+    assert_eq!(
+        decide_inbound(&cfg, &l, &on(ETH1)),
+        InboundVerdict::Pass(InboundPass::ExcludedInterface)
+    );
+    // An excluded port TPROXY leaves: the nat reroute rule takes it.
+    assert_eq!(
+        decide_inbound(
+            &cfg,
+            &l,
+            &Arrival {
+                ifindex: ETH0,
+                ..arrival(REMOTE, 15020)
+            }
+        ),
+        InboundVerdict::Outbound
+    );
 }
 
 #[test]
