@@ -396,6 +396,17 @@ impl Agent {
     }
 
     pub fn wait_status(&mut self, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value> {
+        self.wait_status_every(timeout, Duration::from_millis(50), ok)
+    }
+
+    /// [`Agent::wait_status`], reading the status every `poll` (a test
+    /// that times the agent needs a finer grain).
+    pub fn wait_status_every(
+        &mut self,
+        timeout: Duration,
+        poll: Duration,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
         let start = Instant::now();
         loop {
             if let Some(c) = self.child.as_mut() {
@@ -416,7 +427,7 @@ impl Agent {
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(poll);
         }
     }
 
