@@ -431,13 +431,23 @@ impl Agent {
         }
     }
 
-    /// Where the agent serves /healthz, /readyz and /metrics.
+    /// Where the agent serves /healthz, /readyz and (without
+    /// `--metrics-addr`) /metrics.
     pub fn http_addr(&self) -> Result<SocketAddr> {
+        self.served("http_addr")
+    }
+
+    /// Where the agent serves /metrics.
+    pub fn metrics_addr(&self) -> Result<SocketAddr> {
+        self.served("metrics_addr")
+    }
+
+    fn served(&self, key: &str) -> Result<SocketAddr> {
         let st = self.status()?;
         let a = st
-            .get("http_addr")
+            .get(key)
             .and_then(Value::as_str)
-            .context("status.json has no http_addr")?;
+            .with_context(|| format!("status.json has no {key}"))?;
         Ok(a.parse()?)
     }
 

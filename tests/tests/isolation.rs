@@ -437,3 +437,51 @@ fn a_metrics_scrape_loop_does_not_delay_a_new_pods_capture() -> Result<()> {
     drop(procs);
     Ok(())
 }
+
+/// With `--metrics-addr` /metrics has a listener of its own (the chart's
+/// default): scrapers flooding it leave none of the connections the
+/// kubelet's probes need on `--http-addr`, which answer within the
+/// kubelet's default probe timeout (1 s) all along; and /metrics is no
+/// longer served beside the probes.
+#[test]
+fn probes_answer_while_scrapers_flood_the_metrics_listener() -> Result<()> {
+    let mut sb = Sandbox::new("iso-probes")?;
+    let a = sb.add_pod("a")?;
+    let agent = Agent::start_on(
+        &sb,
+        1,
+        &[PodSpec::meshed(&a)],
+        &["--metrics-addr", "127.0.0.1:0"],
+    )?;
+    let (http, metrics) = (agent.http_addr()?, agent.metrics_addr()?);
+    assert_ne!(http, metrics);
+    assert_eq!(agent.http_get("/metrics")?.0, 404);
+    scrape(metrics)?;
+
+    let load = ScrapeLoop::start(metrics);
+    std::thread::sleep(Duration::from_millis(300));
+    let probes: Result<Vec<Duration>> = (0..20)
+        .map(|_| {
+            let since = Instant::now();
+            let (code, body) = agent.http_get("/healthz")?;
+            let took = since.elapsed();
+            if code != 200 {
+                bail!("/healthz answered {code}: {body}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(took)
+        })
+        .collect();
+    let pages = load.stop();
+    let slowest = probes?.into_iter().max().expect("probes");
+    eprintln!(
+        "/healthz with {SCRAPERS} clients scraping the metrics listener ({pages} pages): \
+         slowest {slowest:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a probe took {slowest:?} while scrapers flooded /metrics"
+    );
+    drop(agent);
+    Ok(())
+}
