@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{bail, Result};
 use meshlane_tests::{
-    pod_entry, pod_state, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Sandbox, APP_UID,
+    http_get, pod_entry, pod_state, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Sandbox,
+    APP_UID,
 };
 
 fn mtest() -> &'static Path {
@@ -348,18 +349,11 @@ impl Drop for ScrapeLoop {
     }
 }
 
-/// One GET /metrics; Ok once the whole page is read.
-fn scrape(addr: std::net::SocketAddr) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
-    let mut page = Vec::new();
-    s.read_to_end(&mut page)?;
-    if page.starts_with(b"HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(std::io::Error::other("not a 200"))
+/// One GET /metrics that answers 200.
+fn scrape(addr: std::net::SocketAddr) -> Result<()> {
+    match http_get(addr, "/metrics")? {
+        (200, _) => Ok(()),
+        (code, body) => bail!("/metrics answered {code}: {body}"),
     }
 }
 
