@@ -23,6 +23,7 @@ use crate::{
     podconfig::NodeDefaults,
     pods::Pod,
     reconcile::{self, Plan, Wanted},
+    sampler::Sampler,
     source::{Snapshot, Source},
     status::{AgentStatus, PodState, PodStatus},
 };
@@ -47,6 +48,9 @@ pub struct Options {
     /// Proxy identity and capture ports for pods that do not say otherwise.
     #[serde(flatten)]
     pub defaults: NodeDefaults,
+    /// Where /metrics is served and how often it reads the kernel's maps.
+    #[serde(flatten)]
+    pub metrics: http::MetricsOptions,
 }
 
 /// How often the loop looks whether a netns retry or recheck is due.
@@ -67,6 +71,7 @@ pub struct Agent {
     synced: bool,
     health: health::Shared,
     http_addr: Option<std::net::SocketAddr>,
+    metrics_addr: Option<std::net::SocketAddr>,
     applied: BTreeMap<String, Wanted>,
     status: Vec<PodStatus>,
     map_errors: u64,
@@ -136,6 +141,7 @@ impl Agent {
             synced: false,
             health: health::Shared::default(),
             http_addr: None,
+            metrics_addr: None,
             applied: BTreeMap::new(),
             status: Vec::new(),
             map_errors: 0,
@@ -152,8 +158,14 @@ impl Agent {
     ) -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         self.http_addr = Some(server.addr);
-        self.health.lock().expect("not poisoned").attached = true;
-        server.start(self.health.clone(), self.opts.layout.clone());
+        self.metrics_addr = Some(server.metrics_addr);
+        self.publish();
+        let pages = Sampler::start(
+            self.opts.layout.clone(),
+            self.health.clone(),
+            self.opts.metrics.metrics_interval,
+        )?;
+        server.start(self.health.clone(), pages)?;
         let mut tick = tokio::time::interval(TICK);
         let mut last_full = Instant::now() - RECHECK;
         loop {
@@ -179,14 +191,19 @@ impl Agent {
                 .iter()
                 .any(|p| p.state == PodState::WaitingForNetns);
             let due = last_full.elapsed() >= if waiting { RETRY_WAITING } else { RECHECK };
-            if changed || due {
+            let round = changed || due;
+            if round {
                 last_full = Instant::now();
                 if let Err(e) = self.reconcile() {
                     error!("reconcile failed: {e:#}");
                 }
+            }
+            // Before the status file: whoever has read the file finds the
+            // endpoints at least as far along.
+            self.publish();
+            if round {
                 self.write_status();
             }
-            self.publish();
         }
         info!("stopping; interception stays in place (`meshlane cleanup` removes it)");
         Ok(())
@@ -194,16 +211,15 @@ impl Agent {
 
     /// What /healthz, /readyz and /metrics show.
     fn publish(&self) {
-        let mut h = self
-            .health
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        h.heartbeat = Instant::now();
-        h.synced = self.synced;
-        h.source_error.clone_from(&self.source_error);
-        h.source_errors = self.source_errors;
-        h.map_update_errors = self.map_errors;
-        h.pods.clone_from(&self.status);
+        self.health.set(health::Health {
+            attached: true,
+            synced: self.synced,
+            source_error: self.source_error.clone(),
+            source_errors: self.source_errors,
+            map_update_errors: self.map_errors,
+            pods: self.status.clone(),
+            heartbeat: Instant::now(),
+        });
     }
 
     fn reconcile(&mut self) -> Result<()> {
@@ -358,6 +374,7 @@ impl Agent {
                 .unwrap_or_default(),
             pod_source: self.opts.source.describe(),
             http_addr: self.http_addr.map(|a| a.to_string()),
+            metrics_addr: self.metrics_addr.map(|a| a.to_string()),
             cgroup: self.opts.cgroup.display().to_string(),
             bpffs: self.opts.layout.root.display().to_string(),
             file_error: self.opts.source.file().and(self.source_error.clone()),

@@ -65,9 +65,11 @@ enum Command {
         /// account).
         #[arg(long, value_name = "PATH", conflicts_with = "pods")]
         kubeconfig: Option<PathBuf>,
-        /// Where /healthz, /readyz and /metrics are served.
+        /// Where /healthz, /readyz and (without --metrics-addr) /metrics are served.
         #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15030")]
         http_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        metrics: Box<http::MetricsOptions>,
         /// cgroup-v2 directory to attach to (default: the cgroup2 root from /proc/mounts).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -166,6 +168,7 @@ pub fn main() -> Result<()> {
             node_name,
             kubeconfig,
             http_addr,
+            metrics,
             cgroup,
             at,
             ebpf_object,
@@ -215,6 +218,7 @@ pub fn main() -> Result<()> {
                 shortcut: shortcut == OnOff::On,
                 shortcut_max_queued,
                 defaults,
+                metrics: *metrics,
             };
             if print_options {
                 let mut v = serde_json::to_value(&opts)?;
@@ -231,7 +235,7 @@ pub fn main() -> Result<()> {
                 .block_on(async move {
                     // Port and API configuration first: a mistake there stops
                     // the agent before it attaches anything.
-                    let server = http::Server::bind(http_addr).await?;
+                    let server = http::Server::bind(http_addr, &opts.metrics)?;
                     let pods = opts.source.spawn().await?;
                     agent::Agent::start(opts)?.run(pods, server).await
                 })

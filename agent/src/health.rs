@@ -1,6 +1,6 @@
 //! What the agent's loop tells the world about itself: attached, synced,
 //! its pods, its errors, and when it last went round. /healthz, /readyz and
-//! /metrics read it; the loop writes it after every round.
+//! /metrics read it; the loop replaces it after every round.
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -9,7 +9,7 @@ use std::{
 use crate::status::PodStatus;
 
 /// What the agent tells the endpoints, updated after every reconcile.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Health {
     /// The programs are attached (set once `Agent::start` has succeeded).
     pub attached: bool,
@@ -37,12 +37,32 @@ impl Default for Health {
     }
 }
 
-pub type Shared = Arc<Mutex<Health>>;
+/// The newest [`Health`], replaced whole by the agent's loop. Readers take a
+/// reference-counted copy and hold no lock while they work with it: however
+/// many clients the endpoints serve, the loop only ever waits for a pointer
+/// swap.
+#[derive(Clone, Default)]
+pub struct Shared(Arc<Mutex<Arc<Health>>>);
+
+impl Shared {
+    pub fn get(&self) -> Arc<Health> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set(&self, h: Health) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(h);
+    }
+}
 
 /// The agent's loop goes round at least every few hundred milliseconds; this
 /// long without a round means it is stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(10);
-/// A client that has not sent its request headers by then is dropped.
 /// Alive: the loop went round recently.
 pub fn liveness(h: &Health) -> Result<(), String> {
     let since = h.heartbeat.elapsed();

@@ -12,7 +12,8 @@
 //! - `probe`: what the kernel offers against what the object needs;
 //! - `listeners`: proxy listeners older than the programs;
 //! - `status`, `reconcile`: pods' states, and the pure plan of a round;
-//! - `health`, `metrics`, `http`: what the agent shows on its port;
+//! - `health`, `metrics`, `sampler`, `http`: what the agent shows on its
+//!   ports (`sampler` reads the maps for `/metrics` off the agent's loop);
 //! - `agent`: the loop; `cli`: the commands.
 pub mod agent;
 pub mod bpf;
@@ -29,5 +30,6 @@ pub mod podconfig;
 pub mod pods;
 pub mod probe;
 pub mod reconcile;
+pub mod sampler;
 pub mod source;
 pub mod status;

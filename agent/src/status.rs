@@ -80,9 +80,13 @@ pub struct AgentStatus {
     /// Where pods come from: `file PATH` or `kubernetes (node NAME)`.
     #[serde(default)]
     pub pod_source: String,
-    /// Where /healthz, /readyz and /metrics are served (the bound address).
+    /// Where /healthz and /readyz are served (the bound address), and
+    /// /metrics unless `metrics_addr` differs.
     #[serde(default)]
     pub http_addr: Option<String>,
+    /// Where /metrics is served (the bound address).
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
     pub cgroup: String,
     pub bpffs: String,
     pub file_error: Option<String>,

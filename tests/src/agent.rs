@@ -396,6 +396,17 @@ impl Agent {
     }
 
     pub fn wait_status(&mut self, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Result<Value> {
+        self.wait_status_every(timeout, Duration::from_millis(50), ok)
+    }
+
+    /// [`Agent::wait_status`], reading the status every `poll` (a test
+    /// that times the agent needs a finer grain).
+    pub fn wait_status_every(
+        &mut self,
+        timeout: Duration,
+        poll: Duration,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
         let start = Instant::now();
         loop {
             if let Some(c) = self.child.as_mut() {
@@ -416,48 +427,33 @@ impl Agent {
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(poll);
         }
     }
 
-    /// Where the agent serves /healthz, /readyz and /metrics.
+    /// Where the agent serves /healthz, /readyz and (without
+    /// `--metrics-addr`) /metrics.
     pub fn http_addr(&self) -> Result<SocketAddr> {
+        self.served("http_addr")
+    }
+
+    /// Where the agent serves /metrics.
+    pub fn metrics_addr(&self) -> Result<SocketAddr> {
+        self.served("metrics_addr")
+    }
+
+    fn served(&self, key: &str) -> Result<SocketAddr> {
         let st = self.status()?;
         let a = st
-            .get("http_addr")
+            .get(key)
             .and_then(Value::as_str)
-            .context("status.json has no http_addr")?;
+            .with_context(|| format!("status.json has no {key}"))?;
         Ok(a.parse()?)
     }
 
     /// GET `path` from the agent's HTTP endpoint: (status code, body).
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
-        let addr = self.http_addr()?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .with_context(|| format!("connecting to the agent's {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .with_context(|| format!("GET {path}: no HTTP response: {text:?}"))?;
-        let code = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .with_context(|| format!("GET {path}: bad status line in {head:?}"))?;
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            bail!("GET {path}: unexpected chunked answer");
-        }
-        Ok((code, body.to_string()))
+        http_get(self.http_addr()?, path)
     }
 
     /// The value of the metric sample `series` (as written on the page,
@@ -524,4 +520,33 @@ pub fn pod_entry<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
         .as_array()?
         .iter()
         .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+}
+
+/// GET `path` from an agent's endpoint at `addr`: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to the agent's {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {path}: no HTTP response: {text:?}"))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path}: bad status line in {head:?}"))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        bail!("GET {path}: unexpected chunked answer");
+    }
+    Ok((code, body.to_string()))
 }

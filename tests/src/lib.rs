@@ -19,7 +19,9 @@ pub mod sandbox;
 pub mod sock;
 pub mod stream;
 
-pub use agent::{meshlane_bin, pod_entry, pod_state, shortcut_unsupported, Agent, Launch, PodSpec};
+pub use agent::{
+    http_get, meshlane_bin, pod_entry, pod_state, shortcut_unsupported, Agent, Launch, PodSpec,
+};
 pub use records::{
     dns_proxy_reply, read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult,
     ServerReply, SidecarRecord, SockoptRecord, UdpProbeResult, DNS_PROXY_REPLY_PREFIX,

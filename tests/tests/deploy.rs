@@ -40,6 +40,7 @@ fn scenarios() -> Vec<(&'static str, Json)> {
                 "shortcut": {"enabled": true, "maxQueuedBytes": 1_048_576},
                 "logLevel": "meshlane=debug,info",
                 "http": {"bindAddress": "0.0.0.0", "port": 15999},
+                "metrics": {"bindAddress": "127.0.0.1", "port": 15998},
                 "host": {"bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup/unified", "netns": "/var/run/netns"},
                 "hostPID": true,
                 "priorityClassName": "",
@@ -47,7 +48,24 @@ fn scenarios() -> Vec<(&'static str, Json)> {
                 "uninstall": {"nodes": 3},
             }),
         ),
+        (
+            "metrics-beside-probes",
+            json!({"metrics": {"bindAddress": ""}}),
+        ),
     ]
+}
+
+/// The node's address, as the kubelet puts `status.hostIP` in the env.
+const HOST_IP: &str = "192.0.2.7";
+
+/// The `--metrics-addr` the values ask for (None: /metrics on the http port).
+fn metrics_addr(r: &Render) -> Option<String> {
+    let at = match r.v("metrics.bindAddress").as_str().expect("string") {
+        "" => return None,
+        "node" => HOST_IP,
+        a => a,
+    };
+    Some(format!("{at}:{}", r.v("metrics.port")))
 }
 
 struct Render {
@@ -263,10 +281,19 @@ fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
         }
         assert_eq!(strings(&sc["capabilities"]["add"]), want, "{name}");
 
-        // Probes reach the agent's HTTP port.
+        // Probes reach the agent's HTTP port; /metrics has its own, if asked.
         let port = &c["ports"][0];
         assert_eq!(port["name"], json!("http"), "{name}");
         assert_eq!(port["containerPort"], *r.v("http.port"), "{name}");
+        let metrics = metrics_addr(&r).map(
+            |_| json!({"name": "metrics", "containerPort": r.v("metrics.port"), "protocol": "TCP"}),
+        );
+        assert_eq!(c["ports"].get(1), metrics.as_ref(), "{name}");
+        assert_eq!(
+            c["ports"].as_array().map(Vec::len),
+            Some(1 + usize::from(metrics.is_some())),
+            "{name}"
+        );
         assert_eq!(
             c["livenessProbe"]["httpGet"],
             json!({"path": "/healthz", "port": "http"}),
@@ -396,47 +423,51 @@ fn mounts(pod: &Json, c: &Json) -> std::collections::BTreeMap<String, (String, b
 /// shows it under.
 fn expected_flags(r: &Render, node: &str) -> Vec<(&'static str, &'static str, Json)> {
     let num = |p: &str| json!(r.v(p).as_f64().expect("number") as i64);
-    vec![
-        ("--node-name", "node_name", json!(node)),
-        (
-            "--http-addr",
-            "http_addr",
-            json!(format!(
-                "{}:{}",
-                r.v("http.bindAddress").as_str().unwrap(),
-                r.v("http.port")
-            )),
-        ),
-        (
-            "--shortcut",
-            "shortcut",
-            json!(if r.v("shortcut.enabled") == &json!(true) {
-                "on"
-            } else {
-                "off"
-            }),
-        ),
-        (
-            "--shortcut-max-queued",
-            "shortcut_max_queued",
-            num("shortcut.maxQueuedBytes"),
-        ),
-        ("--log-level", "log_level", r.v("logLevel").clone()),
-        ("--cgroup", "cgroup", json!("/host/cgroup")),
-        ("--bpffs", "bpffs", json!("/sys/fs/bpf/meshlane")),
-        ("--state-dir", "state_dir", json!("/run/meshlane")),
-        ("--proxy-uid", "proxy_uid", num("mesh.proxyUid")),
-        (
-            "--outbound-capture-port",
-            "outbound_capture_port",
-            num("mesh.outboundCapturePort"),
-        ),
-        (
-            "--inbound-capture-port",
-            "inbound_capture_port",
-            num("mesh.inboundCapturePort"),
-        ),
-    ]
+    let metrics = metrics_addr(r).map(|a| ("--metrics-addr", "metrics_addr", json!(a)));
+    metrics
+        .into_iter()
+        .chain([
+            ("--node-name", "node_name", json!(node)),
+            (
+                "--http-addr",
+                "http_addr",
+                json!(format!(
+                    "{}:{}",
+                    r.v("http.bindAddress").as_str().unwrap(),
+                    r.v("http.port")
+                )),
+            ),
+            (
+                "--shortcut",
+                "shortcut",
+                json!(if r.v("shortcut.enabled") == &json!(true) {
+                    "on"
+                } else {
+                    "off"
+                }),
+            ),
+            (
+                "--shortcut-max-queued",
+                "shortcut_max_queued",
+                num("shortcut.maxQueuedBytes"),
+            ),
+            ("--log-level", "log_level", r.v("logLevel").clone()),
+            ("--cgroup", "cgroup", json!("/host/cgroup")),
+            ("--bpffs", "bpffs", json!("/sys/fs/bpf/meshlane")),
+            ("--state-dir", "state_dir", json!("/run/meshlane")),
+            ("--proxy-uid", "proxy_uid", num("mesh.proxyUid")),
+            (
+                "--outbound-capture-port",
+                "outbound_capture_port",
+                num("mesh.outboundCapturePort"),
+            ),
+            (
+                "--inbound-capture-port",
+                "inbound_capture_port",
+                num("mesh.inboundCapturePort"),
+            ),
+        ])
+        .collect()
 }
 
 fn as_flag_text(v: &Json) -> String {
@@ -481,6 +512,7 @@ fn chart_values_reach_the_agents_flags() {
             .map(|e| {
                 let v = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                     Some("spec.nodeName") => node.to_string(),
+                    Some("status.hostIP") => HOST_IP.to_string(),
                     Some(other) => panic!("{name}: env from {other}: the test must learn it"),
                     None => e["value"].as_str().expect("value").to_string(),
                 };
