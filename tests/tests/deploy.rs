@@ -991,6 +991,7 @@ fn the_charts_capabilities_are_enough_and_each_is_needed() -> Result<()> {
         let launch = Launch {
             wrapper: with_caps(&set),
             cgroup: Some(ro.0.clone()),
+            ..Default::default()
         };
         let mut agent = Agent::spawn_with(&n.sb, &pods, &launch)?;
         let why = stays_inactive(&mut agent, "default/a", Duration::from_secs(4)).map_err(|e| {
@@ -1005,6 +1006,7 @@ fn the_charts_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     let launch = Launch {
         wrapper: with_caps(&caps),
         cgroup: Some(ro.0.clone()),
+        ..Default::default()
     };
     let mut agent = Agent::spawn_with(&n.sb, &pods, &launch)?;
     agent.wait_status(Duration::from_secs(15), |st| {
@@ -1121,6 +1123,7 @@ fn with_host_pid_sys_ptrace_is_what_finds_unpinned_pod_namespaces() -> Result<()
         &Launch {
             wrapper: with_caps(&less),
             cgroup: None,
+            ..Default::default()
         },
     )?;
     agent.wait_status(Duration::from_secs(15), |st| {
@@ -1137,6 +1140,7 @@ fn with_host_pid_sys_ptrace_is_what_finds_unpinned_pod_namespaces() -> Result<()
         &Launch {
             wrapper: with_caps(&caps),
             cgroup: None,
+            ..Default::default()
         },
     )?;
     agent.wait_status(Duration::from_secs(15), |st| {
