@@ -1,22 +1,43 @@
 //! The command line: parses the flags and wires each command to the
 //! library's modules.
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::{agent, bpf, host, http, iptables, podconfig, pods, probe, source, status};
+use crate::{agent, bpf, host, http, iptables, logging, podconfig, pods, probe, source, status};
+
+/// The command succeeded (`status`: healthy).
+pub const EXIT_OK: u8 = 0;
+/// The command failed (`status`: something is wrong, and it says what).
+pub const EXIT_FAILED: u8 = 1;
+/// The command line is wrong (`status`: also the state cannot be read).
+pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
     name = "meshlane",
     version,
-    about = "eBPF sidecar interception, a drop-in for Istio's iptables init container"
+    about = "eBPF sidecar interception, a drop-in for Istio's iptables init container",
+    after_help = "Exit codes: 0 success; 1 the command failed (`status`: something is wrong, \
+                  named in its output); 2 the command line is wrong (`status`: also the state \
+                  cannot be read).\n\
+                  Logs go to stderr, coloured only on a terminal (and without NO_COLOR)."
 )]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. info or meshlane=debug.
-    #[arg(long, global = true, env = "MESHLANE_LOG", default_value = "info")]
-    log_level: String,
+    /// The first set of: this flag, MESHLANE_LOG, RUST_LOG; else info.
+    #[arg(long, global = true, env = "MESHLANE_LOG", value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log lines as text, or as JSON objects (one per line) for log collectors.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHLANE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: logging::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -151,15 +172,28 @@ enum Command {
     },
 }
 
-/// Runs the command line of the `meshlane` binary.
-pub fn main() -> Result<()> {
+/// Runs the command line of the `meshlane` binary; its exit code.
+pub fn main() -> ExitCode {
+    // Exits 2 on a wrong command line.
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = logging::choose(
+        cli.log_level.as_deref(),
+        std::env::var("RUST_LOG").ok().as_deref(),
+    );
+    if let Err(e) = logging::init(&filter, cli.log_format) {
+        eprintln!("Error: {e:#}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match run(cli, &filter) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
             pods,
@@ -221,9 +255,10 @@ pub fn main() -> Result<()> {
                 for (k, val) in flags.as_object().expect("object") {
                     v[k] = val.clone();
                 }
-                v["log_level"] = cli.log_level.clone().into();
+                v["log_level"] = filter.directives.clone().into();
+                v["log_format"] = serde_json::to_value(cli.log_format)?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -234,7 +269,8 @@ pub fn main() -> Result<()> {
                     let server = http::Server::bind(http_addr).await?;
                     let pods = opts.source.spawn().await?;
                     agent::Agent::start(opts)?.run(pods, server).await
-                })
+                })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status { json, at } => {
             let r = status::report(&bpf::Layout::new(&at.bpffs), &at.state_dir)?;
@@ -243,9 +279,12 @@ pub fn main() -> Result<()> {
             } else {
                 status::print(&r);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Iptables { pods, pod, family } => print_iptables(&pods, &pod, family),
+        Command::Iptables { pods, pod, family } => {
+            print_iptables(&pods, &pod, family)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Shortcut { state, at } => {
             let mut maps = bpf::Maps::open(&bpf::Layout::new(&at.bpffs)).with_context(|| {
                 format!(
@@ -258,16 +297,22 @@ pub fn main() -> Result<()> {
                 "shortcut {} for new connections",
                 if state == OnOff::On { "on" } else { "off" }
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Cleanup { at } => cleanup(&at),
+        Command::Cleanup { at } => {
+            cleanup(&at)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Probe {
             cgroup,
             ebpf_object,
-        } => probe::run_cli(
-            &bpf::object_bytes(ebpf_object.as_deref())?,
-            cgroup.as_deref(),
-        ),
+        } => {
+            probe::run_cli(
+                &bpf::object_bytes(ebpf_object.as_deref())?,
+                cgroup.as_deref(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -13,7 +13,8 @@
 //! - `listeners`: proxy listeners older than the programs;
 //! - `status`, `reconcile`: pods' states, and the pure plan of a round;
 //! - `health`, `metrics`, `http`: what the agent shows on its port;
-//! - `agent`: the loop; `cli`: the commands.
+//! - `agent`: the loop; `logging`: the log filter and format; `cli`: the
+//!   commands.
 pub mod agent;
 pub mod bpf;
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod http;
 pub mod iptables;
 pub mod istio;
 pub mod listeners;
+pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod podconfig;
