@@ -137,7 +137,17 @@ enum Command {
         #[command(flatten)]
         at: Where,
     },
-    /// Attached programs, pods and their state, map occupancy.
+    /// Attached programs, pods and their state, map occupancy, and what is
+    /// wrong: exits 0 when healthy, 1 naming each problem, 2 when the state
+    /// cannot be read (or the command line is wrong).
+    #[command(
+        after_help = "Exit codes: 0 healthy: every program attached, the agent running and \
+                  in touch with its pod source, every meshed pod that can be captured captured \
+                  with its proxy listening. 1 unhealthy: each problem is listed (text: \
+                  `problem:` lines; JSON/YAML: `problems`, with a stable `kind`). 2 the \
+                  command line is wrong, or the state cannot be read (permissions, a status \
+                  file that does not parse)."
+    )]
     Status {
         #[arg(long)]
         json: bool,
@@ -273,13 +283,24 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json, at } => {
-            let r = status::report(&bpf::Layout::new(&at.bpffs), &at.state_dir)?;
+            let r = match status::report(&bpf::Layout::new(&at.bpffs), &at.state_dir) {
+                Ok(r) => r,
+                // Neither healthy nor unhealthy: cannot tell.
+                Err(e) => {
+                    eprintln!("Error: {e:?}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 status::print(&r);
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(ExitCode::from(if r.healthy {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            }))
         }
         Command::Iptables { pods, pod, family } => {
             print_iptables(&pods, &pod, family)?;
