@@ -2,6 +2,8 @@
 //! line (`cli`), and tests and xtask use the same modules.
 //!
 //! By concern, each importing only those listed before it:
+//! - `logging`, `output`: how log lines and command output look (text,
+//!   JSON, YAML);
 //! - `host`: facts of the machine (cgroup v2 mount, kernel release);
 //! - `istio`: Istio's annotation, environment and container names;
 //! - `pods`, `podconfig`: Pod objects, and their annotations as map entries;
@@ -13,8 +15,7 @@
 //! - `listeners`: proxy listeners older than the programs;
 //! - `status`, `reconcile`: pods' states, and the pure plan of a round;
 //! - `health`, `metrics`, `http`: what the agent shows on its port;
-//! - `agent`: the loop; `logging`: the log filter and format; `cli`: the
-//!   commands.
+//! - `agent`: the loop; `cli`: the commands.
 pub mod agent;
 pub mod bpf;
 pub mod cli;
@@ -27,6 +28,7 @@ pub mod listeners;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod output;
 pub mod podconfig;
 pub mod pods;
 pub mod probe;

@@ -52,7 +52,9 @@ pub struct PodStatus {
     /// the pod is not active).
     #[serde(default)]
     pub proxy_listening: Option<bool>,
-    #[serde(skip_deserializing)]
+    /// The pod's configuration as the agent applies it: in the status file
+    /// only (`meshlane status` does not read it back).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub config: Option<MeshConfig>,
 }
 

@@ -236,10 +236,16 @@ fn status_is_healthy_then_names_a_detached_program() -> Result<()> {
 
     let r = status(&agent, &[]);
     assert_eq!(r.code, Some(0), "healthy: {r}");
+    assert!(r.stdout.contains("health: OK"), "{r}");
     let (code, doc) = status_json(&agent);
     assert_eq!(code, Some(0));
     assert_eq!(doc["healthy"], true, "{doc:#}");
     assert_eq!(problems(&doc), vec![], "{doc:#}");
+    assert_shape(&doc, &status_shape(), "meshlane/status/v1");
+    assert_eq!(doc["agent"]["pods"][0]["state"], "active", "{doc:#}");
+    let r = status(&agent, &["-o", "yaml"]);
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(serde_yaml_ng::from_str::<Value>(&r.stdout)?, doc);
 
     // --log-format json: every line the agent wrote is one JSON object.
     let log = agent.log();
@@ -273,6 +279,32 @@ fn status_is_healthy_then_names_a_detached_program() -> Result<()> {
         problems(&doc).contains(&("program-not-attached".into(), name.clone())),
         "{doc:#}"
     );
+    assert_shape(&doc, &status_shape(), "meshlane/status/v1");
+
+    // shortcut and cleanup, with something to act on.
+    let at = [
+        "--bpffs".as_ref(),
+        agent.bpffs.as_os_str(),
+        "--state-dir".as_ref(),
+        agent.state_dir.as_os_str(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = ["shortcut".as_ref(), "off".as_ref()]
+        .into_iter()
+        .chain(at)
+        .collect();
+    let doc = json_and_yaml(&args, 0);
+    let shape = serde_json::json!({"schema": "string", "shortcut": "string"});
+    assert_shape(&doc, &shape, "meshlane/shortcut/v1");
+    assert_eq!(doc["shortcut"], "off");
+    let args: Vec<&std::ffi::OsStr> = std::iter::once("cleanup".as_ref()).chain(at).collect();
+    let r = ran(Command::new(meshlane_bin())
+        .args(&args)
+        .args(["-o", "json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let doc: Value = serde_json::from_str(&r.stdout)?;
+    assert_shape(&doc, &cleanup_shape(), "meshlane/cleanup/v1");
+    assert!(doc["stopped_agent_pid"].is_u64(), "{doc:#}");
+    assert!(!doc["removed"].as_array().unwrap().is_empty(), "{doc:#}");
     Ok(())
 }
 
@@ -463,4 +495,215 @@ fn log_format_json_lines_and_no_colour_off_a_terminal() {
     let r = print_options(&["--log-format", "text"], &[("RUST_LOG", "debug")]);
     assert!(r.stderr.contains("DEBUG"), "{r}");
     assert!(!r.stderr.contains('\x1b'), "ANSI escapes on a pipe: {r}");
+}
+
+/// Checks `v` against `shape`, a JSON value that describes it:
+/// - `"string"`, `"bool"`, `"u64"`, `"null"`; with a trailing `?` null is
+///   allowed too;
+/// - `[S]`: an array whose every element has shape S;
+/// - `{"*": S}`: an object with any keys, every value of shape S;
+/// - `{"?": S}`: null, or shape S;
+/// - any other object: exactly these keys, each value of its shape.
+///
+/// Extra or missing keys fail: a schema change must be made here on purpose.
+fn check_shape(v: &Value, shape: &Value, path: &str, errs: &mut Vec<String>) {
+    let mut bad = |what: &str| errs.push(format!("{path}: {what}, got {v}"));
+    match shape {
+        Value::String(t) => {
+            let (t, nullable) = match t.strip_suffix('?') {
+                Some(t) => (t, true),
+                None => (t.as_str(), false),
+            };
+            let ok = (nullable && v.is_null())
+                || match t {
+                    "string" => v.is_string(),
+                    "bool" => v.is_boolean(),
+                    "u64" => v.is_u64(),
+                    "null" => v.is_null(),
+                    _ => panic!("unknown shape type {t}"),
+                };
+            if !ok {
+                bad(&format!("expected {shape}"));
+            }
+        }
+        Value::Array(s) => match v.as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    check_shape(item, &s[0], &format!("{path}[{i}]"), errs);
+                }
+            }
+            None => bad("expected an array"),
+        },
+        Value::Object(s) if s.len() == 1 && s.contains_key("?") => {
+            if !v.is_null() {
+                check_shape(v, &s["?"], path, errs);
+            }
+        }
+        Value::Object(s) => {
+            let Some(obj) = v.as_object() else {
+                return bad("expected an object");
+            };
+            if let Some(each) = s.get("*") {
+                for (k, item) in obj {
+                    check_shape(item, each, &format!("{path}.{k}"), errs);
+                }
+                return;
+            }
+            for k in obj.keys().filter(|k| !s.contains_key(*k)) {
+                errs.push(format!("{path}: unexpected key {k:?}"));
+            }
+            for (k, each) in s {
+                match obj.get(k) {
+                    Some(item) => check_shape(item, each, &format!("{path}.{k}"), errs),
+                    None => errs.push(format!("{path}: missing key {k:?}")),
+                }
+            }
+        }
+        _ => panic!("bad shape {shape}"),
+    }
+}
+
+#[track_caller]
+fn assert_shape(doc: &Value, shape: &Value, schema: &str) {
+    assert_eq!(doc["schema"], schema, "{doc:#}");
+    let mut errs = Vec::new();
+    check_shape(doc, shape, "$", &mut errs);
+    assert!(errs.is_empty(), "{}\n{doc:#}", errs.join("\n"));
+}
+
+/// Runs `meshlane ARGS -o json` and `-o yaml`: the JSON document, after
+/// checking that both exit `code` and the YAML one is the same document.
+#[track_caller]
+fn json_and_yaml(args: &[&std::ffi::OsStr], code: i32) -> Value {
+    let run = |format: &str| {
+        let r = ran(Command::new(meshlane_bin()).args(args).args(["-o", format]));
+        assert_eq!(r.code, Some(code), "{args:?} -o {format}: {r}");
+        r.stdout
+    };
+    let json: Value = serde_json::from_str(&run("json")).expect("-o json parses");
+    let yaml: Value = serde_yaml_ng::from_str(&run("yaml")).expect("-o yaml parses");
+    assert_eq!(json, yaml, "-o json and -o yaml differ for {args:?}");
+    json
+}
+
+fn finding_shape() -> Value {
+    serde_json::json!({"kind": "string", "subject": "string", "message": "string"})
+}
+
+/// `meshlane status -o json` (meshlane/status/v1).
+fn status_shape() -> Value {
+    let pod = serde_json::json!({
+        "name": "string", "ips": ["string"], "state": "string", "netns_cookie": "u64?",
+        "netns": "string?", "config_errors": ["string"], "notes": ["string"],
+        "inbound_attached": "bool", "proxy_listening": "bool?",
+    });
+    serde_json::json!({
+        "schema": "string", "healthy": "bool",
+        "problems": [finding_shape()], "warnings": [finding_shape()],
+        "bpffs": "string", "state_dir": "string",
+        "programs": [{"name": "string", "hook": "string", "attached": "bool"}],
+        "agent": {"?": {
+            "pid": "u64", "running": "bool", "pods_file": "string", "pod_source": "string",
+            "http_addr": "string?", "cgroup": "string", "file_error": "string?",
+            "api_error": "string?", "map_update_errors": "u64", "pods": [pod],
+        }},
+        "maps": {"?": {"*": "u64"}},
+        "counters": {"?": {"*": "u64"}},
+        "shortcut": "bool?",
+        "shortcut_max_queued": "u64?",
+        "pod_counters": {"*": {"*": "u64"}},
+    })
+}
+
+/// `meshlane cleanup -o json` (meshlane/cleanup/v1).
+fn cleanup_shape() -> Value {
+    serde_json::json!({
+        "schema": "string", "bpffs": "string", "stopped_agent_pid": "u64?", "removed": ["string"],
+    })
+}
+
+#[test]
+fn json_output_of_iptables_probe_cleanup_and_status_has_a_stable_shape() -> Result<()> {
+    let tmp = TempDir::new("shapes")?;
+    let dual = PodSpec {
+        name: "dual".into(),
+        meshed: true,
+        ip: Some("10.244.1.5".parse()?),
+        ip6: Some("fd00::5".parse()?),
+        ..Default::default()
+    }
+    .annotate("traffic.sidecar.istio.io/excludeOutboundPorts", "nope");
+    let pods = tmp.0.join("pods.json");
+    std::fs::write(&pods, pod_list(&[dual]))?;
+
+    let doc = json_and_yaml(
+        &[
+            "iptables".as_ref(),
+            "--pods".as_ref(),
+            pods.as_os_str(),
+            "--pod".as_ref(),
+            "default/dual".as_ref(),
+            "--family".as_ref(),
+            "both".as_ref(),
+        ],
+        0,
+    );
+    let shape = serde_json::json!({
+        "schema": "string", "pod": "string", "family": "string",
+        "rule_sets": [{"family": "string", "tool": "string", "rules": "string"}],
+        "notes": ["string"], "config_errors": ["string"],
+    });
+    assert_shape(&doc, &shape, "meshlane/iptables/v1");
+    assert_eq!(doc["rule_sets"][1]["tool"], "ip6tables-restore", "{doc:#}");
+    assert!(doc["config_errors"][0].as_str().unwrap().contains("nope"));
+    // The text form is the rule sets, each after its tool's comment.
+    let text = ran(Command::new(meshlane_bin())
+        .args([
+            "iptables",
+            "--family",
+            "both",
+            "--pod",
+            "default/dual",
+            "--pods",
+        ])
+        .arg(&pods));
+    let sets = doc["rule_sets"].as_array().expect("rule sets");
+    assert_eq!(
+        text.stdout,
+        format!(
+            "# iptables-restore (IPv4)\n{}# ip6tables-restore (IPv6)\n{}",
+            sets[0]["rules"].as_str().unwrap(),
+            sets[1]["rules"].as_str().unwrap()
+        )
+    );
+
+    let doc = json_and_yaml(&["probe".as_ref()], 0);
+    let shape = serde_json::json!({
+        "schema": "string", "kernel": "string", "cgroup_v2": "string", "bpffs": "string",
+        "features": [{
+            "feature": "string", "found": "string", "unknown_because": "string?",
+            "since": "string?", "used_by": ["string"],
+        }],
+        "shortcut": {"supported": "bool", "detail": "string"},
+        "refusal": "string?",
+    });
+    assert_shape(&doc, &shape, "meshlane/probe/v1");
+    assert!(!doc["features"].as_array().unwrap().is_empty());
+
+    let bpffs = tmp.0.join("bpffs");
+    let state = tmp.0.join("state");
+    let at = [
+        "--bpffs".as_ref(),
+        bpffs.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+    ];
+    let status: Vec<&std::ffi::OsStr> = std::iter::once("status".as_ref()).chain(at).collect();
+    let doc = json_and_yaml(&status, 1);
+    assert_shape(&doc, &status_shape(), "meshlane/status/v1");
+    assert!(doc["agent"].is_null() && !doc["problems"].as_array().unwrap().is_empty());
+    let cleanup: Vec<&std::ffi::OsStr> = std::iter::once("cleanup".as_ref()).chain(at).collect();
+    let doc = json_and_yaml(&cleanup, 0);
+    assert_shape(&doc, &cleanup_shape(), "meshlane/cleanup/v1");
+    Ok(())
 }
