@@ -18,15 +18,11 @@ use std::{
 use anyhow::{Context, Result};
 use meshlane_tests::{
     agent::pod_list, data_dir, fakeapi::FakeApi, meshlane_bin, pod_entry, pod_state, Agent, Launch,
-    Pod, PodSpec, Proc, Sandbox, PROXY_UID,
+    Pod, PodSpec, Proc, Sandbox,
 };
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(10);
-
-fn mtest() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_mtest"))
-}
 
 /// What a `meshlane` command did.
 struct Ran {
@@ -100,15 +96,7 @@ struct Node {
 fn node(tag: &str) -> Result<Node> {
     let mut sb = Sandbox::new(tag)?;
     let a = sb.add_pod("a")?;
-    let log = sb.dir().join("sidecar-a.jsonl");
-    let mut sidecar = sb.spawn(
-        &a,
-        PROXY_UID,
-        PROXY_UID,
-        mtest(),
-        &["sidecar", "--log", log.to_str().expect("utf-8")],
-    )?;
-    sidecar.wait_ready(READY)?;
+    let sidecar = sb.start_sidecar(&a)?;
     Ok(Node {
         sb,
         a,
