@@ -370,7 +370,12 @@ impl Report {
             problems.push(Finding::new(
                 K::ApiServerUnreachable,
                 &a.pod_source,
-                format!("API server unreachable (the last known pods stay in force): {e}"),
+                // The agent clears the error with the next pod event it
+                // receives, so on a quiet node this may outlast the outage.
+                format!(
+                    "API server unreachable (the last known pods stay in force; cleared by the \
+                     next pod event): {e}"
+                ),
             ));
         }
         if let Some(e) = &a.file_error {
