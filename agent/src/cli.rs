@@ -1,22 +1,46 @@
 //! The command line: parses the flags and wires each command to the
 //! library's modules.
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 
-use crate::{agent, bpf, host, http, iptables, podconfig, pods, probe, source, status};
+use crate::{
+    agent, bpf, host, http, iptables, logging, output, podconfig, pods, probe, source, status,
+};
+
+/// The command succeeded (`status`: healthy).
+pub const EXIT_OK: u8 = 0;
+/// The command failed (`status`: something is wrong, and it says what).
+pub const EXIT_FAILED: u8 = 1;
+/// The command line is wrong (`status`: also the state cannot be read).
+pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(
     name = "meshlane",
     version,
-    about = "eBPF sidecar interception, a drop-in for Istio's iptables init container"
+    about = "eBPF sidecar interception, a drop-in for Istio's iptables init container",
+    after_help = "Exit codes: 0 success; 1 the command failed (`status`: something is wrong, \
+                  named in its output); 2 the command line is wrong (`status`: also the state \
+                  cannot be read).\n\
+                  Logs go to stderr, coloured only on a terminal (and without NO_COLOR)."
 )]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. info or meshlane=debug.
-    #[arg(long, global = true, env = "MESHLANE_LOG", default_value = "info")]
-    log_level: String,
+    /// The first set of: this flag, MESHLANE_LOG, RUST_LOG; else info.
+    #[arg(long, global = true, env = "MESHLANE_LOG", value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log lines as text, or as JSON objects (one per line) for log collectors.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHLANE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: logging::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,14 +55,16 @@ struct Where {
     state_dir: PathBuf,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 enum OnOff {
     On,
     Off,
 }
 
 /// Which of Istio's rule sets `meshlane iptables` prints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 enum FamilyArg {
     /// The iptables-restore input.
     Ipv4,
@@ -117,13 +143,28 @@ enum Command {
         state: OnOff,
         #[command(flatten)]
         at: Where,
+        #[command(flatten)]
+        output: output::Args,
     },
-    /// Attached programs, pods and their state, map occupancy.
+    /// Attached programs, pods and their state, map occupancy, and what is
+    /// wrong: exits 0 when healthy, 1 naming each problem, 2 when the state
+    /// cannot be read (or the command line is wrong).
+    #[command(
+        after_help = "Exit codes: 0 healthy: every program attached, the agent running and \
+                  in touch with its pod source, every meshed pod that can be captured captured \
+                  with its proxy listening. 1 unhealthy: each problem is listed (text: \
+                  `problem:` lines; JSON/YAML: `problems`, with a stable `kind`). 2 the \
+                  command line is wrong, or the state cannot be read (permissions, a status \
+                  file that does not parse)."
+    )]
     Status {
-        #[arg(long)]
+        /// Same as `-o json` (kept for scripts written before `-o`).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
         #[command(flatten)]
         at: Where,
+        #[command(flatten)]
+        output: output::Args,
     },
     /// Print the iptables-restore rules Istio would write for a pod, from
     /// meshlane's reading of it (to compare with, or migrate from, Istio).
@@ -136,6 +177,8 @@ enum Command {
         /// IPv4 (iptables), IPv6 (ip6tables) or both.
         #[arg(long, value_enum, default_value = "ipv4")]
         family: FamilyArg,
+        #[command(flatten)]
+        output: output::Args,
     },
     /// Check every kernel feature the programs need (yes/no each); exits non-zero naming what is missing.
     Probe {
@@ -145,23 +188,40 @@ enum Command {
         /// Probe for this eBPF object instead of the one built into the binary.
         #[arg(long)]
         ebpf_object: Option<PathBuf>,
+        #[command(flatten)]
+        output: output::Args,
     },
     /// Stop the agent, detach and unpin everything meshlane owns.
     Cleanup {
         #[command(flatten)]
         at: Where,
+        #[command(flatten)]
+        output: output::Args,
     },
 }
 
-/// Runs the command line of the `meshlane` binary.
-pub fn main() -> Result<()> {
+/// Runs the command line of the `meshlane` binary; its exit code.
+pub fn main() -> ExitCode {
+    // Exits 2 on a wrong command line.
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = logging::choose(
+        cli.log_level.as_deref(),
+        std::env::var("RUST_LOG").ok().as_deref(),
+    );
+    if let Err(e) = logging::init(&filter, cli.log_format) {
+        eprintln!("Error: {e:#}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match run(cli, &filter) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
             pods,
@@ -225,9 +285,10 @@ pub fn main() -> Result<()> {
                 for (k, val) in flags.as_object().expect("object") {
                     v[k] = val.clone();
                 }
-                v["log_level"] = cli.log_level.clone().into();
+                v["log_level"] = filter.directives.clone().into();
+                v["log_format"] = serde_json::to_value(cli.log_format)?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -238,19 +299,40 @@ pub fn main() -> Result<()> {
                     let server = http::Server::bind(http_addr, &opts.metrics)?;
                     let pods = opts.source.spawn().await?;
                     agent::Agent::start(opts)?.run(pods, server).await
-                })
+                })?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json, at } => {
-            let r = status::report(&bpf::Layout::new(&at.bpffs), &at.state_dir)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+        Command::Status { json, at, output } => {
+            let r = match status::report(&bpf::Layout::new(&at.bpffs), &at.state_dir) {
+                Ok(r) => r,
+                // Neither healthy nor unhealthy: cannot tell.
+                Err(e) => {
+                    eprintln!("Error: {e:?}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
+            let format = if json {
+                output::Format::Json
             } else {
-                status::print(&r);
-            }
-            Ok(())
+                output.format
+            };
+            output::emit(format, &r, status::print)?;
+            Ok(ExitCode::from(if r.healthy {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            }))
         }
-        Command::Iptables { pods, pod, family } => print_iptables(&pods, &pod, family),
-        Command::Shortcut { state, at } => {
+        Command::Iptables {
+            pods,
+            pod,
+            family,
+            output,
+        } => {
+            print_iptables(&pods, &pod, family, output.format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Shortcut { state, at, output } => {
             let mut maps = bpf::Maps::open(&bpf::Layout::new(&at.bpffs)).with_context(|| {
                 format!(
                     "no meshlane maps under {} (is the agent installed?)",
@@ -258,24 +340,68 @@ pub fn main() -> Result<()> {
                 )
             })?;
             maps.set_shortcut(state == OnOff::On)?;
-            eprintln!(
-                "shortcut {} for new connections",
-                if state == OnOff::On { "on" } else { "off" }
-            );
-            Ok(())
+            let doc = ShortcutDoc {
+                schema: "meshlane/shortcut/v1",
+                shortcut: state,
+            };
+            output::emit(output.format, &doc, |d| {
+                eprintln!(
+                    "shortcut {} for new connections",
+                    if d.shortcut == OnOff::On { "on" } else { "off" }
+                );
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Cleanup { at } => cleanup(&at),
+        Command::Cleanup { at, output } => {
+            let doc = cleanup(&at)?;
+            output::emit(output.format, &doc, |d| {
+                if let Some(pid) = d.stopped_agent_pid {
+                    eprintln!("stopped agent pid {pid}");
+                }
+                eprintln!(
+                    "removed {} pinned objects under {}",
+                    d.removed.len(),
+                    d.bpffs
+                );
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Probe {
             cgroup,
             ebpf_object,
-        } => probe::run_cli(
-            &bpf::object_bytes(ebpf_object.as_deref())?,
-            cgroup.as_deref(),
-        ),
+            output,
+        } => {
+            probe::run_cli(
+                &bpf::object_bytes(ebpf_object.as_deref())?,
+                cgroup.as_deref(),
+                output.format,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-fn cleanup(at: &Where) -> Result<()> {
+/// `meshlane shortcut -o json|yaml`.
+#[derive(Serialize)]
+struct ShortcutDoc {
+    schema: &'static str,
+    /// The switch as now set for new connections.
+    shortcut: OnOff,
+}
+
+/// `meshlane cleanup -o json|yaml`.
+#[derive(Serialize)]
+struct CleanupDoc {
+    schema: &'static str,
+    bpffs: String,
+    /// The agent stopped first, if one ran with this bpffs directory.
+    stopped_agent_pid: Option<u32>,
+    /// Every pinned object removed (its link, program or map path).
+    removed: Vec<PathBuf>,
+}
+
+fn cleanup(at: &Where) -> Result<CleanupDoc> {
+    let mut stopped_agent_pid = None;
     if let Some(st) = status::AgentStatus::load(&at.state_dir)? {
         if st.agent_alive() && st.bpffs == at.bpffs.display().to_string() {
             let pid = nix::unistd::Pid::from_raw(st.pid as i32);
@@ -289,20 +415,25 @@ fn cleanup(at: &Where) -> Result<()> {
             if st.agent_alive() {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
-            eprintln!("stopped agent pid {}", st.pid);
+            stopped_agent_pid = Some(st.pid);
         }
         let _ = std::fs::remove_file(at.state_dir.join("status.json"));
     }
     let removed = bpf::uninstall(&bpf::Layout::new(&at.bpffs))?;
-    eprintln!(
-        "removed {} pinned objects under {}",
-        removed.len(),
-        at.bpffs.display()
-    );
-    Ok(())
+    Ok(CleanupDoc {
+        schema: "meshlane/cleanup/v1",
+        bpffs: at.bpffs.display().to_string(),
+        stopped_agent_pid,
+        removed,
+    })
 }
 
-fn print_iptables(file: &std::path::Path, name: &str, family: FamilyArg) -> Result<()> {
+fn print_iptables(
+    file: &std::path::Path,
+    name: &str,
+    family: FamilyArg,
+    format: output::Format,
+) -> Result<()> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("reading pods file {}", file.display()))?;
     let all = pods::parse(&text).with_context(|| format!("pods file {}", file.display()))?;
@@ -325,26 +456,68 @@ fn print_iptables(file: &std::path::Path, name: &str, family: FamilyArg) -> Resu
     for e in &cfg.errors {
         eprintln!("warning: pod {}: {e}", pod.key());
     }
-    let (text, notes) = iptables_text(pod, &cfg, family);
-    for n in notes {
+    let doc = iptables_doc(pod, &cfg, family);
+    for n in &doc.notes {
         eprintln!("pod {}: {n}", pod.key());
     }
-    print!("{text}");
-    Ok(())
+    output::emit(format, &doc, |d| print!("{}", d.text()))
 }
 
-/// The text `meshlane iptables` prints for a meshed pod, and notes for
-/// stderr.
-fn iptables_text(
-    pod: &pods::Pod,
-    cfg: &podconfig::MeshConfig,
+/// `meshlane iptables -o json|yaml`.
+#[derive(Debug, Serialize)]
+struct IptablesDoc {
+    schema: &'static str,
+    pod: String,
     family: FamilyArg,
-) -> (String, Vec<String>) {
+    /// `iptables-restore` input, then `ip6tables-restore` input; none when
+    /// Istio writes no rules for the pod.
+    rule_sets: Vec<RuleSet>,
+    /// Why a rule set asked for is missing (also on stderr).
+    notes: Vec<String>,
+    /// Annotations rejected (their defaults are used; also on stderr).
+    config_errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct RuleSet {
+    /// `ipv4` or `ipv6`.
+    family: &'static str,
+    /// The command that loads `rules`.
+    tool: &'static str,
+    rules: String,
+}
+
+impl IptablesDoc {
+    /// The text form: the rules, each set after a comment naming its tool
+    /// when both were asked for.
+    fn text(&self) -> String {
+        let mut out = String::new();
+        for set in &self.rule_sets {
+            if self.family == FamilyArg::Both {
+                let label = if set.family == "ipv6" { "IPv6" } else { "IPv4" };
+                out.push_str(&format!("# {} ({label})\n", set.tool));
+            }
+            out.push_str(&set.rules);
+        }
+        out
+    }
+}
+
+/// What `meshlane iptables` prints for a meshed pod.
+fn iptables_doc(pod: &pods::Pod, cfg: &podconfig::MeshConfig, family: FamilyArg) -> IptablesDoc {
     use iptables::Family;
-    let mut notes = Vec::new();
+    let mut doc = IptablesDoc {
+        schema: "meshlane/iptables/v1",
+        pod: pod.key(),
+        family,
+        rule_sets: Vec::new(),
+        notes: Vec::new(),
+        config_errors: cfg.errors.iter().map(ToString::to_string).collect(),
+    };
+    let notes = &mut doc.notes;
     if cfg.mode == podconfig::Mode::None {
         notes.push("interceptionMode NONE: Istio writes no rules".to_string());
-        return (String::new(), notes);
+        return doc;
     }
     let has_v6 = pod.ips.iter().any(std::net::IpAddr::is_ipv6);
     let want_v6 = family != FamilyArg::Ipv4;
@@ -356,20 +529,20 @@ fn iptables_text(
         notes.push("has no IPv6 address: Istio writes no ip6tables rules".into());
     }
     let v6 = want_v6 && (has_v6 || pod.ips.is_empty());
-    let mut out = String::new();
-    let mut add = |header: &str, fam: Family| {
-        if family == FamilyArg::Both {
-            out.push_str(header);
-        }
-        out.push_str(&iptables::render_family(cfg, fam).unwrap_or_default());
+    let mut add = |fam: Family, family: &'static str, tool: &'static str| {
+        doc.rule_sets.push(RuleSet {
+            family,
+            tool,
+            rules: iptables::render_family(cfg, fam).unwrap_or_default(),
+        });
     };
     if family != FamilyArg::Ipv6 {
-        add("# iptables-restore (IPv4)\n", Family::Ipv4);
+        add(Family::Ipv4, "ipv4", "iptables-restore");
     }
     if v6 {
-        add("# ip6tables-restore (IPv6)\n", Family::Ipv6);
+        add(Family::Ipv6, "ipv6", "ip6tables-restore");
     }
-    (out, notes)
+    doc
 }
 
 #[cfg(test)]
@@ -378,6 +551,16 @@ mod tests {
 
     use super::*;
     use crate::istio::annotation;
+
+    /// The text and notes of `meshlane iptables`.
+    fn iptables_text(
+        pod: &pods::Pod,
+        cfg: &podconfig::MeshConfig,
+        family: FamilyArg,
+    ) -> (String, Vec<String>) {
+        let doc = iptables_doc(pod, cfg, family);
+        (doc.text(), doc.notes)
+    }
 
     fn pod(ips: &[&str]) -> pods::Pod {
         pods::Pod {

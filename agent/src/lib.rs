@@ -2,6 +2,8 @@
 //! line (`cli`), and tests and xtask use the same modules.
 //!
 //! By concern, each importing only those listed before it:
+//! - `logging`, `output`: how log lines and command output look (text,
+//!   JSON, YAML);
 //! - `host`: facts of the machine (cgroup v2 mount, kernel release);
 //! - `istio`: Istio's annotation, environment and container names;
 //! - `pods`, `podconfig`: Pod objects, and their annotations as map entries;
@@ -24,8 +26,10 @@ pub mod http;
 pub mod iptables;
 pub mod istio;
 pub mod listeners;
+pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod output;
 pub mod podconfig;
 pub mod pods;
 pub mod probe;

@@ -1,5 +1,5 @@
 //! meshlane: eBPF interception for service-mesh sidecars, a drop-in for
 //! Istio's iptables init container. The binary is the library's command line.
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     meshlane::cli::main()
 }

@@ -1,6 +1,7 @@
 //! What the agent reports: per pod (name, IPs, netns cookie, state, config
 //! errors), written by `meshlane run` to its state directory and shown by
-//! `meshlane status` together with the attached programs and map occupancy.
+//! `meshlane status` together with the attached programs and map occupancy,
+//! and the verdict on all of it ([`Report::problems`]) that sets the exit code.
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
@@ -51,7 +52,9 @@ pub struct PodStatus {
     /// the pod is not active).
     #[serde(default)]
     pub proxy_listening: Option<bool>,
-    #[serde(skip_deserializing)]
+    /// The pod's configuration as the agent applies it: in the status file
+    /// only (`meshlane status` does not read it back).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub config: Option<MeshConfig>,
 }
 
@@ -125,10 +128,22 @@ impl AgentStatus {
     }
 }
 
+/// `schema` of `meshlane status -o json|yaml`.
+pub const SCHEMA: &str = "meshlane/status/v1";
+
 /// The whole picture for `meshlane status`.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    pub schema: &'static str,
+    /// No problems: every program attached, the agent running and in touch
+    /// with its pod source, every meshed pod that can be captured captured.
+    pub healthy: bool,
+    /// What is wrong; any makes `meshlane status` exit 1.
+    pub problems: Vec<Finding>,
+    /// Worth a look, but interception is in place.
+    pub warnings: Vec<Finding>,
     pub bpffs: String,
+    pub state_dir: String,
     pub programs: Vec<ProgramReport>,
     pub agent: Option<AgentReport>,
     pub maps: Option<Occupancy>,
@@ -140,6 +155,58 @@ pub struct Report {
     /// Per-pod counters, by pod name.
     pub pod_counters:
         std::collections::BTreeMap<String, std::collections::BTreeMap<&'static str, u64>>,
+}
+
+/// One thing `meshlane status` found wrong or worth a look.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// What it is about: a program's name, a pod (NAMESPACE/NAME), a
+    /// directory, the pod source.
+    pub subject: String,
+    /// In plain words, with what to do where there is something.
+    pub message: String,
+}
+
+/// Stable names of what `meshlane status` checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FindingKind {
+    /// A program is not attached to its hook (problem).
+    ProgramNotAttached,
+    /// The maps are not pinned: nothing is installed (problem).
+    MapsNotPinned,
+    /// No agent has written its status to the state directory (problem).
+    NoAgentStatus,
+    /// The agent that wrote the status is gone (problem).
+    AgentNotRunning,
+    /// Watching the API server fails; the last known pods stay in force
+    /// (problem).
+    ApiServerUnreachable,
+    /// The pods file does not parse; the last good one stays in force
+    /// (problem).
+    PodsFileError,
+    /// A meshed pod is not captured because of an error (problem).
+    PodError,
+    /// A captured pod's inbound capture is not attached (problem).
+    InboundNotAttached,
+    /// A captured pod's proxy does not listen on its inbound capture port:
+    /// inbound connections are refused (problem).
+    ProxyNotListening,
+    /// A pod's annotation was rejected and its default used (warning).
+    PodConfigError,
+    /// Map writes failed since the agent started (warning).
+    MapUpdateErrors,
+}
+
+impl Finding {
+    fn new(kind: FindingKind, subject: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            subject: subject.into(),
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -163,7 +230,18 @@ pub struct AgentReport {
     pub pods: Vec<PodStatus>,
 }
 
+/// Reads what is pinned under `layout` and what the agent recorded in
+/// `state_dir`. An error means the state cannot be read (permissions, a
+/// status file that does not parse); something absent is a problem in the
+/// report instead.
 pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
+    for dir in [&layout.root, &layout.links()] {
+        if let Err(e) = std::fs::read_dir(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e).with_context(|| format!("reading {}", dir.display()));
+            }
+        }
+    }
     let links = layout.link_names();
     let programs = bpf::program_hooks()
         .map(|(name, hook)| ProgramReport {
@@ -206,20 +284,34 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
             }
         }
     }
-    let agent = loaded.map(|s| AgentReport {
-        running: s.agent_alive(),
-        pid: s.pid,
-        pods_file: s.pods_file,
-        pod_source: s.pod_source,
-        http_addr: s.http_addr,
-        cgroup: s.cgroup,
-        file_error: s.file_error,
-        api_error: s.api_error,
-        map_update_errors: s.map_update_errors,
-        pods: s.pods,
+    let agent = loaded.map(|mut s| {
+        // Whether each captured pod's inbound link is pinned now, not at the
+        // agent's last round.
+        for p in &mut s.pods {
+            if let (PodState::Active, Some(c)) = (p.state, p.netns_cookie) {
+                p.inbound_attached = layout.netns_link(c).exists();
+            }
+        }
+        AgentReport {
+            running: s.agent_alive(),
+            pid: s.pid,
+            pods_file: s.pods_file,
+            pod_source: s.pod_source,
+            http_addr: s.http_addr,
+            cgroup: s.cgroup,
+            file_error: s.file_error,
+            api_error: s.api_error,
+            map_update_errors: s.map_update_errors,
+            pods: s.pods,
+        }
     });
-    Ok(Report {
+    let mut r = Report {
+        schema: SCHEMA,
+        healthy: false,
+        problems: Vec::new(),
+        warnings: Vec::new(),
         bpffs: layout.root.display().to_string(),
+        state_dir: state_dir.display().to_string(),
         programs,
         agent,
         maps,
@@ -227,7 +319,127 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         shortcut,
         shortcut_max_queued,
         pod_counters,
-    })
+    };
+    (r.problems, r.warnings) = r.findings();
+    r.healthy = r.problems.is_empty();
+    Ok(r)
+}
+
+impl Report {
+    /// The problems and warnings in what was read.
+    fn findings(&self) -> (Vec<Finding>, Vec<Finding>) {
+        use FindingKind as K;
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        for p in self.programs.iter().filter(|p| !p.attached) {
+            problems.push(Finding::new(
+                K::ProgramNotAttached,
+                p.name,
+                format!("program {} is NOT attached to {}", p.name, p.hook),
+            ));
+        }
+        if self.maps.is_none() {
+            problems.push(Finding::new(
+                K::MapsNotPinned,
+                &self.bpffs,
+                format!(
+                    "no meshlane maps under {} (is the agent installed, and is --bpffs its?)",
+                    self.bpffs
+                ),
+            ));
+        }
+        let Some(a) = &self.agent else {
+            problems.push(Finding::new(
+                K::NoAgentStatus,
+                &self.state_dir,
+                format!(
+                    "no agent status in {}: no agent has run there (is --state-dir the agent's?)",
+                    self.state_dir
+                ),
+            ));
+            return (problems, warnings);
+        };
+        if !a.running {
+            problems.push(Finding::new(
+                K::AgentNotRunning,
+                a.pid.to_string(),
+                format!(
+                    "the agent (pid {}) is not running: interception stays as it left it, \
+                     but pod changes are not applied",
+                    a.pid
+                ),
+            ));
+        }
+        if let Some(e) = &a.api_error {
+            problems.push(Finding::new(
+                K::ApiServerUnreachable,
+                &a.pod_source,
+                // The agent clears the error with the next pod event it
+                // receives, so on a quiet node this may outlast the outage.
+                format!(
+                    "API server unreachable (the last known pods stay in force; cleared by the \
+                     next pod event): {e}"
+                ),
+            ));
+        }
+        if let Some(e) = &a.file_error {
+            problems.push(Finding::new(
+                K::PodsFileError,
+                &a.pods_file,
+                format!("pods file error (the last good file stays in force): {e}"),
+            ));
+        }
+        for p in &a.pods {
+            match p.state {
+                PodState::Error => problems.push(Finding::new(
+                    K::PodError,
+                    &p.name,
+                    format!(
+                        "pod {} is in error, NOT captured: {}",
+                        p.name,
+                        p.config_errors.join("; ")
+                    ),
+                )),
+                PodState::Active if !p.inbound_attached => problems.push(Finding::new(
+                    K::InboundNotAttached,
+                    &p.name,
+                    format!("pod {}: inbound capture is NOT attached", p.name),
+                )),
+                PodState::Active if p.proxy_listening == Some(false) => {
+                    problems.push(Finding::new(
+                        K::ProxyNotListening,
+                        &p.name,
+                        format!(
+                            "pod {}: its proxy is NOT listening on the inbound capture port \
+                             yet, so inbound connections are refused",
+                            p.name
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            if p.state != PodState::Error {
+                for e in &p.config_errors {
+                    warnings.push(Finding::new(
+                        K::PodConfigError,
+                        &p.name,
+                        format!("pod {}: {e}", p.name),
+                    ));
+                }
+            }
+        }
+        if a.map_update_errors > 0 {
+            warnings.push(Finding::new(
+                K::MapUpdateErrors,
+                a.pid.to_string(),
+                format!(
+                    "{} map updates failed since the agent started (its log says which)",
+                    a.map_update_errors
+                ),
+            ));
+        }
+        (problems, warnings)
+    }
 }
 
 pub fn print(r: &Report) {
@@ -336,5 +548,155 @@ pub fn print(r: &Report) {
     if let Some(c) = &r.counters {
         let line: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("counters: {}", line.join(" "));
+    }
+    if r.healthy {
+        println!("health: OK");
+    } else {
+        println!("health: UNHEALTHY");
+    }
+    for p in &r.problems {
+        println!("  problem: {}", p.message);
+    }
+    for w in &r.warnings {
+        println!("  warning: {}", w.message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, state: PodState) -> PodStatus {
+        PodStatus {
+            name: name.into(),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            state,
+            netns_cookie: (state == PodState::Active).then_some(7),
+            netns: None,
+            config_errors: Vec::new(),
+            notes: Vec::new(),
+            inbound_attached: state == PodState::Active,
+            proxy_listening: (state == PodState::Active).then_some(true),
+            config: None,
+        }
+    }
+
+    /// Everything in place: one program, the maps, a running agent with a
+    /// captured pod and a plain one.
+    fn healthy() -> Report {
+        Report {
+            schema: SCHEMA,
+            healthy: false,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+            bpffs: "/sys/fs/bpf/meshlane".into(),
+            state_dir: "/run/meshlane".into(),
+            programs: vec![ProgramReport {
+                name: "connect4",
+                hook: "cgroup/connect4",
+                attached: true,
+            }],
+            agent: Some(AgentReport {
+                pid: 1,
+                running: true,
+                pods_file: String::new(),
+                pod_source: "kubernetes (node n1)".into(),
+                http_addr: None,
+                cgroup: "/sys/fs/cgroup".into(),
+                file_error: None,
+                api_error: None,
+                map_update_errors: 0,
+                pods: vec![
+                    pod("ns/a", PodState::Active),
+                    pod("ns/plain", PodState::NotMeshed),
+                    pod("ns/new", PodState::WaitingForNetns),
+                ],
+            }),
+            maps: Some(Occupancy::new()),
+            counters: None,
+            shortcut: None,
+            shortcut_max_queued: None,
+            pod_counters: std::collections::BTreeMap::new(),
+        }
+    }
+
+    fn kinds(f: &[Finding]) -> Vec<(FindingKind, &str)> {
+        f.iter().map(|f| (f.kind, f.subject.as_str())).collect()
+    }
+
+    fn agent(r: &mut Report) -> &mut AgentReport {
+        r.agent.as_mut().unwrap()
+    }
+
+    #[test]
+    fn healthy_has_no_findings() {
+        assert_eq!(healthy().findings(), (vec![], vec![]));
+    }
+
+    #[test]
+    fn each_problem_is_named() {
+        use FindingKind as K;
+        let mut r = healthy();
+        r.programs[0].attached = false;
+        r.maps = None;
+        agent(&mut r).running = false;
+        agent(&mut r).api_error = Some("connection refused".into());
+        agent(&mut r).pods_file = "/p.yaml".into();
+        agent(&mut r).file_error = Some("line 3".into());
+        let mut broken = pod("ns/broken", PodState::Error);
+        broken
+            .config_errors
+            .push("map update failed: ENOENT".into());
+        let mut deaf = pod("ns/deaf", PodState::Active);
+        deaf.proxy_listening = Some(false);
+        let mut unlinked = pod("ns/unlinked", PodState::Active);
+        unlinked.inbound_attached = false;
+        agent(&mut r).pods.extend([broken, deaf, unlinked]);
+        let (problems, warnings) = r.findings();
+        assert_eq!(
+            kinds(&problems),
+            vec![
+                (K::ProgramNotAttached, "connect4"),
+                (K::MapsNotPinned, "/sys/fs/bpf/meshlane"),
+                (K::AgentNotRunning, "1"),
+                (K::ApiServerUnreachable, "kubernetes (node n1)"),
+                (K::PodsFileError, "/p.yaml"),
+                (K::PodError, "ns/broken"),
+                (K::ProxyNotListening, "ns/deaf"),
+                (K::InboundNotAttached, "ns/unlinked"),
+            ]
+        );
+        assert!(problems[5].message.contains("ENOENT"), "{problems:?}");
+        // The error's reason is in the problem, not repeated as a warning.
+        assert_eq!(warnings, vec![]);
+    }
+
+    #[test]
+    fn no_agent_status_is_a_problem() {
+        let mut r = healthy();
+        r.agent = None;
+        let (problems, _) = r.findings();
+        assert_eq!(
+            kinds(&problems),
+            vec![(FindingKind::NoAgentStatus, "/run/meshlane")]
+        );
+    }
+
+    #[test]
+    fn rejected_annotations_and_failed_writes_are_warnings() {
+        let mut r = healthy();
+        agent(&mut r).pods[0]
+            .config_errors
+            .push("bad excludeOutboundPorts".into());
+        agent(&mut r).map_update_errors = 2;
+        let (problems, warnings) = r.findings();
+        assert_eq!(problems, vec![]);
+        assert_eq!(
+            kinds(&warnings),
+            vec![
+                (FindingKind::PodConfigError, "ns/a"),
+                (FindingKind::MapUpdateErrors, "1")
+            ]
+        );
     }
 }

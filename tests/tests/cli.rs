@@ -1,9 +1,119 @@
-//! `meshlane iptables`: Istio's rules for a pod from a pods file, compared
-//! with the golden rules Istio's CNI plugin writes for the same pod.
-use std::process::Command;
+//! The command line as scripts and operators use it:
+//! - `meshlane iptables`: Istio's rules for a pod from a pods file, compared
+//!   with the golden rules Istio's CNI plugin writes for the same pod;
+//! - `meshlane status`'s exit code, with the real agent in a sandbox node:
+//!   0 when interception is in place for every pod, 1 naming what is wrong
+//!   (a program detached, a pod in `error`, the API server unreachable), 2
+//!   when it is asked wrongly or cannot read the state;
+//! - the log filter (flag, MESHLANE_LOG, RUST_LOG) and format (JSON lines,
+//!   no colour when stderr is not a terminal).
+use std::{
+    ffi::OsString,
+    fmt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
-use anyhow::Result;
-use meshlane_tests::{agent::pod_list, data_dir, meshlane_bin, PodSpec};
+use anyhow::{Context, Result};
+use meshlane_tests::{
+    agent::pod_list, data_dir, fakeapi::FakeApi, meshlane_bin, pod_entry, pod_state, Agent, Launch,
+    Pod, PodSpec, Proc, Sandbox,
+};
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(10);
+
+/// What a `meshlane` command did.
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl fmt::Display for Ran {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn ran(cmd: &mut Command) -> Ran {
+    let out = cmd.output().expect("running meshlane");
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `meshlane status ARGS` on the agent's pins and state.
+fn status(agent: &Agent, args: &[&str]) -> Ran {
+    ran(Command::new(meshlane_bin())
+        .arg("status")
+        .args(args)
+        .arg("--bpffs")
+        .arg(&agent.bpffs)
+        .arg("--state-dir")
+        .arg(&agent.state_dir))
+}
+
+/// `meshlane status --json`: its exit code and document.
+fn status_json(agent: &Agent) -> (Option<i32>, Value) {
+    let r = status(agent, &["--json"]);
+    let doc = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r}"));
+    (r.code, doc)
+}
+
+/// The problems a status document lists, as (kind, subject).
+fn problems(doc: &Value) -> Vec<(String, String)> {
+    doc["problems"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    (
+                        p["kind"].as_str().unwrap_or_default().to_string(),
+                        p["subject"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A sandbox node with pod `a`, whose test sidecar (uid 1337) listens on
+/// 15001 and 15006 before the agent starts.
+struct Node {
+    sb: Sandbox,
+    a: Pod,
+    _sidecar: Proc,
+}
+
+fn node(tag: &str) -> Result<Node> {
+    let mut sb = Sandbox::new(tag)?;
+    let a = sb.add_pod("a")?;
+    let sidecar = sb.start_sidecar(&a)?;
+    Ok(Node {
+        sb,
+        a,
+        _sidecar: sidecar,
+    })
+}
+
+/// Waits until the agent has seen pod `name` captured with its proxy
+/// listening (the agent looks for listeners as it reconciles).
+fn wait_listening(agent: &mut Agent, name: &str) -> Result<()> {
+    agent.wait_status(READY, |st| {
+        pod_entry(st, name).is_some_and(|p| {
+            p["state"] == "active" && p["inbound_attached"] == true && p["proxy_listening"] == true
+        })
+    })?;
+    Ok(())
+}
 
 #[test]
 fn iptables_command_prints_istios_rules_for_a_pod() -> Result<()> {
@@ -46,5 +156,542 @@ fn iptables_command_prints_istios_rules_for_a_pod() -> Result<()> {
     let out = run("missing")?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("no pod \"missing\""));
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A directory of the test's own under the system's temporary directory,
+/// removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("meshlane-cli-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn status_without_an_agent_is_unhealthy_and_unreadable_state_is_exit_2() -> Result<()> {
+    let tmp = TempDir::new("noagent")?;
+    let bpffs = tmp.0.join("bpffs");
+    let state = tmp.0.join("state");
+    std::fs::create_dir_all(&state)?;
+    let status = |args: &[&str]| {
+        ran(Command::new(meshlane_bin())
+            .arg("status")
+            .args(args)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .arg("--state-dir")
+            .arg(&state))
+    };
+
+    // Nothing installed: unhealthy, and it says what is missing.
+    let r = status(&[]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stdout.contains("NOT attached"), "{r}");
+    assert!(r.stdout.contains("no agent status"), "{r}");
+
+    // Asked wrongly: 2.
+    let r = status(&["--no-such-flag"]);
+    assert_eq!(r.code, Some(2), "{r}");
+
+    // A status file that does not parse: the state cannot be read, 2.
+    std::fs::write(state.join("status.json"), "{ not json")?;
+    let r = status(&[]);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("status.json"), "names the file: {r}");
+    Ok(())
+}
+
+#[test]
+fn status_is_healthy_then_names_a_detached_program() -> Result<()> {
+    let n = node("clihealthy")?;
+    let mut agent = Agent::start_on(
+        &n.sb,
+        1,
+        &[PodSpec::meshed(&n.a)],
+        &["--log-format", "json"],
+    )?;
+    wait_listening(&mut agent, "default/a")?;
+
+    let r = status(&agent, &[]);
+    assert_eq!(r.code, Some(0), "healthy: {r}");
+    assert!(r.stdout.contains("health: OK"), "{r}");
+    let (code, doc) = status_json(&agent);
+    assert_eq!(code, Some(0));
+    assert_eq!(doc["healthy"], true, "{doc:#}");
+    assert_eq!(problems(&doc), vec![], "{doc:#}");
+    assert_shape(&doc, &status_shape(), "meshlane/status/v1");
+    assert_eq!(doc["agent"]["pods"][0]["state"], "active", "{doc:#}");
+    let r = status(&agent, &["-o", "yaml"]);
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(serde_yaml_ng::from_str::<Value>(&r.stdout)?, doc);
+
+    // --log-format json: every line the agent wrote is one JSON object.
+    let log = agent.log();
+    assert!(log.contains("programs attached"), "{log}");
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("a log line that is not JSON: {line:?}"))?;
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+
+    // A cgroup program detached (its pinned link removed: nothing else holds it).
+    let links = agent.bpffs.join("links");
+    let name = std::fs::read_dir(&links)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .min()
+        .context("no pinned links")?;
+    std::fs::remove_file(links.join(&name))?;
+    let r = status(&agent, &[]);
+    assert_eq!(r.code, Some(1), "program {name} detached: {r}");
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.contains(&name) && l.contains("NOT attached")),
+        "names the program: {r}"
+    );
+    let (code, doc) = status_json(&agent);
+    assert_eq!(code, Some(1));
+    assert_eq!(doc["healthy"], false);
+    assert!(
+        problems(&doc).contains(&("program-not-attached".into(), name.clone())),
+        "{doc:#}"
+    );
+    assert_shape(&doc, &status_shape(), "meshlane/status/v1");
+
+    // shortcut and cleanup, with something to act on.
+    let at = [
+        "--bpffs".as_ref(),
+        agent.bpffs.as_os_str(),
+        "--state-dir".as_ref(),
+        agent.state_dir.as_os_str(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = ["shortcut".as_ref(), "off".as_ref()]
+        .into_iter()
+        .chain(at)
+        .collect();
+    let doc = json_and_yaml(&args, 0);
+    let shape = serde_json::json!({"schema": "string", "shortcut": "string"});
+    assert_shape(&doc, &shape, "meshlane/shortcut/v1");
+    assert_eq!(doc["shortcut"], "off");
+    let args: Vec<&std::ffi::OsStr> = std::iter::once("cleanup".as_ref()).chain(at).collect();
+    let r = ran(Command::new(meshlane_bin())
+        .args(&args)
+        .args(["-o", "json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let doc: Value = serde_json::from_str(&r.stdout)?;
+    assert_shape(&doc, &cleanup_shape(), "meshlane/cleanup/v1");
+    assert!(doc["stopped_agent_pid"].is_u64(), "{doc:#}");
+    assert!(!doc["removed"].as_array().unwrap().is_empty(), "{doc:#}");
+    Ok(())
+}
+
+/// Replaces `<bpffs>/netns` (where each pod's inbound link is pinned) with a
+/// dangling symlink, so the agent cannot capture a new pod; puts the
+/// directory back on drop, before the agent's cleanup.
+struct BrokenNetnsPins(PathBuf);
+
+impl BrokenNetnsPins {
+    fn new(bpffs: &Path) -> Result<Self> {
+        let dir = bpffs.join("netns");
+        if dir.exists() {
+            std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        std::os::unix::fs::symlink("/nonexistent/meshlane-test", &dir)
+            .with_context(|| format!("symlink at {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for BrokenNetnsPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::create_dir(&self.0);
+    }
+}
+
+#[test]
+fn status_names_a_pod_in_error() -> Result<()> {
+    let mut sb = Sandbox::new("clierror")?;
+    let b = sb.add_pod("b")?;
+    let mut agent = Agent::start(&sb, &[PodSpec::plain(&b)])?;
+    let r = status(&agent, &[]);
+    assert_eq!(r.code, Some(0), "a plain pod only: {r}");
+
+    let _broken = BrokenNetnsPins::new(&agent.bpffs)?;
+    agent.write_pods(&[PodSpec::meshed(&b)])?;
+    agent.wait_status(READY, |st| {
+        pod_state(st, "default/b").as_deref() == Some("error")
+    })?;
+    let r = status(&agent, &[]);
+    assert_eq!(r.code, Some(1), "pod b in error: {r}");
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.contains("default/b") && l.contains("error")),
+        "names the pod: {r}"
+    );
+    let (_, doc) = status_json(&agent);
+    assert!(
+        problems(&doc).contains(&("pod-error".into(), "default/b".into())),
+        "{doc:#}"
+    );
+
+    // Default text logs on a file: no colour escapes.
+    let log = agent.log();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escapes in a log file:\n{log:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn status_names_an_unreachable_api_server() -> Result<()> {
+    let sb = Sandbox::new("cliapi")?;
+    let mut api = FakeApi::start()?;
+    let kubeconfig = sb.dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let args: Vec<OsString> = vec![
+        "--kubeconfig".into(),
+        kubeconfig.into_os_string(),
+        "--node-name".into(),
+        "node-1".into(),
+    ];
+    // The filter from RUST_LOG alone: warnings, no info lines.
+    let launch = Launch {
+        env: vec![
+            ("MESHLANE_LOG".into(), None),
+            ("RUST_LOG".into(), Some("warn".into())),
+        ],
+        ..Default::default()
+    };
+    let mut agent = Agent::start_launched(&sb, &args, &[], &launch)?;
+    agent.wait_status(READY, |st| st["api_error"].is_null())?;
+    let r = status(&agent, &[]);
+    assert_eq!(r.code, Some(0), "API server up, no pods: {r}");
+
+    api.stop();
+    agent.wait_status(READY, |st| !st["api_error"].is_null())?;
+    let r = status(&agent, &[]);
+    assert_eq!(r.code, Some(1), "API server down: {r}");
+    assert!(r.stdout.contains("API server"), "names it: {r}");
+    let (_, doc) = status_json(&agent);
+    assert!(
+        problems(&doc)
+            .iter()
+            .any(|(kind, _)| kind == "api-server-unreachable"),
+        "{doc:#}"
+    );
+
+    let log = agent.log();
+    assert!(!log.contains("INFO"), "RUST_LOG=warn, yet:\n{log}");
+    assert!(log.contains("WARN"), "the API error is logged:\n{log}");
+    Ok(())
+}
+
+/// `meshlane run --print-options` (touches nothing, logs the filter it
+/// chose at debug) with `args` and only the environment in `env`.
+fn print_options(args: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut c = Command::new(meshlane_bin());
+    c.args(["run", "--pods", "/nonexistent/pods.yaml", "--print-options"])
+        .args(args);
+    for k in [
+        "MESHLANE_LOG",
+        "RUST_LOG",
+        "MESHLANE_LOG_FORMAT",
+        "NO_COLOR",
+    ] {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    ran(&mut c)
+}
+
+#[test]
+fn log_filter_flag_then_meshlane_log_then_rust_log() {
+    let level = |r: &Ran| {
+        assert_eq!(r.code, Some(0), "{r}");
+        let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r}"));
+        v["log_level"].as_str().expect("log_level").to_string()
+    };
+    let r = print_options(&[], &[]);
+    assert_eq!(level(&r), "info");
+    assert!(!r.stderr.contains("DEBUG"), "{r}");
+
+    let r = print_options(&[], &[("RUST_LOG", "debug")]);
+    assert_eq!(level(&r), "debug");
+    assert!(
+        r.stderr.contains("DEBUG") && r.stderr.contains("RUST_LOG"),
+        "RUST_LOG honoured: {r}"
+    );
+
+    let r = print_options(&[], &[("RUST_LOG", "debug"), ("MESHLANE_LOG", "info")]);
+    assert_eq!(level(&r), "info");
+    assert!(!r.stderr.contains("DEBUG"), "MESHLANE_LOG wins: {r}");
+
+    let r = print_options(
+        &["--log-level", "debug"],
+        &[("RUST_LOG", "warn"), ("MESHLANE_LOG", "warn")],
+    );
+    assert_eq!(level(&r), "debug");
+    assert!(r.stderr.contains("DEBUG"), "the flag wins: {r}");
+
+    // A filter that does not parse is a usage error naming where it came from.
+    let r = print_options(&[], &[("RUST_LOG", "meshlane=loud")]);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("RUST_LOG"), "{r}");
+}
+
+#[test]
+fn log_format_json_lines_and_no_colour_off_a_terminal() {
+    for (args, env) in [
+        (&["--log-format", "json"][..], &[][..]),
+        (&[][..], &[("MESHLANE_LOG_FORMAT", "json")][..]),
+    ] {
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "debug"));
+        let r = print_options(args, &env);
+        assert_eq!(r.code, Some(0), "{r}");
+        let lines: Vec<Value> = r
+            .stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect();
+        let logging = lines
+            .iter()
+            .find(|v| v["message"] == "logging")
+            .unwrap_or_else(|| panic!("no `logging` event: {r}"));
+        assert_eq!(logging["level"], "DEBUG");
+        assert_eq!(logging["from"], "RUST_LOG");
+        assert!(logging["timestamp"].is_string());
+    }
+    // Text on a pipe (not a terminal): no colour.
+    let r = print_options(&["--log-format", "text"], &[("RUST_LOG", "debug")]);
+    assert!(r.stderr.contains("DEBUG"), "{r}");
+    assert!(!r.stderr.contains('\x1b'), "ANSI escapes on a pipe: {r}");
+}
+
+/// Checks `v` against `shape`, a JSON value that describes it:
+/// - `"string"`, `"bool"`, `"u64"`, `"null"`; with a trailing `?` null is
+///   allowed too;
+/// - `[S]`: an array whose every element has shape S;
+/// - `{"*": S}`: an object with any keys, every value of shape S;
+/// - `{"?": S}`: null, or shape S;
+/// - any other object: exactly these keys, each value of its shape.
+///
+/// Extra or missing keys fail: a schema change must be made here on purpose.
+fn check_shape(v: &Value, shape: &Value, path: &str, errs: &mut Vec<String>) {
+    let mut bad = |what: &str| errs.push(format!("{path}: {what}, got {v}"));
+    match shape {
+        Value::String(t) => {
+            let (t, nullable) = match t.strip_suffix('?') {
+                Some(t) => (t, true),
+                None => (t.as_str(), false),
+            };
+            let ok = (nullable && v.is_null())
+                || match t {
+                    "string" => v.is_string(),
+                    "bool" => v.is_boolean(),
+                    "u64" => v.is_u64(),
+                    "null" => v.is_null(),
+                    _ => panic!("unknown shape type {t}"),
+                };
+            if !ok {
+                bad(&format!("expected {shape}"));
+            }
+        }
+        Value::Array(s) => match v.as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    check_shape(item, &s[0], &format!("{path}[{i}]"), errs);
+                }
+            }
+            None => bad("expected an array"),
+        },
+        Value::Object(s) if s.len() == 1 && s.contains_key("?") => {
+            if !v.is_null() {
+                check_shape(v, &s["?"], path, errs);
+            }
+        }
+        Value::Object(s) => {
+            let Some(obj) = v.as_object() else {
+                return bad("expected an object");
+            };
+            if let Some(each) = s.get("*") {
+                for (k, item) in obj {
+                    check_shape(item, each, &format!("{path}.{k}"), errs);
+                }
+                return;
+            }
+            for k in obj.keys().filter(|k| !s.contains_key(*k)) {
+                errs.push(format!("{path}: unexpected key {k:?}"));
+            }
+            for (k, each) in s {
+                match obj.get(k) {
+                    Some(item) => check_shape(item, each, &format!("{path}.{k}"), errs),
+                    None => errs.push(format!("{path}: missing key {k:?}")),
+                }
+            }
+        }
+        _ => panic!("bad shape {shape}"),
+    }
+}
+
+#[track_caller]
+fn assert_shape(doc: &Value, shape: &Value, schema: &str) {
+    assert_eq!(doc["schema"], schema, "{doc:#}");
+    let mut errs = Vec::new();
+    check_shape(doc, shape, "$", &mut errs);
+    assert!(errs.is_empty(), "{}\n{doc:#}", errs.join("\n"));
+}
+
+/// Runs `meshlane ARGS -o json` and `-o yaml`: the JSON document, after
+/// checking that both exit `code` and the YAML one is the same document.
+#[track_caller]
+fn json_and_yaml(args: &[&std::ffi::OsStr], code: i32) -> Value {
+    let run = |format: &str| {
+        let r = ran(Command::new(meshlane_bin()).args(args).args(["-o", format]));
+        assert_eq!(r.code, Some(code), "{args:?} -o {format}: {r}");
+        r.stdout
+    };
+    let json: Value = serde_json::from_str(&run("json")).expect("-o json parses");
+    let yaml: Value = serde_yaml_ng::from_str(&run("yaml")).expect("-o yaml parses");
+    assert_eq!(json, yaml, "-o json and -o yaml differ for {args:?}");
+    json
+}
+
+fn finding_shape() -> Value {
+    serde_json::json!({"kind": "string", "subject": "string", "message": "string"})
+}
+
+/// `meshlane status -o json` (meshlane/status/v1).
+fn status_shape() -> Value {
+    let pod = serde_json::json!({
+        "name": "string", "ips": ["string"], "state": "string", "netns_cookie": "u64?",
+        "netns": "string?", "config_errors": ["string"], "notes": ["string"],
+        "inbound_attached": "bool", "proxy_listening": "bool?",
+    });
+    serde_json::json!({
+        "schema": "string", "healthy": "bool",
+        "problems": [finding_shape()], "warnings": [finding_shape()],
+        "bpffs": "string", "state_dir": "string",
+        "programs": [{"name": "string", "hook": "string", "attached": "bool"}],
+        "agent": {"?": {
+            "pid": "u64", "running": "bool", "pods_file": "string", "pod_source": "string",
+            "http_addr": "string?", "cgroup": "string", "file_error": "string?",
+            "api_error": "string?", "map_update_errors": "u64", "pods": [pod],
+        }},
+        "maps": {"?": {"*": "u64"}},
+        "counters": {"?": {"*": "u64"}},
+        "shortcut": "bool?",
+        "shortcut_max_queued": "u64?",
+        "pod_counters": {"*": {"*": "u64"}},
+    })
+}
+
+/// `meshlane cleanup -o json` (meshlane/cleanup/v1).
+fn cleanup_shape() -> Value {
+    serde_json::json!({
+        "schema": "string", "bpffs": "string", "stopped_agent_pid": "u64?", "removed": ["string"],
+    })
+}
+
+#[test]
+fn json_output_of_iptables_probe_cleanup_and_status_has_a_stable_shape() -> Result<()> {
+    let tmp = TempDir::new("shapes")?;
+    let dual = PodSpec {
+        name: "dual".into(),
+        meshed: true,
+        ip: Some("10.244.1.5".parse()?),
+        ip6: Some("fd00::5".parse()?),
+        ..Default::default()
+    }
+    .annotate("traffic.sidecar.istio.io/excludeOutboundPorts", "nope");
+    let pods = tmp.0.join("pods.json");
+    std::fs::write(&pods, pod_list(&[dual]))?;
+
+    let doc = json_and_yaml(
+        &[
+            "iptables".as_ref(),
+            "--pods".as_ref(),
+            pods.as_os_str(),
+            "--pod".as_ref(),
+            "default/dual".as_ref(),
+            "--family".as_ref(),
+            "both".as_ref(),
+        ],
+        0,
+    );
+    let shape = serde_json::json!({
+        "schema": "string", "pod": "string", "family": "string",
+        "rule_sets": [{"family": "string", "tool": "string", "rules": "string"}],
+        "notes": ["string"], "config_errors": ["string"],
+    });
+    assert_shape(&doc, &shape, "meshlane/iptables/v1");
+    assert_eq!(doc["rule_sets"][1]["tool"], "ip6tables-restore", "{doc:#}");
+    assert!(doc["config_errors"][0].as_str().unwrap().contains("nope"));
+    // The text form is the rule sets, each after its tool's comment.
+    let text = ran(Command::new(meshlane_bin())
+        .args([
+            "iptables",
+            "--family",
+            "both",
+            "--pod",
+            "default/dual",
+            "--pods",
+        ])
+        .arg(&pods));
+    let sets = doc["rule_sets"].as_array().expect("rule sets");
+    assert_eq!(
+        text.stdout,
+        format!(
+            "# iptables-restore (IPv4)\n{}# ip6tables-restore (IPv6)\n{}",
+            sets[0]["rules"].as_str().unwrap(),
+            sets[1]["rules"].as_str().unwrap()
+        )
+    );
+
+    let doc = json_and_yaml(&["probe".as_ref()], 0);
+    let shape = serde_json::json!({
+        "schema": "string", "kernel": "string", "cgroup_v2": "string", "bpffs": "string",
+        "features": [{
+            "feature": "string", "found": "string", "unknown_because": "string?",
+            "since": "string?", "used_by": ["string"],
+        }],
+        "shortcut": {"supported": "bool", "detail": "string"},
+        "refusal": "string?",
+    });
+    assert_shape(&doc, &shape, "meshlane/probe/v1");
+    assert!(!doc["features"].as_array().unwrap().is_empty());
+
+    let bpffs = tmp.0.join("bpffs");
+    let state = tmp.0.join("state");
+    let at = [
+        "--bpffs".as_ref(),
+        bpffs.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+    ];
+    let status: Vec<&std::ffi::OsStr> = std::iter::once("status".as_ref()).chain(at).collect();
+    let doc = json_and_yaml(&status, 1);
+    assert_shape(&doc, &status_shape(), "meshlane/status/v1");
+    assert!(doc["agent"].is_null() && !doc["problems"].as_array().unwrap().is_empty());
+    let cleanup: Vec<&std::ffi::OsStr> = std::iter::once("cleanup".as_ref()).chain(at).collect();
+    let doc = json_and_yaml(&cleanup, 0);
+    assert_shape(&doc, &cleanup_shape(), "meshlane/cleanup/v1");
     Ok(())
 }

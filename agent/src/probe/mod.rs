@@ -37,6 +37,7 @@ use aya_obj::{
     Object, ProgramSection,
 };
 use meshlane_common::programs::{self, Hook, ProgType};
+use serde::Serialize;
 
 /// The start of every refusal, so tools (the VM matrix) can recognise it.
 pub const REFUSAL: &str = "meshlane cannot run on this kernel";
@@ -717,7 +718,48 @@ pub const SHORTCUT_LINE: &str = "shortcut backpressure:";
 
 /// `meshlane probe`: every feature with yes/no; exits non-zero with the
 /// refusal when something is missing.
-pub fn run_cli(object: &[u8], cgroup: Option<&Path>) -> Result<()> {
+/// `schema` of `meshlane probe -o json|yaml`.
+pub const SCHEMA: &str = "meshlane/probe/v1";
+
+/// What `meshlane probe` found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    /// The running kernel's release.
+    pub kernel: String,
+    /// The cgroup v2 mount, in words.
+    pub cgroup_v2: String,
+    /// Whether bpffs is mounted at /sys/fs/bpf, in words.
+    pub bpffs: String,
+    pub features: Vec<FeatureReport>,
+    pub shortcut: ShortcutReport,
+    /// Why meshlane cannot run here; None when every feature is present.
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FeatureReport {
+    pub feature: String,
+    /// `yes`, `no` or `unknown` (the probe itself failed).
+    pub found: &'static str,
+    /// Why the probe failed, for `unknown`.
+    pub unknown_because: Option<String>,
+    /// First mainline kernel that has it.
+    pub since: Option<&'static str>,
+    /// The programs (or loader step) that need it.
+    pub used_by: Vec<String>,
+}
+
+/// The same-node shortcut's needs: optional, only `--shortcut on` is
+/// refused without them.
+#[derive(Debug, Serialize)]
+pub struct ShortcutReport {
+    pub supported: bool,
+    pub detail: String,
+}
+
+/// Probes the running kernel for everything `object` needs.
+pub fn report(object: &[u8], cgroup: Option<&Path>) -> Result<Report> {
     let features = requirements(object)?;
     let cgroup = match cgroup {
         Some(c) => c.to_path_buf(),
@@ -725,49 +767,92 @@ pub fn run_cli(object: &[u8], cgroup: Option<&Path>) -> Result<()> {
     };
     let results = evaluate(&features, &Running { cgroup });
     let release = crate::host::kernel_release();
-    println!("kernel: Linux {release}");
-    println!(
-        "cgroup v2: {}",
-        cgroup_layout(&std::fs::read_to_string("/proc/mounts").unwrap_or_default())
-    );
     let bpffs = if crate::bpf::layout::is_bpffs(Path::new("/sys/fs/bpf")) {
         "mounted at /sys/fs/bpf".to_string()
     } else {
         "not mounted at /sys/fs/bpf (`meshlane run` mounts it)".to_string()
     };
-    println!("bpffs: {bpffs}");
-    let w = results
+    let shortcut = match crate::bpf::btf::PsockOffsets::of_running_kernel() {
+        Ok(o) => ShortcutReport {
+            supported: true,
+            detail: format!("struct sk_psock.msg_tot_len at byte {}", o.msg_tot_len),
+        },
+        Err(e) => ShortcutReport {
+            supported: false,
+            detail: format!("{e:#}"),
+        },
+    };
+    Ok(Report {
+        schema: SCHEMA,
+        cgroup_v2: cgroup_layout(&std::fs::read_to_string("/proc/mounts").unwrap_or_default()),
+        bpffs,
+        refusal: refusal(&results, &release),
+        kernel: release,
+        features: results
+            .into_iter()
+            .map(|(f, found)| {
+                let (found, unknown_because) = match found {
+                    Found::Yes => ("yes", None),
+                    Found::No => ("no", None),
+                    Found::Unknown(why) => ("unknown", Some(why)),
+                };
+                FeatureReport {
+                    feature: f.to_string(),
+                    found,
+                    unknown_because,
+                    since: f.min_kernel,
+                    used_by: f.used_by.into_iter().collect(),
+                }
+            })
+            .collect(),
+        shortcut,
+    })
+}
+
+/// The text form of the report.
+pub fn print(r: &Report) {
+    println!("kernel: Linux {}", r.kernel);
+    println!("cgroup v2: {}", r.cgroup_v2);
+    println!("bpffs: {}", r.bpffs);
+    let w = r
+        .features
         .iter()
-        .map(|(f, _)| f.to_string().len())
+        .map(|f| f.feature.len())
         .max()
         .unwrap_or(0);
-    for (f, found) in &results {
-        let answer = match found {
-            Found::Yes => "yes".to_string(),
-            Found::No => "NO".to_string(),
-            Found::Unknown(why) => format!("unknown ({why})"),
+    for f in &r.features {
+        let answer = match (&f.unknown_because, f.found) {
+            (Some(why), _) => format!("unknown ({why})"),
+            (None, "no") => "NO".to_string(),
+            (None, found) => found.to_string(),
         };
-        let min = f.min_kernel.unwrap_or("?");
         println!(
-            "  {:<w$}  {answer:<4} since {min:<5} used by {}",
-            f.to_string(),
-            f.used_by.iter().cloned().collect::<Vec<_>>().join(", ")
+            "  {:<w$}  {answer:<4} since {:<5} used by {}",
+            f.feature,
+            f.since.unwrap_or("?"),
+            f.used_by.join(", ")
         );
     }
-    // Optional: without it only the shortcut is refused, not the agent.
-    match crate::bpf::btf::PsockOffsets::of_running_kernel() {
-        Ok(o) => println!(
-            "{SHORTCUT_LINE} yes (struct sk_psock.msg_tot_len at byte {})",
-            o.msg_tot_len
-        ),
-        Err(e) => {
-            println!("{SHORTCUT_LINE} NO, `--shortcut on` is refused, interception works: {e:#}")
-        }
+    if r.shortcut.supported {
+        println!("{SHORTCUT_LINE} yes ({})", r.shortcut.detail);
+    } else {
+        println!(
+            "{SHORTCUT_LINE} NO, `--shortcut on` is refused, interception works: {}",
+            r.shortcut.detail
+        );
     }
-    if let Some(msg) = refusal(&results, &release) {
+    if r.refusal.is_none() {
+        println!("every feature meshlane needs is present");
+    }
+}
+
+/// `meshlane probe`: prints the report; fails with the refusal, if any.
+pub fn run_cli(object: &[u8], cgroup: Option<&Path>, format: crate::output::Format) -> Result<()> {
+    let r = report(object, cgroup)?;
+    crate::output::emit(format, &r, print)?;
+    if let Some(msg) = &r.refusal {
         bail!("{msg}");
     }
-    println!("every feature meshlane needs is present");
     Ok(())
 }
 
