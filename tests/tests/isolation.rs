@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{bail, Result};
 use meshlane_tests::{
-    pod_entry, pod_state, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Sandbox, APP_UID,
+    pod_entry, pod_state, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Proc, Sandbox,
+    APP_UID,
 };
 
 fn mtest() -> &'static Path {
@@ -276,6 +277,101 @@ fn an_apps_listener_on_a_capture_port_changes_nothing() -> Result<()> {
     drop(fake);
     std::thread::sleep(Duration::from_millis(300));
     assert_captured_both_ways(&sb, &victim, &peer, "after the app listened and closed")?;
+    drop(procs);
+    Ok(())
+}
+
+/// The node uid and gid the pod's proxy (uid and gid 1337 inside its user
+/// namespace) runs as, as Kubernetes gives a `hostUsers: false` pod a
+/// 65,536-id range of its own.
+const USERNS_PROXY_HOST_ID: u32 = 3 * 65_536 + meshlane_tests::PROXY_UID;
+
+/// Starts `mtest sidecar` in `pod` as uid/gid 1337 of a user namespace whose
+/// 1337 is the node's [`USERNS_PROXY_HOST_ID`].
+fn start_userns_sidecar(sb: &Sandbox, pod: &Pod) -> Result<Proc> {
+    let log = sb.sidecar_log(pod);
+    let mut p = sb.spawn_in_userns(
+        pod,
+        meshlane_tests::PROXY_UID,
+        USERNS_PROXY_HOST_ID,
+        mtest(),
+        &["sidecar", "--log", log.to_str().expect("utf-8")],
+    )?;
+    p.wait_ready(Duration::from_secs(10))?;
+    Ok(p)
+}
+
+/// Issue 14, 7: a pod with `hostUsers: false` runs its proxy as uid 1337
+/// of its own user namespace, which the kernel reports as the node's uid
+/// the namespace maps it to. Before the fix the agent wrote 1337 into the
+/// pod's entry, so the proxy's own upstream connection was captured like
+/// the app's and came back into its 15001 (a loop), and its listeners
+/// (registered under the node uid) were never the proxy's: inbound refused.
+#[test]
+fn a_user_namespace_proxy_is_recognised_by_its_host_uid() -> Result<()> {
+    let mut sb = Sandbox::new("iso-userns")?;
+    let pod = sb.add_pod("userns")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&pod, "userns", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+    ];
+    procs.push(start_userns_sidecar(&sb, &pod)?);
+    let _agent = Agent::start(
+        &sb,
+        &[
+            PodSpec::meshed(&pod).user_namespace(),
+            PodSpec::plain(&peer),
+        ],
+    )?;
+
+    // The app's connection lands on 15001; the proxy dials the original
+    // destination as its own uid: that connection must reach the peer.
+    let out = sb.run(
+        &pod,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &[
+            "probe",
+            "--connect",
+            &format!("{}:9080", peer.ip),
+            "--timeout-ms",
+            "1000",
+        ],
+    )?;
+    let probe = ProbeResult::parse(&out)?;
+    let log = read_sidecar_log(&sb.sidecar_log(&pod));
+    // A loop runs until the sidecar dies: stop it before judging.
+    drop(procs.pop());
+    let first = log
+        .iter()
+        .find(|r| probe.local.as_deref() == Some(r.peer.as_str()))
+        .cloned();
+    let Some(first) = first else {
+        bail!("the app's connection did not land on the sidecar: {probe:?}");
+    };
+    assert_eq!(first.listener, 15001, "{first:?}");
+    let looped = log
+        .iter()
+        .find(|r| first.upstream_local.as_deref() == Some(r.peer.as_str()));
+    assert!(
+        looped.is_none(),
+        "LOOP: the proxy's own upstream connection (uid 1337 in its user namespace, {} on the \
+         node) was captured and came back into its {:?}; {} sidecar records in all",
+        USERNS_PROXY_HOST_ID,
+        looped.map(|r| r.listener),
+        log.len()
+    );
+    assert_eq!(
+        probe.reply.as_ref().map(|r| r.server.as_str()),
+        Some("peer"),
+        "the proxy's upstream reached the peer: {probe:?}"
+    );
+
+    // Both ways, with a fresh sidecar in the same user namespace identity.
+    procs.push(start_userns_sidecar(&sb, &pod)?);
+    assert_captured_both_ways(&sb, &pod, &peer, "hostUsers: false")?;
     drop(procs);
     Ok(())
 }
