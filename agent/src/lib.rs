@@ -31,3 +31,4 @@ pub mod probe;
 pub mod reconcile;
 pub mod source;
 pub mod status;
+pub mod userns;

@@ -16,6 +16,8 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
+use crate::userns::UserNs;
+
 /// A network namespace seen on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Netns {
@@ -24,6 +26,10 @@ pub struct Netns {
     pub path: PathBuf,
     pub cookie: u64,
     pub addrs: Vec<IpAddr>,
+    /// The user namespace of the processes in it, looked up only for the
+    /// namespaces of `hostUsers: false` pods (None: not looked up); the
+    /// error says why it is not known.
+    pub user_ns: Option<Result<UserNs, String>>,
 }
 
 /// Directories of named namespaces, as `ip netns` and CNI runtimes make them.
@@ -63,6 +69,21 @@ pub fn candidates() -> BTreeMap<u64, PathBuf> {
         out.remove(&own);
     }
     out
+}
+
+/// The processes in the network namespace at `netns` that this agent can
+/// see (all of them with hostPID, else none but its own).
+pub fn pids_in(netns: &Path) -> Result<Vec<u32>> {
+    let ns = fs::metadata(netns).with_context(|| format!("stat {}", netns.display()))?;
+    let ns_id = (ns.dev(), ns.ino());
+    Ok(fs::read_dir("/proc")
+        .context("reading /proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == ns_id)
+        })
+        .collect())
 }
 
 /// SO_NETNS_COOKIE (Linux 5.14+).
@@ -159,6 +180,7 @@ pub fn inspect(paths: Vec<(u64, PathBuf)>) -> Result<Vec<Netns>> {
                     path,
                     cookie,
                     addrs,
+                    user_ns: None,
                 });
             }
             out
