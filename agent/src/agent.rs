@@ -26,6 +26,7 @@ use crate::{
     sampler::Sampler,
     source::{Snapshot, Source},
     status::{AgentStatus, PodState, PodStatus},
+    userns,
 };
 
 /// Everything `meshlane run` was told, parsed. `--print-options` prints it as
@@ -186,10 +187,12 @@ impl Agent {
                 self.source_error = snap.error;
                 self.source_errors = snap.errors;
             }
-            let waiting = self
-                .status
-                .iter()
-                .any(|p| p.state == PodState::WaitingForNetns);
+            let waiting = self.status.iter().any(|p| {
+                matches!(
+                    p.state,
+                    PodState::WaitingForNetns | PodState::ProxyIdUnknown
+                )
+            });
             let due = last_full.elapsed() >= if waiting { RETRY_WAITING } else { RECHECK };
             let round = changed || due;
             if round {
@@ -223,11 +226,14 @@ impl Agent {
     }
 
     fn reconcile(&mut self) -> Result<()> {
-        let spaces = if reconcile::needs_netns(&self.pods) {
+        let mut spaces = if reconcile::needs_netns(&self.pods) {
             netns::inspect(netns::candidates().into_iter().collect())?
         } else {
             Vec::new()
         };
+        reconcile::look_up_user_ns(&self.pods, &mut spaces, |path| {
+            userns::of_netns(path, netns::pids_in(path).map_err(|e| format!("{e:#}"))?)
+        });
         let bound = reconcile::bindings(&self.applied);
         let Plan { want, mut status } =
             reconcile::plan(&self.pods, &spaces, &self.opts.defaults, &bound);
@@ -294,6 +300,11 @@ impl Agent {
                 && was.is_none_or(|o| o.state != PodState::WaitingForNetns)
             {
                 info!(pod = %st.name, ips = ?st.ips, "no network namespace on this node holds the pod's IP yet; looking again every {RETRY_WAITING:?}");
+            }
+            if st.state == PodState::ProxyIdUnknown
+                && was.is_none_or(|o| o.state != PodState::ProxyIdUnknown)
+            {
+                error!(pod = %st.name, "{}; looking again every {RETRY_WAITING:?}", st.config_errors.join("; "));
             }
         }
         self.status = status;

@@ -569,6 +569,7 @@ mod tests {
             annotations: [(annotation::STATUS.to_string(), "true".to_string())].into(),
             ips: ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
             host_network: false,
+            host_users: true,
             meshed: true,
             proxy_run_as_user: None,
             proxy_run_as_group: None,

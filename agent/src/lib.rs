@@ -37,3 +37,4 @@ pub mod reconcile;
 pub mod sampler;
 pub mod source;
 pub mod status;
+pub mod userns;

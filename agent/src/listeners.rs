@@ -7,37 +7,25 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
 use anyhow::{Context, Result};
 use meshlane_common::ListenerKey;
 
-use crate::bpf::Maps;
+use crate::{bpf::Maps, netns};
 
 /// Registers the listeners on `ports` found in the network namespace at
-/// `netns`. Returns the ports registered.
+/// `netns_path`. Returns the ports registered.
 pub fn register_existing(
     maps: &mut Maps,
     cookie: u64,
-    netns: &Path,
+    netns_path: &Path,
     ports: &[u16],
     proxy_uid: u32,
 ) -> Result<Vec<u16>> {
-    let ns = fs::metadata(netns).with_context(|| format!("stat {}", netns.display()))?;
-    let ns_id = (ns.dev(), ns.ino());
-    let pids: Vec<u32> = fs::read_dir("/proc")
-        .context("reading /proc")?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|pid: &u32| {
-            fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == ns_id)
-        })
-        .collect();
+    let pids = netns::pids_in(netns_path)?;
     let Some(first) = pids.first() else {
         return Ok(Vec::new());
     };

@@ -27,6 +27,7 @@ const STATES: &[PodState] = &[
     PodState::WaitingForIp,
     PodState::WaitingForNetns,
     PodState::Error,
+    PodState::ProxyIdUnknown,
 ];
 
 fn state_name(s: PodState) -> String {

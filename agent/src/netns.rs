@@ -17,6 +17,7 @@ use anyhow::{anyhow, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
 use crate::podconfig::{Cidr, NetView};
+use crate::userns::UserNs;
 
 /// A network namespace seen on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +29,10 @@ pub struct Netns {
     pub addrs: Vec<IpAddr>,
     /// Its interfaces and main-table routes (for the interface annotations).
     pub net: NetView,
+    /// The user namespace of the processes in it, looked up only for the
+    /// namespaces of `hostUsers: false` pods (None: not looked up); the
+    /// error says why it is not known.
+    pub user_ns: Option<Result<UserNs, String>>,
 }
 
 /// Directories of named namespaces, as `ip netns` and CNI runtimes make them.
@@ -67,6 +72,21 @@ pub fn candidates() -> BTreeMap<u64, PathBuf> {
         out.remove(&own);
     }
     out
+}
+
+/// The processes in the network namespace at `netns` that this agent can
+/// see (all of them with hostPID, else none but its own).
+pub fn pids_in(netns: &Path) -> Result<Vec<u32>> {
+    let ns = fs::metadata(netns).with_context(|| format!("stat {}", netns.display()))?;
+    let ns_id = (ns.dev(), ns.ino());
+    Ok(fs::read_dir("/proc")
+        .context("reading /proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == ns_id)
+        })
+        .collect())
 }
 
 /// SO_NETNS_COOKIE (Linux 5.14+).
@@ -234,6 +254,7 @@ pub fn inspect(paths: Vec<(u64, PathBuf)>) -> Result<Vec<Netns>> {
                     cookie,
                     addrs,
                     net: current_net(),
+                    user_ns: None,
                 });
             }
             out

@@ -20,6 +20,10 @@ pub struct Pod {
     /// the order the API lists them.
     pub ips: Vec<IpAddr>,
     pub host_network: bool,
+    /// `spec.hostUsers` (default true). False: the pod has a user namespace
+    /// of its own, and the kernel reports its proxy's uid and gid as the
+    /// node's ids they map to (see `userns.rs`).
+    pub host_users: bool,
     /// Has an istio-proxy container or the sidecar status annotation.
     pub meshed: bool,
     pub proxy_run_as_user: Option<i64>,
@@ -63,6 +67,8 @@ struct RawSpec {
     init_containers: Vec<RawContainer>,
     #[serde(default)]
     host_network: Option<bool>,
+    #[serde(default)]
+    host_users: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +248,7 @@ fn convert(raw: RawPod) -> Result<Pod> {
         annotations,
         ips,
         host_network: raw.spec.host_network.unwrap_or(false),
+        host_users: raw.spec.host_users.unwrap_or(true),
         meshed,
         proxy_run_as_user: sc.and_then(|s| s.run_as_user),
         proxy_run_as_group: sc.and_then(|s| s.run_as_group),
@@ -311,6 +318,7 @@ items:
                 .map(String::as_str),
             Some("true")
         );
+        assert!(p.host_users, "Kubernetes' default");
         assert!(!pods[1].meshed);
         assert_eq!(pods[1].key(), "default/plain");
         assert!(pods[1].ips.is_empty());
@@ -328,6 +336,12 @@ items:
         let multi = "metadata: {name: a}\n---\nmetadata: {name: b}\n";
         assert_eq!(parse(multi).unwrap().len(), 2);
         assert!(parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn host_users_false_is_read() {
+        let y = "metadata: {name: a}\nspec: {hostUsers: false}\n";
+        assert!(!parse(y).unwrap()[0].host_users);
     }
 
     #[test]

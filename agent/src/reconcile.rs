@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use meshlane_common::flags;
+use meshlane_common::{flags, PodConfig};
 use tracing::warn;
 
 use crate::{
@@ -16,6 +16,7 @@ use crate::{
     podconfig::{MeshConfig, Mode, NetEntries, NodeDefaults},
     pods::Pod,
     status::{PodState, PodStatus},
+    userns::UserNs,
 };
 
 /// One captured pod: its namespace and what the maps should hold for it.
@@ -42,6 +43,26 @@ pub struct Plan {
 pub fn needs_netns(pods: &[Pod]) -> bool {
     pods.iter()
         .any(|p| p.meshed && !p.host_network && !p.ips.is_empty())
+}
+
+/// Looks up, with `of_netns`, the user namespace of each namespace holding
+/// an address of a meshed `hostUsers: false` pod (the only ones whose proxy
+/// ids need mapping).
+pub fn look_up_user_ns(
+    pods: &[Pod],
+    spaces: &mut [Netns],
+    of_netns: impl Fn(&std::path::Path) -> Result<UserNs, String>,
+) {
+    let ips: BTreeSet<IpAddr> = pods
+        .iter()
+        .filter(|p| p.meshed && !p.host_users)
+        .flat_map(|p| p.ips.iter().copied())
+        .collect();
+    for ns in spaces {
+        if ns.addrs.iter().any(|a| ips.contains(a)) {
+            ns.user_ns = Some(of_netns(&ns.path));
+        }
+    }
 }
 
 /// The pods whose namespace [`plan`] keeps, by pod key: the single binding
@@ -190,12 +211,18 @@ pub fn plan(
                     st.state = PodState::Active;
                     let net = cfg.net_entries(cookie, &by_cookie[&cookie].net);
                     note_missing(&mut st, &net);
-                    let entries = PodEntries {
+                    let mut entries = PodEntries {
                         cookie,
                         ips: pod.ips.clone(),
                         entries: cfg.entries(cookie, &pod.ips),
                         net,
                     };
+                    proxy_ids(
+                        pod,
+                        by_cookie.get(&cookie).copied(),
+                        &mut entries.entries.pod,
+                        &mut st,
+                    );
                     want.insert(
                         key.clone(),
                         Wanted {
@@ -237,6 +264,13 @@ pub fn plan(
                             net,
                         };
                         entries.entries.pod.flags &= !flags::BYPASS_UNTIL_READY;
+                        let ns = by_cookie.get(&cookie).copied();
+                        if i == 0 {
+                            proxy_ids(pod, ns, &mut entries.entries.pod, &mut st);
+                        } else {
+                            // The others' problems are theirs, not the pod's.
+                            proxy_ids(pod, ns, &mut entries.entries.pod, &mut PodStatus::new(pod));
+                        }
                         let k = if i == 0 {
                             key.clone()
                         } else {
@@ -264,6 +298,59 @@ pub fn plan(
     Plan { want, status }
 }
 
+/// No id a task can hold: `(uid_t)-1`, which setuid(2) refuses.
+const NOBODY: u32 = u32::MAX;
+
+/// For a `hostUsers: false` pod, puts the node's ids of its proxy (what the
+/// kernel compares) into `cfg`, from the user namespace of the processes in
+/// `ns`. When they cannot be told, `cfg` fails closed ([`fail_closed`]) and
+/// `st` says why.
+fn proxy_ids(pod: &Pod, ns: Option<&Netns>, cfg: &mut PodConfig, st: &mut PodStatus) {
+    if pod.host_users {
+        return;
+    }
+    let (uid, gid) = (cfg.proxy_uid, cfg.proxy_gid);
+    let mapped = match ns.and_then(|n| n.user_ns.as_ref()) {
+        Some(Ok(u)) => u.to_host(uid, gid).map(|ids| (u.inode, ids)),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err("the pod's user namespace was not looked up".into()),
+    };
+    match mapped {
+        Ok((inode, (host_uid, host_gid))) => {
+            cfg.proxy_uid = host_uid;
+            cfg.proxy_gid = host_gid;
+            st.notes.push(format!(
+                "hostUsers: false: proxy uid {uid} and gid {gid} are {host_uid} and {host_gid} on \
+                 the node (user namespace {inode})"
+            ));
+        }
+        Err(why) => {
+            fail_closed(cfg);
+            st.state = PodState::ProxyIdUnknown;
+            st.config_errors.push(format!(
+                "hostUsers: false: the node's ids of the proxy (uid {uid}, gid {gid}) cannot be \
+                 told: {why}; captured with nobody as the proxy and its connections refused, \
+                 until they can"
+            ));
+        }
+    }
+}
+
+/// A pod whose proxy cannot be recognised stays captured (a pod is never
+/// released on doubt), but its captured connections are refused instead
+/// of reaching the proxy: the proxy's own upstream connections would be
+/// captured too and come back to it, a loop. Nobody is its proxy, its
+/// outbound and DNS capture go to port 0, where nothing can listen
+/// (connect() gets ECONNREFUSED), inbound finds no proxy listener (refused),
+/// and `bypass-until-ready` cannot pass anything.
+fn fail_closed(cfg: &mut PodConfig) {
+    cfg.proxy_uid = NOBODY;
+    cfg.proxy_gid = NOBODY;
+    cfg.outbound_capture_port = 0;
+    cfg.dns_proxy_port = 0;
+    cfg.flags &= !flags::BYPASS_UNTIL_READY;
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -278,6 +365,7 @@ mod tests {
             annotations: BTreeMap::new(),
             ips: vec![IpAddr::V4(Ipv4Addr::from(ip))],
             host_network: false,
+            host_users: true,
             meshed: true,
             proxy_run_as_user: None,
             proxy_run_as_group: None,
@@ -292,6 +380,7 @@ mod tests {
             cookie,
             addrs: ips.iter().map(|a| IpAddr::V4(Ipv4Addr::from(*a))).collect(),
             net: Default::default(),
+            user_ns: None,
         }
     }
 
@@ -414,5 +503,94 @@ mod tests {
         let bound = BTreeMap::from([("default/victim".to_string(), 1)]);
         let p = plan(&pods, &[ns(4, &[V])], &NodeDefaults::ISTIO, &bound);
         assert_eq!(p.want["default/victim"].entries.cookie, 4);
+    }
+
+    fn userns_pod(name: &str, ip: [u8; 4]) -> Pod {
+        let mut p = pod(name, ip);
+        p.host_users = false;
+        p.annotations
+            .insert(annotation::BYPASS_UNTIL_READY.into(), "true".into());
+        p
+    }
+
+    fn with_user_ns(mut n: Netns, map: Result<&str, &str>) -> Netns {
+        n.user_ns = Some(
+            map.map(|m| UserNs {
+                inode: 7,
+                uids: crate::userns::IdMap::parse(m).unwrap(),
+                gids: crate::userns::IdMap::parse(m).unwrap(),
+            })
+            .map_err(str::to_string),
+        );
+        n
+    }
+
+    #[test]
+    fn a_user_namespace_pods_proxy_ids_are_the_nodes() {
+        let p = plan(
+            &[userns_pod("u", V)],
+            &[with_user_ns(ns(1, &[V]), Ok("0 196608 65536"))],
+            &NodeDefaults::ISTIO,
+            &BTreeMap::new(),
+        );
+        let cfg = p.want["default/u"].entries.entries.pod;
+        assert_eq!((cfg.proxy_uid, cfg.proxy_gid), (197_945, 197_945));
+        assert_eq!(cfg.outbound_capture_port, 15001);
+        assert!(cfg.has(flags::BYPASS_UNTIL_READY));
+        let st = state(&p, "u");
+        assert_eq!(st.state, PodState::Active);
+        assert!(st.notes.iter().any(|n| n.contains("197945")), "{st:?}");
+        // A pod with hostUsers (the default) is left as it declares.
+        let p = plan(
+            &[pod("h", V)],
+            &[with_user_ns(ns(1, &[V]), Ok("0 196608 65536"))],
+            &NodeDefaults::ISTIO,
+            &BTreeMap::new(),
+        );
+        assert_eq!(p.want["default/h"].entries.entries.pod.proxy_uid, 1337);
+    }
+
+    #[test]
+    fn unknown_proxy_ids_fail_closed_without_a_loop() {
+        for (n, why) in [
+            (
+                with_user_ns(ns(1, &[V]), Err("no process yet")),
+                "no process yet",
+            ),
+            (
+                with_user_ns(ns(1, &[V]), Ok("0 196608 1000")),
+                "uid 1337 is not in",
+            ),
+            (ns(1, &[V]), "not looked up"),
+        ] {
+            let p = plan(
+                &[userns_pod("u", V)],
+                &[n],
+                &NodeDefaults::ISTIO,
+                &BTreeMap::new(),
+            );
+            // Still captured: the entries are written...
+            let cfg = p.want["default/u"].entries.entries.pod;
+            assert!(cfg.has(flags::INCLUDE_ALL_OUTBOUND_CIDRS));
+            // ...with nobody as the proxy and captured connections refused.
+            assert_eq!((cfg.proxy_uid, cfg.proxy_gid), (NOBODY, NOBODY));
+            assert_eq!((cfg.outbound_capture_port, cfg.dns_proxy_port), (0, 0));
+            assert!(!cfg.has(flags::BYPASS_UNTIL_READY));
+            let st = state(&p, "u");
+            assert_eq!(st.state, PodState::ProxyIdUnknown);
+            assert!(
+                st.config_errors.iter().any(|e| e.contains(why)),
+                "{why}: {st:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_namespaces_are_looked_up_only_for_user_namespace_pods() {
+        let pods = [userns_pod("u", V), pod("h", X)];
+        let mut spaces = [ns(1, &[V]), ns(2, &[X])];
+        look_up_user_ns(&pods, &mut spaces, |p| Err(p.display().to_string()));
+        assert_eq!(spaces[0].user_ns, Some(Err("/run/netns/ns1".into())));
+        assert_eq!(spaces[1].user_ns, None);
     }
 }

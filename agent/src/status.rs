@@ -34,6 +34,10 @@ pub enum PodState {
     WaitingForNetns,
     /// Not captured because of an error named in `config_errors`.
     Error,
+    /// `hostUsers: false`, and the node's ids of its proxy cannot be told
+    /// (why: in `config_errors`): captured with nobody as the proxy and its
+    /// connections refused, never passed and never looping, until they can.
+    ProxyIdUnknown,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

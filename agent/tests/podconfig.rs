@@ -70,6 +70,7 @@ fn cases() -> Vec<Case> {
                 annotations,
                 ips: vec![IpAddr::V4(POD_IP)],
                 host_network: false,
+                host_users: true,
                 meshed: true,
                 proxy_run_as_user: c
                     .get("proxy_run_as_user")
@@ -556,6 +557,7 @@ fn pod_with(ann: &[(&str, &str)]) -> Pod {
             .collect(),
         ips: vec![IpAddr::V4(POD_IP)],
         host_network: false,
+        host_users: true,
         meshed: true,
         proxy_run_as_user: None,
         proxy_run_as_group: None,
@@ -816,6 +818,7 @@ fn ipv6_cases() -> Vec<Case6> {
                     annotations,
                     ips: dual_stack(),
                     host_network: false,
+                    host_users: true,
                     meshed: true,
                     proxy_run_as_user: id("proxy_uid"),
                     proxy_run_as_group: id("proxy_gid"),

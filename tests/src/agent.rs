@@ -53,6 +53,8 @@ pub struct PodSpec {
     pub run_as_user: Option<i64>,
     pub run_as_group: Option<i64>,
     pub proxy_env: Vec<(String, String)>,
+    /// `spec.hostUsers` (None: not written, Kubernetes' default true).
+    pub host_users: Option<bool>,
 }
 
 impl PodSpec {
@@ -88,6 +90,11 @@ impl PodSpec {
     /// The pod has an address the pods file lists.
     pub fn has_ip(&self) -> bool {
         self.ip.is_some() || self.ip6.is_some()
+    }
+    /// `spec.hostUsers: false`: the pod runs in a user namespace of its own.
+    pub fn user_namespace(mut self) -> Self {
+        self.host_users = Some(false);
+        self
     }
     pub fn annotate(mut self, k: &str, v: &str) -> Self {
         self.annotations.push((k.into(), v.into()));
@@ -140,11 +147,15 @@ impl PodSpec {
             }
             None => json!({"phase": "Pending"}),
         };
+        let mut spec = json!({"containers": containers, "nodeName": "node-1"});
+        if let Some(h) = self.host_users {
+            spec["hostUsers"] = json!(h);
+        }
         json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": self.name, "namespace": "default", "annotations": ann, "uid": format!("uid-{}", self.name)},
-            "spec": {"containers": containers, "nodeName": "node-1"},
+            "spec": spec,
             "status": status,
         })
     }

@@ -571,24 +571,55 @@ impl Sandbox {
         program: &Path,
         args: &[&str],
     ) -> Result<Proc> {
-        self.spawn_with(pod, uid, gid, program, args, Stdio::inherit())
+        self.spawn_with(pod, uid, gid, None, program, args, Stdio::inherit())
     }
 
+    /// [`Sandbox::spawn`] as uid and gid `inner` of a user namespace of the
+    /// process's own, whose one mapping is `inner` to uid and gid `host` of
+    /// the node: a container of a pod with `hostUsers: false`, as the kernel
+    /// sees it (its sockets are owned by `host`).
+    pub fn spawn_in_userns(
+        &self,
+        pod: &Pod,
+        inner: u32,
+        host: u32,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<Proc> {
+        self.spawn_with(
+            pod,
+            host,
+            host,
+            Some(inner),
+            program,
+            args,
+            Stdio::inherit(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn spawn_with(
         &self,
         pod: &Pod,
         uid: u32,
         gid: u32,
+        userns_id: Option<u32>,
         program: &Path,
         args: &[&str],
         stderr: Stdio,
     ) -> Result<Proc> {
         let desc = format!(
-            "{} {} (pod {}, uid {uid}, gid {gid})",
+            "{} {} (pod {}, uid {uid}, gid {gid}{})",
             program.display(),
             args.join(" "),
-            pod.name
+            pod.name,
+            userns_id
+                .map(|i| format!(", as {i} in a user namespace"))
+                .unwrap_or_default()
         );
+        // Written by the child to its own maps: the one line an
+        // unprivileged namespace creator may write (its own ids).
+        let id_map = userns_id.map(|i| format!("{i} {uid} 1\n").into_bytes());
         let ns_path = format!("/run/netns/{}", pod.netns);
         let ns = File::open(&ns_path).with_context(|| format!("opening netns {ns_path}"))?;
         let procs_path = pod.cgroup.join("cgroup.procs");
@@ -632,6 +663,31 @@ impl Sandbox {
                     || libc::setuid(uid) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(map) = &id_map {
+                    // Dumpable again after setuid, or /proc/self stays
+                    // root's and the maps cannot be written.
+                    if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0
+                        || libc::unshare(libc::CLONE_NEWUSER) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let writes: [(&std::ffi::CStr, &[u8]); 3] = [
+                        (c"/proc/self/uid_map", map),
+                        (c"/proc/self/setgroups", b"deny"),
+                        (c"/proc/self/gid_map", map),
+                    ];
+                    for (path, text) in writes {
+                        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                        if fd < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        let n = libc::write(fd, text.as_ptr().cast(), text.len());
+                        libc::close(fd);
+                        if n != text.len() as isize {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                 }
             }
             Ok(())
@@ -695,7 +751,7 @@ impl Sandbox {
         args: &[&str],
         timeout: Duration,
     ) -> Result<String> {
-        let mut proc = self.spawn_with(pod, uid, gid, program, args, Stdio::piped())?;
+        let mut proc = self.spawn_with(pod, uid, gid, None, program, args, Stdio::piped())?;
         let stderr = proc.child.stderr.take().expect("stderr was piped");
         let err_thread = std::thread::spawn(move || {
             let mut s = String::new();

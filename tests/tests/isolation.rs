@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{bail, Result};
 use meshlane_tests::{
-    http_get, pod_entry, pod_state, read_sidecar_log, Agent, Pod, PodSpec, ProbeResult, Sandbox,
-    APP_UID,
+    http_get, pod_entry, pod_state, read_sidecar_log, Agent, Launch, Pod, PodSpec, ProbeResult,
+    Proc, Sandbox, APP_UID,
 };
 
 fn mtest() -> &'static Path {
@@ -477,5 +477,186 @@ fn probes_answer_while_scrapers_flood_the_metrics_listener() -> Result<()> {
         "a probe took {slowest:?} while scrapers flooded /metrics"
     );
     drop(agent);
+    Ok(())
+}
+
+/// The node uid and gid the pod's proxy (uid and gid 1337 inside its user
+/// namespace) runs as, as Kubernetes gives a `hostUsers: false` pod a
+/// 65,536-id range of its own.
+const USERNS_PROXY_HOST_ID: u32 = 3 * 65_536 + meshlane_tests::PROXY_UID;
+
+/// Starts `mtest sidecar` in `pod` as uid/gid 1337 of a user namespace whose
+/// 1337 is the node's [`USERNS_PROXY_HOST_ID`].
+fn start_userns_sidecar(sb: &Sandbox, pod: &Pod) -> Result<Proc> {
+    let log = sb.sidecar_log(pod);
+    let mut p = sb.spawn_in_userns(
+        pod,
+        meshlane_tests::PROXY_UID,
+        USERNS_PROXY_HOST_ID,
+        mtest(),
+        &["sidecar", "--log", log.to_str().expect("utf-8")],
+    )?;
+    p.wait_ready(Duration::from_secs(10))?;
+    Ok(p)
+}
+
+/// A sandbox with the `hostUsers: false` pod and a plain peer, each with
+/// its server on 9080.
+fn userns_sandbox(tag: &str) -> Result<(Sandbox, Pod, Pod, Vec<Proc>)> {
+    let mut sb = Sandbox::new(tag)?;
+    let pod = sb.add_pod("userns")?;
+    let peer = sb.add_pod("peer")?;
+    let procs = vec![
+        sb.start_server(&pod, "userns", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+    ];
+    Ok((sb, pod, peer, procs))
+}
+
+/// Issue 14, 7: a pod with `hostUsers: false` runs its proxy as uid 1337
+/// of its own user namespace, which the kernel reports as the node's uid
+/// the namespace maps it to. Before the fix the agent wrote 1337 into the
+/// pod's entry, so the proxy's own upstream connection was captured like
+/// the app's and came back into its 15001 (a loop), and its listeners
+/// (registered under the node uid) were never the proxy's: inbound refused.
+#[test]
+fn a_user_namespace_proxy_is_recognised_by_its_host_uid() -> Result<()> {
+    let (sb, pod, peer, mut procs) = userns_sandbox("iso-userns")?;
+    procs.push(start_userns_sidecar(&sb, &pod)?);
+    let _agent = Agent::start(
+        &sb,
+        &[
+            PodSpec::meshed(&pod).user_namespace(),
+            PodSpec::plain(&peer),
+        ],
+    )?;
+
+    // The app's connection lands on 15001; the proxy dials the original
+    // destination as its own uid: that connection must reach the peer.
+    let out = sb.run(
+        &pod,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &[
+            "probe",
+            "--connect",
+            &format!("{}:9080", peer.ip),
+            "--timeout-ms",
+            "1000",
+        ],
+    )?;
+    let probe = ProbeResult::parse(&out)?;
+    let log = read_sidecar_log(&sb.sidecar_log(&pod));
+    // A loop runs until the sidecar dies: stop it before judging.
+    drop(procs.pop());
+    let first = log
+        .iter()
+        .find(|r| probe.local.as_deref() == Some(r.peer.as_str()))
+        .cloned();
+    let Some(first) = first else {
+        bail!("the app's connection did not land on the sidecar: {probe:?}");
+    };
+    assert_eq!(first.listener, 15001, "{first:?}");
+    let looped = log
+        .iter()
+        .find(|r| first.upstream_local.as_deref() == Some(r.peer.as_str()));
+    assert!(
+        looped.is_none(),
+        "LOOP: the proxy's own upstream connection (uid 1337 in its user namespace, {} on the \
+         node) was captured and came back into its {:?}; {} sidecar records in all",
+        USERNS_PROXY_HOST_ID,
+        looped.map(|r| r.listener),
+        log.len()
+    );
+    assert_eq!(
+        probe.reply.as_ref().map(|r| r.server.as_str()),
+        Some("peer"),
+        "the proxy's upstream reached the peer: {probe:?}"
+    );
+
+    // Both ways, with a fresh sidecar in the same user namespace identity.
+    procs.push(start_userns_sidecar(&sb, &pod)?);
+    assert_captured_both_ways(&sb, &pod, &peer, "hostUsers: false")?;
+    drop(procs);
+    Ok(())
+}
+
+/// Issue 14, 7, when the pod's proxy ids cannot be told: a `hostUsers:
+/// false` pod none of whose processes is in a user namespace of its own
+/// (its "proxy" runs as the node's 1337). The pod stays captured but
+/// nobody is its proxy: the app's outbound and a peer's inbound are
+/// refused, nothing passes untouched and nothing loops through 15001. Once
+/// the proxy runs in the pod's user namespace it is recognised.
+#[test]
+fn a_user_namespace_pod_whose_proxy_ids_cannot_be_told_is_refused_not_looped() -> Result<()> {
+    let (sb, pod, peer, mut procs) = userns_sandbox("iso-userns-unknown")?;
+    let host_sidecar = sb.start_sidecar(&pod)?;
+    let mut agent = Agent::spawn_with(
+        &sb,
+        &[
+            PodSpec::meshed(&pod).user_namespace(),
+            PodSpec::plain(&peer),
+        ],
+        &Launch::default(),
+    )?;
+    let key = format!("default/{}", pod.name);
+    let st = agent.wait_status(Duration::from_secs(15), |st| {
+        pod_state(st, &key).as_deref() == Some("proxy-id-unknown")
+    })?;
+    let errs = pod_entry(&st, &key).map(|p| p["config_errors"].to_string());
+    assert!(
+        errs.as_deref()
+            .is_some_and(|e| e.contains("no process of the pod's user namespace")),
+        "the status says why: {errs:?}"
+    );
+    assert!(
+        agent.log().contains("hostUsers: false"),
+        "the log names the pod and why: {}",
+        agent.log()
+    );
+
+    let probe = |from: &Pod, to: &Pod| -> Result<ProbeResult> {
+        let to = format!("{}:9080", to.ip);
+        let out = sb.run(
+            from,
+            APP_UID,
+            APP_UID,
+            mtest(),
+            &["probe", "--connect", &to],
+        )?;
+        ProbeResult::parse(&out)
+    };
+    let out = probe(&pod, &peer)?;
+    assert_eq!(
+        out.errno.as_deref(),
+        Some("ECONNREFUSED"),
+        "the app's outbound is refused, neither passed nor looped: {out:?}"
+    );
+    let inb = probe(&peer, &pod)?;
+    assert!(
+        inb.reply.is_none(),
+        "BYPASS: a peer reached the app past the unrecognised proxy: {inb:?}"
+    );
+    let records = read_sidecar_log(&sb.sidecar_log(&pod));
+    assert!(records.is_empty(), "nothing reached a proxy: {records:?}");
+
+    // The proxy starts in the pod's user namespace: recognised within a
+    // round or two (the agent looks again every second).
+    drop(host_sidecar);
+    // Its (empty) log is the node's uid 1337's, not the new proxy's.
+    std::fs::remove_file(sb.sidecar_log(&pod))?;
+    procs.push(start_userns_sidecar(&sb, &pod)?);
+    agent.wait_status(Duration::from_secs(10), |st| {
+        pod_state(st, &key).as_deref() == Some("active")
+    })?;
+    assert_captured_both_ways(
+        &sb,
+        &pod,
+        &peer,
+        "once the proxy runs in the pod's user namespace",
+    )?;
+    drop(agent);
+    drop(procs);
     Ok(())
 }
