@@ -108,6 +108,20 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
     }
 
     o.family(
+        "meshlane_pod_address_conflicts",
+        "gauge",
+        "Per pod: other network namespaces holding one of its addresses, or pods whose address \
+         its namespace holds (the pod stays bound to its own namespace).",
+    );
+    for p in h.pods.iter().filter(|p| !p.conflicts.is_empty()) {
+        o.sample(
+            "meshlane_pod_address_conflicts",
+            &[("pod", &p.name)],
+            p.conflicts.len(),
+        );
+    }
+
+    o.family(
         "meshlane_map_update_errors_total",
         "counter",
         "Map writes the agent could not make (the pod is then not captured).",
@@ -232,6 +246,7 @@ mod tests {
             netns: None,
             config_errors: Vec::new(),
             notes: Vec::new(),
+            conflicts: Vec::new(),
             inbound_attached: false,
             proxy_listening: None,
             config: None,
@@ -246,7 +261,10 @@ mod tests {
             map_update_errors: 3,
             source_errors: 2,
             pods: vec![
-                pod("default/a", PodState::Active),
+                PodStatus {
+                    conflicts: vec!["conflict: one".into(), "conflict: two".into()],
+                    ..pod("default/a", PodState::Active)
+                },
                 pod("default/b", PodState::Active),
                 pod("x/\"odd\"", PodState::WaitingForNetns),
             ],
@@ -262,6 +280,7 @@ mod tests {
             "meshlane_pod_info{pod=\"x/\\\"odd\\\"\",state=\"waiting-for-netns\",netns_cookie=\"\"} 1",
             "meshlane_map_update_errors_total 3",
             "meshlane_pod_source_errors_total 2",
+            "meshlane_pod_address_conflicts{pod=\"default/a\"} 2",
             "# TYPE meshlane_map_update_errors_total counter",
         ] {
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");

@@ -186,7 +186,7 @@ pub fn plan(
             };
             for (c, path) in holders.iter().filter(|h| !chosen.contains(h)) {
                 let owner = claimed.get(c);
-                st.notes.push(format!(
+                st.conflicts.push(format!(
                     "conflict: network namespace {} (cookie {c}){} also holds an address of this \
                      pod; ignored, the pod stays captured in its own",
                     path.display(),
@@ -292,7 +292,7 @@ pub fn plan(
     }
     for st in &mut status {
         if let Some(c) = conflicts.remove(&st.name) {
-            st.notes.extend(c);
+            st.conflicts.extend(c);
         }
     }
     Plan { want, status }
@@ -420,10 +420,13 @@ mod tests {
         assert_eq!(next.want.len(), 2);
         let v = state(&next, "victim");
         assert_eq!(v.state, PodState::Active);
-        assert!(v.notes.iter().any(|n| n.starts_with("conflict:")), "{v:?}");
+        assert!(
+            v.conflicts.iter().any(|n| n.starts_with("conflict:")),
+            "{v:?}"
+        );
         let x = state(&next, "impostor");
         assert!(
-            x.notes.iter().any(|n| n.contains("default/victim")),
+            x.conflicts.iter().any(|n| n.contains("default/victim")),
             "{x:?}"
         );
     }

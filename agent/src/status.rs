@@ -49,6 +49,10 @@ pub struct PodStatus {
     pub netns: Option<String>,
     pub config_errors: Vec<String>,
     pub notes: Vec<String>,
+    /// Another network namespace holds an address of this pod (it stays
+    /// bound to its own), or this pod's namespace holds another pod's.
+    #[serde(default)]
+    pub conflicts: Vec<String>,
     /// Inbound capture (sk_lookup) is attached to the pod's namespace.
     #[serde(default)]
     pub inbound_attached: bool,
@@ -72,6 +76,7 @@ impl PodStatus {
             netns: None,
             config_errors: Vec::new(),
             notes: Vec::new(),
+            conflicts: Vec::new(),
             inbound_attached: false,
             proxy_listening: None,
             config: None,
@@ -525,6 +530,9 @@ pub fn print(r: &Report) {
                 for n in &p.notes {
                     println!("      note: {n}");
                 }
+                for c in &p.conflicts {
+                    println!("      {c}");
+                }
             }
         }
     }
@@ -579,6 +587,7 @@ mod tests {
             netns: None,
             config_errors: Vec::new(),
             notes: Vec::new(),
+            conflicts: Vec::new(),
             inbound_attached: state == PodState::Active,
             proxy_listening: (state == PodState::Active).then_some(true),
             config: None,

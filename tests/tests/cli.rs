@@ -583,6 +583,7 @@ fn status_shape() -> Value {
     let pod = serde_json::json!({
         "name": "string", "ips": ["string"], "state": "string", "netns_cookie": "u64?",
         "netns": "string?", "config_errors": ["string"], "notes": ["string"],
+        "conflicts": ["string"],
         "inbound_attached": "bool", "proxy_listening": "bool?",
     });
     serde_json::json!({

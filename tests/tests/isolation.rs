@@ -91,7 +91,7 @@ fn an_ip_planted_on_another_namespace_changes_nothing() -> Result<()> {
     let key = format!("default/{}", victim.name);
     let st = agent.wait_status(Duration::from_secs(2), |st| pod_state(st, &key).is_some())?;
     let conflict = pod_entry(&st, &key)
-        .and_then(|p| p["notes"].as_array())
+        .and_then(|p| p["conflicts"].as_array())
         .is_some_and(|n| {
             n.iter()
                 .any(|n| n.as_str().is_some_and(|n| n.starts_with("conflict:")))
