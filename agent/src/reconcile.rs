@@ -74,8 +74,16 @@ pub fn bindings(want: &BTreeMap<String, Wanted>) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Reports interfaces the pod's annotations name that its namespace lacks.
-fn note_missing(st: &mut PodStatus, net: &NetEntries) {
+/// Reports interfaces the pod's annotations name that its namespace lacks,
+/// and what of a rerouted virtual interface is not captured.
+fn note_missing(st: &mut PodStatus, cfg: &MeshConfig, net: &NetEntries) {
+    for name in &cfg.reroute_virtual_interfaces {
+        st.notes.push(format!(
+            "connections from interface {name:?} to the pod are captured as Istio's rules \
+             capture them, but traffic forwarded through the pod from it (a VM's traffic to \
+             other hosts) is NOT captured: no socket hook sees forwarded packets"
+        ));
+    }
     for name in &net.missing {
         st.notes.push(format!(
             "interface {name:?} (named by an interface annotation) is not in the pod's network \
@@ -210,7 +218,7 @@ pub fn plan(
                     st.netns = Some(path.display().to_string());
                     st.state = PodState::Active;
                     let net = cfg.net_entries(cookie, &by_cookie[&cookie].net);
-                    note_missing(&mut st, &net);
+                    note_missing(&mut st, &cfg, &net);
                     let mut entries = PodEntries {
                         cookie,
                         ips: pod.ips.clone(),
@@ -255,7 +263,7 @@ pub fn plan(
                         claimed.insert(cookie, key.clone());
                         let net = cfg.net_entries(cookie, &by_cookie[&cookie].net);
                         if i == 0 {
-                            note_missing(&mut st, &net);
+                            note_missing(&mut st, &cfg, &net);
                         }
                         let mut entries = PodEntries {
                             cookie,
