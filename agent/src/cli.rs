@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    agent, bpf, host, http, iptables, logging, output, podconfig, pods, probe, source, status,
+    agent, bpf, describe, host, http, iptables, logging, output, podconfig, pods, probe, source,
+    status,
 };
 
 /// The command succeeded (`status`: healthy).
@@ -72,6 +73,19 @@ enum FamilyArg {
     Ipv6,
     /// Both, each after a `#` comment line naming the tool that loads it.
     Both,
+}
+
+#[derive(Subcommand)]
+enum DescribeWhat {
+    /// A pod of this node.
+    Pod {
+        /// NAMESPACE/NAME (or NAME when only one pod has it).
+        name: String,
+        #[command(flatten)]
+        at: Where,
+        #[command(flatten)]
+        output: output::Args,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,6 +179,13 @@ enum Command {
         at: Where,
         #[command(flatten)]
         output: output::Args,
+    },
+    /// One pod as the agent and the kernel see it: state, namespace,
+    /// effective capture configuration, map entries, counters, and why it
+    /// is or is not captured. Exits 1 when the agent does not know the pod.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeWhat,
     },
     /// Print the iptables-restore rules Istio would write for a pod, from
     /// meshlane's reading of it (to compare with, or migrate from, Istio).
@@ -323,6 +344,22 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
                 EXIT_FAILED
             }))
         }
+        Command::Describe {
+            what: DescribeWhat::Pod { name, at, output },
+        } => match describe::describe(&bpf::Layout::new(&at.bpffs), &at.state_dir, &name) {
+            Ok(Some(d)) => {
+                output::emit(output.format, &d, describe::print)?;
+                Ok(ExitCode::from(EXIT_OK))
+            }
+            Ok(None) => {
+                eprintln!("Error: the agent knows no pod {name:?} on this node");
+                Ok(ExitCode::from(EXIT_FAILED))
+            }
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                Ok(ExitCode::from(EXIT_USAGE))
+            }
+        },
         Command::Iptables {
             pods,
             pod,

@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cli;
+pub mod describe;
 pub mod health;
 pub mod host;
 pub mod http;

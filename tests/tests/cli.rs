@@ -18,9 +18,13 @@ use std::{
 use anyhow::{Context, Result};
 use meshlane_tests::{
     agent::pod_list, data_dir, fakeapi::FakeApi, meshlane_bin, pod_entry, pod_state, Agent, Launch,
-    Pod, PodSpec, Proc, Sandbox,
+    Pod, PodSpec, ProbeResult, Proc, Sandbox, APP_UID,
 };
 use serde_json::Value;
+
+fn mtest() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mtest"))
+}
 
 const READY: Duration = Duration::from_secs(10);
 
@@ -508,6 +512,8 @@ fn check_shape(v: &Value, shape: &Value, path: &str, errs: &mut Vec<String>) {
                     "bool" => v.is_boolean(),
                     "u64" => v.is_u64(),
                     "null" => v.is_null(),
+                    // A document of its own (describe's recorded config).
+                    "any" => !v.is_null(),
                     _ => panic!("unknown shape type {t}"),
                 };
             if !ok {
@@ -694,5 +700,132 @@ fn json_output_of_iptables_probe_cleanup_and_status_has_a_stable_shape() -> Resu
     let cleanup: Vec<&std::ffi::OsStr> = std::iter::once("cleanup".as_ref()).chain(at).collect();
     let doc = json_and_yaml(&cleanup, 0);
     assert_shape(&doc, &cleanup_shape(), "meshlane/cleanup/v1");
+    Ok(())
+}
+
+/// `meshlane describe pod NAME ARGS` on the agent's pins and state.
+fn describe(agent: &Agent, name: &str, args: &[&str]) -> Ran {
+    ran(Command::new(meshlane_bin())
+        .args(["describe", "pod", name])
+        .args(args)
+        .arg("--bpffs")
+        .arg(&agent.bpffs)
+        .arg("--state-dir")
+        .arg(&agent.state_dir))
+}
+
+fn describe_json(agent: &Agent, name: &str) -> Value {
+    let r = describe(agent, name, &["-o", "json"]);
+    assert_eq!(r.code, Some(0), "{r}");
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r}"))
+}
+
+/// `meshlane describe pod -o json` (meshlane/describe-pod/v1).
+fn describe_shape() -> Value {
+    serde_json::json!({
+        "schema": "string", "pod": "string", "state": "string", "captured": "bool",
+        "why": ["string"], "ips": ["string"], "netns": "string?", "netns_cookie": "u64?",
+        "config": "any?", "config_errors": ["string"], "notes": ["string"],
+        "conflicts": ["string"],
+        "kernel": {"?": {
+            "pod_entry": "bool", "flags": ["string"], "proxy_uid": "u64?", "proxy_gid": "u64?",
+            "outbound_capture_port": "u64?", "inbound_capture_port": "u64?",
+            "ports": {"*": ["u64"]}, "interfaces": {"*": ["string"]},
+            "listeners": [{"port": "u64", "family": "string", "owner": "u64"}],
+            "inbound_attached": "bool",
+        }},
+        "counters": {"*": "u64"},
+    })
+}
+
+/// Issue 16: describe explains a captured pod (its entries, listeners and
+/// counters), a pod that is not meshed, and a pod in error, each with why;
+/// an unknown pod exits 1.
+#[test]
+fn describe_pod_says_why_a_pod_is_or_is_not_captured() -> Result<()> {
+    let mut n = node("clidescribe")?;
+    let b = n.sb.add_pod("b")?;
+    let c = n.sb.add_pod("c")?;
+    let a_spec =
+        PodSpec::meshed(&n.a).annotate("traffic.sidecar.istio.io/excludeOutboundPorts", "5555");
+    // A pod in error first, while no pod's inbound link is pinned (the
+    // broken pins need the directory empty).
+    let mut agent = Agent::start(&n.sb, &[PodSpec::plain(&b)])?;
+    {
+        let _broken = BrokenNetnsPins::new(&agent.bpffs)?;
+        agent.write_pods(&[PodSpec::plain(&b), PodSpec::meshed(&c)])?;
+        agent.wait_status(READY, |st| {
+            pod_state(st, "default/c").as_deref() == Some("error")
+        })?;
+        let d = describe_json(&agent, "default/c");
+        assert_shape(&d, &describe_shape(), "meshlane/describe-pod/v1");
+        assert_eq!(d["captured"], false, "{d:#}");
+        assert!(
+            d["why"][0].as_str().unwrap().starts_with("not captured:"),
+            "{d:#}"
+        );
+    }
+
+    agent.write_pods(&[a_spec, PodSpec::plain(&b)])?;
+    wait_listening(&mut agent, "default/a")?;
+    // One connection through the sidecar, so a counter moves.
+    let to = format!("{}:9080", b.ipv4().context("b's address")?);
+    let out = n.sb.run(
+        &n.a,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &["probe", "--connect", &to],
+    )?;
+    assert!(ProbeResult::parse(&out)?.connected, "{out}");
+
+    let d = describe_json(&agent, "default/a");
+    assert_shape(&d, &describe_shape(), "meshlane/describe-pod/v1");
+    assert_eq!(d["state"], "active", "{d:#}");
+    assert_eq!(d["captured"], true, "{d:#}");
+    assert!(
+        d["why"][0].as_str().unwrap().starts_with("captured"),
+        "{d:#}"
+    );
+    assert_eq!(d["kernel"]["pod_entry"], true, "{d:#}");
+    assert_eq!(d["kernel"]["inbound_attached"], true, "{d:#}");
+    assert!(
+        d["kernel"]["ports"]["exclude-outbound"]
+            .as_array()
+            .is_some_and(|p| p.contains(&serde_json::json!(5555))),
+        "{d:#}"
+    );
+    assert!(
+        d["kernel"]["listeners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|l| l["port"] == 15006 && l["owner"] == 1337)),
+        "{d:#}"
+    );
+    assert_eq!(
+        d["config"]["exclude_outbound_ports"],
+        serde_json::json!([5555]),
+        "{d:#}"
+    );
+    assert!(
+        d["counters"]["redirect_outbound"].as_u64().unwrap_or(0) >= 1,
+        "{d:#}"
+    );
+    let text = describe(&agent, "a", &[]);
+    assert_eq!(text.code, Some(0), "{text}");
+    assert!(text.stdout.contains("Captured:  yes"), "{text}");
+
+    let d = describe_json(&agent, "default/b");
+    assert_shape(&d, &describe_shape(), "meshlane/describe-pod/v1");
+    assert_eq!(d["state"], "not-meshed", "{d:#}");
+    assert_eq!(d["captured"], false, "{d:#}");
+    assert!(
+        d["why"][0].as_str().unwrap().contains("not meshed"),
+        "{d:#}"
+    );
+    assert!(d["kernel"].is_null(), "{d:#}");
+
+    let r = describe(&agent, "default/nobody", &[]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("default/nobody"), "{r}");
     Ok(())
 }

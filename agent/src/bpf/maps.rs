@@ -57,6 +57,15 @@ impl PodEntries {
     }
 }
 
+/// One pod's entries as the kernel holds them ([`Maps::pod_view`]).
+#[derive(Clone, Debug, Default)]
+pub struct PodView {
+    pub pod: Option<PodConfig>,
+    pub ports: Vec<PortKey>,
+    pub ifaces: Vec<(IfaceKey, u32)>,
+    pub listeners: Vec<ListenerKey>,
+}
+
 /// Handles on the pinned maps the agent writes and status reads.
 pub struct Maps {
     pods: HashMap<MapData, u64, PodConfig>,
@@ -201,6 +210,32 @@ impl Maps {
         let zero = PerCpuValues::try_from(vec![PodCounters::default(); n])?;
         self.pod_stats.insert(cookie, zero, 0)?;
         Ok(())
+    }
+
+    /// What the kernel holds for the pod of netns `cookie`: its `PODS`
+    /// entry, its port-list entries, its interface entries and the
+    /// listeners registered in its namespace.
+    pub fn pod_view(&self, cookie: u64) -> PodView {
+        PodView {
+            pod: self.pods.get(&cookie, 0).ok(),
+            ports: self
+                .ports
+                .keys()
+                .flatten()
+                .filter(|k| k.netns_cookie == cookie)
+                .collect(),
+            ifaces: self
+                .ifaces
+                .iter()
+                .flatten()
+                .filter(|(k, _)| k.netns_cookie == cookie)
+                .collect(),
+            listeners: self
+                .listener_keys()
+                .into_iter()
+                .filter(|k| k.netns_cookie == cookie)
+                .collect(),
+        }
     }
 
     /// A pod's counters summed over CPUs (zero if it has none).

@@ -27,4 +27,4 @@ pub use layout::{ensure_bpffs, Layout};
 pub use load::{
     adopt, attach_netns, detach_netns, install, object_bytes, program_hooks, uninstall,
 };
-pub use maps::{default_shortcut_max_queued, Maps, Occupancy, PodEntries};
+pub use maps::{default_shortcut_max_queued, Maps, Occupancy, PodEntries, PodView};
