@@ -779,9 +779,28 @@ fn describe_pod_says_why_a_pod_is_or_is_not_captured() -> Result<()> {
     )?;
     assert!(ProbeResult::parse(&out)?.connected, "{out}");
 
+    // And one its excludeOutboundPorts leaves alone (refused by b: nothing
+    // listens there; the rule counts it at connect).
+    let to = format!("{}:5555", b.ipv4().context("b's address")?);
+    n.sb.run(
+        &n.a,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &["probe", "--connect", &to],
+    )?;
+
     let d = describe_json(&agent, "default/a");
     assert_shape(&d, &describe_shape(), "meshlane/describe-pod/v1");
     assert_eq!(d["state"], "active", "{d:#}");
+    // Per rule, as `iptables -v` counts: the exclusion returned one.
+    assert!(
+        d["counters"]["passed_excluded_outbound_port"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{d:#}"
+    );
     assert_eq!(d["captured"], true, "{d:#}");
     assert!(
         d["why"][0].as_str().unwrap().starts_with("captured"),

@@ -37,7 +37,27 @@ pub mod pod_stat {
     pub const NOT_READY_BYPASSED: usize = 5;
     pub const ORIG_DST_ANSWERED: usize = 6;
     pub const SHORTCUT_SOCKETS: usize = 7;
-    pub const COUNT: usize = 8;
+    // Connections each rule left alone (decision table rows; as
+    // `iptables -v` counts per rule): outbound, then inbound.
+    pub const PASS_NOT_TCP: usize = 8;
+    pub const PASS_LOOPBACK_SOURCE_OFF_POD: usize = 9;
+    pub const PASS_EXCLUDED_OUTBOUND_PORT: usize = 10;
+    pub const PASS_INBOUND_PASSTHROUGH_SOURCE: usize = 11;
+    pub const PASS_PROXY_UID: usize = 12;
+    pub const PASS_PROXY_GID: usize = 13;
+    pub const PASS_APP_TO_LOCAL: usize = 14;
+    pub const PASS_LOCALHOST: usize = 15;
+    pub const PASS_EXCLUDED_CIDR: usize = 16;
+    pub const PASS_NOT_INCLUDED: usize = 17;
+    pub const PASS_IPV4_ONLY_POD: usize = 18;
+    pub const PASS_EXCLUDED_INTERFACE: usize = 19;
+    pub const IN_PASS_FROM_INSIDE_POD: usize = 20;
+    pub const IN_PASS_TUNNEL: usize = 21;
+    pub const IN_PASS_EXCLUDED_PORT: usize = 22;
+    pub const IN_PASS_NOT_INCLUDED: usize = 23;
+    pub const IN_PASS_EXCLUDED_INTERFACE: usize = 24;
+    pub const IN_PASS_VIRTUAL_INTERFACE: usize = 25;
+    pub const COUNT: usize = 26;
 }
 
 /// The per-CPU value of `POD_STATS`.
@@ -127,11 +147,19 @@ pub const NODE: &[Counter] = {
     ]
 };
 
+const POD_OUTBOUND_PASSED_HELP: &str = "A pod's connections (and DNS datagrams) left alone at \
+     connect, by the rule that returned them (decision table rows 1-8).";
+const POD_INBOUND_PASSED_HELP: &str = "Connections arriving at a pod left to its app, by the rule \
+     that returned them (decision table rows 9-11; UDP is not counted).";
+
 /// A pod's counters, in [`pod_stat`] order; every family has a `pod` label too.
 pub const POD: &[Counter] = {
     use pod_stat::*;
     const fn dir(d: &'static str) -> Option<(&'static str, &'static str)> {
         Some(("direction", d))
+    }
+    const fn rule(r: &'static str) -> Option<(&'static str, &'static str)> {
+        Some(("rule", r))
     }
     &[
         row(
@@ -189,6 +217,132 @@ pub const POD: &[Counter] = {
             "meshlane_pod_shortcut_sockets_total",
             None,
             "A pod's sockets put into the same-node shortcut.",
+        ),
+        row(
+            PASS_NOT_TCP,
+            "passed_not_tcp",
+            "meshlane_pod_outbound_passed_total",
+            rule("not_tcp"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_LOOPBACK_SOURCE_OFF_POD,
+            "passed_loopback_source_off_pod",
+            "meshlane_pod_outbound_passed_total",
+            rule("loopback_source_off_pod"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_EXCLUDED_OUTBOUND_PORT,
+            "passed_excluded_outbound_port",
+            "meshlane_pod_outbound_passed_total",
+            rule("excluded_outbound_port"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_INBOUND_PASSTHROUGH_SOURCE,
+            "passed_inbound_passthrough_source",
+            "meshlane_pod_outbound_passed_total",
+            rule("inbound_passthrough_source"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_PROXY_UID,
+            "passed_proxy_uid",
+            "meshlane_pod_outbound_passed_total",
+            rule("proxy_uid"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_PROXY_GID,
+            "passed_proxy_gid",
+            "meshlane_pod_outbound_passed_total",
+            rule("proxy_gid"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_APP_TO_LOCAL,
+            "passed_app_to_local",
+            "meshlane_pod_outbound_passed_total",
+            rule("app_to_local"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_LOCALHOST,
+            "passed_localhost",
+            "meshlane_pod_outbound_passed_total",
+            rule("localhost"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_EXCLUDED_CIDR,
+            "passed_excluded_cidr",
+            "meshlane_pod_outbound_passed_total",
+            rule("excluded_cidr"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_NOT_INCLUDED,
+            "passed_not_included",
+            "meshlane_pod_outbound_passed_total",
+            rule("not_included"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_IPV4_ONLY_POD,
+            "passed_ipv4_only_pod",
+            "meshlane_pod_outbound_passed_total",
+            rule("ipv4_only_pod"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            PASS_EXCLUDED_INTERFACE,
+            "passed_excluded_interface",
+            "meshlane_pod_outbound_passed_total",
+            rule("excluded_interface"),
+            POD_OUTBOUND_PASSED_HELP,
+        ),
+        row(
+            IN_PASS_FROM_INSIDE_POD,
+            "inbound_passed_from_inside_pod",
+            "meshlane_pod_inbound_passed_total",
+            rule("from_inside_pod"),
+            POD_INBOUND_PASSED_HELP,
+        ),
+        row(
+            IN_PASS_TUNNEL,
+            "inbound_passed_tunnel",
+            "meshlane_pod_inbound_passed_total",
+            rule("tunnel"),
+            POD_INBOUND_PASSED_HELP,
+        ),
+        row(
+            IN_PASS_EXCLUDED_PORT,
+            "inbound_passed_excluded_port",
+            "meshlane_pod_inbound_passed_total",
+            rule("excluded_port"),
+            POD_INBOUND_PASSED_HELP,
+        ),
+        row(
+            IN_PASS_NOT_INCLUDED,
+            "inbound_passed_not_included",
+            "meshlane_pod_inbound_passed_total",
+            rule("not_included"),
+            POD_INBOUND_PASSED_HELP,
+        ),
+        row(
+            IN_PASS_EXCLUDED_INTERFACE,
+            "inbound_passed_excluded_interface",
+            "meshlane_pod_inbound_passed_total",
+            rule("excluded_interface"),
+            POD_INBOUND_PASSED_HELP,
+        ),
+        row(
+            IN_PASS_VIRTUAL_INTERFACE,
+            "inbound_passed_virtual_interface",
+            "meshlane_pod_inbound_passed_total",
+            rule("virtual_interface"),
+            POD_INBOUND_PASSED_HELP,
         ),
     ]
 };

@@ -180,6 +180,28 @@ pub enum Pass {
     ExcludedInterface,
 }
 
+impl Pass {
+    /// The pod counter of the rule ([`crate::pod_stat`]).
+    #[inline(always)]
+    pub const fn pod_stat(self) -> usize {
+        use crate::pod_stat::*;
+        match self {
+            Pass::NotTcp => PASS_NOT_TCP,
+            Pass::LoopbackSourceOffPod => PASS_LOOPBACK_SOURCE_OFF_POD,
+            Pass::ExcludedOutboundPort => PASS_EXCLUDED_OUTBOUND_PORT,
+            Pass::InboundPassthroughSource => PASS_INBOUND_PASSTHROUGH_SOURCE,
+            Pass::ProxyUid => PASS_PROXY_UID,
+            Pass::ProxyGid => PASS_PROXY_GID,
+            Pass::AppToLocal => PASS_APP_TO_LOCAL,
+            Pass::Localhost => PASS_LOCALHOST,
+            Pass::ExcludedCidr => PASS_EXCLUDED_CIDR,
+            Pass::NotIncluded => PASS_NOT_INCLUDED,
+            Pass::Ipv4OnlyPod => PASS_IPV4_ONLY_POD,
+            Pass::ExcludedInterface => PASS_EXCLUDED_INTERFACE,
+        }
+    }
+}
+
 /// Which proxy listener a redirected connection goes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capture {
@@ -398,6 +420,24 @@ pub enum InboundPass {
     /// Arrived on a rerouted virtual interface, for a destination outside
     /// the pod's outbound ranges (`-I PREROUTING 1 -i IF -j RETURN`).
     VirtualInterface,
+}
+
+impl InboundPass {
+    /// The pod counter of the rule; `None` for UDP, which is not counted
+    /// (every datagram to a pod is looked up).
+    #[inline(always)]
+    pub const fn pod_stat(self) -> Option<usize> {
+        use crate::pod_stat::*;
+        Some(match self {
+            InboundPass::NotTcp => return None,
+            InboundPass::FromInsidePod => IN_PASS_FROM_INSIDE_POD,
+            InboundPass::Tunnel => IN_PASS_TUNNEL,
+            InboundPass::ExcludedPort => IN_PASS_EXCLUDED_PORT,
+            InboundPass::NotIncluded => IN_PASS_NOT_INCLUDED,
+            InboundPass::ExcludedInterface => IN_PASS_EXCLUDED_INTERFACE,
+            InboundPass::VirtualInterface => IN_PASS_VIRTUAL_INTERFACE,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -195,7 +195,7 @@ unsafe fn redirect6(ctx: &SockAddrContext, at: At) {
         None if m.cfg.has(flags::IPV6) => unsafe {
             redirect_ipv6_dst(ctx, &m, at, bound, unbound, dst)
         },
-        None => {}
+        None => passed(&m, Verdict::Pass(Pass::Ipv4OnlyPod)),
     }
 }
 
@@ -226,6 +226,7 @@ unsafe fn redirect_ipv4_dst(
         tcp: m.tcp,
     };
     let verdict = decide_connect(&m.cfg, &lists, &facts);
+    passed(m, verdict);
     let Some(capture_port) = verdict.port(&m.cfg) else {
         // The proxy dialling a pod of this node: a leg the shortcut may take.
         if m.tcp
@@ -321,6 +322,7 @@ unsafe fn redirect_ipv6_dst(
         tcp: m.tcp,
     };
     let verdict = decide_connect(&m.cfg, &lists, &facts);
+    passed(m, verdict);
     // The shortcut carries IPv4 legs only: no proxy leg to mark here.
     let Some(capture_port) = verdict.port(&m.cfg) else {
         return;
@@ -367,6 +369,14 @@ fn ready(m: &Meshed, capture_port: u16, serves: u32) -> bool {
     count(stat::NOT_READY_BYPASSED);
     pod_count(m.netns_cookie, pod_stat::NOT_READY_BYPASSED);
     false
+}
+
+/// Counts a connection a rule left alone on its pod's row for the rule.
+#[inline(always)]
+fn passed(m: &Meshed, verdict: Verdict) {
+    if let Verdict::Pass(p) = verdict {
+        pod_count(m.netns_cookie, p.pod_stat());
+    }
 }
 
 #[inline(always)]

@@ -110,7 +110,12 @@ fn capture<A: Addr>(ctx: &SkLookupContext, cookie: u64, arrival: &Arrival<A>, se
     ) {
         InboundVerdict::Capture => cfg.inbound_capture_port,
         InboundVerdict::Outbound => cfg.outbound_capture_port,
-        InboundVerdict::Pass(_) => return sk_action::SK_PASS,
+        InboundVerdict::Pass(p) => {
+            if let Some(row) = p.pod_stat() {
+                pod_count(cookie, row);
+            }
+            return sk_action::SK_PASS;
+        }
     };
     // Only the proxy's own listener (its uid's, or root's: a proxy may bind
     // as root and drop privileges, as transparent ones do): an app's on the

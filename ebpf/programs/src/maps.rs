@@ -90,9 +90,17 @@ pub static STATS: PerCpuArray<u64, { def::STATS.capacity as usize }> = PerCpuArr
 
 /// Per-pod per-CPU counters, keyed by netns cookie. The agent creates a
 /// pod's entry with the pod and removes it with the pod.
+/// Not preallocated: a pod's counters are per CPU (26 counters, 208 bytes
+/// per CPU), so a full preallocation would cost capacity x CPUs x 208
+/// bytes (218 MB on 64 CPUs) for pods that mostly do not exist; an entry
+/// is allocated when the agent writes the pod.
 #[btf_map]
-pub static POD_STATS: PerCpuHashMap<u64, PodCounters, { def::POD_STATS.capacity as usize }> =
-    PerCpuHashMap::new();
+pub static POD_STATS: PerCpuHashMap<
+    u64,
+    PodCounters,
+    { def::POD_STATS.capacity as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 /// A pod's addresses (host byte order) to its netns cookie: sk_lookup sees
 /// the destination address, not the namespace. Written by the agent.
