@@ -221,7 +221,10 @@ impl App {
             "/metrics" if routes.metrics() => match self.pages.page().await {
                 Some(page) => Response::builder()
                     .status(200)
-                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                    .header(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
                     .body(Full::new(page.body))
                     .expect("static response parts are valid"),
                 None => text(503, "no metrics page read yet\n".into()),

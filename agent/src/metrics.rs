@@ -7,9 +7,14 @@
 //! gauges. Kernel counters start from zero when the agent installs the
 //! programs (a restart of the agent is a counter reset, as Prometheus
 //! expects).
-use std::{collections::BTreeMap, fmt::Write};
+use std::collections::BTreeMap;
 
 use meshlane_common::{counters, maps, stat, PodCounters};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 
 use crate::{
     bpf::Maps,
@@ -37,44 +42,155 @@ fn state_name(s: PodState) -> String {
         .unwrap_or_default()
 }
 
-/// A label value with `\`, `"` and newlines escaped.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The page being built: every family registered with prometheus-client,
+/// which encodes it (OpenMetrics text). Values are snapshots (kernel
+/// counters read from the maps), so counters are created at their value.
+struct Out {
+    reg: Registry,
+    counters: BTreeMap<String, Family<Labels, Counter>>,
+    gauges: BTreeMap<String, Family<Labels, Gauge>>,
 }
 
-struct Out(String);
+type Labels = Vec<(String, String)>;
 
 impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
-    }
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            let l: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
-                .collect();
-            let _ = write!(self.0, "{{{}}}", l.join(","));
+    fn new() -> Self {
+        Self {
+            reg: Registry::default(),
+            counters: BTreeMap::new(),
+            gauges: BTreeMap::new(),
         }
-        let _ = writeln!(self.0, " {value}");
+    }
+
+    /// Registers family `name` (a counter's name ends in `_total`, which
+    /// the encoder adds back to its samples).
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        if kind == "counter" {
+            let f = Family::<Labels, Counter>::default();
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            self.reg.register(base, help, f.clone());
+            self.counters.insert(name.to_string(), f);
+        } else {
+            let f = Family::<Labels, Gauge>::default();
+            self.reg.register(name, help, f.clone());
+            self.gauges.insert(name.to_string(), f);
+        }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        let l: Labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(f) = self.counters.get(name) {
+            f.get_or_create(&l).inc_by(value);
+        } else if let Some(f) = self.gauges.get(name) {
+            f.get_or_create(&l)
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn encode(self) -> String {
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut s, &self.reg);
+        s
     }
 }
+
+/// A pod's `namespace` and `pod` labels, from its `NAMESPACE/NAME` key, so
+/// series join kube-state-metrics' on both.
+fn pod_labels(key: &str) -> [(&str, &str); 2] {
+    let (ns, name) = key.split_once('/').unwrap_or(("", key));
+    [("namespace", ns), ("pod", name)]
+}
+
+/// The agent's own process, as Prometheus' client libraries export it:
+/// CPU time, resident memory, open descriptors and start time, from /proc.
+fn process_metrics(o: &mut Out) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command (which may hold spaces), from field 3 on.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let (tick, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    o.family(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time of the agent, in seconds (whole seconds).",
+    );
+    o.sample("process_cpu_seconds_total", &[], (num(14) + num(15)) / tick);
+    o.family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the agent in bytes.",
+    );
+    o.sample("process_resident_memory_bytes", &[], num(24) * page);
+    o.family(
+        "process_open_fds",
+        "gauge",
+        "Open file descriptors of the agent.",
+    );
+    o.sample("process_open_fds", &[], fds);
+    o.family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the agent since the Unix epoch, in seconds.",
+    );
+    o.sample("process_start_time_seconds", &[], boot + num(22) / tick);
+}
+
+/// The git commit the agent was built from (`MESHLANE_GIT_COMMIT`, set by
+/// the build script; "unknown" outside a checkout).
+const COMMIT: &str = match option_env!("MESHLANE_GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
 
 /// The whole `/metrics` page. `kernel` is `None` when the pinned maps could
 /// not be opened; the kernel's families are then left out (absent, not 0).
 pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
-    let mut o = Out(String::new());
+    let mut o = Out::new();
+    o.family(
+        "meshlane_build_info",
+        "gauge",
+        "1, labelled with the agent's version and the git commit it was built from.",
+    );
+    o.sample(
+        "meshlane_build_info",
+        &[("version", env!("CARGO_PKG_VERSION")), ("commit", COMMIT)],
+        1,
+    );
+    process_metrics(&mut o);
 
     o.family(
         "meshlane_ready",
         "gauge",
         "1 once the programs are attached and the first pod list is applied.",
     );
-    o.sample("meshlane_ready", &[], u8::from(readiness(h).is_ok()));
+    o.sample("meshlane_ready", &[], u64::from(readiness(h).is_ok()));
 
     let mut by_state: BTreeMap<String, usize> =
         STATES.iter().map(|s| (state_name(*s), 0)).collect();
@@ -87,7 +203,7 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         "Pods on this node by meshlane state (active = captured).",
     );
     for (state, n) in &by_state {
-        o.sample("meshlane_pods", &[("state", state)], n);
+        o.sample("meshlane_pods", &[("state", state)], *n as u64);
     }
     o.family(
         "meshlane_pod_info",
@@ -96,10 +212,12 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
     );
     for p in &h.pods {
         let cookie = p.netns_cookie.map(|c| c.to_string()).unwrap_or_default();
+        let [ns, pod] = pod_labels(&p.name);
         o.sample(
             "meshlane_pod_info",
             &[
-                ("pod", &p.name),
+                ns,
+                pod,
                 ("state", &state_name(p.state)),
                 ("netns_cookie", &cookie),
             ],
@@ -116,8 +234,8 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
     for p in h.pods.iter().filter(|p| !p.conflicts.is_empty()) {
         o.sample(
             "meshlane_pod_address_conflicts",
-            &[("pod", &p.name)],
-            p.conflicts.len(),
+            &pod_labels(&p.name),
+            p.conflicts.len() as u64,
         );
     }
 
@@ -135,7 +253,7 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
     o.sample("meshlane_pod_source_errors_total", &[], h.source_errors);
 
     let Some(maps) = kernel else {
-        return o.0;
+        return o.encode();
     };
     if let Ok(c) = maps.counters() {
         kernel_counters(&mut o, &|i: u32| c.get(i as usize).copied().unwrap_or(0));
@@ -147,7 +265,7 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
             "gauge",
             "1 when new connections between meshed sockets on this node take the same-node shortcut.",
         );
-        o.sample("meshlane_shortcut_enabled", &[], u8::from(on));
+        o.sample("meshlane_shortcut_enabled", &[], u64::from(on));
     }
     let occ = maps.occupancy();
     let counted: Vec<(&str, usize, u32)> = maps::ALL
@@ -160,7 +278,7 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         "Entries in each of meshlane's maps.",
     );
     for (name, n, _) in &counted {
-        o.sample("meshlane_map_entries", &[("map", name)], n);
+        o.sample("meshlane_map_entries", &[("map", name)], *n as u64);
     }
     o.family(
         "meshlane_map_capacity",
@@ -168,9 +286,9 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         "Maximum entries of each of meshlane's maps.",
     );
     for (name, _, cap) in &counted {
-        o.sample("meshlane_map_capacity", &[("map", name)], cap);
+        o.sample("meshlane_map_capacity", &[("map", name)], u64::from(*cap));
     }
-    o.0
+    o.encode()
 }
 
 /// Renders the counter table `rows`, one family per metric name (in the
@@ -224,7 +342,7 @@ fn pod_counters(o: &mut Out, h: &Health, maps: &Maps) {
         .filter(|p| p.state == PodState::Active)
         .filter_map(|p| {
             Some((
-                vec![("pod", p.name.as_str())],
+                pod_labels(&p.name).to_vec(),
                 maps.pod_counters(p.netns_cookie?),
             ))
         })
@@ -276,14 +394,25 @@ mod tests {
             "meshlane_pods{state=\"active\"} 2",
             "meshlane_pods{state=\"waiting-for-netns\"} 1",
             "meshlane_pods{state=\"error\"} 0",
-            "meshlane_pod_info{pod=\"default/a\",state=\"active\",netns_cookie=\"4097\"} 1",
-            "meshlane_pod_info{pod=\"x/\\\"odd\\\"\",state=\"waiting-for-netns\",netns_cookie=\"\"} 1",
+            "meshlane_pod_info{namespace=\"default\",pod=\"a\",state=\"active\",netns_cookie=\"4097\"} 1",
+            "meshlane_pod_info{namespace=\"x\",pod=\"\\\"odd\\\"\",state=\"waiting-for-netns\",netns_cookie=\"\"} 1",
             "meshlane_map_update_errors_total 3",
             "meshlane_pod_source_errors_total 2",
-            "meshlane_pod_address_conflicts{pod=\"default/a\"} 2",
-            "# TYPE meshlane_map_update_errors_total counter",
+            "meshlane_pod_address_conflicts{namespace=\"default\",pod=\"a\"} 2",
+            "# TYPE meshlane_map_update_errors counter",
+            "meshlane_build_info{version=\"0.1.0\",commit=\"COMMIT\"} 1",
+            "# EOF",
         ] {
+            let line = line.replace("0.1.0", env!("CARGO_PKG_VERSION"));
+            let line = line.replace("COMMIT", COMMIT);
             assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+        }
+        for family in ["process_resident_memory_bytes", "process_open_fds"] {
+            assert!(
+                m.lines()
+                    .any(|l| l.starts_with(family) && !l.ends_with(" 0")),
+                "{family} in\n{m}"
+            );
         }
         // Without the maps, no kernel family pretends to be zero.
         assert!(!m.contains("meshlane_redirects_total"), "{m}");
@@ -295,8 +424,9 @@ mod tests {
     /// labels and its own value: the table and the page cannot disagree.
     #[test]
     fn every_counter_row_is_rendered_with_its_value() {
-        let mut o = Out(String::new());
+        let mut o = Out::new();
         kernel_counters(&mut o, &|i| 1000 + u64::from(i));
+        let page = o.encode();
         for r in counters::NODE {
             let labels = r
                 .label
@@ -304,16 +434,16 @@ mod tests {
                 .unwrap_or_default();
             let line = format!("{}{labels} {}", r.metric, 1000 + r.index);
             assert!(
-                o.0.lines().any(|l| l == line),
-                "missing {line:?} in\n{}",
-                o.0
+                page.lines().any(|l| l == line),
+                "missing {line:?} in\n{page}"
             );
-            assert!(o.0.contains(&format!("# TYPE {} counter", r.metric)));
+            let family = r.metric.strip_suffix("_total").unwrap_or(r.metric);
+            assert!(page.contains(&format!("# TYPE {family} counter")));
         }
-        let families = o.0.lines().filter(|l| l.starts_with("# TYPE")).count();
+        let families = page.lines().filter(|l| l.starts_with("# TYPE")).count();
         let distinct: std::collections::BTreeSet<&str> =
             counters::NODE.iter().map(|r| r.metric).collect();
         // One family per metric name, plus the derived lookups total.
-        assert_eq!(families, distinct.len() + 1, "{}", o.0);
+        assert_eq!(families, distinct.len() + 1, "{page}");
     }
 }

@@ -618,23 +618,23 @@ fn health_readiness_and_metrics_deltas() -> Result<()> {
         ("meshlane_kernel_map_update_errors_total", 0),
         ("meshlane_pod_source_errors_total", 0),
         (
-            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"outbound\"}",
+            "meshlane_pod_redirects_total{namespace=\"default\",pod=\"a\",direction=\"outbound\"}",
             N,
         ),
         (
-            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"inbound\"}",
+            "meshlane_pod_redirects_total{namespace=\"default\",pod=\"a\",direction=\"inbound\"}",
             K,
         ),
         (
-            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"own_pod\"}",
+            "meshlane_pod_redirects_total{namespace=\"default\",pod=\"a\",direction=\"own_pod\"}",
             1,
         ),
         (
-            "meshlane_pod_redirects_total{pod=\"default/a\",direction=\"dns\"}",
+            "meshlane_pod_redirects_total{namespace=\"default\",pod=\"a\",direction=\"dns\"}",
             0,
         ),
         (
-            "meshlane_pod_orig_dst_answered_total{pod=\"default/a\"}",
+            "meshlane_pod_orig_dst_answered_total{namespace=\"default\",pod=\"a\"}",
             N + K + 1,
         ),
     ];
@@ -654,7 +654,7 @@ fn health_readiness_and_metrics_deltas() -> Result<()> {
     let page = agent.http_get("/metrics")?.1;
     assert_eq!(metric(&page, "meshlane_pods{state=\"active\"}"), 0.0);
     assert_eq!(metric(&page, "meshlane_map_entries{map=\"PODS\"}"), 0.0);
-    assert!(!page.contains("pod=\"default/a\""), "{page}");
+    assert!(!page.contains("pod=\"a\""), "{page}");
     Ok(())
 }
 
