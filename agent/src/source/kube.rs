@@ -7,26 +7,27 @@
 //! the code that reads a pods file, so both sources agree on what a pod is.
 //!
 //! Failures never clear what we know: while the API server is unreachable
-//! the last known pods stay in force. Errors are retried with a jittered
-//! exponential backoff. An expired resourceVersion (410 Gone) means events
-//! were lost: we start a fresh watcher, which lists again, and the new list
-//! replaces our copy whole, so pods deleted meanwhile go too. kube's watcher
-//! relists by itself on a 410 `ERROR` watch event, but not when the API
-//! server answers the watch request itself with HTTP 410: it would retry the
-//! same expired version forever. Starting over covers both.
-use std::{
-    collections::BTreeMap,
-    hash::{BuildHasher, Hasher},
-    path::PathBuf,
-    time::Duration,
-};
+//! the last known pods stay in force. After an error we wait as
+//! kube-runtime's watcher backoff says (`DefaultBackoff`: jittered,
+//! exponential from 0.8 s to 30 s, kept across watcher restarts and reset
+//! by the next event) and the watcher resumes from its resourceVersion. An
+//! expired resourceVersion (410 Gone) means events were lost: we start a
+//! fresh watcher, which lists again, and the new list replaces our copy
+//! whole, so pods deleted meanwhile go too. kube's watcher relists by
+//! itself on a 410 `ERROR` watch event, but not when the API server answers
+//! the watch request itself with HTTP 410: it would retry the same expired
+//! version forever. Starting over covers both.
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod as KubePod;
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::watcher::{self, Event},
+    runtime::{
+        utils::Backoff as _,
+        watcher::{self, DefaultBackoff, Event},
+    },
     Api, Client, Config,
 };
 use tokio::sync::watch;
@@ -147,7 +148,7 @@ fn is_gone(e: &watcher::Error) -> bool {
 async fn watch_pods(api: Api<KubePod>, node: String, tx: watch::Sender<Snapshot>) {
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut known: BTreeMap<String, pods::Pod> = BTreeMap::new();
-    let mut backoff = Backoff::default();
+    let mut backoff = DefaultBackoff::default();
     loop {
         // A fresh watcher starts with a full list.
         let mut events = watcher::watcher(api.clone(), config.clone()).boxed();
@@ -175,12 +176,12 @@ async fn watch_pods(api: Api<KubePod>, node: String, tx: watch::Sender<Snapshot>
                 }
                 Err(e) => {
                     let gone = is_gone(&e);
-                    let delay = backoff.next_delay();
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
                     let msg = format!("watching pods on the API server: {e}");
                     warn!(
                         retry_in = ?delay,
                         "{msg}; keeping the last known pods{}",
-                        if gone { "; listing again" } else { "" }
+                        if gone { " (resourceVersion expired)" } else { "" }
                     );
                     tx.send_modify(|s| {
                         s.error = Some(msg);
@@ -210,38 +211,6 @@ async fn watch_pods(api: Api<KubePod>, node: String, tx: watch::Sender<Snapshot>
     }
 }
 
-/// Exponential backoff with jitter: many nodes losing the same API server
-/// must not come back in step.
-struct Backoff {
-    next: Duration,
-}
-
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(16);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: BACKOFF_MIN }
-    }
-}
-
-impl Backoff {
-    /// A delay between half of the current step and the step, then doubles.
-    fn next_delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (step * 2).min(BACKOFF_MAX);
-        let half = step / 2;
-        let random = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        half + Duration::from_nanos(random % (half.as_nanos() as u64 + 1))
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,23 +224,6 @@ mod tests {
             let e = check_node_name(bad).unwrap_err().to_string();
             assert!(e.contains("--node-name"), "{e}");
         }
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_resets() {
-        let mut b = Backoff::default();
-        let mut step = BACKOFF_MIN;
-        for _ in 0..10 {
-            let d = b.next_delay();
-            assert!(
-                d >= step / 2 && d <= step,
-                "{d:?} outside {step:?}/2..{step:?}"
-            );
-            step = (step * 2).min(BACKOFF_MAX);
-        }
-        assert_eq!(b.next, BACKOFF_MAX);
-        b.reset();
-        assert!(b.next_delay() <= BACKOFF_MIN);
     }
 
     #[test]
