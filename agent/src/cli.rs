@@ -180,6 +180,9 @@ enum Command {
         #[command(flatten)]
         output: output::Args,
     },
+    /// Print a shell completion script (e.g. `meshlane completions bash >
+    /// /etc/bash_completion.d/meshlane`).
+    Completions { shell: clap_complete::Shell },
     /// One pod as the agent and the kernel see it: state, namespace,
     /// effective capture configuration, map entries, counters, and why it
     /// is or is not captured. Exits 1 when the agent does not know the pod.
@@ -190,8 +193,13 @@ enum Command {
     /// Print the iptables-restore rules Istio would write for a pod, from
     /// meshlane's reading of it (to compare with, or migrate from, Istio).
     Iptables {
-        #[arg(long, value_name = "FILE")]
-        pods: PathBuf,
+        /// Kubernetes Pod objects (YAML or JSON), `-` for stdin.
+        #[arg(long, value_name = "FILE", required_unless_present = "kubeconfig")]
+        pods: Option<PathBuf>,
+        /// Read the pod from the API server this kubeconfig names (then
+        /// --pod is NAMESPACE/NAME, NAME meaning default/NAME).
+        #[arg(long, value_name = "PATH", conflicts_with = "pods")]
+        kubeconfig: Option<PathBuf>,
         /// The pod: NAME or NAMESPACE/NAME.
         #[arg(long)]
         pod: String,
@@ -344,6 +352,11 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
                 EXIT_FAILED
             }))
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "meshlane", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Describe {
             what: DescribeWhat::Pod { name, at, output },
         } => match describe::describe(&bpf::Layout::new(&at.bpffs), &at.state_dir, &name) {
@@ -362,11 +375,22 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
         },
         Command::Iptables {
             pods,
+            kubeconfig,
             pod,
             family,
             output,
         } => {
-            print_iptables(&pods, &pod, family, output.format)?;
+            let p = match pods {
+                Some(file) => pod_from_file(&file, &pod)?,
+                None => {
+                    let (ns, name) = pod.split_once('/').unwrap_or(("default", &pod));
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?
+                        .block_on(source::kube::get_pod(kubeconfig, ns, name))?
+                }
+            };
+            print_iptables(&p, family, output.format)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Shortcut { state, at, output } => {
@@ -465,27 +489,32 @@ fn cleanup(at: &Where) -> Result<CleanupDoc> {
     })
 }
 
-fn print_iptables(
-    file: &std::path::Path,
-    name: &str,
-    family: FamilyArg,
-    format: output::Format,
-) -> Result<()> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading pods file {}", file.display()))?;
-    let all = pods::parse(&text).with_context(|| format!("pods file {}", file.display()))?;
+/// Pod `name` (NAME or NAMESPACE/NAME) of a pods file, `-` for stdin.
+fn pod_from_file(file: &std::path::Path, name: &str) -> Result<pods::Pod> {
+    let stdin = file.as_os_str() == "-";
+    let shown = if stdin {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
+    let text = if stdin {
+        std::io::read_to_string(std::io::stdin()).context("reading pods from stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading pods file {shown}"))?
+    };
+    let all = pods::parse(&text).with_context(|| format!("pods from {shown}"))?;
     let matches: Vec<&pods::Pod> = all
         .iter()
         .filter(|p| p.key() == name || (!name.contains('/') && p.name == name))
         .collect();
-    let pod = match matches.as_slice() {
-        [p] => *p,
-        [] => anyhow::bail!("no pod {name:?} in {}", file.display()),
-        _ => anyhow::bail!(
-            "{name:?} names several pods in {}: use NAMESPACE/NAME",
-            file.display()
-        ),
-    };
+    match matches.as_slice() {
+        [p] => Ok((*p).clone()),
+        [] => anyhow::bail!("no pod {name:?} in {shown}"),
+        _ => anyhow::bail!("{name:?} names several pods in {shown}: use NAMESPACE/NAME"),
+    }
+}
+
+fn print_iptables(pod: &pods::Pod, family: FamilyArg, format: output::Format) -> Result<()> {
     if !pod.meshed {
         anyhow::bail!("pod {} is not meshed (no istio-proxy container, no sidecar.istio.io/status): Istio writes no rules", pod.key());
     }

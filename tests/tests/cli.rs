@@ -123,13 +123,7 @@ fn wait_listening(agent: &mut Agent, name: &str) -> Result<()> {
 fn iptables_command_prints_istios_rules_for_a_pod() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("meshlane-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut custom = PodSpec {
-        name: "custom".into(),
-        meshed: true,
-        ..Default::default()
-    };
-    custom.run_as_user = Some(1_000_670_000);
-    custom.run_as_group = Some(1_000_670_001);
+    let custom = custom_spec();
     let plain = PodSpec {
         name: "plain".into(),
         ..Default::default()
@@ -159,8 +153,51 @@ fn iptables_command_prints_istios_rules_for_a_pod() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not meshed"));
     let out = run("missing")?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("no pod \"missing\""));
+
+    // The same pod from stdin (`--pods -`), and from the API server.
+    let mut child = Command::new(meshlane_bin())
+        .args(["iptables", "--pods", "-", "--pod", "custom"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("stdin")?,
+        std::fs::read(&file)?.as_slice(),
+    )?;
+    let out = child.wait_with_output()?;
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout)?, golden);
+
+    let api = FakeApi::start()?;
+    api.apply(meshlane_tests::fakeapi::api_pod(&custom_spec(), "node-1"));
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let from_api = |pod: &str| {
+        ran(Command::new(meshlane_bin())
+            .arg("iptables")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--pod", pod]))
+    };
+    let r = from_api("default/custom");
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(r.stdout, golden);
+    let r = from_api("default/nobody");
+    assert_ne!(r.code, Some(0), "{r}");
+    assert!(r.stderr.contains("default/nobody"), "{r}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
+}
+
+fn custom_spec() -> PodSpec {
+    let mut custom = PodSpec {
+        name: "custom".into(),
+        meshed: true,
+        ..Default::default()
+    };
+    custom.run_as_user = Some(1_000_670_000);
+    custom.run_as_group = Some(1_000_670_001);
+    custom
 }
 
 /// A directory of the test's own under the system's temporary directory,
@@ -847,4 +884,18 @@ fn describe_pod_says_why_a_pod_is_or_is_not_captured() -> Result<()> {
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("default/nobody"), "{r}");
     Ok(())
+}
+
+/// Issue 16: shell completions name every command.
+#[test]
+fn completions_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let r = ran(Command::new(meshlane_bin()).args(["completions", shell]));
+        assert_eq!(r.code, Some(0), "{shell}: {r}");
+        for cmd in ["status", "describe", "iptables", "probe", "cleanup"] {
+            assert!(r.stdout.contains(cmd), "{shell} completions lack {cmd}");
+        }
+    }
+    let r = ran(Command::new(meshlane_bin()).args(["completions", "tcsh"]));
+    assert_eq!(r.code, Some(2), "{r}");
 }

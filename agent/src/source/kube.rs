@@ -89,6 +89,27 @@ pub async fn spawn(opts: &Options, tx: watch::Sender<Snapshot>) -> Result<()> {
     Ok(())
 }
 
+/// One pod read from the API server (`meshlane iptables --kubeconfig`).
+pub async fn get_pod(
+    kubeconfig: Option<PathBuf>,
+    namespace: &str,
+    name: &str,
+) -> Result<pods::Pod> {
+    let config = load_config(&Options {
+        node_name: String::new(),
+        kubeconfig,
+    })
+    .await?;
+    let server = config.cluster_url.clone();
+    let client = Client::try_from(config).context("building the Kubernetes API client")?;
+    let api: Api<KubePod> = Api::namespaced(client, namespace);
+    let p = api
+        .get(name)
+        .await
+        .with_context(|| format!("getting pod {namespace}/{name} from {server}"))?;
+    convert(&p).with_context(|| format!("pod {namespace}/{name} from {server}"))
+}
+
 /// `pods.rs`'s reading of one Pod object from the API server.
 fn convert(p: &KubePod) -> Result<pods::Pod> {
     let v = serde_json::to_value(p).context("serialising a Pod")?;
