@@ -132,9 +132,11 @@ pub fn agent_of(rev: &str) -> Result<Previous> {
         &format!("{rev}^{{commit}}"),
     ]) {
         Ok(c) if !c.is_empty() => c,
-        _ => return Ok(Previous::Unavailable(format!(
+        _ => {
+            return Ok(Previous::Unavailable(format!(
             "commit {rev} is not in this clone's history (a shallow clone? fetch with --unshallow)"
-        ))),
+        )))
+        }
     };
     let home = target_dir().join("previous-agent");
     let bin = home.join(&commit).join("meshlane");

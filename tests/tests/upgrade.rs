@@ -4,7 +4,8 @@
 //! this build's agent starts over the same bpffs while an app in a meshed pod
 //! connects to another meshed pod every few milliseconds. Every connection
 //! must pass through both sidecars (a's outbound 15001, b's inbound 15006):
-//! none refused, none bypassing either.
+//! none refused, none bypassing either; also when the migration fails
+//! midway, where the previous programs must keep running.
 
 use std::{
     path::Path,
@@ -17,8 +18,10 @@ use std::{
 
 use anyhow::Result;
 use meshlane_tests::{
+    pod_state,
     previous::{self, Previous},
-    read_sidecar_log, skip_loudly, Agent, Launch, PodSpec, ProbeResult, Sandbox, APP_UID,
+    read_sidecar_log, skip_loudly, Agent, Launch, Pod, PodSpec, ProbeResult, Proc, Sandbox,
+    SidecarRecord, APP_UID,
 };
 
 /// The last commit before the IFACES map was added (86490cc): its pinned
@@ -27,6 +30,8 @@ const PREVIOUS_LAYOUT: &str = "6c9e175";
 
 /// Probe threads: each starts a new app process per connection.
 const CLIENTS: usize = 3;
+
+const PODS: [&str; 2] = ["default/a", "default/b"];
 
 fn mtest() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mtest"))
@@ -38,164 +43,282 @@ struct Shot {
     result: ProbeResult,
 }
 
-fn probe(sb: &Sandbox, from: &meshlane_tests::Pod, to: &str) -> ProbeResult {
+/// Two meshed pods with their sidecars, intercepted by the previous agent
+/// (stopped, its pins in place), b serving on 9080.
+struct Fixture {
+    sb: Arc<Sandbox>,
+    a: Pod,
+    to: String,
+    agent: Agent,
+    _procs: Vec<Proc>,
+}
+
+impl Fixture {
+    /// None (skipped loudly) when the previous agent cannot be built here.
+    fn installed_by_previous(name: &str) -> Result<Option<Self>> {
+        let old_bin = match previous::agent_of(PREVIOUS_LAYOUT)? {
+            Previous::Built(b) => b,
+            Previous::Unavailable(why) => {
+                skip_loudly(&format!("no previous layout to upgrade from: {why}"));
+                return Ok(None);
+            }
+        };
+        let mut sb = Sandbox::new(name)?;
+        let a = sb.add_pod("a")?;
+        let b = sb.add_pod("b")?;
+        let mut procs = vec![sb.start_server(&b, "b", &["0.0.0.0:9080"])?];
+        for pod in [&a, &b] {
+            procs.push(sb.start_sidecar(pod)?);
+        }
+        let pods = [PodSpec::meshed(&a), PodSpec::meshed(&b)];
+        let launch = Launch {
+            bin: Some(old_bin),
+            ..Default::default()
+        };
+        let mut agent = Agent::spawn_with(&sb, &pods, &launch)?;
+        wait_active(&mut agent)?;
+        let f = Self {
+            to: format!("{}:9080", b.ip),
+            sb: Arc::new(sb),
+            a,
+            agent,
+            _procs: procs,
+        };
+        // Captured both ways under the previous agent.
+        let before = f.probe();
+        assert!(
+            f.bypassed(&before, &f.a_log()).is_none(),
+            "the previous agent captures: {before:?}\n{}",
+            f.agent.log()
+        );
+        Ok(Some(f))
+    }
+
+    fn probe(&self) -> ProbeResult {
+        probe(&self.sb, &self.a, &self.to)
+    }
+
+    fn a_log(&self) -> Vec<SidecarRecord> {
+        read_sidecar_log(&self.sb.dir().join("sidecar-a.jsonl"))
+    }
+
+    /// Why a connection did not go through both sidecars (None: it did).
+    fn bypassed(&self, p: &ProbeResult, a_log: &[SidecarRecord]) -> Option<&'static str> {
+        if !p.connected || p.reply.is_none() {
+            return Some("failed");
+        }
+        // Through a's sidecar: its outbound listener saw the connection.
+        if p.local
+            .as_deref()
+            .is_some_and(|l| !a_log.iter().any(|r| r.peer == l && r.listener == 15001))
+        {
+            return Some("skipped a's sidecar");
+        }
+        // Through b's sidecar: b's app sees the inbound passthrough source.
+        if p.reply
+            .as_ref()
+            .is_some_and(|r| !r.peer.starts_with("127.0.0.6:"))
+        {
+            return Some("skipped b's sidecar");
+        }
+        None
+    }
+
+    /// Runs `during` while CLIENTS threads connect from a to b without
+    /// pause; returns its result, how long it took, and every connection
+    /// with whether it was issued while `during` ran.
+    fn under_load<R>(
+        &mut self,
+        during: impl FnOnce(&mut Agent) -> R,
+    ) -> (R, Duration, Vec<(Shot, bool)>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (sb, stop, a, to) = (
+                    self.sb.clone(),
+                    stop.clone(),
+                    self.a.clone(),
+                    self.to.clone(),
+                );
+                std::thread::spawn(move || -> Vec<Shot> {
+                    let mut shots = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let at = Instant::now();
+                        shots.push(Shot {
+                            at,
+                            result: probe(&sb, &a, &to),
+                        });
+                    }
+                    shots
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let r = during(&mut self.agent);
+        let took = started.elapsed();
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, Ordering::Relaxed);
+        let shots = clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client thread"))
+            .map(|s| {
+                let during = s.at >= started && s.at <= started + took;
+                (s, during)
+            })
+            .collect();
+        (r, took, shots)
+    }
+
+    /// Asserts every connection went through both sidecars; returns how
+    /// many were issued during the operation.
+    fn assert_all_captured(&self, what: &str, took: Duration, shots: &[(Shot, bool)]) -> usize {
+        let a_log = self.a_log();
+        let bad: Vec<(&str, &ProbeResult)> = shots
+            .iter()
+            .filter_map(|(s, _)| Some((self.bypassed(&s.result, &a_log)?, &s.result)))
+            .collect();
+        let during = shots.iter().filter(|(_, d)| *d).count();
+        let count = |why: &str| bad.iter().filter(|(w, _)| *w == why).count();
+        eprintln!(
+            "{what} from {PREVIOUS_LAYOUT}: took {took:?}; {} connections in all, {during} issued \
+             during it; {} failed, {} skipped a's sidecar, {} skipped b's",
+            shots.len(),
+            count("failed"),
+            count("skipped a's sidecar"),
+            count("skipped b's sidecar"),
+        );
+        assert!(
+            during >= 10,
+            "{what}: too little load to mean anything: {during} connections in {took:?}"
+        );
+        assert!(
+            bad.is_empty(),
+            "{what}: {} connections failed or skipped a sidecar; the first: {:#?}\nagent log:\n{}",
+            bad.len(),
+            &bad[..bad.len().min(3)],
+            self.agent.log()
+        );
+        during
+    }
+}
+
+fn probe(sb: &Sandbox, from: &Pod, to: &str) -> ProbeResult {
     let out = sb
         .run(from, APP_UID, APP_UID, mtest(), &["probe", "--connect", to])
         .unwrap_or_default();
-    ProbeResult::parse(&out).unwrap_or_else(|_| ProbeResult {
-        connected: false,
-        error: Some(format!("probe failed to run: {out}")),
-        errno: None,
-        local: None,
-        peer: None,
-        family: None,
-        reply: None,
-        reply_raw: None,
-    })
+    ProbeResult::parse_or_failed(&out)
+}
+
+/// Waits until the agent's status shows both pods active (a status written
+/// before the pods file was read, with no pods, does not count).
+fn wait_active(agent: &mut Agent) -> Result<()> {
+    agent.wait_status_every(Duration::from_secs(15), Duration::from_millis(5), |st| {
+        PODS.iter()
+            .all(|n| pod_state(st, n).as_deref() == Some("active"))
+    })?;
+    Ok(())
 }
 
 #[test]
 fn upgrade_across_a_map_layout_change_loses_nothing() -> Result<()> {
-    let old_bin = match previous::agent_of(PREVIOUS_LAYOUT)? {
-        Previous::Built(b) => b,
-        Previous::Unavailable(why) => {
-            skip_loudly(&format!("no previous layout to upgrade from: {why}"));
-            return Ok(());
-        }
+    let Some(mut f) = Fixture::installed_by_previous("upgrade")? else {
+        return Ok(());
     };
-    let mut sb = Sandbox::new("upgrade")?;
-    let a = sb.add_pod("a")?;
-    let b = sb.add_pod("b")?;
-    let _server = sb.start_server(&b, "b", &["0.0.0.0:9080"])?;
-    let mut procs = Vec::new();
-    for pod in [&a, &b] {
-        procs.push(sb.start_sidecar(pod)?);
-    }
-    let pods = [PodSpec::meshed(&a), PodSpec::meshed(&b)];
-    let mut agent = Agent::spawn_with(
-        &sb,
-        &pods,
-        &Launch {
-            bin: Some(old_bin),
-            ..Default::default()
-        },
-    )?;
-    agent.wait_status(Duration::from_secs(15), |st| {
-        ["default/a", "default/b"]
-            .iter()
-            .all(|n| meshlane_tests::pod_state(st, n).as_deref() == Some("active"))
-    })?;
-    // Captured both ways under the old agent before anything changes.
-    let to = format!("{}:9080", b.ip);
-    let before = probe(&sb, &a, &to);
-    assert!(
-        before
-            .reply
-            .as_ref()
-            .is_some_and(|r| r.peer.starts_with("127.0.0.6:")),
-        "the previous agent captures: {before:?}\n{}",
-        agent.log()
+    f.agent.stop_process(libc::SIGTERM)?;
+    f.agent.upgrade_to_this_build();
+    let (sb, a, to) = (f.sb.clone(), f.a.clone(), f.to.clone());
+    let (right_after, took, shots) = f.under_load(|agent| -> Result<ProbeResult> {
+        agent.restart()?;
+        // Written after the round that finished the migration.
+        wait_active(agent)?;
+        // Inbound right after the swap: the proxy's listener registration
+        // carried over (a connection from a reaches b's app from 127.0.0.6).
+        Ok(probe(&sb, &a, &to))
+    });
+    let right_after = right_after?;
+    f.assert_all_captured("upgrade", took, &shots);
+    assert_eq!(
+        f.bypassed(&right_after, &f.a_log()),
+        None,
+        "right after the upgrade: {right_after:?}"
     );
-    agent.stop_process(libc::SIGTERM)?;
-
-    let sb = Arc::new(sb);
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (sb, stop, a, to) = (sb.clone(), stop.clone(), a.clone(), to.clone());
-            std::thread::spawn(move || -> Vec<Shot> {
-                let mut shots = Vec::new();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let at = Instant::now();
-                    shots.push(Shot {
-                        at,
-                        result: probe(&sb, &a, &to),
-                    });
-                }
-                shots
-            })
-        })
-        .collect();
-
-    std::thread::sleep(Duration::from_millis(500));
-    agent.upgrade_to_this_build();
-    let started = Instant::now();
-    agent.restart()?;
-    let active = started.elapsed();
-    // Inbound right after the swap: the proxy's listener registration
-    // carried over (a connection from a reaches b's app from 127.0.0.6).
-    let right_after = probe(&sb, &a, &to);
-    std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, Ordering::Relaxed);
-    let shots: Vec<Shot> = clients
-        .into_iter()
-        .flat_map(|c| c.join().expect("client thread"))
-        .collect();
-    let log = agent.log();
-
-    let a_log = read_sidecar_log(&sb.dir().join("sidecar-a.jsonl"));
-    let failed = |p: &ProbeResult| !p.connected || p.reply.is_none();
-    // Through b's sidecar: b's app sees the inbound passthrough source.
-    let bypassed_b = |p: &ProbeResult| {
-        p.reply
-            .as_ref()
-            .is_some_and(|r| !r.peer.starts_with("127.0.0.6:"))
-    };
-    // Through a's sidecar: its outbound listener saw the connection.
-    let bypassed_a = |p: &ProbeResult| {
-        p.local
-            .as_deref()
-            .is_some_and(|l| !a_log.iter().any(|r| r.peer == l && r.listener == 15001))
-    };
-    let during: Vec<&Shot> = shots
-        .iter()
-        .filter(|s| s.at >= started && s.at <= started + active)
-        .collect();
-    let bad: Vec<&ProbeResult> = shots
-        .iter()
-        .map(|s| &s.result)
-        .filter(|p| failed(p) || bypassed_a(p) || bypassed_b(p))
-        .collect();
-    eprintln!(
-        "upgrade from {PREVIOUS_LAYOUT}: new agent active {active:?} after start; {} connections in all, \
-         {} issued while it started; {} failed, {} skipped a's sidecar, {} skipped b's",
-        shots.len(),
-        during.len(),
-        shots.iter().filter(|s| failed(&s.result)).count(),
-        shots.iter().filter(|s| bypassed_a(&s.result)).count(),
-        shots.iter().filter(|s| bypassed_b(&s.result)).count(),
-    );
-    for l in log
-        .lines()
-        .filter(|l| l.contains("migrat") || l.contains("adopt"))
-    {
+    let log = f.agent.log();
+    for l in log.lines().filter(|l| l.contains("migrat")) {
         eprintln!("agent: {l}");
     }
     assert!(
-        during.len() >= 10,
-        "too little load during the upgrade to mean anything: {} connections in {active:?}",
-        during.len()
-    );
-    assert!(
-        bad.is_empty(),
-        "{} connections failed or skipped a sidecar across the upgrade; the first: {:#?}\nagent log:\n{log}",
-        bad.len(),
-        &bad[..bad.len().min(3)]
-    );
-    assert!(
-        !failed(&right_after) && !bypassed_a(&right_after) && !bypassed_b(&right_after),
-        "right after the upgrade: {right_after:?}"
+        log.contains("migrated: every link runs this build's programs"),
+        "the upgrade did not migrate:\n{log}"
     );
     assert!(
         !log.contains("replacing it"),
         "the upgrade replaced the interception instead of migrating it:\n{log}"
     );
-    // The new layout is pinned, nothing of the migration is left over.
-    let report = agent.status_cmd()?;
+    // The new layout is pinned, nothing staged is left over.
+    let report = f.agent.status_cmd()?;
     assert_eq!(report["maps"]["pods"], 2, "{report}");
-    assert!(agent.bpffs.join("maps/IFACES").exists());
-    drop(agent);
-    drop(procs);
+    assert!(f.agent.bpffs.join("maps/IFACES").exists());
+    assert!(!f.agent.bpffs.join("next").exists());
+    Ok(())
+}
+
+/// A link the migration cannot swap (here: a pin under the pods' link
+/// directory that is a map, not a link) makes it fail after it has swapped
+/// others: every link gets its previous program back, the agent exits
+/// saying what failed, and traffic stays captured by the previous
+/// programs throughout. Without the obstacle the next start migrates.
+#[test]
+fn a_failed_migration_keeps_the_previous_programs() -> Result<()> {
+    let Some(mut f) = Fixture::installed_by_previous("upgrade-fail")? else {
+        return Ok(());
+    };
+    f.agent.stop_process(libc::SIGTERM)?;
+    let bpffs = f.agent.bpffs.clone();
+    let obstacle = bpffs.join("netns/0");
+    {
+        use std::os::fd::AsFd;
+        let map = meshlane::bpf::sys::open_pinned_fd(&bpffs.join("maps/PODS"))?;
+        meshlane::bpf::sys::obj_pin(map.as_fd(), &obstacle)?;
+    }
+    f.agent.upgrade_to_this_build();
+    let (failed, took, shots) = f.under_load(|agent| {
+        let r = agent.restart().and_then(|()| wait_active(agent));
+        (r, agent.exited())
+    });
+    let _ = std::fs::remove_file(&obstacle);
+    let (r, exit) = failed;
+    let err = format!("{:#}", r.expect_err("the migration fails"));
+    let log = f.agent.log();
+    let said = log
+        .split_once("Error: ")
+        .map(|(_, e)| e.split("Stack backtrace").next().unwrap_or(e).trim())
+        .unwrap_or_default();
+    eprintln!("agent exit: {exit:?}; its error: {said}");
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "the agent exits with an error: {exit:?}\n{log}"
+    );
+    for want in [
+        "finishing the migration to the new map layout",
+        "netns/0",
+        "not a bpf link",
+        "the previous programs keep running",
+    ] {
+        assert!(log.contains(want), "the error says {want:?}: {err}\n{log}");
+    }
+    f.assert_all_captured("failed migration", took, &shots);
+    // Still the previous layout, and nothing staged left.
+    assert!(!bpffs.join("maps/IFACES").exists());
+    assert!(!bpffs.join("next").exists());
+
+    // The obstacle gone, the next start migrates.
+    let (_, took, shots) = f.under_load(|agent| -> Result<()> {
+        agent.restart()?;
+        wait_active(agent)
+    });
+    f.assert_all_captured("upgrade after a failed one", took, &shots);
+    assert!(bpffs.join("maps/IFACES").exists());
     Ok(())
 }
