@@ -26,7 +26,12 @@ use meshlane_tests::{
 
 /// The last commit before the IFACES map was added (86490cc): its pinned
 /// layout lacks a map this build's programs use.
-const PREVIOUS_LAYOUT: &str = "6c9e175";
+const BEFORE_IFACES: &str = "6c9e175";
+
+/// The last commit before listeners were keyed by their owner (7eb2a20):
+/// its `LISTENERS` sockhash has 16-byte keys (24 now), and it has neither
+/// `LISTEN_OWNER` nor `IFACES`, nor the post_bind programs.
+const BEFORE_LISTEN_OWNER: &str = "76e4a29";
 
 /// Probe threads: each starts a new app process per connection.
 const CLIENTS: usize = 3;
@@ -46,6 +51,8 @@ struct Shot {
 /// Two meshed pods with their sidecars, intercepted by the previous agent
 /// (stopped, its pins in place), b serving on 9080.
 struct Fixture {
+    /// The commit whose agent installed.
+    rev: &'static str,
     sb: Arc<Sandbox>,
     a: Pod,
     to: String,
@@ -55,8 +62,8 @@ struct Fixture {
 
 impl Fixture {
     /// None (skipped loudly) when the previous agent cannot be built here.
-    fn installed_by_previous(name: &str) -> Result<Option<Self>> {
-        let old_bin = match previous::agent_of(PREVIOUS_LAYOUT)? {
+    fn installed_by_previous(name: &str, rev: &'static str) -> Result<Option<Self>> {
+        let old_bin = match previous::agent_of(rev)? {
             Previous::Built(b) => b,
             Previous::Unavailable(why) => {
                 skip_loudly(&format!("no previous layout to upgrade from: {why}"));
@@ -78,6 +85,7 @@ impl Fixture {
         let mut agent = Agent::spawn_with(&sb, &pods, &launch)?;
         wait_active(&mut agent)?;
         let f = Self {
+            rev,
             to: format!("{}:9080", b.ip),
             sb: Arc::new(sb),
             a,
@@ -182,8 +190,9 @@ impl Fixture {
         let during = shots.iter().filter(|(_, d)| *d).count();
         let count = |why: &str| bad.iter().filter(|(w, _)| *w == why).count();
         eprintln!(
-            "{what} from {PREVIOUS_LAYOUT}: took {took:?}; {} connections in all, {during} issued \
+            "{what} from {}: took {took:?}; {} connections in all, {during} issued \
              during it; {} failed, {} skipped a's sidecar, {} skipped b's",
+            self.rev,
             shots.len(),
             count("failed"),
             count("skipped a's sidecar"),
@@ -221,10 +230,11 @@ fn wait_active(agent: &mut Agent) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn upgrade_across_a_map_layout_change_loses_nothing() -> Result<()> {
-    let Some(mut f) = Fixture::installed_by_previous("upgrade")? else {
-        return Ok(());
+/// Starts this build's agent over what the agent of `rev` pinned, under
+/// load, and checks the migration.
+fn upgrade_from(name: &str, rev: &'static str) -> Result<Option<Fixture>> {
+    let Some(mut f) = Fixture::installed_by_previous(name, rev)? else {
+        return Ok(None);
     };
     f.agent.stop_process(libc::SIGTERM)?;
     f.agent.upgrade_to_this_build();
@@ -261,6 +271,37 @@ fn upgrade_across_a_map_layout_change_loses_nothing() -> Result<()> {
     assert_eq!(report["maps"]["pods"], 2, "{report}");
     assert!(f.agent.bpffs.join("maps/IFACES").exists());
     assert!(!f.agent.bpffs.join("next").exists());
+    Ok(Some(f))
+}
+
+#[test]
+fn upgrade_across_a_map_layout_change_loses_nothing() -> Result<()> {
+    upgrade_from("upgrade", BEFORE_IFACES)?;
+    Ok(())
+}
+
+/// The `LISTENERS` sockhash changes its key: the new one is filled with
+/// the proxies' listening sockets before the swap (they predate every
+/// program, so only the agent can register them), and the post_bind hooks
+/// this build added get links of their own.
+#[test]
+fn upgrade_that_changes_the_listeners_sockhash_loses_nothing() -> Result<()> {
+    let Some(f) = upgrade_from("upgrade-listeners", BEFORE_LISTEN_OWNER)? else {
+        return Ok(());
+    };
+    let log = f.agent.log();
+    assert!(
+        log.contains("LISTENERS (was"),
+        "LISTENERS had another layout:\n{log}"
+    );
+    for hook in ["record_bind4", "record_bind6"] {
+        assert!(
+            f.agent.bpffs.join("links").join(hook).exists(),
+            "{hook} link"
+        );
+    }
+    let report = f.agent.status_cmd()?;
+    assert_eq!(report["maps"]["listeners"], 4, "{report}");
     Ok(())
 }
 
@@ -271,7 +312,7 @@ fn upgrade_across_a_map_layout_change_loses_nothing() -> Result<()> {
 /// programs throughout. Without the obstacle the next start migrates.
 #[test]
 fn a_failed_migration_keeps_the_previous_programs() -> Result<()> {
-    let Some(mut f) = Fixture::installed_by_previous("upgrade-fail")? else {
+    let Some(mut f) = Fixture::installed_by_previous("upgrade-fail", BEFORE_IFACES)? else {
         return Ok(());
     };
     f.agent.stop_process(libc::SIGTERM)?;

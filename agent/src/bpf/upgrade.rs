@@ -92,10 +92,15 @@ pub fn compare(object: &Object, layout: &Layout) -> Result<Vec<(&'static Map, Pi
             if was == now {
                 return Ok((m, Pinned::Same));
             }
+            // An array that shrinks is not copied: its indices past the
+            // end (a counter, a setting this build dropped) have no place.
+            let shrinks = matches!(m.kind, Kind::Array | Kind::PerCpuArray)
+                && def.max_entries() < info.max_entries();
             let carries = kind == def.map_type()
                 && info.key_size() == def.key_size()
                 && info.value_size() == def.value_size()
-                && copyable(m.kind);
+                && copyable(m.kind)
+                && !shrinks;
             Ok((m, Pinned::Differs { was, carries }))
         })
         .collect()
