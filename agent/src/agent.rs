@@ -94,28 +94,27 @@ impl Agent {
         let object = bpf::object_bytes(opts.ebpf_object.as_deref())?;
         // An earlier agent's interception is taken over, never removed: on
         // error its programs keep running and this agent exits.
-        let mut migration = None;
-        let adopted = opts.layout.has_links()
-            && {
-                migration = bpf::adopt(&object, &opts.layout, &opts.cgroup)
-                    .context("taking over the pinned interception (left as it was)")?;
-                match &migration {
-                    None => {
-                        info!(bpffs = %opts.layout.root.display(), "adopted the interception an earlier agent pinned: programs replaced in place, maps kept, no gap")
-                    }
-                    Some(m) => {
-                        info!(bpffs = %opts.layout.root.display(), changed = %m.describe(), "the pinned maps have another layout: migrating; the pinned programs keep running until the first pod list is in the new maps")
-                    }
+        let migration = if opts.layout.has_links() {
+            let m = bpf::adopt(&object, &opts.layout, &opts.cgroup)
+                .context("taking over the pinned interception (left as it was)")?;
+            let at = opts.layout.root.display();
+            match &m {
+                None => {
+                    info!(bpffs = %at, "adopted the interception an earlier agent pinned: programs replaced in place, maps kept, no gap")
                 }
-                true
-            };
-        if !adopted {
+                Some(m) => {
+                    info!(bpffs = %at, changed = %m.describe(), "the pinned maps have another layout: migrating; the pinned programs keep running until the first pod list is in the new maps")
+                }
+            }
+            m
+        } else {
             if let Err(e) = bpf::install(&object, &opts.cgroup, &opts.layout) {
                 // Leave nothing half-attached behind.
                 let _ = bpf::uninstall(&opts.layout);
                 return Err(e);
             }
-        }
+            None
+        };
         info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
         let mut maps = Maps::open(
             migration
