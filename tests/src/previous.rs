@@ -195,3 +195,21 @@ fn build(home: &Path, commit: &str, bin: &Path) -> Result<()> {
     drop(tree);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit the clone lacks (a shallow CI clone) is a reason to skip,
+    /// never a build attempt or a silent pass.
+    #[test]
+    fn a_commit_not_in_the_history_is_unavailable() {
+        match agent_of("0123456789abcdef0123456789abcdef01234567").unwrap() {
+            Previous::Unavailable(why) => assert!(
+                why.contains("not in this clone's history") || why.contains("not a git checkout"),
+                "{why}"
+            ),
+            Previous::Built(b) => panic!("built {}", b.display()),
+        }
+    }
+}
