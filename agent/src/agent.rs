@@ -79,6 +79,9 @@ pub struct Agent {
     /// Entries left by an earlier agent for pods that are gone were swept
     /// (once, after the first complete pod list).
     swept: bool,
+    /// An upgrade across a map layout change, finished once the first
+    /// complete pod list is in the new maps.
+    migration: Option<bpf::Migration>,
 }
 
 impl Agent {
@@ -89,28 +92,35 @@ impl Agent {
         )?;
         bpf::ensure_bpffs(&opts.layout.root)?;
         let object = bpf::object_bytes(opts.ebpf_object.as_deref())?;
-        let adopted = opts.layout.has_links()
-            && match bpf::adopt(&object, &opts.layout) {
-                Ok(()) => {
-                    info!(bpffs = %opts.layout.root.display(), "adopted the interception an earlier agent pinned: programs replaced in place, maps kept, no gap");
-                    true
+        // An earlier agent's interception is taken over, never removed: on
+        // error its programs keep running and this agent exits.
+        let migration = if opts.layout.has_links() {
+            let m = bpf::adopt(&object, &opts.layout, &opts.cgroup)
+                .context("taking over the pinned interception (left as it was)")?;
+            let at = opts.layout.root.display();
+            match &m {
+                None => {
+                    info!(bpffs = %at, "adopted the interception an earlier agent pinned: programs replaced in place, maps kept, no gap")
                 }
-                Err(e) => {
-                    warn!(bpffs = %opts.layout.root.display(), "cannot adopt the pinned interception ({e:#}); replacing it");
-                    bpf::uninstall(&opts.layout)?;
-                    bpf::ensure_bpffs(&opts.layout.root)?;
-                    false
+                Some(m) => {
+                    info!(bpffs = %at, changed = %m.describe(), "the pinned maps have another layout: migrating; the pinned programs keep running until the first pod list is in the new maps")
                 }
-            };
-        if !adopted {
+            }
+            m
+        } else {
             if let Err(e) = bpf::install(&object, &opts.cgroup, &opts.layout) {
                 // Leave nothing half-attached behind.
                 let _ = bpf::uninstall(&opts.layout);
                 return Err(e);
             }
-        }
+            None
+        };
         info!(cgroup = %opts.cgroup.display(), bpffs = %opts.layout.root.display(), "programs attached");
-        let mut maps = Maps::open(&opts.layout)?;
+        let mut maps = Maps::open(
+            migration
+                .as_ref()
+                .map_or(&opts.layout, bpf::Migration::staged),
+        )?;
         maps.set_capture_ports(
             opts.defaults.outbound_capture_port,
             opts.defaults.inbound_capture_port,
@@ -147,6 +157,7 @@ impl Agent {
             status: Vec::new(),
             map_errors: 0,
             swept: false,
+            migration,
         })
     }
 
@@ -197,8 +208,10 @@ impl Agent {
             let round = changed || due;
             if round {
                 last_full = Instant::now();
-                if let Err(e) = self.reconcile() {
-                    error!("reconcile failed: {e:#}");
+                match self.reconcile() {
+                    Err(e) => error!("reconcile failed: {e:#}"),
+                    Ok(()) if self.synced => self.finish_migration()?,
+                    Ok(()) => {}
                 }
             }
             // Before the status file: whoever has read the file finds the
@@ -209,6 +222,19 @@ impl Agent {
             }
         }
         info!("stopping; interception stays in place (`meshlane cleanup` removes it)");
+        Ok(())
+    }
+
+    /// Swaps in the programs of a migration whose maps are now filled. On
+    /// error the previous programs keep running and the agent stops.
+    fn finish_migration(&mut self) -> Result<()> {
+        let Some(m) = self.migration.take() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        m.finish(&self.opts.layout)
+            .context("finishing the migration to the new map layout")?;
+        info!(took = ?t.elapsed(), "migrated: every link runs this build's programs on the new maps, the old maps are unpinned");
         Ok(())
     }
 

@@ -177,6 +177,8 @@ pub struct Agent {
     args: Vec<std::ffi::OsString>,
     /// Command prefix (see [`Launch::wrapper`]).
     wrapper: Vec<String>,
+    /// The agent binary (see [`Launch::bin`]).
+    bin: PathBuf,
     /// Environment changes (see [`Launch::env`]).
     env: Vec<(String, Option<String>)>,
 }
@@ -191,6 +193,9 @@ pub struct Launch {
     /// Environment variables to set (Some) or remove (None), applied after
     /// the default `MESHLANE_LOG=info`.
     pub env: Vec<(String, Option<String>)>,
+    /// Another `meshlane` binary to run (an earlier commit's, say) instead
+    /// of this build's; cleanup always uses this build's.
+    pub bin: Option<PathBuf>,
 }
 
 impl Agent {
@@ -295,6 +300,7 @@ impl Agent {
             stderr_log,
             args,
             wrapper: launch.wrapper.clone(),
+            bin: launch.bin.clone().unwrap_or_else(meshlane_bin),
             env: launch.env.clone(),
         };
         // A previous run of this sandbox index that was SIGKILLed may have left pins.
@@ -313,10 +319,10 @@ impl Agent {
         let mut cmd = match self.wrapper.split_first() {
             Some((prog, args)) => {
                 let mut c = Command::new(prog);
-                c.args(args).arg(meshlane_bin());
+                c.args(args).arg(&self.bin);
                 c
             }
-            None => Command::new(meshlane_bin()),
+            None => Command::new(&self.bin),
         };
         cmd.args(&self.args).env("MESHLANE_LOG", "info");
         for (k, v) in &self.env {
@@ -361,6 +367,12 @@ impl Agent {
                 })
         })?;
         Ok(())
+    }
+
+    /// Runs this build's agent from the next [`Agent::restart`] on (an
+    /// upgrade from the binary [`Launch::bin`] named).
+    pub fn upgrade_to_this_build(&mut self) {
+        self.bin = meshlane_bin();
     }
 
     /// Stops the agent with SIGTERM, as the kubelet does, without cleanup:

@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod chart;
 pub mod fakeapi;
+pub mod previous;
 pub mod records;
 pub mod sandbox;
 pub mod sock;

@@ -82,6 +82,21 @@ impl ProbeResult {
             .with_context(|| format!("probe printed no JSON line; stdout was {stdout:?}"))?;
         serde_json::from_str(line).with_context(|| format!("parsing probe output {line:?}"))
     }
+
+    /// [`ProbeResult::parse`], or a failed connection whose error holds the
+    /// output (a probe that did not run counts as a failure under load).
+    pub fn parse_or_failed(stdout: &str) -> ProbeResult {
+        Self::parse(stdout).unwrap_or_else(|_| ProbeResult {
+            connected: false,
+            error: Some(format!("probe failed to run: {stdout}")),
+            errno: None,
+            local: None,
+            peer: None,
+            family: None,
+            reply: None,
+            reply_raw: None,
+        })
+    }
 }
 
 /// What `mtest udp-probe` prints: one JSON line.

@@ -46,20 +46,7 @@ fn kill_and_restart_under_load_loses_nothing() -> Result<()> {
                 let out = sb
                     .run(&a, APP_UID, APP_UID, mtest(), &["probe", "--connect", &to])
                     .unwrap_or_default();
-                if let Ok(p) = ProbeResult::parse(&out) {
-                    results.push(p);
-                } else {
-                    results.push(ProbeResult {
-                        connected: false,
-                        error: Some(format!("probe failed to run: {out}")),
-                        errno: None,
-                        local: None,
-                        peer: None,
-                        family: None,
-                        reply: None,
-                        reply_raw: None,
-                    });
-                }
+                results.push(ProbeResult::parse_or_failed(&out));
             }
             results
         })

@@ -42,6 +42,11 @@ impl Layout {
     pub fn prog(&self, name: &str) -> PathBuf {
         self.progs().join(name)
     }
+    /// Where an upgrade stages the maps and programs of its layout until
+    /// they replace these (`upgrade.rs`).
+    pub fn staging(&self) -> Layout {
+        Layout::new(self.root.join("next"))
+    }
     /// True when any link is pinned (interception is in place).
     pub fn has_links(&self) -> bool {
         fs::read_dir(self.links())

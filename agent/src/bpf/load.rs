@@ -8,9 +8,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{MapData, SockHash},
+    maps::SockHash,
     programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
@@ -23,7 +23,7 @@ use meshlane_common::{
 
 use super::{
     layout::Layout,
-    sys::{link_create, link_update, obj_pin, open_pinned_fd, prog_attach},
+    sys::{link_create, obj_pin, open_pinned_fd, prog_attach},
 };
 
 /// The object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -61,9 +61,9 @@ pub fn attach_type(hook: Hook) -> bpf_attach_type {
     }
 }
 
-/// Loads program `p` (the verifier runs here) and pins it, replacing an
-/// older pin of that name. Returns its fd, to attach or swap in.
-fn load_and_pin(ebpf: &mut Ebpf, layout: &Layout, p: &Program) -> Result<OwnedFd> {
+/// Loads program `p` (the verifier runs here). Returns its fd, to attach
+/// or swap in.
+pub(super) fn load_program(ebpf: &mut Ebpf, p: &Program) -> Result<OwnedFd> {
     let name = p.name;
     let prog = ebpf
         .program_mut(name)
@@ -82,17 +82,25 @@ fn load_and_pin(ebpf: &mut Ebpf, layout: &Layout, p: &Program) -> Result<OwnedFd
             p.hook.section()
         )
     })?;
+    Ok(prog.fd()?.as_fd().try_clone_to_owned()?)
+}
+
+/// [`load_program`], then pins it.
+fn load_and_pin(ebpf: &mut Ebpf, layout: &Layout, p: &Program) -> Result<OwnedFd> {
+    let fd = load_program(ebpf, p)?;
+    let name = p.name;
     let ppath = layout.prog(name);
+    let prog = ebpf.program_mut(name).expect("loaded above");
     let _ = fs::remove_file(&ppath);
     prog.pin(&ppath)
         .with_context(|| format!("pinning program {name} at {}", ppath.display()))?;
-    Ok(prog.fd()?.as_fd().try_clone_to_owned()?)
+    Ok(fd)
 }
 
 /// Attaches a verdict program to the sockhash `map`. On a sockhash that has
 /// one, it is replaced; sockets already in the map keep the one they joined
 /// with until they close.
-fn attach_to_map(ebpf: &Ebpf, p: &Program, map: &str, prog: &OwnedFd) -> Result<()> {
+pub(super) fn attach_to_map(ebpf: &Ebpf, p: &Program, map: &str, prog: &OwnedFd) -> Result<()> {
     let socks = SockHash::<_, ConnKey>::try_from(
         ebpf.map(map)
             .ok_or_else(|| anyhow!("map {map} missing from the eBPF object"))?,
@@ -111,7 +119,7 @@ fn attach_to_map(ebpf: &Ebpf, p: &Program, map: &str, prog: &OwnedFd) -> Result<
 const HAS_INGRESS_IFINDEX: &str = "HAS_INGRESS_IFINDEX";
 
 /// A loader with the programs' read-only globals set for this kernel.
-fn loader<'a>() -> EbpfLoader<'a> {
+pub(super) fn loader<'a>() -> EbpfLoader<'a> {
     static YES: u32 = 1;
     static NO: u32 = 0;
     let mut l = EbpfLoader::new();
@@ -175,77 +183,6 @@ pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Takes over the interception an earlier agent pinned, without a moment
-/// without it: the programs of `object` are loaded against the pinned maps
-/// (their state, socket storage and sockhashes included, carries over) and
-/// swapped into the pinned links with BPF_LINK_UPDATE, which the kernel does
-/// atomically. Fails, changing nothing attached, when a pinned map is
-/// missing or its layout differs from the object's (an upgrade that changed
-/// a map: the caller then replaces everything).
-pub fn adopt(object: &[u8], layout: &Layout) -> Result<()> {
-    let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
-    for m in maps::ALL {
-        let name = m.name;
-        let path = layout.map(name);
-        let pinned = MapData::from_pin(&path)
-            .with_context(|| format!("pinned map {} is missing", path.display()))?;
-        let info = pinned.info().context("reading pinned map info")?;
-        let def = parsed
-            .maps
-            .get(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
-        let same = info.key_size() == def.key_size()
-            && info.value_size() == def.value_size()
-            && info.max_entries() == def.max_entries()
-            && info.map_type().ok().map(|t| t as u32) == Some(def.map_type());
-        if !same {
-            bail!(
-                "pinned map {name} has another layout (key {} value {} entries {}) than this build's (key {} value {} entries {})",
-                info.key_size(),
-                info.value_size(),
-                info.max_entries(),
-                def.key_size(),
-                def.value_size(),
-                def.max_entries()
-            );
-        }
-    }
-    for p in programs::ALL {
-        if p.hook.target() == Target::Cgroup && !layout.link(p.name).exists() {
-            bail!("pinned link {} is missing", layout.link(p.name).display());
-        }
-    }
-    let mut loader = loader();
-    for m in maps::ALL {
-        loader.map_pin_path(m.name, layout.map(m.name));
-    }
-    let mut ebpf = loader
-        .load(object)
-        .context("loading the eBPF object against the pinned maps")?;
-    let swap = |fd: &OwnedFd, links: Vec<PathBuf>| -> Result<()> {
-        for l in links {
-            let link = open_pinned_fd(&l)?;
-            link_update(link.as_fd(), fd.as_fd())
-                .with_context(|| format!("replacing the program of link {}", l.display()))?;
-        }
-        Ok(())
-    };
-    for p in programs::ALL {
-        let fd = load_and_pin(&mut ebpf, layout, p)?;
-        match p.hook.target() {
-            Target::Cgroup => swap(&fd, vec![layout.link(p.name)])?,
-            Target::PodNetns => {
-                let netns_links: Vec<PathBuf> = fs::read_dir(layout.netns_links())
-                    .map(|d| d.flatten().map(|e| e.path()).collect())
-                    .unwrap_or_default();
-                swap(&fd, netns_links)?;
-            }
-            Target::Map(map) => attach_to_map(&ebpf, p, map, &fd)?,
-        }
-    }
-    Ok(())
-}
-
 /// The program attached to each pod's network namespace.
 fn netns_program() -> &'static Program {
     programs::ALL
@@ -299,7 +236,12 @@ pub fn uninstall(layout: &Layout) -> Result<Vec<PathBuf>> {
             Err(e) => Err(e),
         }
     }
-    let mut removed = Vec::new();
+    // A migration's staged maps and programs first (see `upgrade.rs`).
+    let mut removed = if layout.staging().root.exists() {
+        uninstall(&layout.staging())?
+    } else {
+        Vec::new()
+    };
     for dir in [
         layout.links(),
         layout.netns_links(),

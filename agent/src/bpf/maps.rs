@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd, RawFd},
+    os::fd::{AsFd, RawFd},
 };
 
 use anyhow::{bail, Context, Result};
@@ -96,33 +96,15 @@ fn open_data(layout: &Layout, def: &MapDef) -> Result<MapData> {
 
 /// Entries of a map of any type, counted with BPF_MAP_GET_NEXT_KEY.
 fn count_entries(map: &MapData, key_size: u32) -> usize {
-    #[repr(C)]
-    struct NextKeyAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        next_key: u64,
-    }
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let fd: RawFd = map.fd().as_fd().as_raw_fd();
+    let fd = map.fd().as_fd();
     let mut cur = vec![0u8; key_size as usize];
     let mut next = vec![0u8; key_size as usize];
     let mut n = 0;
-    let mut first = true;
-    loop {
-        let mut attr = NextKeyAttr {
-            map_fd: fd as u32,
-            _pad: 0,
-            key: if first { 0 } else { cur.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-        };
-        if sys::sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr).is_err() {
-            return n;
-        }
-        first = false;
+    while sys::next_key(fd, (n > 0).then_some(cur.as_slice()), &mut next) {
         n += 1;
         std::mem::swap(&mut cur, &mut next);
     }
+    n
 }
 
 impl Maps {

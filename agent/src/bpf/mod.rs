@@ -13,7 +13,8 @@
 //! agent process; removing the pins (`meshlane cleanup`) detaches everything.
 //!
 //! - `layout`: the directory and the bpf filesystem under it;
-//! - `load`: install, adopt, attach per pod, uninstall (walking the tables);
+//! - `load`: install, attach per pod, uninstall (walking the tables);
+//! - `upgrade`: adopt what an earlier agent pinned, migrating its maps;
 //! - `maps`: the pinned maps and every write to them;
 //! - `btf`: offsets read from the running kernel's BTF;
 //! - `sys`: the raw bpf(2) calls aya does not offer.
@@ -22,9 +23,9 @@ pub mod layout;
 pub mod load;
 pub mod maps;
 pub mod sys;
+pub mod upgrade;
 
 pub use layout::{ensure_bpffs, Layout};
-pub use load::{
-    adopt, attach_netns, detach_netns, install, object_bytes, program_hooks, uninstall,
-};
+pub use load::{attach_netns, detach_netns, install, object_bytes, program_hooks, uninstall};
 pub use maps::{default_shortcut_max_queued, Maps, Occupancy, PodEntries, PodView};
+pub use upgrade::{adopt, Migration};

@@ -17,6 +17,11 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 #[repr(C)]
 #[derive(Default)]
@@ -36,6 +41,125 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<()> {
     };
     sys_bpf(BPF_LINK_UPDATE, &mut attr).context("bpf(BPF_LINK_UPDATE)")?;
     Ok(())
+}
+
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    /// `value` for lookup and update, `next_key` for GET_NEXT_KEY.
+    value: u64,
+    flags: u64,
+}
+
+impl MapElemAttr {
+    fn elem(map: BorrowedFd<'_>, key: &[u8], value: u64) -> Self {
+        Self {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value,
+            flags: 0,
+        }
+    }
+}
+
+/// The key after `key` in `map` (the first with None), into `next`; false
+/// at the end of the map.
+pub fn next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> bool {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.map_or(0, |k| k.as_ptr() as u64),
+        value: next.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr).is_ok()
+}
+
+/// Copies every entry of `from` into `to`, two maps of one kind with keys
+/// of `key_size` bytes and values of `value_size` bytes as user space sees
+/// them (all CPUs' for a per-CPU map). Returns how many were copied.
+pub fn copy_entries(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> Result<usize> {
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut value = vec![0u8; value_size];
+    let mut first = true;
+    let mut n = 0;
+    while next_key(from, (!first).then_some(key.as_slice()), &mut next) {
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+        let mut get = MapElemAttr::elem(from, &key, value.as_mut_ptr() as u64);
+        match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut get) {
+            Ok(_) => {}
+            // Deleted since its key was listed.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e).context("bpf(BPF_MAP_LOOKUP_ELEM)"),
+        }
+        let mut put = MapElemAttr::elem(to, &key, value.as_ptr() as u64);
+        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut put)
+            .with_context(|| format!("bpf(BPF_MAP_UPDATE_ELEM) after {n} entries"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The start of `struct bpf_link_info`: enough for the program's id.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    _rest: [u64; 8],
+}
+
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The program a link runs now, as an fd (to put it back with
+/// [`link_update`]).
+pub fn link_program(link: BorrowedFd<'_>) -> Result<OwnedFd> {
+    // The info of another kind of object would be read as a link's.
+    let kind = std::fs::read_link(format!("/proc/self/fd/{}", link.as_raw_fd()))
+        .context("reading the kind of a pinned object")?;
+    if kind.as_os_str() != "anon_inode:bpf-link" {
+        anyhow::bail!("not a bpf link but {}", kind.display());
+    }
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("bpf(BPF_OBJ_GET_INFO_BY_FD) of a link")?;
+    let mut get = GetFdByIdAttr {
+        id: info.prog_id,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut get)
+        .with_context(|| format!("bpf(BPF_PROG_GET_FD_BY_ID {})", info.prog_id))?;
+    // SAFETY: the kernel returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[repr(C)]
@@ -142,4 +266,68 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
     };
     sys_bpf(BPF_OBJ_PIN, &mut attr).context("bpf(BPF_OBJ_PIN)")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// A hash map of u32 to u64 with `entries` entries, or None where this
+    /// process may not create maps.
+    fn hash(entries: u32) -> Option<OwnedFd> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct MapCreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        let mut attr = MapCreateAttr {
+            map_type: 1,
+            key_size: 4,
+            value_size: 8,
+            max_entries: entries,
+            ..Default::default()
+        };
+        match sys_bpf(0, &mut attr) {
+            // SAFETY: the kernel returned a new fd we now own.
+            Ok(fd) => Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+            Err(e) => {
+                eprintln!("SKIPPED: cannot create a bpf map here: {e}");
+                None
+            }
+        }
+    }
+
+    fn put(map: &OwnedFd, k: u32, v: u64) {
+        let key = k.to_ne_bytes();
+        let val = v.to_ne_bytes();
+        let mut attr = MapElemAttr::elem(map.as_fd(), &key, val.as_ptr() as u64);
+        sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).expect("update");
+    }
+
+    #[test]
+    fn copies_every_entry_into_a_map_of_another_capacity() {
+        let (Some(old), Some(new), Some(small)) = (hash(64), hash(128), hash(2)) else {
+            return;
+        };
+        for k in 0..40 {
+            put(&old, k, u64::from(k) * 1000);
+        }
+        assert_eq!(copy_entries(old.as_fd(), new.as_fd(), 4, 8).unwrap(), 40);
+        let mut value = [0u8; 8];
+        for k in 0u32..40 {
+            let key = k.to_ne_bytes();
+            let mut get = MapElemAttr::elem(new.as_fd(), &key, value.as_mut_ptr() as u64);
+            sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut get).expect("copied");
+            assert_eq!(u64::from_ne_bytes(value), u64::from(k) * 1000);
+        }
+        // Too small: the error says how far it got.
+        let e = copy_entries(old.as_fd(), small.as_fd(), 4, 8).unwrap_err();
+        assert!(format!("{e:#}").contains("after 2 entries"), "{e:#}");
+    }
 }
