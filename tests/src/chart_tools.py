@@ -75,7 +75,14 @@ def validate_podmonitor(obj):
 
 
 def validate(req):
+    import functools
+
     import kubernetes_validate
+    import kubernetes_validate.utils as kv_utils
+
+    # It parses the (large) definitions file again for every object; the
+    # schemas never change within a run.
+    kv_utils.schema_contents = functools.lru_cache(maxsize=None)(kv_utils.schema_contents)
 
     results = []
     for obj in req["objects"]:

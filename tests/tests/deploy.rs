@@ -1435,8 +1435,9 @@ fn the_charts_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     // The committed manifests: the chart's defaults, as a fresh render.
     let r = committed("meshlane.yaml", &json!({}));
     let caps = container_caps(r.agent());
-    let cleanup = committed("cleanup.yaml", &json!({"cleanup": {"enabled": true}}));
-    let job_caps = container_caps(&cleanup.pod()["initContainers"][0]);
+    let cleanup_mode = committed("cleanup.yaml", &json!({"cleanup": {"enabled": true}}));
+    let cleanup_pod = cleanup_mode.pod().clone();
+    let job_caps = container_caps(&cleanup_pod["initContainers"][0]);
     assert!(!caps.is_empty());
     let n = node("deploycaps")?;
     let ro = ReadOnlyBind::new(n.sb.cgroup(), n.sb.dir().join("host-cgroup"))?;
@@ -1520,13 +1521,20 @@ fn the_charts_capabilities_are_enough_and_each_is_needed() -> Result<()> {
     // Cleanup mode's capabilities (none) remove everything.
     let empty_state = n.sb.dir().join("job-state");
     std::fs::create_dir_all(&empty_state)?;
+    // Cleanup mode's own arguments, with its mount points moved to this sandbox's.
+    let args: Vec<String> = strings(&cleanup_pod["initContainers"][0]["args"])
+        .iter()
+        .map(|a| {
+            a.replace("/sys/fs/bpf/meshlane", &agent.bpffs.display().to_string())
+                .replace("/run/meshlane", &empty_state.display().to_string())
+        })
+        .collect();
+    assert_eq!(args[0], "cleanup");
     let mut cleanup = Command::new(&with_caps(&job_caps)[0]);
     cleanup
         .args(&with_caps(&job_caps)[1..])
         .arg(meshlane_bin())
-        .arg("cleanup")
-        .arg(format!("--bpffs={}", agent.bpffs.display()))
-        .arg(format!("--state-dir={}", empty_state.display()));
+        .args(&args);
     let out = cleanup.output()?;
     assert!(
         out.status.success(),
