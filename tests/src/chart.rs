@@ -168,6 +168,34 @@ impl PythonTools {
         })
     }
 
+    /// `helm lint --strict` with `values`, for `kubernetes`: the messages
+    /// of warning severity or worse, as `path: message`.
+    pub fn lint(&self, chart: &Path, values: &Json, kubernetes: &str) -> Result<Vec<String>> {
+        let v = self.call(&json!({
+            "op": "lint",
+            "chart": chart,
+            "namespace": NAMESPACE,
+            "values": values,
+            "kubernetes": kubernetes,
+        }))?;
+        let mut out: Vec<String> = v["messages"]
+            .as_array()
+            .context("messages")?
+            .iter()
+            // 1 is info (e.g. "icon is recommended"), 2 warning, 3 error.
+            .filter(|m| m["severity"].as_i64().unwrap_or(3) >= 2)
+            .map(|m| format!("{}: {}", m["path"].as_str().unwrap_or("?"), m["error"]))
+            .collect();
+        out.extend(
+            v["errors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e.to_string()),
+        );
+        Ok(out)
+    }
+
     /// Each object against the Kubernetes OpenAPI schema of `kubernetes`
     /// (strict: unknown fields fail), the PodMonitor against its CRD's
     /// models. One result per object, in order.

@@ -7,6 +7,8 @@ exit code 1 (a template's `required` or `fail` message among them).
 
     {"op": "render", "chart": DIR, "release": R, "namespace": NS, "values": {...}}
       -> {"helm": VERSION, "files": {"meshlane/templates/x.yaml": TEXT, ...}}
+    {"op": "lint", "chart": DIR, "namespace": NS, "values": {...}, "kubernetes": "1.30.0"}
+      -> {"messages": [{"severity": 1-3, "path": P, "error": TEXT}], "errors": [TEXT]}
     {"op": "validate", "kubernetes": "1.30.0", "objects": [{...}, ...]}
       -> {"results": [{"ok": bool, "skipped": REASON|null, "error": TEXT|null}, ...]}
 """
@@ -29,6 +31,19 @@ def render(req):
             is_install=True,
         )
     return {"helm": helm.helm_sdk_version(), "files": files}
+
+
+def lint(req):
+    import helm_python as helm
+
+    # `helm lint --strict`: warnings count as errors.
+    return helm.lint(
+        req["chart"],
+        req["values"],
+        strict=True,
+        namespace=req["namespace"],
+        kube_version="v" + req["kubernetes"],
+    )
 
 
 def strip_none(v):
@@ -102,7 +117,7 @@ def validate(req):
 
 def main():
     req = json.load(sys.stdin)
-    op = {"render": render, "validate": validate}[req["op"]]
+    op = {"render": render, "lint": lint, "validate": validate}[req["op"]]
     try:
         out = op(req)
     except Exception as e:

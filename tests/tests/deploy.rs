@@ -291,6 +291,36 @@ fn every_rendering_validates_against_the_kubernetes_schema() {
     );
 }
 
+/// Helm's own linter, strict (warnings fail), for every value set.
+#[test]
+fn helm_lint_is_clean_for_every_value_set() {
+    let Some(tools) = PythonTools::or_skip("helm_lint_is_clean_for_every_value_set") else {
+        return;
+    };
+    for (name, overrides) in scenarios() {
+        let found = tools
+            .lint(&chart::chart_dir(), &overrides, KUBERNETES[0])
+            .expect("helm lint");
+        assert!(
+            found.is_empty(),
+            "{name}: helm lint --strict:\n  {}",
+            found.join("\n  ")
+        );
+    }
+    // The linter does report: a value the schema refuses.
+    let found = tools
+        .lint(
+            &chart::chart_dir(),
+            &json!({"image": {"repository": IMAGE}, "logFormat": "xml"}),
+            KUBERNETES[0],
+        )
+        .expect("helm lint");
+    assert!(
+        found.iter().any(|m| m.contains("logFormat")),
+        "helm lint does not report a bad logFormat: {found:?}"
+    );
+}
+
 /// The schema check can fail: an unknown field, a misspelt one and a wrong
 /// type are each caught, in core objects and in the PodMonitor.
 #[test]
