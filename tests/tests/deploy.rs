@@ -382,6 +382,12 @@ fn validation_rejects_unknown_misspelt_and_mistyped_fields() {
         &|v| v["spec"]["podMetricsEndpoints"][0]["honorLabels"] = json!("yes"),
         "honorLabels",
     );
+    // The CRD's patterns come along: a Duration is Prometheus', not prose.
+    bad(
+        pm.clone(),
+        &|v| v["spec"]["podMetricsEndpoints"][0]["interval"] = json!("30 seconds"),
+        "interval",
+    );
     let ok = tools.validate(&[ds, pm], KUBERNETES[1]).expect("validate");
     assert!(
         ok.iter().all(|v| v.error.is_none() && v.skipped.is_none()),
