@@ -1,59 +1,114 @@
 //! deploy/: the Helm chart, the manifests rendered from it and the Dockerfile.
 //!
-//! - The chart renders (tests/src/chart.rs, Go templates in Rust) and every
-//!   object it makes is a valid Kubernetes object: parsed into k8s-openapi's
-//!   type and written back, it must come out unchanged, which catches unknown
-//!   and misspelt fields.
+//! - Helm's own engine (helm-python-sdk, tests/src/chart.rs) renders the
+//!   chart for every value set in [`scenarios`], after values.schema.json
+//!   has accepted the values; a missing image is refused with the hint.
+//! - Every object validates against the Kubernetes OpenAPI schema
+//!   (kubernetes-validate, strict: unknown fields fail), the PodMonitor
+//!   against its CRD's models.
+//! - checkov's findings on every rendering are fixed, or accepted with a
+//!   reason in values.yaml; a new one fails.
 //! - The committed manifests are a fresh render of the defaults.
 //! - The chart's values reach the agent: the rendered arguments go to the
 //!   real `meshlane run --print-options`.
-//! - The chart renders byte for byte the same under Helm's own engine.
 //! - The capabilities the chart grants are enough for the real agent on a
-//!   real kernel, and each one is needed; the uninstall Job's (none) are
-//!   enough for `meshlane cleanup`.
+//!   real kernel, and each one is needed; cleanup mode's (none) are enough
+//!   for `meshlane cleanup`. These read the committed manifests, so they run
+//!   also where the Python tools are missing.
 //! - The Dockerfile builds with the project's recipe and runs what the chart runs.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     process::Command,
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use meshlane_tests::{
-    chart::{self, Object},
+    chart::{self, Object, PythonTools},
     meshlane_bin, pod_state, read_sidecar_log, workspace_root, Agent, Launch, Pod, PodSpec,
     ProbeResult, Proc, Sandbox, APP_UID, PROXY_UID,
 };
 use serde_json::{json, Value as Json};
 
-/// Value sets every check runs with: the defaults, and everything changed.
+const IMAGE: &str = "registry.example/mesh/meshlane";
+
+/// The value sets every chart check runs with.
 fn scenarios() -> Vec<(&'static str, Json)> {
     vec![
-        ("defaults", json!({})),
+        ("defaults", json!({"image": {"repository": IMAGE}})),
         (
-            "custom",
+            "custom-ports",
             json!({
-                "image": {"repository": "registry.example/mesh/meshlane", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
+                "image": {"repository": IMAGE, "tag": "0.1.0-rc1", "pullPolicy": "Always"},
                 // OpenShift-style uid: Helm holds it as float64 (1.00067e+09).
                 "mesh": {"proxyUid": 1_000_670_000, "outboundCapturePort": 4140, "inboundCapturePort": 4143},
                 "shortcut": {"enabled": true, "maxQueuedBytes": 1_048_576},
                 "logLevel": "meshlane=debug,info",
                 "http": {"bindAddress": "0.0.0.0", "port": 15999},
                 "metrics": {"bindAddress": "127.0.0.1", "port": 15998},
-                "host": {"bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup/unified", "netns": "/var/run/netns"},
-                "hostPID": true,
                 "priorityClassName": "",
                 "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"memory": "1Gi"}},
-                "uninstall": {"nodes": 3},
+                "extraArgs": ["--max-list-entries=64"],
+                "extraEnv": [{"name": "NO_COLOR", "value": "1"}],
+            }),
+        ),
+        (
+            "tolerations-nodeselector",
+            json!({
+                "image": {"repository": IMAGE, "digest": format!("sha256:{}", "ab".repeat(32))},
+                "imagePullSecrets": [{"name": "regcred"}],
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "mesh", "effect": "NoSchedule"}],
+                "nodeSelector": {"kubernetes.io/os": "linux", "mesh.example/enabled": "true"},
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [
+                        {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}
+                    ]}]}}},
+                "podAnnotations": {"example.com/team": "platform"},
+                "podLabels": {"team": "platform"},
+                "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+            }),
+        ),
+        (
+            "hostpid",
+            json!({
+                "image": {"repository": IMAGE},
+                "hostPID": true,
+                "host": {"bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup/unified", "netns": "/var/run/netns"},
+                // Clusters before 1.30: the annotation instead of the field.
+                "appArmor": {"annotation": true},
+                "seLinuxOptions": null,
+            }),
+        ),
+        (
+            "json-logs-podmonitor",
+            json!({
+                "image": {"repository": IMAGE},
+                "logFormat": "json",
+                "podMonitor": {"enabled": true, "interval": "30s", "labels": {"release": "prometheus"}},
             }),
         ),
         (
             "metrics-beside-probes",
-            json!({"metrics": {"bindAddress": ""}}),
+            json!({
+                "image": {"repository": IMAGE},
+                "metrics": {"bindAddress": ""},
+                "podMonitor": {"enabled": true},
+            }),
+        ),
+        (
+            "cleanup-mode",
+            json!({"image": {"repository": IMAGE}, "cleanup": {"enabled": true}}),
         ),
     ]
 }
+
+/// Kubernetes releases every rendering is validated for: the oldest that
+/// has securityContext.appArmorProfile, and the newest kubernetes-validate
+/// knows. Renderings with the annotation form also for 1.29.
+const KUBERNETES: &[&str] = &["1.30.0", "1.37.0"];
+const KUBERNETES_BEFORE_APPARMOR_FIELD: &str = "1.29.0";
 
 /// The node's address, as the kubelet puts `status.hostIP` in the env.
 const HOST_IP: &str = "192.0.2.7";
@@ -69,33 +124,97 @@ fn metrics_addr(r: &Render) -> Option<String> {
 }
 
 struct Render {
+    name: &'static str,
     values: Json,
     objects: Vec<Object>,
 }
 
-fn render(overrides: &Json) -> Render {
-    let dir = chart::chart_dir();
-    let rendered =
-        chart::render(&dir, chart::RELEASE, chart::NAMESPACE, overrides).expect("chart renders");
+/// Every scenario rendered by Helm's engine, once per test binary; None
+/// (after a loud SKIPPED) without the Python tools.
+fn rendered(test: &str) -> Option<&'static [Render]> {
+    static ALL: OnceLock<Vec<Render>> = OnceLock::new();
+    let tools = PythonTools::or_skip(test)?;
+    Some(ALL.get_or_init(|| {
+        let dir = chart::chart_dir();
+        scenarios()
+            .into_iter()
+            .map(|(name, overrides)| {
+                let r = tools
+                    .render(&dir, &overrides)
+                    .unwrap_or_else(|e| panic!("{name}: Helm's engine: {e:#}"));
+                Render {
+                    name,
+                    values: chart::values(&dir, &overrides).expect("values"),
+                    objects: chart::objects(&r.files).unwrap_or_else(|e| panic!("{name}: {e:#}")),
+                }
+            })
+            .collect()
+    }))
+}
+
+/// The committed manifests (a fresh render of the defaults, which
+/// [`committed_manifests_are_a_fresh_render_of_the_defaults`] checks): what
+/// the kernel tests read, so they need no Python.
+fn committed(file: &str, overrides: &Json) -> Render {
+    let p = chart::manifests_dir().join(file);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut values = chart::manifest_values();
+    chart::merge_values(&mut values, overrides);
     Render {
-        values: chart::values(&dir, overrides).expect("values"),
-        objects: chart::objects(&rendered).expect("rendered YAML parses"),
+        name: "committed",
+        values: chart::values(&chart::chart_dir(), &values).expect("values"),
+        objects: chart::objects(&[chart::Rendered {
+            name: file.to_string(),
+            text,
+        }])
+        .expect("committed manifests parse"),
     }
 }
 
 impl Render {
+    fn all(&self, kind: &str) -> Vec<&Object> {
+        self.objects.iter().filter(|o| o.kind() == kind).collect()
+    }
     fn one(&self, kind: &str) -> &Json {
-        let found: Vec<&Object> = self.objects.iter().filter(|o| o.kind() == kind).collect();
-        assert_eq!(found.len(), 1, "exactly one {kind}: {found:?}");
+        let found = self.all(kind);
+        assert_eq!(
+            found.len(),
+            1,
+            "{}: exactly one {kind}: {found:?}",
+            self.name
+        );
         &found[0].value
     }
+    fn pod(&self) -> &Json {
+        &self.one("DaemonSet")["spec"]["template"]["spec"]
+    }
     fn agent(&self) -> &Json {
-        let c = &self.one("DaemonSet")["spec"]["template"]["spec"]["containers"];
+        let c = &self.pod()["containers"];
         assert_eq!(c.as_array().map(Vec::len), Some(1), "one container");
+        assert_eq!(c[0]["name"], json!("agent"), "{}", self.name);
         &c[0]
+    }
+    fn cleanup_mode(&self) -> bool {
+        self.v("cleanup.enabled") == &json!(true)
     }
     fn v(&self, path: &str) -> &Json {
         path.split('.').fold(&self.values, |v, k| &v[k])
+    }
+    /// The image the values ask for.
+    fn image(&self) -> String {
+        let repo = self.v("image.repository").as_str().unwrap();
+        match self.v("image.digest").as_str() {
+            Some(d) if !d.is_empty() => format!("{repo}@{d}"),
+            _ => {
+                let tag = self.v("image.tag").as_str().unwrap_or("");
+                let app = chart::read_yaml(&chart::chart_dir().join("Chart.yaml")).unwrap()
+                    ["appVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                format!("{repo}:{}", if tag.is_empty() { &app } else { tag })
+            }
+        }
     }
 }
 
@@ -108,79 +227,306 @@ fn strings(v: &Json) -> Vec<String> {
 }
 
 #[test]
-fn every_rendered_object_is_a_valid_kubernetes_object() {
-    for (name, overrides) in scenarios() {
-        let r = render(&overrides);
+fn every_rendering_validates_against_the_kubernetes_schema() {
+    let Some(all) = rendered("every_rendering_validates_against_the_kubernetes_schema") else {
+        return;
+    };
+    let tools = PythonTools::find().expect("tools");
+    let mut skipped = BTreeSet::new();
+    for r in all {
+        let cleanup = r.cleanup_mode();
         let kinds: BTreeSet<(String, bool)> = r
             .objects
             .iter()
             .map(|o| (o.kind().to_string(), o.hook().is_some()))
             .collect();
-        let want: BTreeSet<(String, bool)> = [
+        let mut want: BTreeSet<(String, bool)> = [
             ("ServiceAccount", false),
             ("ClusterRole", false),
             ("ClusterRoleBinding", false),
             ("DaemonSet", false),
-            ("Job", true),
         ]
         .into_iter()
         .map(|(k, h)| (k.to_string(), h))
         .collect();
-        assert_eq!(kinds, want, "{name}: the chart's objects");
-        assert_eq!(r.objects.len(), 5, "{name}");
-        for o in &r.objects {
-            chart::validate(o).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        if !cleanup {
+            want.insert(("Job".into(), true));
         }
-        eprintln!("{name}: {} objects valid", r.objects.len());
+        if r.v("podMonitor.enabled") == &json!(true) && !cleanup {
+            want.insert(("PodMonitor".into(), false));
+        }
+        assert_eq!(kinds, want, "{}: the chart's objects", r.name);
+        let mut versions = KUBERNETES.to_vec();
+        if r.v("appArmor.annotation") == &json!(true) {
+            versions.push(KUBERNETES_BEFORE_APPARMOR_FIELD);
+        }
+        for k in &versions {
+            let results = tools.validate(&r.objects, k).expect("validate");
+            for (o, v) in r.objects.iter().zip(&results) {
+                if let Some(e) = &v.error {
+                    panic!(
+                        "{} (Kubernetes {k}): {} {} is invalid: {e}",
+                        r.name,
+                        o.kind(),
+                        o.name()
+                    );
+                }
+                if let Some(why) = &v.skipped {
+                    skipped.insert(format!("{} {}: {why}", o.kind(), o.name()));
+                }
+            }
+        }
+        eprintln!(
+            "{}: {} objects valid for Kubernetes {versions:?}",
+            r.name,
+            r.objects.len()
+        );
     }
+    // The venv's stamp promises the CRD models: if they still cannot be
+    // imported the venv is broken, and an unvalidated object must not pass.
+    assert!(
+        skipped.is_empty(),
+        "NOT VALIDATED: {skipped:?}: reinstall the chart tools (remove {} and run `cargo xtask setup`)",
+        tools.dir.display()
+    );
 }
 
-/// The validation can fail: an unknown field, a misspelt one and a wrong
-/// type are each caught, with the path named.
+/// Helm's own linter, strict (warnings fail), for every value set.
+#[test]
+fn helm_lint_is_clean_for_every_value_set() {
+    let Some(tools) = PythonTools::or_skip("helm_lint_is_clean_for_every_value_set") else {
+        return;
+    };
+    for (name, overrides) in scenarios() {
+        let found = tools
+            .lint(&chart::chart_dir(), &overrides, KUBERNETES[0])
+            .expect("helm lint");
+        assert!(
+            found.is_empty(),
+            "{name}: helm lint --strict:\n  {}",
+            found.join("\n  ")
+        );
+    }
+    // The linter does report: a value the schema refuses.
+    let found = tools
+        .lint(
+            &chart::chart_dir(),
+            &json!({"image": {"repository": IMAGE}, "logFormat": "xml"}),
+            KUBERNETES[0],
+        )
+        .expect("helm lint");
+    assert!(
+        found.iter().any(|m| m.contains("logFormat")),
+        "helm lint does not report a bad logFormat: {found:?}"
+    );
+}
+
+/// The schema check can fail: an unknown field, a misspelt one and a wrong
+/// type are each caught, in core objects and in the PodMonitor.
 #[test]
 fn validation_rejects_unknown_misspelt_and_mistyped_fields() {
-    let r = render(&json!({}));
-    let ds = r
-        .objects
-        .iter()
-        .find(|o| o.kind() == "DaemonSet")
-        .expect("DaemonSet")
-        .clone();
-    let bad = |edit: &dyn Fn(&mut Json), expect: &str| {
-        let mut o = ds.clone();
-        edit(&mut o.value);
-        let e = chart::validate(&o).expect_err(expect);
-        let msg = format!("{e:#}");
-        assert!(msg.contains(expect), "{expect:?} not in: {msg}");
+    let Some(all) = rendered("validation_rejects_unknown_misspelt_and_mistyped_fields") else {
+        return;
     };
+    let tools = PythonTools::find().expect("tools");
+    let r = all
+        .iter()
+        .find(|r| r.name == "json-logs-podmonitor")
+        .expect("scenario");
+    let find = |kind: &str| {
+        r.objects
+            .iter()
+            .find(|o| o.kind() == kind)
+            .unwrap_or_else(|| panic!("{kind}"))
+            .clone()
+    };
+    let bad = |mut o: Object, edit: &dyn Fn(&mut Json), expect: &str| {
+        edit(&mut o.value);
+        let v = tools.validate(&[o], KUBERNETES[1]).expect("validate");
+        let e = v[0]
+            .error
+            .clone()
+            .unwrap_or_else(|| panic!("accepted, wanted {expect:?}"));
+        assert!(e.contains(expect), "{expect:?} not in: {e}");
+    };
+    let ds = find("DaemonSet");
     bad(
+        ds.clone(),
         &|v| v["spec"]["template"]["spec"]["hostPid"] = json!(true),
-        ".spec.template.spec.hostPid: unknown field",
+        "hostPid",
     );
     bad(
+        ds.clone(),
         &|v| {
             v["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilites"] =
                 json!({})
         },
-        "securityContext.capabilites: unknown field",
+        "capabilites",
     );
     bad(
+        ds.clone(),
         &|v| {
             v["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] =
                 json!("15030")
         },
-        "does not parse as the Kubernetes type",
+        "containerPort",
+    );
+    let pm = find("PodMonitor");
+    bad(
+        pm.clone(),
+        &|v| v["spec"]["podMetricEndpoints"] = v["spec"]["podMetricsEndpoints"].clone(),
+        "podMetricEndpoints",
     );
     bad(
-        &|v| v["status"] = json!({"bogus": 1}),
-        ".status.bogus: unknown field",
+        pm.clone(),
+        &|v| v["spec"]["podMetricsEndpoints"][0]["honorLabels"] = json!("yes"),
+        "honorLabels",
     );
-    chart::validate(&ds).expect("the unedited object is valid");
+    // The CRD's patterns come along: a Duration is Prometheus', not prose.
+    bad(
+        pm.clone(),
+        &|v| v["spec"]["podMetricsEndpoints"][0]["interval"] = json!("30 seconds"),
+        "interval",
+    );
+    let ok = tools.validate(&[ds, pm], KUBERNETES[1]).expect("validate");
+    assert!(
+        ok.iter().all(|v| v.error.is_none() && v.skipped.is_none()),
+        "{ok:?}"
+    );
+}
+
+/// The image must be named, with a hint, and values.schema.json refuses
+/// what the templates could not use.
+#[test]
+fn a_missing_image_and_bad_values_are_refused_with_the_reason() {
+    let Some(tools) =
+        PythonTools::or_skip("a_missing_image_and_bad_values_are_refused_with_the_reason")
+    else {
+        return;
+    };
+    let dir = chart::chart_dir();
+    let e = tools
+        .render(&dir, &json!({}))
+        .err()
+        .expect("renders without an image");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("image.repository is required") && e.contains("deploy/Dockerfile"),
+        "{e}"
+    );
+    for (bad, says) in [
+        (json!({"logFormat": "xml"}), "/logFormat"),
+        (json!({"mesh": {"proxyUid": "1337"}}), "/mesh/proxyUid"),
+        (json!({"tolerence": []}), "tolerence"),
+        (json!({"image": {"digest": "latest"}}), "/image/digest"),
+        (
+            json!({"appArmor": {"profile": "unconfined"}}),
+            "/appArmor/profile",
+        ),
+        (json!({"http": {"port": 70000}}), "/http/port"),
+    ] {
+        let mut v = json!({"image": {"repository": IMAGE}});
+        chart::merge_values(&mut v, &bad);
+        let e = tools
+            .render(&dir, &v)
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"));
+        assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+    }
+    let mut v = json!({"image": {"repository": IMAGE}, "appArmor": {"profile": "Localhost"}});
+    let e = tools
+        .render(&dir, &v)
+        .err()
+        .expect("Localhost without a profile");
+    assert!(
+        format!("{e:#}").contains("appArmor.localhostProfile is required"),
+        "{e:#}"
+    );
+    chart::merge_values(
+        &mut v,
+        &json!({"appArmor": {"localhostProfile": "meshlane"}}),
+    );
+    tools.render(&dir, &v).expect("Localhost with a profile");
+    let v = json!({"image": {"repository": IMAGE}, "metrics": {"bindAddress": "127.0.0.1"}, "podMonitor": {"enabled": true}});
+    let e = tools
+        .render(&dir, &v)
+        .err()
+        .expect("PodMonitor for loopback metrics");
+    assert!(format!("{e:#}").contains("loopback"), "{e:#}");
+}
+
+/// checkov's findings on every rendering: each is fixed, or its check id is
+/// accepted in values.yaml with the reason; an accepted id no rendering
+/// triggers any more must go from the list too.
+#[test]
+fn the_security_linter_finds_nothing_unexplained() {
+    let Some(all) = rendered("the_security_linter_finds_nothing_unexplained") else {
+        return;
+    };
+    let tools = PythonTools::find().expect("tools");
+    let dir = tempdir("checkov");
+    for r in all {
+        let docs: Vec<String> = r
+            .objects
+            .iter()
+            .map(|o| serde_yaml_ng::to_string(&o.value).expect("yaml"))
+            .collect();
+        std::fs::write(dir.join(format!("{}.yaml", r.name)), docs.join("---\n")).expect("write");
+    }
+    let findings = tools.checkov(&dir).expect("checkov");
+    let values = std::fs::read_to_string(chart::chart_dir().join("values.yaml")).expect("values");
+    let accepted = chart::accepted_findings(&values);
+    let mut seen: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut new = Vec::new();
+    for f in &findings {
+        let file = Path::new(&f.file)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if accepted.contains_key(&f.id) {
+            seen.entry(f.id.as_str()).or_default().insert(file);
+        } else {
+            new.push(format!("{} {} ({}, in {file})", f.id, f.name, f.resource));
+        }
+    }
+    for (id, files) in &seen {
+        eprintln!(
+            "accepted {id} ({}): {}",
+            files.iter().cloned().collect::<Vec<_>>().join(", "),
+            accepted[*id]
+        );
+    }
+    assert!(
+        new.is_empty(),
+        "checkov findings neither fixed nor accepted in values.yaml (`# checkov:accept ID: reason`):\n  {}",
+        new.join("\n  ")
+    );
+    let stale: Vec<&String> = accepted
+        .keys()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "values.yaml accepts checks no rendering fails any more: remove {stale:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("meshlane-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
 }
 
 #[test]
 fn committed_manifests_are_a_fresh_render_of_the_defaults() {
-    let files = chart::manifest_files(&chart::chart_dir()).expect("render");
+    let Some(tools) =
+        PythonTools::or_skip("committed_manifests_are_a_fresh_render_of_the_defaults")
+    else {
+        return;
+    };
+    let files = chart::manifest_files(&tools, &chart::chart_dir()).expect("render");
     let dir = chart::manifests_dir();
     let mut names = BTreeSet::new();
     for (name, want) in &files {
@@ -192,33 +538,37 @@ fn committed_manifests_are_a_fresh_render_of_the_defaults() {
             "{} differs from a fresh render of deploy/chart/meshlane: run `cargo xtask render-manifests` and commit",
             p.display()
         );
-        let objs = chart::objects(&[chart::Rendered {
-            name: name.clone(),
-            text: got,
-        }])
-        .expect("parses");
-        for o in &objs {
-            chart::validate(o).unwrap_or_else(|e| panic!("{e:#}"));
-            assert_eq!(
-                o.hook().is_some(),
-                name == "uninstall-job.yaml",
-                "{name}: hooks (only) go to uninstall-job.yaml: {} {}",
-                o.kind(),
-                o.name()
-            );
-        }
     }
     let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
         .expect("deploy/manifests")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(on_disk, names, "no stale files in deploy/manifests");
+    let main = committed("meshlane.yaml", &json!({}));
+    assert!(
+        main.objects.iter().all(|o| o.hook().is_none()),
+        "no hooks in meshlane.yaml"
+    );
+    let cleanup = committed("cleanup.yaml", &json!({"cleanup": {"enabled": true}}));
+    assert_eq!(
+        cleanup.objects.len(),
+        1,
+        "cleanup.yaml: the DaemonSet alone"
+    );
+    assert_eq!(
+        cleanup.one("DaemonSet")["metadata"]["name"],
+        main.one("DaemonSet")["metadata"]["name"],
+        "cleanup.yaml replaces the agents' DaemonSet"
+    );
 }
 
 #[test]
 fn rbac_reads_pods_and_nothing_else() {
-    for (name, overrides) in scenarios() {
-        let r = render(&overrides);
+    let Some(all) = rendered("rbac_reads_pods_and_nothing_else") else {
+        return;
+    };
+    for r in all {
+        let name = r.name;
         let role = r.one("ClusterRole");
         assert_eq!(
             role["rules"],
@@ -236,43 +586,183 @@ fn rbac_reads_pods_and_nothing_else() {
             json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": chart::NAMESPACE}]),
             "{name}"
         );
-        let pod = &r.one("DaemonSet")["spec"]["template"]["spec"];
-        assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"], "{name}");
-        // No other Role, binding or token for the uninstall Job.
-        let job = &r.one("Job")["spec"]["template"]["spec"];
-        assert_eq!(job["automountServiceAccountToken"], json!(false), "{name}");
+        if r.cleanup_mode() {
+            assert_eq!(
+                r.pod()["automountServiceAccountToken"],
+                json!(false),
+                "{name}"
+            );
+        } else {
+            assert_eq!(
+                r.pod()["serviceAccountName"],
+                sa["metadata"]["name"],
+                "{name}"
+            );
+            // The uninstall guard needs no API access.
+            let job = &r.one("Job")["spec"]["template"]["spec"];
+            assert_eq!(job["automountServiceAccountToken"], json!(false), "{name}");
+        }
     }
 }
 
+/// Scheduling and pod metadata follow the standard values.
 #[test]
-fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
-    for (name, overrides) in scenarios() {
-        let r = render(&overrides);
+fn scheduling_and_pod_metadata_follow_the_values() {
+    let Some(all) = rendered("scheduling_and_pod_metadata_follow_the_values") else {
+        return;
+    };
+    for r in all {
+        let name = r.name;
         let ds = r.one("DaemonSet");
-        let pod = &ds["spec"]["template"]["spec"];
-        assert_eq!(pod["hostNetwork"], json!(true), "{name}");
+        let pod = r.pod();
+        let meta = &ds["spec"]["template"]["metadata"];
+        for (key, value) in [
+            ("tolerations", "tolerations"),
+            ("nodeSelector", "nodeSelector"),
+            ("imagePullSecrets", "imagePullSecrets"),
+            ("affinity", "affinity"),
+        ] {
+            let want = r.v(value);
+            let empty = want.is_null()
+                || want.as_array().is_some_and(Vec::is_empty)
+                || want.as_object().is_some_and(|m| m.is_empty());
+            if empty {
+                assert!(pod.get(key).is_none(), "{name}: {key}");
+            } else {
+                assert_eq!(&pod[key], want, "{name}: {key}");
+            }
+        }
         assert_eq!(
-            pod["hostPID"],
-            *r.v("hostPID"),
-            "{name}: hostPID follows the value"
-        );
-        assert_eq!(
-            pod["tolerations"],
-            json!([{"operator": "Exists"}]),
+            ds["spec"]["updateStrategy"],
+            *r.v("updateStrategy"),
             "{name}"
         );
         match r.v("priorityClassName").as_str() {
             Some("") => assert!(pod.get("priorityClassName").is_none(), "{name}"),
             p => assert_eq!(pod["priorityClassName"].as_str(), p, "{name}"),
         }
+        // Extra labels never reach the selector (it cannot change on upgrade).
+        let selector = &ds["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector.as_object().map(|m| m.len()), Some(3), "{name}");
+        for (k, v) in selector.as_object().unwrap() {
+            assert_eq!(&meta["labels"][k], v, "{name}: pods carry the selector");
+        }
+        for (k, v) in r.v("podLabels").as_object().into_iter().flatten() {
+            assert_eq!(&meta["labels"][k], v, "{name}: podLabels");
+        }
+        for (k, v) in r.v("podAnnotations").as_object().into_iter().flatten() {
+            assert_eq!(&meta["annotations"][k], v, "{name}: podAnnotations");
+        }
+        // Scrape annotations point where /metrics is, unless it is loopback only.
+        let scrape = &meta["annotations"]["prometheus.io/scrape"];
+        if r.cleanup_mode() || r.v("metrics.bindAddress") == &json!("127.0.0.1") {
+            assert!(scrape.is_null(), "{name}: no scrape annotations");
+        } else {
+            assert_eq!(scrape, &json!("true"), "{name}");
+            let port = if metrics_addr(r).is_some() {
+                r.v("metrics.port")
+            } else {
+                r.v("http.port")
+            };
+            assert_eq!(
+                meta["annotations"]["prometheus.io/port"],
+                json!(port.to_string()),
+                "{name}"
+            );
+            assert_eq!(
+                meta["annotations"]["prometheus.io/path"],
+                json!("/metrics"),
+                "{name}"
+            );
+        }
+        // The PodMonitor scrapes the port /metrics is on.
+        if let Some(pm) = r.all("PodMonitor").first() {
+            let ep = &pm.value["spec"]["podMetricsEndpoints"][0];
+            let port = if metrics_addr(r).is_some() {
+                "metrics"
+            } else {
+                "http"
+            };
+            assert_eq!(ep["port"], json!(port), "{name}");
+            assert!(
+                strings(&json!(r.agent()["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["name"].clone())
+                    .collect::<Vec<_>>()))
+                .contains(&port.to_string()),
+                "{name}: the agent has a port named {port}"
+            );
+            assert_eq!(
+                pm.value["spec"]["selector"]["matchLabels"], *selector,
+                "{name}"
+            );
+            for (k, v) in r.v("podMonitor.labels").as_object().into_iter().flatten() {
+                assert_eq!(&pm.value["metadata"]["labels"][k], v, "{name}");
+            }
+            if let Some(i) = r
+                .v("podMonitor.interval")
+                .as_str()
+                .filter(|i| !i.is_empty())
+            {
+                assert_eq!(ep["interval"], json!(i), "{name}");
+            }
+        }
+        // AppArmor and SELinux: the field, or the annotation for old clusters.
+        let containers: Vec<&Json> = pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(pod["initContainers"].as_array().into_iter().flatten())
+            .filter(|c| c["name"] != "idle")
+            .collect();
+        for c in containers {
+            let sc = &c["securityContext"];
+            let cname = c["name"].as_str().unwrap();
+            let annotation = &meta["annotations"]
+                [format!("container.apparmor.security.beta.kubernetes.io/{cname}")];
+            if r.v("appArmor.annotation") == &json!(true) {
+                assert_eq!(annotation, &json!("unconfined"), "{name}: {cname}");
+                assert!(sc.get("appArmorProfile").is_none(), "{name}: {cname}");
+            } else {
+                assert!(annotation.is_null(), "{name}: {cname}");
+                assert_eq!(
+                    sc["appArmorProfile"],
+                    json!({"type": "Unconfined"}),
+                    "{name}: {cname}"
+                );
+            }
+            match r.v("seLinuxOptions") {
+                Json::Null => assert!(sc.get("seLinuxOptions").is_none(), "{name}"),
+                want => assert_eq!(&sc["seLinuxOptions"], want, "{name}: {cname}"),
+            }
+            assert_eq!(c["image"], json!(r.image()), "{name}: {cname}");
+        }
+    }
+}
+
+#[test]
+fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
+    let Some(all) =
+        rendered("daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts")
+    else {
+        return;
+    };
+    for r in all.iter().filter(|r| !r.cleanup_mode()) {
+        let name = r.name;
+        let ds = r.one("DaemonSet");
+        let pod = r.pod();
+        assert_eq!(pod["hostNetwork"], json!(true), "{name}");
         assert_eq!(
-            ds["spec"]["updateStrategy"]["rollingUpdate"],
-            json!({"maxUnavailable": 1}),
-            "{name}: never two agents on a node"
+            pod["hostPID"],
+            *r.v("hostPID"),
+            "{name}: hostPID follows the value"
         );
         let c = r.agent();
         let sc = &c["securityContext"];
         assert_eq!(sc["privileged"], json!(false), "{name}");
+        assert_eq!(sc["allowPrivilegeEscalation"], json!(false), "{name}");
         assert_eq!(sc["runAsUser"], json!(0), "{name}");
         assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{name}");
         let mut want = vec!["SYS_ADMIN"];
@@ -280,12 +770,13 @@ fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
             want.push("SYS_PTRACE");
         }
         assert_eq!(strings(&sc["capabilities"]["add"]), want, "{name}");
+        assert_eq!(c["resources"], *r.v("resources"), "{name}");
 
         // Probes reach the agent's HTTP port; /metrics has its own, if asked.
         let port = &c["ports"][0];
         assert_eq!(port["name"], json!("http"), "{name}");
         assert_eq!(port["containerPort"], *r.v("http.port"), "{name}");
-        let metrics = metrics_addr(&r).map(
+        let metrics = metrics_addr(r).map(
             |_| json!({"name": "metrics", "containerPort": r.v("metrics.port"), "protocol": "TCP"}),
         );
         assert_eq!(c["ports"].get(1), metrics.as_ref(), "{name}");
@@ -306,7 +797,7 @@ fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
         );
 
         // Stopping never detaches: preStop only reads, and nothing in the
-        // DaemonSet runs cleanup.
+        // agents' DaemonSet runs cleanup.
         let pre = strings(&c["lifecycle"]["preStop"]["exec"]["command"]);
         assert_eq!(
             &pre[..2],
@@ -314,8 +805,8 @@ fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
             "{name}: {pre:?}"
         );
         assert!(
-            !ds.to_string().contains("cleanup"),
-            "{name}: the DaemonSet must never run meshlane cleanup"
+            !ds.to_string().contains("\"cleanup\""),
+            "{name}: the agents' DaemonSet must never run meshlane cleanup"
         );
 
         // Host paths come from the values and land where the flags point.
@@ -354,48 +845,100 @@ fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
             props.contains(&("/run/netns".into(), "HostToContainer".into())),
             "{name}"
         );
+    }
+}
 
-        // The uninstall hook: after delete, on `uninstall.nodes` nodes, cleanup.
-        let job = r.one("Job");
-        assert_eq!(
-            job["metadata"]["annotations"]["helm.sh/hook"],
-            json!("post-delete"),
-            "{name}"
-        );
-        assert_eq!(
-            job["spec"]["completions"],
-            *r.v("uninstall.nodes"),
-            "{name}"
-        );
-        assert_eq!(
-            job["spec"]["parallelism"],
-            *r.v("uninstall.nodes"),
-            "{name}"
-        );
-        let jc = &job["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(strings(&jc["args"])[0], "cleanup", "{name}");
-        assert_eq!(
-            jc["securityContext"]["capabilities"],
-            json!({"drop": ["ALL"]}),
-            "{name}"
-        );
-        assert_eq!(jc["image"], c["image"], "{name}");
-        assert_eq!(
-            c["image"],
-            json!(format!(
-                "{}:{}",
-                r.v("image.repository").as_str().unwrap(),
-                r.v("image.tag").as_str().unwrap()
-            )),
-            "{name}"
-        );
-        let spread = &job["spec"]["template"]["spec"]["topologySpreadConstraints"][0];
-        assert_eq!(
-            spread["topologyKey"],
-            json!("kubernetes.io/hostname"),
-            "{name}"
-        );
-        assert_eq!(spread["maxSkew"], json!(1), "{name}");
+/// Uninstalling needs no node count: cleanup mode turns every node's pod
+/// into `meshlane cleanup` (no capabilities) and an idle container, and
+/// until then a pre-delete hook refuses `helm uninstall`, naming the fix.
+#[test]
+fn cleanup_mode_cleans_every_node_and_uninstall_waits_for_it() {
+    let Some(all) = rendered("cleanup_mode_cleans_every_node_and_uninstall_waits_for_it") else {
+        return;
+    };
+    for r in all {
+        let name = r.name;
+        let pod = r.pod();
+        if r.cleanup_mode() {
+            assert!(
+                r.all("Job").is_empty(),
+                "{name}: no uninstall guard in cleanup mode"
+            );
+            assert!(
+                pod.get("hostNetwork").is_none() && pod.get("hostPID").is_none(),
+                "{name}"
+            );
+            let init = pod["initContainers"].as_array().expect("init containers");
+            assert_eq!(init.len(), 1, "{name}");
+            let c = &init[0];
+            assert_eq!(
+                strings(&c["command"]),
+                ["/usr/local/bin/meshlane"],
+                "{name}"
+            );
+            assert_eq!(strings(&c["args"])[0], "cleanup", "{name}");
+            assert_eq!(
+                c["securityContext"]["capabilities"],
+                json!({"drop": ["ALL"]}),
+                "{name}"
+            );
+            assert_eq!(
+                mounts(pod, c).get("/sys/fs/bpf"),
+                Some(&(r.v("host.bpffs").as_str().unwrap().to_string(), false)),
+                "{name}"
+            );
+            let idle = &pod["containers"][0];
+            assert_eq!(idle["image"], *r.v("cleanup.pauseImage"), "{name}");
+            assert_eq!(
+                idle["securityContext"]["runAsNonRoot"],
+                json!(true),
+                "{name}"
+            );
+            // The tolerations and node selection are the agents': every
+            // node that had an agent gets a cleanup.
+            assert_eq!(pod["tolerations"], *r.v("tolerations"), "{name}");
+        } else {
+            let job = r.one("Job");
+            assert_eq!(
+                job["metadata"]["annotations"]["helm.sh/hook"],
+                json!("pre-delete"),
+                "{name}"
+            );
+            assert!(
+                job["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("uninstall-needs-cleanup-enabled"),
+                "{name}"
+            );
+            let spec = &job["spec"]["template"]["spec"];
+            let c = &spec["containers"][0];
+            assert_eq!(
+                c["securityContext"]["capabilities"],
+                json!({"drop": ["ALL"]}),
+                "{name}"
+            );
+            assert!(
+                spec.get("volumes").is_none(),
+                "{name}: the guard touches nothing"
+            );
+            // The guard fails, and its log says what to do: meshlane
+            // refuses the argument as a subcommand and prints it.
+            let mut cmd = strings(&c["command"]);
+            cmd.extend(strings(&c["args"]));
+            assert_eq!(cmd[0], "/usr/local/bin/meshlane", "{name}");
+            let out = Command::new(meshlane_bin())
+                .args(&cmd[1..])
+                .output()
+                .expect("meshlane");
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{name}: the guard must fail");
+            assert!(
+                log.contains("cleanup.enabled=true")
+                    && log.contains(&format!("helm upgrade {}", chart::RELEASE)),
+                "{name}: the guard's log: {log}"
+            );
+        }
     }
 }
 
@@ -452,6 +995,7 @@ fn expected_flags(r: &Render, node: &str) -> Vec<(&'static str, &'static str, Js
                 num("shortcut.maxQueuedBytes"),
             ),
             ("--log-level", "log_level", r.v("logLevel").clone()),
+            ("--log-format", "log_format", r.v("logFormat").clone()),
             ("--cgroup", "cgroup", json!("/host/cgroup")),
             ("--bpffs", "bpffs", json!("/sys/fs/bpf/meshlane")),
             ("--state-dir", "state_dir", json!("/run/meshlane")),
@@ -467,6 +1011,23 @@ fn expected_flags(r: &Render, node: &str) -> Vec<(&'static str, &'static str, Js
                 num("mesh.inboundCapturePort"),
             ),
         ])
+        .chain(extra_args(r))
+        .collect()
+}
+
+/// extraArgs as (flag, --print-options key, value).
+fn extra_args(r: &Render) -> Vec<(&'static str, &'static str, Json)> {
+    strings(r.v("extraArgs"))
+        .into_iter()
+        .map(|a| {
+            let (flag, val) = a.split_once('=').expect("--flag=value");
+            let key = flag.trim_start_matches('-').replace('-', "_");
+            let want = val.parse::<i64>().map_or_else(|_| json!(val), |n| json!(n));
+            // Leaked: a handful of short strings per test run.
+            let flag: &'static str = Box::leak(flag.to_string().into_boxed_str());
+            let key: &'static str = Box::leak(key.into_boxed_str());
+            (flag, key, want)
+        })
         .collect()
 }
 
@@ -501,8 +1062,11 @@ fn chart_values_reach_the_agents_flags() {
     let node = "node-test-1";
     let mut pending = BTreeSet::new();
 
-    for (name, overrides) in scenarios() {
-        let r = render(&overrides);
+    let Some(all) = rendered("chart_values_reach_the_agents_flags") else {
+        return;
+    };
+    for r in all.iter().filter(|r| !r.cleanup_mode()) {
+        let name = r.name;
         let c = r.agent();
         assert_eq!(c["command"], json!(["/usr/local/bin/meshlane"]), "{name}");
         let env: Vec<(String, String)> = c["env"]
@@ -524,7 +1088,7 @@ fn chart_values_reach_the_agents_flags() {
             .map(|a| expand(a, &env))
             .collect();
         assert_eq!(args[0], "run", "{name}");
-        let table = expected_flags(&r, node);
+        let table = expected_flags(r, node);
         let mut pass = vec!["run".to_string()];
         let mut checked = Vec::new();
         for a in &args[1..] {
@@ -698,7 +1262,8 @@ fn dockerfile_builds_with_the_project_recipe_and_runs_what_the_chart_runs() {
         .expect("agent build");
     assert!(ebpf < agent, "eBPF object before the agent that embeds it");
 
-    // The entrypoint is what the DaemonSet and the uninstall Job run.
+    // The entrypoint is what the DaemonSet, cleanup mode and the uninstall
+    // guard run (the committed manifests: the chart's defaults).
     let entry = lines
         .iter()
         .find_map(|l| l.strip_prefix("ENTRYPOINT "))
@@ -712,12 +1277,13 @@ fn dockerfile_builds_with_the_project_recipe_and_runs_what_the_chart_runs() {
         copy.ends_with(entry[0].as_str().unwrap()),
         "{copy:?} vs {entry}"
     );
-    let r = render(&json!({}));
+    let r = committed("meshlane.yaml", &json!({}));
+    let cleanup = committed("cleanup.yaml", &json!({"cleanup": {"enabled": true}}));
     assert_eq!(r.agent()["command"], entry, "DaemonSet command");
     assert_eq!(
-        r.one("Job")["spec"]["template"]["spec"]["containers"][0]["command"],
+        cleanup.pod()["initContainers"][0]["command"],
         entry,
-        "Job command"
+        "cleanup mode's command"
     );
     assert_eq!(
         r.agent()["lifecycle"]["preStop"]["exec"]["command"][0],
@@ -729,7 +1295,7 @@ fn dockerfile_builds_with_the_project_recipe_and_runs_what_the_chart_runs() {
         "runs as root (the chart's runAsUser 0)"
     );
 
-    // Versions agree: chart appVersion, default image tag, the workspace.
+    // Versions agree: chart appVersion, the default image tag, the workspace.
     let chart_meta = chart::read_yaml(&chart::chart_dir().join("Chart.yaml")).expect("Chart.yaml");
     let cargo = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
     let ws_version = cargo
@@ -739,105 +1305,11 @@ fn dockerfile_builds_with_the_project_recipe_and_runs_what_the_chart_runs() {
         .and_then(|v| v.strip_suffix('"'))
         .expect("workspace version");
     assert_eq!(chart_meta["appVersion"], json!(ws_version));
-    assert_eq!(*r.v("image.tag"), json!(ws_version));
-}
-
-// ---- Helm's own engine ------------------------------------------------------
-
-const HELM_PY_VERSION: &str = "0.2.2";
-
-/// helm-python-sdk (Helm's Go engine as a library), installed by `cargo xtask setup`.
-fn helm_python_path() -> PathBuf {
-    std::env::var_os("MESHLANE_HELM_PYTHONPATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(format!(
-                "/opt/meshlane-tools/helm-python-sdk-{HELM_PY_VERSION}"
-            ))
-        })
-}
-
-const HELM_RENDER: &str = r#"
-import json, sys
-import helm_python as helm
-chart, release, namespace, values = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-with helm.Chart.load(chart) as c:
-    out = c.render(values, name=release, namespace=namespace)
-print(json.dumps({"helm": helm.helm_sdk_version(), "files": out}))
-"#;
-
-fn helm_render(chart: &Path, values: &Json) -> Result<(String, Vec<chart::Rendered>)> {
-    let site = helm_python_path();
-    if !site.join("helm_python").is_dir() {
-        bail!(
-            "helm-python-sdk {HELM_PY_VERSION} (Helm's engine) is not at {}: run `cargo xtask setup`, \
-             or point MESHLANE_HELM_PYTHONPATH at a `pip install --target` of it",
-            site.display()
-        );
-    }
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(HELM_RENDER)
-        .arg(chart)
-        .args([chart::RELEASE, chart::NAMESPACE])
-        .arg(values.to_string())
-        .env("PYTHONPATH", &site)
-        .output()
-        .context("running python3")?;
-    if !out.status.success() {
-        bail!(
-            "Helm's engine failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let v: Json = serde_json::from_slice(&out.stdout)?;
-    let mut files: Vec<chart::Rendered> = v["files"]
-        .as_object()
-        .context("files")?
-        .iter()
-        .map(|(k, t)| chart::Rendered {
-            name: k.clone(),
-            text: t.as_str().unwrap_or_default().to_string(),
-        })
-        .collect();
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((v["helm"].as_str().unwrap_or("?").to_string(), files))
-}
-
-/// The Rust renderer is only trusted because it agrees with Helm, byte for
-/// byte, on every file and every value set.
-#[test]
-fn chart_renders_byte_for_byte_as_helm_renders_it() {
-    let dir = chart::chart_dir();
-    for (name, overrides) in scenarios() {
-        let (version, helm) = helm_render(&dir, &overrides).unwrap_or_else(|e| panic!("{e:#}"));
-        let mut ours =
-            chart::render(&dir, chart::RELEASE, chart::NAMESPACE, &overrides).expect("render");
-        ours.sort_by(|a, b| a.name.cmp(&b.name));
-        let names = |v: &[chart::Rendered]| v.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&ours), names(&helm), "{name}: the same files");
-        for (a, b) in ours.iter().zip(&helm) {
-            if a.text != b.text {
-                let line = a
-                    .text
-                    .lines()
-                    .zip(b.text.lines())
-                    .position(|(x, y)| x != y)
-                    .unwrap_or(a.text.lines().count().min(b.text.lines().count()));
-                panic!(
-                    "{name}: {} differs from Helm {version} at line {}:\n ours: {:?}\n helm: {:?}",
-                    a.name,
-                    line + 1,
-                    a.text.lines().nth(line),
-                    b.text.lines().nth(line)
-                );
-            }
-        }
-        eprintln!(
-            "{name}: {} files identical under Helm {version}",
-            ours.len()
-        );
-    }
+    assert_eq!(
+        r.agent()["image"],
+        json!(format!("{}:{ws_version}", chart::MANIFEST_IMAGE)),
+        "the default tag is the appVersion"
+    );
 }
 
 // ---- the chart's capabilities on a real kernel --------------------------------
@@ -996,9 +1468,12 @@ fn stays_inactive(agent: &mut Agent, pod: &str, for_: Duration) -> Result<String
 
 #[test]
 fn the_charts_capabilities_are_enough_and_each_is_needed() -> Result<()> {
-    let r = render(&json!({}));
+    // The committed manifests: the chart's defaults, as a fresh render.
+    let r = committed("meshlane.yaml", &json!({}));
     let caps = container_caps(r.agent());
-    let job_caps = container_caps(&r.one("Job")["spec"]["template"]["spec"]["containers"][0]);
+    let cleanup_mode = committed("cleanup.yaml", &json!({"cleanup": {"enabled": true}}));
+    let cleanup_pod = cleanup_mode.pod().clone();
+    let job_caps = container_caps(&cleanup_pod["initContainers"][0]);
     assert!(!caps.is_empty());
     let n = node("deploycaps")?;
     let ro = ReadOnlyBind::new(n.sb.cgroup(), n.sb.dir().join("host-cgroup"))?;
@@ -1079,16 +1554,23 @@ fn the_charts_capabilities_are_enough_and_each_is_needed() -> Result<()> {
         "interception stays after the agent stops"
     );
 
-    // The uninstall Job's capabilities (none) remove everything.
+    // Cleanup mode's capabilities (none) remove everything.
     let empty_state = n.sb.dir().join("job-state");
     std::fs::create_dir_all(&empty_state)?;
+    // Cleanup mode's own arguments, with its mount points moved to this sandbox's.
+    let args: Vec<String> = strings(&cleanup_pod["initContainers"][0]["args"])
+        .iter()
+        .map(|a| {
+            a.replace("/sys/fs/bpf/meshlane", &agent.bpffs.display().to_string())
+                .replace("/run/meshlane", &empty_state.display().to_string())
+        })
+        .collect();
+    assert_eq!(args[0], "cleanup");
     let mut cleanup = Command::new(&with_caps(&job_caps)[0]);
     cleanup
         .args(&with_caps(&job_caps)[1..])
         .arg(meshlane_bin())
-        .arg("cleanup")
-        .arg(format!("--bpffs={}", agent.bpffs.display()))
-        .arg(format!("--state-dir={}", empty_state.display()));
+        .args(&args);
     let out = cleanup.output()?;
     assert!(
         out.status.success(),
@@ -1110,7 +1592,7 @@ fn the_charts_capabilities_are_enough_and_each_is_needed() -> Result<()> {
         "cleanup with {job_caps:?}: detached within {:?}",
         start.elapsed()
     );
-    // A second cleanup (two Job pods on one node) also succeeds.
+    // A second cleanup (the init container run again, as after a pod restart) also succeeds.
     let out = cleanup.output()?;
     assert!(
         out.status.success(),
@@ -1133,8 +1615,11 @@ impl Drop for UnpinnedNetns {
 
 #[test]
 fn with_host_pid_sys_ptrace_is_what_finds_unpinned_pod_namespaces() -> Result<()> {
-    let r = render(&json!({"hostPID": true}));
-    let caps = container_caps(r.agent());
+    // The chart's defaults and, as hostPID: true adds it, SYS_PTRACE (the
+    // rendering with hostPID is checked for exactly that set above).
+    let r = committed("meshlane.yaml", &json!({"hostPID": true}));
+    let mut caps = container_caps(r.agent());
+    caps.push("SYS_PTRACE".into());
     assert!(caps.contains(&"SYS_PTRACE".to_string()), "{caps:?}");
     let n = node("deployptr")?;
     let hidden_ip = std::net::Ipv4Addr::new(10, 200, n.sb.index(), 250);

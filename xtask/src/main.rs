@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use meshlane_tests::chart::{self, PythonTools};
 
 mod bench;
 mod demo;
@@ -50,7 +51,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup(),
         Cmd::RenderManifests => {
-            for p in meshlane_tests::chart::write_manifests()? {
+            let tools = setup_python_tools()?;
+            for p in chart::write_manifests(&tools)? {
                 say(&format!("wrote {}", p.display()));
             }
             Ok(())
@@ -132,6 +134,8 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "python3",
+    // The venv of the chart tools (helm-python-sdk, kubernetes-validate, checkov).
+    "python3-venv",
     // `cargo xtask vm-test`: qemu (TCG), a static busybox for the guest's
     // initramfs, and the decompressors for Debian's kernel modules.
     "qemu-system-x86",
@@ -141,18 +145,6 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-
-/// Helm's own template engine for tests/tests/deploy.rs, which checks that the
-/// chart renders the same under it as under the test renderer. No helm
-/// binary comes from the package registries we reach; helm-python-sdk ships
-/// Helm v4's Go SDK as a library in its wheel.
-const HELM_PY_VERSION: &str = "0.2.2";
-
-fn helm_python_dir() -> PathBuf {
-    PathBuf::from(format!(
-        "/opt/meshlane-tools/helm-python-sdk-{HELM_PY_VERSION}"
-    ))
-}
 
 /// What a build from scratch writes under target/ (workspace, kernel programs,
 /// the VM row's kernel and initramfs), with room to spare. A full disk shows up
@@ -255,53 +247,47 @@ fn setup() -> Result<()> {
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         })?;
     }
-    setup_helm_python()?;
+    setup_python_tools()?;
     Ok(())
 }
 
-fn setup_helm_python() -> Result<()> {
-    let dir = helm_python_dir();
-    if dir.join("helm_python").is_dir() {
-        say(&format!("helm-python-sdk {HELM_PY_VERSION}: present"));
-        return Ok(());
-    }
-    let has_pip = Command::new("python3")
-        .args(["-m", "pip", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_pip {
-        say("installing python3-pip");
-        run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "python3-pip",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+/// The chart tests' Python packages (`chart::PYTHON_TOOLS`: Helm's engine,
+/// the Kubernetes schemas, the PodMonitor CRD's models, checkov) in a venv
+/// of their own, rebuilt only when the pinned list changes.
+fn setup_python_tools() -> Result<PythonTools> {
+    let dir = chart::python_tools_dir();
+    if let Ok(tools) = PythonTools::find() {
+        say(&format!("chart tools: present in {}", dir.display()));
+        return Ok(tools);
     }
     say(&format!(
-        "installing helm-python-sdk {HELM_PY_VERSION} (Helm's engine, for the chart test) into {}",
+        "installing the chart tools ({}) into {} (about a minute)",
+        chart::PYTHON_TOOLS.join(" "),
         dir.display()
     ));
-    // Into a scratch directory first, so a broken install never looks present.
-    let tmp = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    run(Command::new("python3")
+    // The stamp is written last, so a broken install never looks present;
+    // a stale or broken venv is replaced whole.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+    run(Command::new(dir.join("bin/python3"))
         .args([
             "-m",
             "pip",
             "install",
             "--quiet",
             "--disable-pip-version-check",
-            "--root-user-action=ignore",
         ])
-        .args(["--no-deps", "--target"])
-        .arg(&tmp)
-        .arg(format!("helm-python-sdk=={HELM_PY_VERSION}")))?;
-    std::fs::rename(&tmp, &dir).with_context(|| format!("moving {} into place", tmp.display()))?;
-    Ok(())
+        .args(chart::PYTHON_TOOLS))?;
+    std::fs::write(
+        dir.join(chart::PYTHON_TOOLS_STAMP),
+        chart::python_tools_stamp(),
+    )?;
+    PythonTools::find()
 }
 
 /// A cargo for the nightly eBPF build, free of the variables the outer
@@ -353,7 +339,7 @@ fn build_all() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     say("running unit, property and integration tests (cargo test --workspace)");
     let mut child = Command::new("cargo")
-        .env("MESHLANE_HELM_PYTHONPATH", helm_python_dir())
+        .env(chart::PYTHON_TOOLS_ENV, chart::python_tools_dir())
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
         .current_dir(root())
