@@ -1,0 +1,451 @@
+//! meshlane-cni as a runtime uses it: Debian's bridge, host-local and
+//! loopback plugins set up a fresh pod namespace from a real conflist with
+//! meshlane-cni chained last, invoked with the CNI environment and stdin the
+//! spec gives (the runtime shim is `meshlane_tests::cni`). An app starts in
+//! the namespace the instant ADD returns and connects every 5 ms: each
+//! connection lands on the sidecar or is refused while the sidecar is not
+//! listening yet; none reaches its destination directly.
+use std::{
+    os::unix::net::UnixListener,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use meshlane::cni::spec::code;
+use meshlane_tests::{
+    cni::{self, Invocation, Runtime},
+    read_sidecar_log, Agent, Pod, PodSpec, Sandbox, APP_UID,
+};
+use serde_json::Value;
+
+fn mtest() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mtest"))
+}
+
+/// A pods-file entry for a pod the runtime has not given an address yet
+/// (what the API server shows between scheduling and the sandbox).
+fn pending(name: &str, meshed: bool) -> PodSpec {
+    PodSpec {
+        name: name.into(),
+        meshed,
+        ..Default::default()
+    }
+}
+
+/// What became of each connection of `mtest connect-loop`.
+#[derive(Debug, Default)]
+struct Tally {
+    issued: usize,
+    on_sidecar: usize,
+    refused: usize,
+    direct: Vec<Value>,
+    other: Vec<Value>,
+}
+
+/// Runs the app from the instant this is called: `count` connections, one
+/// every 5 ms, to `to`, starting `sidecar` after `sidecar_after`.
+fn first_packets(
+    sb: &Sandbox,
+    pod: &Pod,
+    to: &str,
+    count: u32,
+    sidecar_after: Option<Duration>,
+) -> Result<Tally> {
+    let started = Instant::now();
+    let count_s = count.to_string();
+    let mut app = sb.spawn(
+        pod,
+        APP_UID,
+        APP_UID,
+        mtest(),
+        &[
+            "connect-loop",
+            "--connect",
+            to,
+            "--count",
+            &count_s,
+            "--every-ms",
+            "5",
+            "--timeout-ms",
+            "1000",
+        ],
+    )?;
+    let mut sidecar = None;
+    if let Some(after) = sidecar_after {
+        std::thread::sleep(after.saturating_sub(started.elapsed()));
+        sidecar = Some(sb.start_sidecar(pod)?);
+    }
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines.len() < count as usize && Instant::now() < deadline {
+        if let Some(l) = app.next_line(Duration::from_secs(5)) {
+            lines.push(serde_json::from_str::<Value>(&l).with_context(|| l.clone())?);
+        } else if !app.running() {
+            break;
+        }
+    }
+    let log = read_sidecar_log(&sb.sidecar_log(pod));
+    drop(sidecar);
+    let mut t = Tally {
+        issued: lines.len(),
+        ..Default::default()
+    };
+    for l in lines {
+        let local = l["local"].as_str().unwrap_or_default();
+        if l["connected"] == true {
+            if log.iter().any(|r| r.peer == local && r.listener == 15001) {
+                t.on_sidecar += 1;
+            } else {
+                t.direct.push(l);
+            }
+        } else if l["errno"] == "ECONNREFUSED" {
+            t.refused += 1;
+        } else {
+            t.other.push(l);
+        }
+    }
+    Ok(t)
+}
+
+#[test]
+fn a_new_pod_is_captured_from_its_first_packet() -> Result<()> {
+    let mut sb = Sandbox::new("cni-first")?;
+    let b = sb.add_pod("b")?;
+    let _server = sb.start_server(&b, "b", &["0.0.0.0:9080"])?;
+    let agent = Agent::start(
+        &sb,
+        &[PodSpec::plain(&b), pending("c", true), pending("d", true)],
+    )?;
+    let to = format!("{}:9080", b.ip);
+
+    // Today's window, without the plugin: the agent knows d is meshed but
+    // not where it runs until the API server reports its IP.
+    let mut plain = Runtime::new(&sb, cni::conflist(&sb, false, &[]))?;
+    let mut d = plain.new_netns(&sb, "d")?;
+    let inv_d = Invocation::pod("ADD", "d", &ns_path(&d));
+    plain
+        .add(&mut d, &inv_d)?
+        .map_err(|o| anyhow::anyhow!("{o:?}"))?;
+    let without = first_packets(&sb, &d, &to, 40, None)?;
+    eprintln!("without meshlane-cni: {without:?}");
+    assert!(
+        !without.direct.is_empty(),
+        "without the plugin a new pod's first connections go direct: {without:?}"
+    );
+
+    let entry = cni::meshlane_entry(&agent.state_dir, 10_000, Some(&agent.pods_file));
+    let mut rt = Runtime::new(&sb, cni::conflist(&sb, false, &[entry]))?;
+    let mut c = rt.new_netns(&sb, "c")?;
+    let inv = Invocation::pod("ADD", "c", &ns_path(&c));
+    let t0 = Instant::now();
+    let result = rt
+        .add(&mut c, &inv)?
+        .map_err(|o| anyhow::anyhow!("ADD failed: {o:?}"))?;
+    eprintln!("ADD took {:?}: {result}", t0.elapsed());
+    let tally = first_packets(&sb, &c, &to, 300, Some(Duration::from_millis(300)))?;
+    eprintln!(
+        "with meshlane-cni: {} connections issued from the instant ADD returned, {} landed on the \
+         sidecar, {} refused before it listened, {} direct, {} other",
+        tally.issued,
+        tally.on_sidecar,
+        tally.refused,
+        tally.direct.len(),
+        tally.other.len()
+    );
+    assert_eq!(tally.issued, 300, "{tally:?}");
+    assert!(tally.direct.is_empty(), "went direct: {:#?}", tally.direct);
+    assert!(
+        tally.other.is_empty(),
+        "neither captured nor refused: {:#?}",
+        tally.other
+    );
+    assert!(
+        tally.refused > 0,
+        "the app ran before the sidecar listened: {tally:?}"
+    );
+    assert!(tally.on_sidecar > 100, "{tally:?}");
+
+    // prevResult passes through unchanged: the bridge plugin's result.
+    assert_eq!(result["ips"][0]["address"], format!("{}/25", c.ip));
+
+    // CHECK through the whole chain.
+    let check = rt.check_or_del(
+        &Invocation {
+            command: "CHECK",
+            ..inv.clone()
+        },
+        &result,
+    )?;
+    assert!(check.iter().all(|o| o.ok), "CHECK: {check:#?}");
+
+    // VERSION.
+    let v = rt.exec(
+        "meshlane-cni",
+        &Value::Null,
+        &Invocation {
+            command: "VERSION",
+            ..inv.clone()
+        },
+    )?;
+    let v: Value = serde_json::from_str(&v.stdout)?;
+    assert_eq!(v["cniVersion"], "1.0.0");
+    assert!(v["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&"0.4.0".into()));
+
+    // DEL through the chain, twice (idempotent), and for a pod nobody knows.
+    let del = Invocation {
+        command: "DEL",
+        ..inv.clone()
+    };
+    for _ in 0..2 {
+        let outs = rt.check_or_del(&del, &result)?;
+        assert!(outs.iter().all(|o| o.ok), "DEL: {outs:#?}");
+    }
+    let ghost = Invocation::pod("DEL", "ghost", Path::new("/nonexistent"));
+    assert!(
+        rt.exec("meshlane-cni", &rt_conf(&rt_entry(&agent)), &ghost)?
+            .ok
+    );
+    let report = agent.status_cmd()?;
+    assert_eq!(
+        report["maps"]["pods"], 0,
+        "DEL removed c's entries: {report}"
+    );
+    // CHECK after DEL: the maps no longer hold the pod.
+    let after = rt.exec(
+        "meshlane-cni",
+        &rt_conf_prev(&rt_entry(&agent), &result),
+        &Invocation {
+            command: "CHECK",
+            ..inv
+        },
+    )?;
+    assert_eq!(after.error().code, code::NOT_CAPTURED, "{after:?}");
+    Ok(())
+}
+
+fn ns_path(p: &Pod) -> std::path::PathBuf {
+    Path::new("/run/netns").join(&p.netns)
+}
+
+fn rt_entry(agent: &Agent) -> Value {
+    cni::meshlane_entry(&agent.state_dir, 1500, Some(&agent.pods_file))
+}
+
+/// meshlane-cni's stdin as a runtime builds it from `entry`.
+fn rt_conf(entry: &Value) -> Value {
+    let mut c = entry.clone();
+    c["cniVersion"] = "1.0.0".into();
+    c["name"] = "test-net".into();
+    c
+}
+
+fn rt_conf_prev(entry: &Value, prev: &Value) -> Value {
+    let mut c = rt_conf(entry);
+    c["prevResult"] = prev.clone();
+    c
+}
+
+/// A socket that answers every request with an HTTP error (something that
+/// is not the agent), until dropped.
+struct Garbage {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Garbage {
+    fn serve(state_dir: &Path) -> Result<Garbage> {
+        use std::io::{Read, Write};
+        std::fs::create_dir_all(state_dir)?;
+        let l = UnixListener::bind(state_dir.join(meshlane::cni::proto::SOCKET))?;
+        l.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 4096];
+                        let _ = c.read(&mut buf);
+                        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Garbage {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Garbage {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_cni_error_and_never_a_bypass() -> Result<()> {
+    let sb = Sandbox::new("cni-bad")?;
+    let agent = Agent::start(
+        &sb,
+        &[
+            pending("m", true),
+            pending("u", false),
+            pending("six", true),
+        ],
+    )?;
+    let pods_file = agent.pods_file.clone();
+    let inv = |name: &str| Invocation::pod("ADD", name, Path::new("/run/netns/nonexistent"));
+    let prev: Value =
+        serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.200.0.9/25"}]});
+    let conf = rt_conf_prev(&rt_entry(&agent), &prev);
+    let rt = Runtime::new(&sb, cni::conflist(&sb, false, &[]))?;
+
+    // Malformed config on stdin.
+    let o = rt.exec_raw("meshlane-cni", b"{\"cniVersion\": \"1.0.0\", ", &inv("m"))?;
+    let e = o.error();
+    assert_eq!(e.code, code::DECODE, "{e:?}");
+    assert!(e.msg.contains("network config on stdin"), "{e:?}");
+    let mut no_type = conf.clone();
+    no_type.as_object_mut().unwrap().remove("type");
+    let e = rt.exec("meshlane-cni", &no_type, &inv("m"))?.error();
+    assert_eq!(
+        (e.code, e.msg.contains("\"type\"")),
+        (code::INVALID_CONFIG, true),
+        "{e:?}"
+    );
+
+    // Missing CNI_NETNS.
+    let e = rt
+        .exec(
+            "meshlane-cni",
+            &conf,
+            &Invocation {
+                netns: None,
+                ..inv("m")
+            },
+        )?
+        .error();
+    assert_eq!(e.code, code::INVALID_ENV, "{e:?}");
+    assert!(e.msg.contains("CNI_NETNS"), "{e:?}");
+
+    // A pod the agent's source does not list: held, then a clear error.
+    let o = rt.exec("meshlane-cni", &conf, &inv("ghost"))?;
+    let e = o.error();
+    assert_eq!(e.code, code::TRY_AGAIN, "{e:?}");
+    assert!(
+        e.msg.contains("default/ghost") && e.msg.contains("does not list"),
+        "{e:?}"
+    );
+
+    // A namespace that does not exist, for a meshed pod the agent knows.
+    let e = rt.exec("meshlane-cni", &conf, &inv("m"))?.error();
+    assert_eq!(e.code, code::AGENT_REFUSED, "{e:?}");
+    assert!(
+        e.msg.contains("default/m") && e.msg.contains("nonexistent"),
+        "{e:?}"
+    );
+
+    // The agent not running (a state directory nobody serves), then a
+    // socket answering garbage: the meshed pod is held, the unmeshed starts.
+    let down = sb.dir().join("no-agent");
+    let entry = cni::meshlane_entry(&down, 1500, Some(&pods_file));
+    let c = rt_conf_prev(&entry, &prev);
+    let t = Instant::now();
+    let e = rt.exec("meshlane-cni", &c, &inv("m"))?.error();
+    assert_eq!(e.code, code::TRY_AGAIN, "{e:?}");
+    assert!(
+        e.msg.contains("default/m") && e.msg.contains("not reachable"),
+        "{e:?}"
+    );
+    assert!(e.details.contains("meshed"), "{e:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "waited for the agent"
+    );
+    let t = Instant::now();
+    let o = rt.exec("meshlane-cni", &c, &inv("u"))?;
+    assert!(
+        o.ok,
+        "an unmeshed pod is not blocked by the agent being down: {o:?}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&o.stdout)?,
+        prev,
+        "prevResult unchanged"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "at once: {:?}",
+        t.elapsed()
+    );
+    // Without a podSource nothing tells an unmeshed pod: held too.
+    let blind = rt_conf_prev(&cni::meshlane_entry(&down, 500, None), &prev);
+    let e = rt.exec("meshlane-cni", &blind, &inv("u"))?.error();
+    assert_eq!(e.code, code::TRY_AGAIN, "{e:?}");
+    assert!(e.details.contains("no podSource"), "{e:?}");
+
+    let garbage = Garbage::serve(&down)?;
+    let e = rt.exec("meshlane-cni", &c, &inv("m"))?.error();
+    assert_eq!(e.code, code::AGENT_PROTOCOL, "{e:?}");
+    assert!(
+        e.msg.contains("default/m") && e.msg.contains("not a meshlane reply"),
+        "{e:?}"
+    );
+    assert!(
+        rt.exec("meshlane-cni", &c, &inv("u"))?.ok,
+        "unmeshed pod, garbage agent"
+    );
+    // DEL never fails, whatever answers.
+    assert!(
+        rt.exec(
+            "meshlane-cni",
+            &c,
+            &Invocation {
+                command: "DEL",
+                ..inv("m")
+            }
+        )?
+        .ok
+    );
+    drop(garbage);
+    Ok(())
+}
+
+/// An IPv6 pod gets `::6/128` on lo (the proxy's IPv6 inbound passthrough
+/// source, which istio-iptables adds) from the plugin, which runs with the
+/// runtime's privileges.
+#[test]
+fn an_ipv6_pod_gets_the_passthrough_address() -> Result<()> {
+    let sb = Sandbox::new("cni-six")?;
+    let agent = Agent::start(&sb, &[pending("six", true), pending("plain6", false)])?;
+    let entry = cni::meshlane_entry(&agent.state_dir, 10_000, Some(&agent.pods_file));
+    let mut rt = Runtime::new(&sb, cni::conflist(&sb, true, &[entry]))?;
+    for (name, want) in [("six", true), ("plain6", false)] {
+        let mut p = rt.new_netns(&sb, name)?;
+        let inv = Invocation::pod("ADD", name, &ns_path(&p));
+        rt.add(&mut p, &inv)?
+            .map_err(|o| anyhow::anyhow!("ADD {name}: {o:?}"))?;
+        assert!(p.ip6.is_some(), "host-local gave {name} an IPv6 address");
+        let lo = sb.netns_exec(&p.netns, "ip", &["-6", "addr", "show", "dev", "lo"], None)?;
+        assert_eq!(lo.contains("::6/128"), want, "{name}: {lo}");
+    }
+    let st = agent.status()?;
+    assert_eq!(
+        meshlane_tests::pod_state(&st, "default/six").as_deref(),
+        Some("active"),
+        "{st}"
+    );
+    Ok(())
+}
