@@ -4,6 +4,9 @@
 //! agent cannot confirm captured (the runtime retries it).
 //!
 //! - `proto`: the messages on the agent's socket, shared by both ends;
+//! - `registry`: what the runtime registered, and how it binds a pod to the
+//!   namespace the runtime named (pure);
+//! - `server`: the agent's end of the socket;
 //! - `spec`: the CNI specification's side (config, environment, results,
 //!   error codes);
 //! - `plugin`: the `meshlane-cni` binary's logic.
@@ -19,7 +22,11 @@ use anyhow::{Context, Result};
 
 pub mod plugin;
 pub mod proto;
+mod registry;
+pub mod server;
 pub mod spec;
+
+pub use registry::{Registration, Registry};
 
 use crate::netns::{self, Netns};
 
