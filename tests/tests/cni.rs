@@ -449,3 +449,112 @@ fn an_ipv6_pod_gets_the_passthrough_address() -> Result<()> {
     );
     Ok(())
 }
+
+/// A node reboot: nothing pinned and no agent while the runtime creates a
+/// meshed pod. The plugin waits (bounded) for the agent rather than letting
+/// the pod through; the agent comes up, captures it, and ADD returns; the
+/// app's first packets are captured. A later agent restart keeps the pod
+/// bound to the namespace the runtime named.
+#[test]
+fn after_a_reboot_the_plugin_waits_for_the_agent() -> Result<()> {
+    let mut sb = Sandbox::new("cni-boot")?;
+    let b = sb.add_pod("b")?;
+    let _server = sb.start_server(&b, "b", &["0.0.0.0:9080"])?;
+    let pods = [PodSpec::plain(&b), pending("c", true), pending("u", false)];
+    // Where Agent::start will keep its pods file and state.
+    let pods_file = sb.dir().join("pods.json");
+    let state_dir = sb.dir().join("agent-state");
+    std::fs::write(&pods_file, meshlane_tests::agent::pod_list(&pods))?;
+    let entry = cni::meshlane_entry(&state_dir, 20_000, Some(&pods_file));
+    let mut rt = Runtime::new(&sb, cni::conflist(&sb, false, &[entry]))?;
+
+    // An unmeshed pod starts at once, agent or not.
+    let mut u = rt.new_netns(&sb, "u")?;
+    let t = Instant::now();
+    let inv_u = Invocation::pod("ADD", "u", &ns_path(&u));
+    rt.add(&mut u, &inv_u)?
+        .map_err(|o| anyhow::anyhow!("ADD u: {o:?}"))?;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    let mut c = rt.new_netns(&sb, "c")?;
+    let inv = Invocation::pod("ADD", "c", &ns_path(&c));
+    let t0 = Instant::now();
+    let (result, c, mut agent, tally) = std::thread::scope(|s| -> Result<_> {
+        let rt = &rt;
+        let add = s.spawn(move || rt.add(&mut c, &inv).map(|r| (r, c)));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(!add.is_finished(), "ADD returned before any agent ran");
+        let agent = Agent::start(&sb, &pods)?;
+        let (r, c) = add.join().expect("ADD thread")?;
+        let result = r.map_err(|o| anyhow::anyhow!("ADD failed: {o:?}"))?;
+        let tally = first_packets(
+            &sb,
+            &c,
+            &format!("{}:9080", b.ip),
+            200,
+            Some(Duration::from_millis(200)),
+        )?;
+        Ok((result, c, agent, tally))
+    })?;
+    eprintln!(
+        "ADD waited {:?} for the agent; then {} connections: {} on the sidecar, {} refused, {} direct",
+        t0.elapsed(),
+        tally.issued,
+        tally.on_sidecar,
+        tally.refused,
+        tally.direct.len()
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(tally.issued, 200, "{tally:?}");
+    assert!(
+        tally.direct.is_empty() && tally.other.is_empty(),
+        "{tally:?}"
+    );
+    assert!(tally.on_sidecar > 50, "{tally:?}");
+    let cookie = |agent: &Agent| -> Result<Value> {
+        Ok(
+            meshlane_tests::pod_entry(&agent.status()?, "default/c").context("c in status")?
+                ["netns_cookie"]
+                .clone(),
+        )
+    };
+    let before = cookie(&agent)?;
+    assert!(before.is_u64(), "{before}");
+
+    // An impostor: another namespace takes c's address while the agent is
+    // down; the restarted agent keeps c where the runtime put it.
+    // The source has c's address by now, as the API server would.
+    agent.stop_process(libc::SIGKILL)?;
+    let imp = rt.new_netns(&sb, "imp")?;
+    sb.netns_exec(
+        &imp.netns,
+        "ip",
+        &["addr", "add", &format!("{}/32", c.ip), "dev", "lo"],
+        None,
+    )?;
+    let mut c_now = PodSpec::meshed(&c);
+    c_now.name = "c".into();
+    agent.write_pods(&[PodSpec::plain(&b), c_now, pending("u", false)])?;
+    agent.restart()?;
+    assert_eq!(cookie(&agent)?, before, "{}", agent.status()?);
+    let report = agent.status_cmd()?;
+    assert_eq!(
+        report["maps"]["pods"], 1,
+        "only c's namespace is captured as c, not the impostor's: {report}"
+    );
+    let _sidecar = sb.start_sidecar(&c)?;
+    let again = first_packets(&sb, &c, &format!("{}:9080", b.ip), 20, None)?;
+    assert_eq!(again.on_sidecar, 20, "{again:?}");
+    let check = rt.check_or_del(
+        &Invocation {
+            command: "CHECK",
+            ..Invocation::pod("CHECK", "c", &ns_path(&c))
+        },
+        &result,
+    )?;
+    assert!(
+        check.iter().all(|o| o.ok),
+        "CHECK after the restart: {check:#?}"
+    );
+    Ok(())
+}
