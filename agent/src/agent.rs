@@ -137,7 +137,6 @@ impl Agent {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
         Ok(Self {
-            opts,
             maps,
             pods: Vec::new(),
             source_error: None,
@@ -150,7 +149,8 @@ impl Agent {
             status: Vec::new(),
             map_errors: 0,
             swept: false,
-            cni: Registry::default(),
+            cni: Registry::load(&opts.state_dir),
+            opts,
         })
     }
 

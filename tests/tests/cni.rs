@@ -41,6 +41,10 @@ struct Tally {
     refused: usize,
     direct: Vec<Value>,
     other: Vec<Value>,
+    /// When the sidecar listened, in the app's clock (ms since its start).
+    sidecar_ready_ms: Option<u64>,
+    /// Refused although issued after the sidecar listened.
+    refused_late: Vec<Value>,
 }
 
 /// Runs the app from the instant this is called: `count` connections, one
@@ -72,9 +76,11 @@ fn first_packets(
         ],
     )?;
     let mut sidecar = None;
+    let mut sidecar_ready_ms = None;
     if let Some(after) = sidecar_after {
         std::thread::sleep(after.saturating_sub(started.elapsed()));
         sidecar = Some(sb.start_sidecar(pod)?);
+        sidecar_ready_ms = Some(started.elapsed().as_millis() as u64);
     }
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -89,6 +95,7 @@ fn first_packets(
     drop(sidecar);
     let mut t = Tally {
         issued: lines.len(),
+        sidecar_ready_ms,
         ..Default::default()
     };
     for l in lines {
@@ -101,6 +108,11 @@ fn first_packets(
             }
         } else if l["errno"] == "ECONNREFUSED" {
             t.refused += 1;
+            // The app's clock starts a little after ours: a refusal stamped
+            // after the sidecar listened (by our clock) is late for sure.
+            if sidecar_ready_ms.is_some_and(|r| l["ms"].as_u64().unwrap_or(0) > r) {
+                t.refused_late.push(l);
+            }
         } else {
             t.other.push(l);
         }
@@ -146,10 +158,11 @@ fn a_new_pod_is_captured_from_its_first_packet() -> Result<()> {
     let tally = first_packets(&sb, &c, &to, 300, Some(Duration::from_millis(300)))?;
     eprintln!(
         "with meshlane-cni: {} connections issued from the instant ADD returned, {} landed on the \
-         sidecar, {} refused before it listened, {} direct, {} other",
+         sidecar, {} refused before it listened (at {:?} ms), {} direct, {} other",
         tally.issued,
         tally.on_sidecar,
         tally.refused,
+        tally.sidecar_ready_ms,
         tally.direct.len(),
         tally.other.len()
     );

@@ -164,16 +164,12 @@ enum Verdict {
     LeftAlone,
 }
 
-/// Asks the agent until it confirms the pod or `timeout` passes; falls
-/// back on the plugin's own reading of the pod only to let an unmeshed pod
-/// through.
-fn confirm(
-    conf: &NetConf,
-    pod: &PodRef,
-    req: &Request,
-    timeout: Duration,
-) -> Result<Verdict, CniError> {
+/// Asks the agent until it confirms the pod or the config's timeout passes
+/// (once, without waiting for a capture, unless `wait`); falls back on the
+/// plugin's own reading of the pod only to let an unmeshed pod through.
+fn confirm(conf: &NetConf, pod: &PodRef, req: &Request, wait: bool) -> Result<Verdict, CniError> {
     let socket = proto::socket_path(&conf.state_dir);
+    let timeout = conf.timeout;
     let deadline = Instant::now() + timeout;
     let mut own: Option<Own> = None;
     let look = |own: &mut Option<Own>| -> bool {
@@ -240,7 +236,7 @@ fn confirm(
                 .details(own_detail(own.as_ref())));
             }
         }
-        if Instant::now() + RETRY >= deadline {
+        if !wait || Instant::now() + RETRY >= deadline {
             break;
         }
         std::thread::sleep(RETRY);
@@ -248,8 +244,12 @@ fn confirm(
     Err(CniError::new(
         code::TRY_AGAIN,
         format!(
-            "pod {key} not confirmed captured within {} ms: {last}",
-            timeout.as_millis()
+            "pod {key} not confirmed captured{}: {last}",
+            if wait {
+                format!(" within {} ms", timeout.as_millis())
+            } else {
+                String::new()
+            }
         ),
     )
     .details(own_detail(own.as_ref())))
@@ -291,9 +291,7 @@ fn add(conf: &NetConf, env: &Env) -> Result<String, CniError> {
         netns: netns.clone(),
         ips: ips.clone(),
     };
-    if confirm(conf, &pod, &req, conf.timeout)? == Verdict::Captured
-        && ips.iter().any(IpAddr::is_ipv6)
-    {
+    if confirm(conf, &pod, &req, true)? == Verdict::Captured && ips.iter().any(IpAddr::is_ipv6) {
         add_passthrough_v6(&netns).map_err(|e| {
             CniError::new(
                 code::IO,
@@ -330,7 +328,7 @@ fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
             .expect("Env::read requires CNI_NETNS for CHECK"),
     };
     // CHECK looks, it does not wait for a capture to happen.
-    confirm(conf, &pod, &req, Duration::ZERO)
+    confirm(conf, &pod, &req, false)
         .map(|_| ())
         .map_err(|mut e| {
             if e.code == code::TRY_AGAIN {

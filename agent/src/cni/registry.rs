@@ -2,13 +2,17 @@
 //! they change in a round: a registered pod is bound to the namespace the
 //! runtime named (by its cookie), with the addresses the runtime gave it,
 //! before the pod source has either; the IP scan never moves it elsewhere.
-//! Pure: the agent's loop feeds it and asks it; nothing here touches the
-//! kernel.
+//! The agent's loop feeds it and asks it; nothing here touches the kernel.
+//! The registrations are kept in the state directory ([`FILE`]), so an
+//! agent restart keeps every pod bound to its runtime's namespace.
 use std::{
     collections::{BTreeMap, VecDeque},
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use super::proto::Reply;
 use crate::{
@@ -18,8 +22,11 @@ use crate::{
     status::{PodState, PodStatus},
 };
 
+/// Where the registrations are kept, in the agent's state directory.
+pub const FILE: &str = "cni-pods.json";
+
 /// One sandbox the runtime created for a pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
     pub container_id: String,
     pub uid: Option<String>,
@@ -38,9 +45,62 @@ pub struct Registry {
     /// By pod key (`namespace/name`).
     pods: BTreeMap<String, Registration>,
     released: VecDeque<u64>,
+    /// Where the registrations are saved on each change (None: nowhere).
+    file: Option<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    pods: BTreeMap<String, Registration>,
+    released: VecDeque<u64>,
 }
 
 impl Registry {
+    /// The registrations an earlier agent saved in `state_dir`, kept there
+    /// from now on. An unreadable file is reported and starts empty (the
+    /// pods are then found by their addresses, as before the plugin).
+    pub fn load(state_dir: &Path) -> Registry {
+        let file = state_dir.join(FILE);
+        let saved = match std::fs::read(&file) {
+            Ok(b) => serde_json::from_slice::<Saved>(&b)
+                .map_err(|e| {
+                    warn!(
+                        "{}: {e}; starting without CNI registrations",
+                        file.display()
+                    )
+                })
+                .ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(
+                    "reading {}: {e}; starting without CNI registrations",
+                    file.display()
+                );
+                None
+            }
+        };
+        let (pods, released) = saved.map(|s| (s.pods, s.released)).unwrap_or_default();
+        Registry {
+            pods,
+            released,
+            file: Some(file),
+        }
+    }
+
+    fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let saved = Saved {
+            pods: self.pods.clone(),
+            released: self.released.clone(),
+        };
+        let tmp = file.with_extension("tmp");
+        let r = std::fs::write(&tmp, serde_json::to_vec(&saved).expect("serialises"))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = r {
+            warn!("saving {}: {e}", file.display());
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty()
     }
@@ -57,6 +117,7 @@ impl Registry {
                 self.release_cookie(old.cookie);
             }
         }
+        self.save();
     }
 
     /// CNI DEL: forgets the sandbox `container_id` (of `key` if given) and
@@ -69,6 +130,7 @@ impl Registry {
             .map(|(k, _)| k.clone())?;
         let r = self.pods.remove(&found)?;
         self.release_cookie(r.cookie);
+        self.save();
         Some(r)
     }
 
@@ -269,6 +331,24 @@ mod tests {
             &BTreeMap::new(),
         );
         assert!(plan.want.is_empty());
+    }
+
+    #[test]
+    fn registrations_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("meshlane-cni-reg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Registry::load(&dir);
+        assert!(r.is_empty());
+        r.register("default/a".into(), reg(20, "10.0.0.5"));
+        r.register("default/b".into(), reg(21, "10.0.0.6"));
+        r.release(None, "c21");
+        let again = Registry::load(&dir);
+        assert_eq!(again.get("default/a"), Some(&reg(20, "10.0.0.5")));
+        assert!(again.get("default/b").is_none());
+        assert!(again.released.contains(&21));
+        std::fs::write(dir.join(FILE), "{").unwrap();
+        assert!(Registry::load(&dir).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
