@@ -571,3 +571,117 @@ fn after_a_reboot_the_plugin_waits_for_the_agent() -> Result<()> {
     );
     Ok(())
 }
+
+/// The DaemonSet's installer: copies the plugin into the bin directory,
+/// chains it last in the primary conflist, puts it back when another agent
+/// rewrites the file, leaves it in place when stopped, and `uninstall`
+/// removes both. The conflist it wrote then sets up a captured pod.
+#[test]
+fn the_installer_chains_the_plugin_and_keeps_it_chained() -> Result<()> {
+    let sb = Sandbox::new("cni-inst")?;
+    let agent = Agent::start(&sb, &[pending("c", true)])?;
+    let (bin, conf) = (sb.dir().join("cni-bin"), sb.dir().join("cni-conf"));
+    std::fs::create_dir_all(&bin)?;
+    std::fs::create_dir_all(&conf)?;
+    let primary = conf.join("10-net.conflist");
+    let original = cni::conflist(&sb, false, &[]);
+    std::fs::write(&primary, original.to_string())?;
+    std::fs::write(
+        conf.join("99-other.conf"),
+        r#"{"cniVersion":"1.0.0","name":"o","type":"ptp"}"#,
+    )?;
+    let chained = |path: &Path| -> Result<Option<Value>> {
+        let v: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+        let last = v["plugins"].as_array().and_then(|p| p.last()).cloned();
+        Ok(last.filter(|l| l["type"] == "meshlane-cni"))
+    };
+    let wait_chained = |path: &Path| -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = chained(path)? {
+                return Ok(e);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "not chained: {}",
+                std::fs::read_to_string(path)?
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut installer = Reap(
+        std::process::Command::new(cni::meshlane_cni_bin())
+            .args(["install", "--bin-dir"])
+            .arg(&bin)
+            .arg("--conf-dir")
+            .arg(&conf)
+            .arg("--state-dir")
+            .arg(&agent.state_dir)
+            .arg("--pods-file")
+            .arg(&agent.pods_file)
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let entry = wait_chained(&primary)?;
+    assert_eq!(
+        entry["stateDir"],
+        agent.state_dir.display().to_string(),
+        "{entry}"
+    );
+    assert!(bin.join("meshlane-cni").is_file());
+    assert!(
+        chained(&conf.join("99-other.conf")).is_err()
+            || chained(&conf.join("99-other.conf"))?.is_none()
+    );
+
+    // Another agent rewrites the primary without the entry: back within seconds.
+    std::fs::write(&primary, original.to_string())?;
+    wait_chained(&primary)?;
+
+    // The conflist as installed sets up a captured pod.
+    let installed: Value = serde_json::from_slice(&std::fs::read(&primary)?)?;
+    let mut rt = Runtime::new(&sb, installed)?;
+    let mut c = rt.new_netns(&sb, "c")?;
+    let inv = Invocation::pod("ADD", "c", &ns_path(&c));
+    rt.add(&mut c, &inv)?
+        .map_err(|o| anyhow::anyhow!("ADD through the installed conflist: {o:?}"))?;
+    let st = agent.status()?;
+    assert_eq!(
+        meshlane_tests::pod_state(&st, "default/c").as_deref(),
+        Some("active"),
+        "{st}"
+    );
+
+    // Stopped (a rollout): the entry stays.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(installer.0.id() as i32, libc::SIGTERM) };
+    let status = installer.0.wait()?;
+    assert!(status.success(), "{status}");
+    assert!(
+        chained(&primary)?.is_some(),
+        "the entry stays while no installer runs"
+    );
+
+    // Uninstall, twice.
+    for _ in 0..2 {
+        let out = std::process::Command::new(cni::meshlane_cni_bin())
+            .args(["uninstall", "--bin-dir"])
+            .arg(&bin)
+            .arg("--conf-dir")
+            .arg(&conf)
+            .output()?;
+        assert!(out.status.success(), "{out:?}");
+    }
+    let left: Value = serde_json::from_slice(&std::fs::read(&primary)?)?;
+    assert_eq!(left, original, "uninstall restores the conflist");
+    assert!(!bin.join("meshlane-cni").exists());
+    drop(rt);
+    Ok(())
+}

@@ -9,7 +9,9 @@
 //! - `server`: the agent's end of the socket;
 //! - `spec`: the CNI specification's side (config, environment, results,
 //!   error codes);
-//! - `plugin`: the `meshlane-cni` binary's logic.
+//! - `plugin`: the `meshlane-cni` binary's logic;
+//! - `install`: `meshlane-cni install|uninstall`, which the DaemonSet runs to
+//!   chain the plugin into the node's primary conflist.
 //!
 //! When the agent cannot be reached, the plugin decides by reading the pod
 //! itself from the pod source named in its network config (`podSource`: the
@@ -20,6 +22,7 @@ use std::{os::unix::fs::MetadataExt, path::Path};
 
 use anyhow::{Context, Result};
 
+pub mod install;
 pub mod plugin;
 pub mod proto;
 mod registry;
