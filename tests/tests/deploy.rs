@@ -52,6 +52,10 @@ fn scenarios() -> Vec<(&'static str, Json)> {
             "metrics-beside-probes",
             json!({"metrics": {"bindAddress": ""}}),
         ),
+        (
+            "cni",
+            json!({"cni": {"enabled": true, "binDir": "/usr/libexec/cni", "confDir": "/etc/cni/conf.d"}}),
+        ),
     ]
 }
 
@@ -90,9 +94,19 @@ impl Render {
         &found[0].value
     }
     fn agent(&self) -> &Json {
-        let c = &self.one("DaemonSet")["spec"]["template"]["spec"]["containers"];
-        assert_eq!(c.as_array().map(Vec::len), Some(1), "one container");
-        &c[0]
+        self.container("agent")
+    }
+    /// The DaemonSet's container `name`: the agent, and with cni.enabled
+    /// the plugin's installer, nothing else.
+    fn container(&self, name: &str) -> &Json {
+        let c = self.one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .expect("containers");
+        let cni = self.v("cni.enabled") == &json!(true);
+        assert_eq!(c.len(), 1 + usize::from(cni), "agent and (cni) install-cni");
+        c.iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
     }
     fn v(&self, path: &str) -> &Json {
         path.split('.').fold(&self.values, |v, k| &v[k])
@@ -396,6 +410,81 @@ fn daemonset_runs_on_the_node_with_named_capabilities_probes_and_host_mounts() {
             "{name}"
         );
         assert_eq!(spread["maxSkew"], json!(1), "{name}");
+    }
+}
+
+/// cni.enabled adds the installer, which mounts the two CNI directories the
+/// values name and chains the plugin with the node's paths, makes the state
+/// directory the node's (the plugin reaches the agent's socket there), and
+/// adds the uninstall Job's unchaining; off, none of it renders.
+#[test]
+fn the_cni_switch_installs_the_plugin_where_the_values_say() {
+    for (name, overrides) in scenarios() {
+        let r = render(&overrides);
+        let pod = &r.one("DaemonSet")["spec"]["template"]["spec"];
+        let job = &r.one("Job")["spec"]["template"]["spec"];
+        let on = r.v("cni.enabled") == &json!(true);
+        let state = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "state")
+            .expect("state volume");
+        if !on {
+            assert!(
+                !r.objects
+                    .iter()
+                    .any(|o| o.value.to_string().contains("meshlane-cni")),
+                "{name}"
+            );
+            assert_eq!(state["emptyDir"], json!({}), "{name}");
+            continue;
+        }
+        assert_eq!(state["hostPath"]["path"], json!("/run/meshlane"), "{name}");
+        let c = r.container("install-cni");
+        assert_eq!(c["image"], r.agent()["image"], "{name}");
+        assert_eq!(
+            c["command"],
+            json!(["/usr/local/bin/meshlane-cni"]),
+            "{name}"
+        );
+        let args = strings(&c["args"]);
+        assert_eq!(args[0], "install", "{name}");
+        let conf = r.v("cni.confDir").as_str().unwrap();
+        for want in [
+            "--bin-dir=/host/cni/bin".to_string(),
+            "--conf-dir=/host/cni/net.d".into(),
+            format!("--host-conf-dir={conf}"),
+            "--state-dir=/run/meshlane".into(),
+        ] {
+            assert!(args.contains(&want), "{name}: {want} in {args:?}");
+        }
+        assert_eq!(
+            c["securityContext"]["capabilities"],
+            json!({"drop": ["ALL"]}),
+            "{name}"
+        );
+        let m = mounts(pod, c);
+        assert_eq!(
+            m["/host/cni/bin"].0,
+            r.v("cni.binDir").as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(m["/host/cni/net.d"].0, conf, "{name}");
+        let u = job["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "uninstall-cni")
+            .expect("uninstall-cni in the Job");
+        assert_eq!(strings(&u["args"])[0], "uninstall", "{name}");
+        let m = mounts(job, u);
+        assert_eq!(
+            m["/host/cni/bin"].0,
+            r.v("cni.binDir").as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(m["/host/cni/net.d"].0, conf, "{name}");
     }
 }
 
