@@ -362,6 +362,18 @@ impl Agent {
                 synced: self.synced,
             };
         };
+        if let (Some(runtime), Some(listed)) = (&pod.uid, &known.uid) {
+            if runtime != listed {
+                // The source still has an earlier pod of this name: wait
+                // for this one rather than apply the other's settings.
+                return Reply::Pending {
+                    why: format!(
+                        "the pod source lists {key} with uid {listed}, the runtime's sandbox is \
+                         for uid {runtime}"
+                    ),
+                };
+            }
+        }
         if !known.meshed {
             return Reply::NotCaptured {
                 why: "the pod is not meshed".into(),

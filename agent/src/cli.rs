@@ -566,6 +566,7 @@ mod tests {
         pods::Pod {
             namespace: "ns".into(),
             name: "p".into(),
+            uid: None,
             annotations: [(annotation::STATUS.to_string(), "true".to_string())].into(),
             ips: ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
             host_network: false,

@@ -362,6 +362,20 @@ fn bad_input_is_a_clear_cni_error_and_never_a_bypass() -> Result<()> {
         "{e:?}"
     );
 
+    // A sandbox for a newer pod of the same name than the source lists.
+    let newer = Invocation {
+        args: inv("m")
+            .args
+            .replace("K8S_POD_UID=uid-m", "K8S_POD_UID=uid-m2"),
+        ..inv("m")
+    };
+    let e = rt.exec("meshlane-cni", &conf, &newer)?.error();
+    assert_eq!(e.code, code::TRY_AGAIN, "{e:?}");
+    assert!(
+        e.msg.contains("uid uid-m,") && e.msg.contains("uid-m2"),
+        "{e:?}"
+    );
+
     // A namespace that does not exist, for a meshed pod the agent knows.
     let e = rt.exec("meshlane-cni", &conf, &inv("m"))?.error();
     assert_eq!(e.code, code::AGENT_REFUSED, "{e:?}");
