@@ -699,3 +699,231 @@ fn the_installer_chains_the_plugin_and_keeps_it_chained() -> Result<()> {
     drop(rt);
     Ok(())
 }
+
+/// Removes what podman leaves for a `--cgroup-parent` outside the unified
+/// hierarchy (this machine's cgroups are hybrid: runc also makes the parent
+/// in every v1 hierarchy), children first.
+struct V1Cgroups(String);
+
+impl Drop for V1Cgroups {
+    fn drop(&mut self) {
+        let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for h in rd.flatten() {
+            let dir = h.path().join(&self.0);
+            if h.file_name() == "unified" || !dir.is_dir() {
+                continue;
+            }
+            let mut stack = vec![dir.clone()];
+            let mut all = Vec::new();
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+                all.push(d);
+            }
+            for d in all.iter().rev() {
+                if let Err(e) = std::fs::remove_dir(d) {
+                    eprintln!("meshlane-tests: removing {}: {e}", d.display());
+                }
+            }
+        }
+    }
+}
+
+/// A real runtime: Debian's podman (CNI backend, runc) starts a container
+/// from a local root filesystem in the sandbox's node namespace, with the
+/// sandbox's conflist and meshlane-cni chained last. podman puts the
+/// container's name in CNI_ARGS' K8S_POD_NAME and no namespace. The
+/// container's shell connects every 5 ms from its first instant: every
+/// connection that succeeds went through the sidecar.
+#[test]
+fn a_container_podman_starts_is_captured_from_its_first_packet() -> Result<()> {
+    if std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        meshlane_tests::skip_loudly("podman is not installed (apt-get install podman runc)");
+        return Ok(());
+    }
+    let mut sb = Sandbox::new("cni-podman")?;
+    let b = sb.add_pod("b")?;
+    let _server = sb.start_server(&b, "b", &["0.0.0.0:9080"])?;
+    // podman names the container in K8S_POD_NAME, and no namespace.
+    let name = "app";
+    let agent = Agent::start(&sb, &[PodSpec::plain(&b), pending(name, true)])?;
+    let net = cni::conflist(
+        &sb,
+        false,
+        &[cni::meshlane_entry(
+            &agent.state_dir,
+            10_000,
+            Some(&agent.pods_file),
+        )],
+    );
+    let net_dir = sb.dir().join("podman-net");
+    std::fs::create_dir_all(&net_dir)?;
+    std::fs::write(net_dir.join("net.conflist"), net.to_string())?;
+    let root = sb.dir().join("rootfs");
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::copy("/usr/bin/busybox", root.join("bin/busybox"))?;
+    for tool in ["sh", "nc", "usleep", "echo"] {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(tool));
+    }
+    let cg_rel = sb
+        .cgroup()
+        .strip_prefix(meshlane_tests::cgroup2_root()?)?
+        .to_string_lossy()
+        .into_owned();
+    let _v1 = V1Cgroups(cg_rel.clone());
+    let script = format!(
+        "i=0; while [ $i -lt 200 ]; do if echo hello | nc -w 1 {} 9080 >/dev/null 2>&1; \
+         then echo ok; else echo refused; fi; i=$((i+1)); usleep 5000; done",
+        b.ip
+    );
+    // podman looks for plugins in its own list of directories.
+    let conf = sb.dir().join("containers.conf");
+    let plugin_dir = cni::meshlane_cni_bin().parent().unwrap().to_path_buf();
+    std::fs::write(
+        &conf,
+        format!(
+            "[network]\ncni_plugin_dirs = [\"{}\", \"{}\"]\n",
+            cni::DEBIAN_CNI_BIN,
+            plugin_dir.display()
+        ),
+    )?;
+    let node = std::fs::File::open(format!("/run/netns/{}", sb.node_netns()))?;
+    let node_fd = std::os::fd::AsRawFd::as_raw_fd(&node);
+    let mut cmd = std::process::Command::new("podman");
+    cmd.env("CONTAINERS_CONF", &conf)
+        .arg("--network-config-dir")
+        .arg(&net_dir)
+        .args(["run", "--rm", "--name", name, "--runtime", "runc"])
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+        ])
+        .args(["--network", net["name"].as_str().unwrap()])
+        .arg(format!("--cgroup-parent=/{cg_rel}/podman"))
+        .arg("--rootfs")
+        .arg(&root)
+        .args(["/bin/sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // podman in the node's namespace: the bridge plugin's side is there.
+    // SAFETY: setns only, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    struct Podman(std::process::Child);
+    impl Drop for Podman {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("podman")
+                .args(["rm", "-f", "-t", "0", "app"])
+                .output();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let t0 = Instant::now();
+    let mut podman = Podman(cmd.spawn()?);
+    drop(node);
+    let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let stdout = read(podman.0.stdout.take().map(|r| Box::new(r) as _));
+    let stderr = read(podman.0.stderr.take().map(|r| Box::new(r) as _));
+    // The container's namespace, once podman reports it: the sidecar
+    // starts there as soon as it is known.
+    let sandbox_key = loop {
+        let out = std::process::Command::new("podman")
+            .args([
+                "inspect",
+                "--format",
+                "{{.NetworkSettings.SandboxKey}}",
+                name,
+            ])
+            .output()?;
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && key.starts_with("/run/netns/") {
+            break key;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(30),
+            "podman never reported the container's namespace"
+        );
+        if let Some(st) = podman.0.try_wait()? {
+            anyhow::bail!(
+                "podman exited with {st}: {}",
+                stderr.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ctr = Pod {
+        name: "podman-sidecar".into(),
+        netns: sandbox_key.trim_start_matches("/run/netns/").into(),
+        ip: std::net::Ipv4Addr::UNSPECIFIED,
+        ip6: None,
+        stack: meshlane_tests::Stack::V4,
+        cgroup: sb.cgroup().join("podman-sidecar"),
+        node: 1,
+    };
+    std::fs::create_dir_all(&ctr.cgroup)?;
+    let sidecar = sb.start_sidecar(&ctr)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = podman.0.try_wait()? {
+            break st;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the container ran for over 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    anyhow::ensure!(status.success(), "podman: {status}: {err}");
+    drop(sidecar);
+    let lines: Vec<&str> = out.lines().collect();
+    let ok = lines.iter().filter(|l| **l == "ok").count();
+    let refused = lines.iter().filter(|l| **l == "refused").count();
+    let records = read_sidecar_log(&sb.sidecar_log(&ctr))
+        .into_iter()
+        .filter(|r| r.listener == 15001)
+        .count();
+    eprintln!(
+        "podman: {} connections from the container's first instant: {ok} succeeded, {records} \
+         sidecar records, {refused} refused (before the sidecar listened)",
+        lines.len()
+    );
+    assert_eq!(lines.len(), 200, "{out}");
+    assert!(ok > 0, "{out}");
+    assert_eq!(
+        ok, records,
+        "every connection that succeeded went through the sidecar"
+    );
+    let st = agent.status()?;
+    assert_eq!(
+        meshlane_tests::pod_state(&st, "default/app").as_deref(),
+        Some("active"),
+        "{st}"
+    );
+    drop(podman);
+    Ok(())
+}

@@ -133,6 +133,9 @@ const APT_PACKAGES: &[&str] = &[
     // tests/tests/cni.rs: the bridge, host-local and loopback plugins a
     // runtime chains meshlane-cni after (/usr/lib/cni).
     "containernetworking-plugins",
+    // tests/tests/cni.rs: a real runtime starting a container through the chain.
+    "podman",
+    "runc",
     "curl",
     "python3",
     // `cargo xtask vm-test`: qemu (TCG), a static busybox for the guest's
