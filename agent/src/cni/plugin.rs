@@ -14,8 +14,10 @@
 //!   `timeoutMs` and then fails with code 11 (try again later), naming the
 //!   pod and the reason: the runtime retries, and the pod never starts
 //!   uncaptured;
-//! - a pod in `excludeNamespaces`, or a container that is not a Kubernetes
-//!   pod (no K8S_POD_* in CNI_ARGS), is not meshlane's and returns at once.
+//! - a pod in `excludeNamespaces`, or a container the runtime names no pod
+//!   for (no K8S_POD_NAME in CNI_ARGS), is not meshlane's and returns at
+//!   once (K8S_POD_NAME without K8S_POD_NAMESPACE, as podman passes it, is
+//!   a pod in `default`).
 //!
 //! DEL tells the agent and never fails (the agent's recheck removes what a
 //! lost DEL leaves). CHECK asks the agent and fails for a meshed pod it
@@ -279,7 +281,7 @@ fn add(conf: &NetConf, env: &Env) -> Result<String, CniError> {
         .clone()
         .expect("Env::read requires CNI_NETNS for ADD");
     let Some(pod) = env.pod() else {
-        eprintln!("meshlane-cni: no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS: not a Kubernetes pod, left alone");
+        eprintln!("meshlane-cni: no K8S_POD_NAME in CNI_ARGS: not a pod, left alone");
         return Ok(out);
     };
     if conf.exclude_namespaces.contains(&pod.namespace) {

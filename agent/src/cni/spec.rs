@@ -129,10 +129,17 @@ impl Env {
         })
     }
 
-    /// The Kubernetes pod CNI_ARGS names (None: not a Kubernetes pod).
+    /// The pod CNI_ARGS names (None: no K8S_POD_NAME, not a pod). Without
+    /// K8S_POD_NAMESPACE the pod is in `default`: podman names its
+    /// containers in K8S_POD_NAME only, and a pod it runs must not pass as
+    /// "not a pod".
     pub fn pod(&self) -> Option<PodRef> {
         Some(PodRef {
-            namespace: self.args.get("K8S_POD_NAMESPACE")?.clone(),
+            namespace: self
+                .args
+                .get("K8S_POD_NAMESPACE")
+                .cloned()
+                .unwrap_or_else(|| "default".into()),
             name: self.args.get("K8S_POD_NAME")?.clone(),
             uid: self.args.get("K8S_POD_UID").cloned(),
         })
@@ -336,6 +343,12 @@ mod tests {
             code::INVALID_ENV
         );
         assert_eq!(env(&[]).unwrap_err().code, code::INVALID_ENV);
+        let mut podman = with.clone();
+        podman[3] = ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=app");
+        assert_eq!(env(&podman).unwrap().pod().unwrap().key(), "default/app");
+        let mut none = with.clone();
+        none[3] = ("CNI_ARGS", "IgnoreUnknown=1");
+        assert_eq!(env(&none).unwrap().pod(), None);
         let mut bad = with.clone();
         bad[3] = ("CNI_ARGS", "K8S_POD_NAME");
         assert!(env(&bad).unwrap_err().msg.contains("KEY=VALUE"));
