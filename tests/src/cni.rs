@@ -172,6 +172,22 @@ impl Runtime {
 
     /// [`Runtime::exec`] with arbitrary bytes on stdin.
     pub fn exec_raw(&self, kind: &str, stdin: &[u8], inv: &Invocation) -> Result<Outcome> {
+        self.exec_in(kind, stdin, inv, true)
+    }
+
+    /// [`Runtime::exec`] in the test's own namespace rather than the node's
+    /// (to reach a server on the test's loopback, as a fake API server).
+    pub fn exec_here(&self, kind: &str, conf: &Value, inv: &Invocation) -> Result<Outcome> {
+        self.exec_in(kind, conf.to_string().as_bytes(), inv, false)
+    }
+
+    fn exec_in(
+        &self,
+        kind: &str,
+        stdin: &[u8],
+        inv: &Invocation,
+        in_node: bool,
+    ) -> Result<Outcome> {
         let bin = self
             .cni_path
             .split(':')
@@ -195,14 +211,16 @@ impl Runtime {
             cmd.env("CNI_NETNS", ns);
         }
         // The plugins run in the node's namespace: that is the host to them.
-        // SAFETY: setns only, between fork and exec, on an fd kept open.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        if in_node {
+            // SAFETY: setns only, between fork and exec, on an fd kept open.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(node_fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let start = Instant::now();
         let mut child = cmd

@@ -450,6 +450,53 @@ fn bad_input_is_a_clear_cni_error_and_never_a_bypass() -> Result<()> {
     Ok(())
 }
 
+/// With the agent down, the plugin reads the pod from the API server
+/// through the kubeconfig its podSource names: an unmeshed pod starts at
+/// once, a meshed one is held, and one the API server does not have is held
+/// with the reason.
+#[test]
+fn with_the_agent_down_the_plugin_asks_the_api_server() -> Result<()> {
+    let sb = Sandbox::new("cni-kube")?;
+    let mut api = meshlane_tests::fakeapi::FakeApi::start()?;
+    for spec in [pending("m", true), pending("u", false)] {
+        api.apply(meshlane_tests::fakeapi::api_pod(&spec, "node-1"));
+    }
+    let kubeconfig = sb.dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let mut entry = cni::meshlane_entry(&sb.dir().join("no-agent"), 1000, None);
+    entry["podSource"] = serde_json::json!({"kubeconfig": kubeconfig});
+    let prev: Value =
+        serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.200.0.9/25"}]});
+    let conf = rt_conf_prev(&entry, &prev);
+    let rt = Runtime::new(&sb, cni::conflist(&sb, false, &[]))?;
+    let inv = |name: &str| Invocation::pod("ADD", name, Path::new("/run/netns/nonexistent"));
+    let t = Instant::now();
+    let o = rt.exec_here("meshlane-cni", &conf, &inv("u"))?;
+    assert!(o.ok, "unmeshed, by the API server: {o:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    let e = rt.exec_here("meshlane-cni", &conf, &inv("m"))?.error();
+    assert_eq!(e.code, code::TRY_AGAIN, "{e:?}");
+    assert!(e.details.contains("says the pod is meshed"), "{e:?}");
+    let e = rt.exec_here("meshlane-cni", &conf, &inv("ghost"))?.error();
+    assert!(e.details.contains("does not list the pod"), "{e:?}");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.path == "/api/v1/namespaces/default/pods/u"),
+        "the plugin read the pod itself"
+    );
+    // The API server down too: held, naming why.
+    api.stop();
+    let e = rt.exec_here("meshlane-cni", &conf, &inv("u"))?.error();
+    assert_eq!(e.code, code::TRY_AGAIN, "{e:?}");
+    assert!(e.details.contains("cannot be told"), "{e:?}");
+    Ok(())
+}
+
 /// An IPv6 pod gets `::6/128` on lo (the proxy's IPv6 inbound passthrough
 /// source, which istio-iptables adds) from the plugin, which runs with the
 /// runtime's privileges.
