@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     bpf::{self, Layout, Maps},
+    cni::{self, proto::Reply, Registry},
     health, http, listeners, netns,
     podconfig::NodeDefaults,
     pods::Pod,
@@ -82,6 +83,8 @@ pub struct Agent {
     /// An upgrade across a map layout change, finished once the first
     /// complete pod list is in the new maps.
     migration: Option<bpf::Migration>,
+    /// Pods the runtime registered through `meshlane-cni`.
+    cni: Registry,
 }
 
 impl Agent {
@@ -144,7 +147,6 @@ impl Agent {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("creating state dir {}", opts.state_dir.display()))?;
         Ok(Self {
-            opts,
             maps,
             pods: Vec::new(),
             source_error: None,
@@ -158,6 +160,8 @@ impl Agent {
             map_errors: 0,
             swept: false,
             migration,
+            cni: Registry::load(&opts.state_dir),
+            opts,
         })
     }
 
@@ -178,6 +182,9 @@ impl Agent {
             self.opts.metrics.metrics_interval,
         )?;
         server.start(self.health.clone(), pages)?;
+        // After the programs are attached: a plugin that reaches the agent
+        // can be answered "captured" truthfully.
+        let mut calls = cni::server::serve(&self.opts.state_dir)?;
         let mut tick = tokio::time::interval(TICK);
         let mut last_full = Instant::now() - RECHECK;
         loop {
@@ -188,6 +195,13 @@ impl Agent {
                     changed = true;
                 }
                 _ = tick.tick() => {}
+                Some(call) = calls.recv() => {
+                    let reply = self.cni_call(call.request);
+                    let _ = call.reply.send(reply);
+                    self.publish();
+                    self.write_status();
+                    continue;
+                }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
             }
@@ -252,17 +266,23 @@ impl Agent {
     }
 
     fn reconcile(&mut self) -> Result<()> {
-        let mut spaces = if reconcile::needs_netns(&self.pods) {
+        if self.synced {
+            self.cni.retain_listed(&self.pods);
+        }
+        let scanned = if reconcile::needs_netns(&self.pods) || !self.cni.is_empty() {
             netns::inspect(netns::candidates().into_iter().collect())?
         } else {
             Vec::new()
         };
-        reconcile::look_up_user_ns(&self.pods, &mut spaces, |path| {
+        let mut spaces = self.cni.spaces(scanned, |p| cni::inspect(p).ok());
+        let pods = self.cni.overlay(&self.pods, &spaces);
+        reconcile::look_up_user_ns(&pods, &mut spaces, |path| {
             userns::of_netns(path, netns::pids_in(path).map_err(|e| format!("{e:#}"))?)
         });
-        let bound = reconcile::bindings(&self.applied);
+        let mut bound = reconcile::bindings(&self.applied);
+        self.cni.bind(&mut bound);
         let Plan { want, mut status } =
-            reconcile::plan(&self.pods, &spaces, &self.opts.defaults, &bound);
+            reconcile::plan(&pods, &spaces, &self.opts.defaults, &bound);
 
         // Remove what is no longer wanted, then write what is.
         let old = std::mem::take(&mut self.applied);
@@ -335,6 +355,83 @@ impl Agent {
         }
         self.status = status;
         Ok(())
+    }
+
+    /// Serves one `meshlane-cni` request: ADD registers the pod's sandbox
+    /// and runs a round at once, CHECK looks, DEL releases; ADD and CHECK
+    /// say "captured" only when the maps hold the pod for that namespace.
+    fn cni_call(&mut self, req: cni::proto::Request) -> Reply {
+        use cni::proto::Request;
+        let (pod, netns, add) = match req {
+            Request::Del { pod, container_id } => {
+                let key = pod.map(|p| p.key());
+                if let Some(r) = self.cni.release(key.as_deref(), &container_id) {
+                    info!(pod = ?key, container_id, cookie = r.cookie, "sandbox deleted by the runtime: entries released");
+                    if let Err(e) = self.reconcile() {
+                        error!("reconcile failed: {e:#}");
+                    }
+                }
+                return Reply::Released;
+            }
+            Request::Add {
+                pod,
+                container_id,
+                netns,
+                ips,
+            } => (pod, netns, Some((container_id, ips))),
+            Request::Check { pod, netns, .. } => (pod, netns, None),
+        };
+        let key = pod.key();
+        let Some(known) = self.pods.iter().find(|p| p.key() == key) else {
+            return Reply::Unknown {
+                source: self.opts.source.describe(),
+                synced: self.synced,
+            };
+        };
+        if let (Some(runtime), Some(listed)) = (&pod.uid, &known.uid) {
+            if runtime != listed {
+                // The source still has an earlier pod of this name: wait
+                // for this one rather than apply the other's settings.
+                return Reply::Pending {
+                    why: format!(
+                        "the pod source lists {key} with uid {listed}, the runtime's sandbox is \
+                         for uid {runtime}"
+                    ),
+                };
+            }
+        }
+        if !known.meshed {
+            return Reply::NotCaptured {
+                why: "the pod is not meshed".into(),
+            };
+        }
+        let ns = match cni::inspect(&netns) {
+            Ok(ns) => ns,
+            Err(e) => {
+                return Reply::Error {
+                    msg: format!("{e:#}"),
+                }
+            }
+        };
+        if let Some((container_id, ips)) = add {
+            info!(pod = %key, container_id, netns = %netns.display(), cookie = ns.cookie, ?ips, "sandbox added by the runtime");
+            self.cni.register(
+                key.clone(),
+                cni::Registration {
+                    container_id,
+                    uid: pod.uid,
+                    netns,
+                    cookie: ns.cookie,
+                    ips,
+                },
+            );
+            if let Err(e) = self.reconcile() {
+                error!("reconcile failed: {e:#}");
+            }
+        }
+        Registry::answer(&key, ns.cookie, &self.applied, &self.status, |c| {
+            self.opts.layout.netns_link(c).exists()
+        })
     }
 
     /// Removes whatever the maps hold that no current pod wants: what an

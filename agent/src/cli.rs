@@ -388,6 +388,7 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
                         .enable_all()
                         .build()?
                         .block_on(source::kube::get_pod(kubeconfig, ns, name))?
+                        .with_context(|| format!("the API server has no pod {ns}/{name}"))?
                 }
             };
             print_iptables(&p, family, output.format)?;
@@ -632,6 +633,7 @@ mod tests {
         pods::Pod {
             namespace: "ns".into(),
             name: "p".into(),
+            uid: None,
             annotations: [(annotation::STATUS.to_string(), "true".to_string())].into(),
             ips: ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
             host_network: false,

@@ -16,10 +16,12 @@
 //! - `status`, `reconcile`: pods' states, and the pure plan of a round;
 //! - `health`, `metrics`, `sampler`, `http`: what the agent shows on its
 //!   ports (`sampler` reads the maps for `/metrics` off the agent's loop);
+//! - `cni`: the chained CNI plugin and the agent's socket for it;
 //! - `agent`: the loop; `cli`: the commands.
 pub mod agent;
 pub mod bpf;
 pub mod cli;
+pub mod cni;
 pub mod describe;
 pub mod health;
 pub mod host;

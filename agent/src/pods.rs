@@ -15,6 +15,8 @@ use crate::istio::{annotation, PROXY_CONTAINER};
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    /// metadata.uid: tells a pod from an earlier one of the same name.
+    pub uid: Option<String>,
     pub annotations: BTreeMap<String, String>,
     /// Addresses of both families from status.podIPs (or status.podIP), in
     /// the order the API lists them.
@@ -52,6 +54,8 @@ struct RawPod {
 #[derive(Deserialize)]
 struct RawMeta {
     name: String,
+    #[serde(default)]
+    uid: Option<String>,
     #[serde(default)]
     namespace: Option<String>,
     #[serde(default)]
@@ -245,6 +249,7 @@ fn convert(raw: RawPod) -> Result<Pod> {
     Ok(Pod {
         namespace,
         name,
+        uid: raw.metadata.uid,
         annotations,
         ips,
         host_network: raw.spec.host_network.unwrap_or(false),

@@ -370,6 +370,7 @@ mod tests {
         Pod {
             namespace: "default".into(),
             name: name.into(),
+            uid: None,
             annotations: BTreeMap::new(),
             ips: vec![IpAddr::V4(Ipv4Addr::from(ip))],
             host_network: false,

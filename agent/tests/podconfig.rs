@@ -67,6 +67,7 @@ fn cases() -> Vec<Case> {
             let pod = Pod {
                 namespace: "default".into(),
                 name: c["name"].as_str().unwrap().into(),
+                uid: None,
                 annotations,
                 ips: vec![IpAddr::V4(POD_IP)],
                 host_network: false,
@@ -551,6 +552,7 @@ fn pod_with(ann: &[(&str, &str)]) -> Pod {
     Pod {
         namespace: "ns".into(),
         name: "p".into(),
+        uid: None,
         annotations: ann
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -815,6 +817,7 @@ fn ipv6_cases() -> Vec<Case6> {
                 pod: Pod {
                     namespace: "default".into(),
                     name: name.clone(),
+                    uid: None,
                     annotations,
                     ips: dual_stack(),
                     host_network: false,

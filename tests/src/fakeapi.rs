@@ -9,8 +9,8 @@
 //!   chunked JSON lines (`{"type":"ADDED|MODIFIED|DELETED","object":Pod}`),
 //!   then live changes, until `timeoutSeconds`. `allowWatchBookmarks=true`
 //!   gets BOOKMARK events when the test asks for them.
-//! * `GET /api/v1/namespaces/NS/pods/NAME` gets one pod (404 NotFound if
-//!   there is none), as `meshlane iptables --kubeconfig` asks.
+//! * `GET /api/v1/namespaces/NS/pods/NAME` reads one pod (404 when absent),
+//!   as meshlane-cni does while the agent is down.
 //! * Field selectors on `spec.nodeName` are honoured, so a pod of another node
 //!   never reaches the agent.
 //! * A resourceVersion older than what history still holds ("compacted")
@@ -442,20 +442,15 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
         let keep = if method != "GET" {
             req.status = 405;
             respond_status(&mut stream, 405, "MethodNotAllowed", "only GET").await
-        } else if let Some(key) = one_pod_key(&req.path) {
+        } else if let Some(key) = one_pod(&req.path) {
             let pod = shared.store().pods.get(&key).cloned();
             req.status = if pod.is_some() { 200 } else { 404 };
             shared.record(req.clone());
             match pod {
                 Some(p) => respond_json(&mut stream, 200, &p).await,
                 None => {
-                    respond_status(
-                        &mut stream,
-                        404,
-                        "NotFound",
-                        &format!("pods {key:?} not found"),
-                    )
-                    .await
+                    let msg = format!("pods {key:?} not found");
+                    respond_status(&mut stream, 404, "NotFound", &msg).await
                 }
             }
         } else if req.path != "/api/v1/pods" {
@@ -480,11 +475,11 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
     }
 }
 
-/// The store key (NS/NAME) of a `/api/v1/namespaces/NS/pods/NAME` path.
-fn one_pod_key(path: &str) -> Option<String> {
+/// `namespace/name` of a `/api/v1/namespaces/NS/pods/NAME` path.
+fn one_pod(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/api/v1/namespaces/")?;
     let (ns, name) = rest.split_once("/pods/")?;
-    (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| format!("{ns}/{name}"))
+    (!ns.contains('/') && !name.is_empty() && !name.contains('/')).then(|| format!("{ns}/{name}"))
 }
 
 fn parse_query(q: &str) -> BTreeMap<String, String> {

@@ -8,11 +8,14 @@
 //!   getsockopt reporter) and the serde types of what it prints ([`records`]).
 //! * Raw socket helpers ([`sock`]) shared by both, and the checksummed byte
 //!   streams of the shortcut tests ([`stream`]).
+//! * [`cni::Runtime`]: a container runtime's CNI side (real plugins from
+//!   /usr/lib/cni and `meshlane-cni`, run as the spec says).
 //! * [`fakeapi::FakeApi`]: a Kubernetes API server stand-in (real HTTP, list
 //!   and watch) for the agent's `kubernetes` pod source.
 
 pub mod agent;
 pub mod chart;
+pub mod cni;
 pub mod fakeapi;
 pub mod previous;
 pub mod records;

@@ -101,6 +101,21 @@ fn scenarios() -> Vec<(&'static str, Json)> {
             "cleanup-mode",
             json!({"image": {"repository": IMAGE}, "cleanup": {"enabled": true}}),
         ),
+        (
+            "cni",
+            json!({
+                "image": {"repository": IMAGE},
+                "cni": {"enabled": true, "binDir": "/usr/libexec/cni", "confDir": "/etc/cni/conf.d"},
+            }),
+        ),
+        (
+            "cni-cleanup-mode",
+            json!({
+                "image": {"repository": IMAGE},
+                "cleanup": {"enabled": true},
+                "cni": {"enabled": true, "binDir": "/usr/libexec/cni", "confDir": "/etc/cni/conf.d"},
+            }),
+        ),
     ]
 }
 
@@ -189,10 +204,19 @@ impl Render {
         &self.one("DaemonSet")["spec"]["template"]["spec"]
     }
     fn agent(&self) -> &Json {
-        let c = &self.pod()["containers"];
-        assert_eq!(c.as_array().map(Vec::len), Some(1), "one container");
-        assert_eq!(c[0]["name"], json!("agent"), "{}", self.name);
-        &c[0]
+        self.container("agent")
+    }
+    /// The DaemonSet's container `name`: the agent, and with cni.enabled
+    /// the plugin's installer, nothing else.
+    fn container(&self, name: &str) -> &Json {
+        let c = self.one("DaemonSet")["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .expect("containers");
+        let cni = self.v("cni.enabled") == &json!(true);
+        assert_eq!(c.len(), 1 + usize::from(cni), "agent and (cni) install-cni");
+        c.iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
     }
     fn cleanup_mode(&self) -> bool {
         self.v("cleanup.enabled") == &json!(true)
@@ -869,8 +893,12 @@ fn cleanup_mode_cleans_every_node_and_uninstall_waits_for_it() {
                 "{name}"
             );
             let init = pod["initContainers"].as_array().expect("init containers");
-            assert_eq!(init.len(), 1, "{name}");
-            let c = &init[0];
+            let cni = r.v("cni.enabled") == &json!(true);
+            assert_eq!(init.len(), 1 + usize::from(cni), "{name}");
+            let c = init
+                .iter()
+                .find(|c| c["name"] == "cleanup")
+                .expect("the cleanup init container");
             assert_eq!(
                 strings(&c["command"]),
                 ["/usr/local/bin/meshlane"],
@@ -939,6 +967,83 @@ fn cleanup_mode_cleans_every_node_and_uninstall_waits_for_it() {
                 "{name}: the guard's log: {log}"
             );
         }
+    }
+}
+
+/// cni.enabled adds the installer, which mounts the two CNI directories the
+/// values name and chains the plugin with the node's paths, makes the state
+/// directory the node's (the plugin reaches the agent's socket there), and
+/// in cleanup mode an init container that unchains it; off, none of it
+/// renders.
+#[test]
+fn the_cni_switch_installs_the_plugin_where_the_values_say() {
+    let Some(all) = rendered("the_cni_switch_installs_the_plugin_where_the_values_say") else {
+        return;
+    };
+    for r in all {
+        let name = r.name;
+        let pod = r.pod();
+        let on = r.v("cni.enabled") == &json!(true);
+        if !on {
+            assert!(
+                !r.objects
+                    .iter()
+                    .any(|o| o.value.to_string().contains("meshlane-cni")),
+                "{name}"
+            );
+            continue;
+        }
+        let conf = r.v("cni.confDir").as_str().unwrap();
+        let check_dirs = |c: &Json| {
+            let m = mounts(pod, c);
+            assert_eq!(
+                m["/host/cni/bin"].0,
+                r.v("cni.binDir").as_str().unwrap(),
+                "{name}"
+            );
+            assert_eq!(m["/host/cni/net.d"].0, conf, "{name}");
+            assert_eq!(
+                c["securityContext"]["capabilities"],
+                json!({"drop": ["ALL"]}),
+                "{name}"
+            );
+            assert_eq!(
+                c["command"],
+                json!(["/usr/local/bin/meshlane-cni"]),
+                "{name}"
+            );
+        };
+        if r.cleanup_mode() {
+            let u = pod["initContainers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == "uninstall-cni")
+                .expect("uninstall-cni in cleanup mode");
+            assert_eq!(strings(&u["args"])[0], "uninstall", "{name}");
+            check_dirs(u);
+            continue;
+        }
+        let state = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "state")
+            .expect("state volume");
+        assert_eq!(state["hostPath"]["path"], json!("/run/meshlane"), "{name}");
+        let c = r.container("install-cni");
+        assert_eq!(c["image"], r.agent()["image"], "{name}");
+        let args = strings(&c["args"]);
+        assert_eq!(args[0], "install", "{name}");
+        for want in [
+            "--bin-dir=/host/cni/bin".to_string(),
+            "--conf-dir=/host/cni/net.d".into(),
+            format!("--host-conf-dir={conf}"),
+            "--state-dir=/run/meshlane".into(),
+        ] {
+            assert!(args.contains(&want), "{name}: {want} in {args:?}");
+        }
+        check_dirs(c);
     }
 }
 

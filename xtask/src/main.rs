@@ -122,7 +122,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Debian packages: LLVM 22 for bpf-linker, and the tools the tests and demo
 /// drive (ip, iptables for the conformance comparison, bpftool to inspect,
-/// haproxy as a real SO_ORIGINAL_DST-reading proxy).
+/// haproxy as a real SO_ORIGINAL_DST-reading proxy, the CNI plugins).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -132,6 +132,12 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "haproxy",
     "iperf3",
+    // tests/tests/cni.rs: the bridge, host-local and loopback plugins a
+    // runtime chains meshlane-cni after (/usr/lib/cni).
+    "containernetworking-plugins",
+    // tests/tests/cni.rs: a real runtime starting a container through the chain.
+    "podman",
+    "runc",
     "curl",
     "python3",
     // The venv of the chart tools (helm-python-sdk, kubernetes-validate, checkov).

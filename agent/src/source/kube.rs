@@ -89,25 +89,26 @@ pub async fn spawn(opts: &Options, tx: watch::Sender<Snapshot>) -> Result<()> {
     Ok(())
 }
 
-/// One pod read from the API server (`meshlane iptables --kubeconfig`).
+/// One pod, read straight from the API server (`meshlane-cni` deciding on
+/// its own while the agent is down); None when the API server has no such
+/// pod.
 pub async fn get_pod(
     kubeconfig: Option<PathBuf>,
     namespace: &str,
     name: &str,
-) -> Result<pods::Pod> {
-    let config = load_config(&Options {
+) -> Result<Option<pods::Pod>> {
+    let opts = Options {
         node_name: String::new(),
         kubeconfig,
-    })
-    .await?;
-    let server = config.cluster_url.clone();
-    let client = Client::try_from(config).context("building the Kubernetes API client")?;
+    };
+    let client = Client::try_from(load_config(&opts).await?)
+        .context("building the Kubernetes API client")?;
     let api: Api<KubePod> = Api::namespaced(client, namespace);
-    let p = api
-        .get(name)
+    let pod = api
+        .get_opt(name)
         .await
-        .with_context(|| format!("getting pod {namespace}/{name} from {server}"))?;
-    convert(&p).with_context(|| format!("pod {namespace}/{name} from {server}"))
+        .with_context(|| format!("reading pod {namespace}/{name} from the API server"))?;
+    pod.as_ref().map(convert).transpose()
 }
 
 /// `pods.rs`'s reading of one Pod object from the API server.

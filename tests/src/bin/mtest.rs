@@ -10,6 +10,8 @@
 //!   from an AF_INET or AF_INET6 socket (IPv4-mapped destinations included).
 //! * `udp-echo` / `udp-probe`: a UDP responder and a client, connected or
 //!   unconnected (sendto/recvfrom).
+//! * `connect-loop`: an app that connects again and again from its first
+//!   instant, one JSON line per attempt (the first-packet tests).
 //! * `sockopts`: reports raw getsockopt results, to show that a cgroup getsockopt
 //!   program leaves them unchanged.
 //!
@@ -185,6 +187,19 @@ enum Cmd {
         #[arg(long)]
         retry_eagain: bool,
     },
+    /// Connect COUNT times, one attempt every EVERY_MS, each sending one
+    /// line and reading the reply; one JSON line per attempt (`i`, `ms`
+    /// since start, `connected`, `errno`, `local`, `reply`).
+    ConnectLoop {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+        #[arg(long, default_value_t = 5)]
+        every_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Print raw getsockopt results of a connected TCP socket as a JSON list.
     Sockopts {
         #[arg(long)]
@@ -203,6 +218,20 @@ fn main() -> Result<()> {
             legacy_iptables,
         } => sockopts(connect, legacy_iptables),
         Cmd::UdpEcho { name, listen } => udp_echo(&name, &listen),
+        Cmd::ConnectLoop {
+            connect,
+            count,
+            every_ms,
+            timeout_ms,
+        } => {
+            connect_loop(
+                connect,
+                count,
+                Duration::from_millis(every_ms),
+                Duration::from_millis(timeout_ms),
+            );
+            Ok(())
+        }
         Cmd::UdpProbe {
             connect,
             send_to,
@@ -312,6 +341,7 @@ fn main() -> Result<()> {
                         Ok(())
                     }
                     Cmd::Sockopts { .. }
+                    | Cmd::ConnectLoop { .. }
                     | Cmd::UdpEcho { .. }
                     | Cmd::UdpProbe { .. }
                     | Cmd::StreamServer { .. }
@@ -922,6 +952,45 @@ async fn probe_exchange(
         .await
         .map_err(|e| ("read: ", e))?;
     Ok(buf)
+}
+
+// ------------------------------------------------------------ connect-loop
+
+fn connect_loop(to: SocketAddr, count: u32, every: Duration, timeout: Duration) {
+    use std::io::{BufRead, Write};
+    let start = std::time::Instant::now();
+    let mut out = std::io::stdout().lock();
+    for i in 0..count {
+        let at = start.elapsed();
+        let mut line = serde_json::json!({"i": i, "ms": at.as_millis() as u64});
+        match std::net::TcpStream::connect_timeout(&to, timeout) {
+            Err(e) => {
+                line["connected"] = false.into();
+                line["errno"] = e.raw_os_error().map(errno_name).unwrap_or_default().into();
+                line["error"] = e.to_string().into();
+            }
+            Ok(mut s) => {
+                line["connected"] = true.into();
+                line["local"] = s
+                    .local_addr()
+                    .map(|a| fmt_addr(&a))
+                    .unwrap_or_default()
+                    .into();
+                let _ = s.set_read_timeout(Some(timeout));
+                let mut reply = String::new();
+                if s.write_all(b"hello\n").is_ok() {
+                    let _ = std::io::BufReader::new(&s).read_line(&mut reply);
+                }
+                line["reply"] = serde_json::from_str::<serde_json::Value>(reply.trim())
+                    .unwrap_or(serde_json::Value::Null);
+            }
+        }
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+        std::thread::sleep(
+            (start + every * (i + 1)).saturating_duration_since(std::time::Instant::now()),
+        );
+    }
 }
 
 // ---------------------------------------------------------------- sockopts
