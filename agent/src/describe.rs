@@ -2,7 +2,7 @@
 //! kernel see it, and in plain words why it is or is not captured.
 use std::{collections::BTreeMap, path::Path};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use meshlane_common::{counters, flags, iface_role, port_list, ListenerKey};
 use serde::Serialize;
 
@@ -104,7 +104,7 @@ fn list_name(list: u16) -> &'static str {
 /// The pod named `name` (NAMESPACE/NAME, or NAME when one pod has it);
 /// `Ok(None)` when the agent does not know it.
 pub fn describe(layout: &Layout, state_dir: &Path, name: &str) -> Result<Option<PodDescription>> {
-    let Some(st) = AgentStatus::load(state_dir)? else {
+    let Some((st, raw)) = AgentStatus::load_with_document(state_dir)? else {
         anyhow::bail!(
             "no agent status in {} (is the agent running with this --state-dir?)",
             state_dir.display()
@@ -123,10 +123,6 @@ pub fn describe(layout: &Layout, state_dir: &Path, name: &str) -> Result<Option<
         _ => anyhow::bail!("{name:?} names several pods: use NAMESPACE/NAME"),
     };
     // The recorded configuration is in the status file only.
-    let raw: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(state_dir.join("status.json")).context("reading the status file")?,
-    )
-    .context("parsing the status file")?;
     let config = raw["pods"]
         .as_array()
         .and_then(|ps| ps.iter().find(|q| q["name"] == p.name.as_str()))

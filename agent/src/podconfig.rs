@@ -31,6 +31,13 @@ pub enum Mode {
     None,
 }
 
+/// A [`Cidr`]'s key in `CIDRS` or `CIDRS6`: (LPM prefix length, key data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LpmKey {
+    V4(u32, CidrKeyData),
+    V6(u32, Cidr6KeyData),
+}
+
 /// One entry of an IP-range annotation, of either family, as written (host
 /// bits are kept for display and cleared in map keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -54,6 +61,19 @@ impl Cidr {
                 a.to_bits() & mask == net.to_bits() & mask
             }
             _ => false,
+        }
+    }
+
+    /// Its key in the pod's `list` of `CIDRS` (IPv4) or `CIDRS6` (IPv6):
+    /// the trie matches on the prefix bits only, so the host bits are
+    /// cleared and two spellings of one network are one key.
+    pub fn lpm_key(&self, list: u32, netns_cookie: u64) -> LpmKey {
+        let len = CIDR_KEY_FIXED_BITS + u32::from(self.len);
+        match self.network() {
+            IpAddr::V4(net) => LpmKey::V4(len, cidr_key_data(list, netns_cookie, net.to_bits())),
+            IpAddr::V6(net) => {
+                LpmKey::V6(len, cidr6_key_data(list, netns_cookie, V6::from_std(net)))
+            }
         }
     }
 
@@ -654,18 +674,9 @@ impl MeshConfig {
         }
         if out.ifaces.iter().any(|(_, r)| r & iface_role::EXCLUDE != 0) {
             for (c, dev) in &net.routes {
-                let len = CIDR_KEY_FIXED_BITS + u32::from(c.len);
-                match c.network() {
-                    IpAddr::V4(a) => out.routes.push((
-                        len,
-                        cidr_key_data(cidr_list::ROUTE, netns_cookie, a.to_bits()),
-                        *dev,
-                    )),
-                    IpAddr::V6(a) => out.routes6.push((
-                        len,
-                        cidr6_key_data(cidr_list::ROUTE, netns_cookie, V6::from_std(a)),
-                        *dev,
-                    )),
+                match c.lpm_key(cidr_list::ROUTE, netns_cookie) {
+                    LpmKey::V4(len, data) => out.routes.push((len, data, *dev)),
+                    LpmKey::V6(len, data) => out.routes6.push((len, data, *dev)),
                 }
             }
         }
@@ -688,16 +699,9 @@ impl MeshConfig {
         let mut cidrs6 = Vec::new();
         let mut add_cidrs = |list: u32, cs: &[Cidr]| {
             for c in cs {
-                // The trie matches on the prefix bits only; clear the host
-                // bits so two spellings of one network are one key.
-                let len = CIDR_KEY_FIXED_BITS + u32::from(c.len);
-                match c.network() {
-                    IpAddr::V4(net) => {
-                        cidrs.push((len, cidr_key_data(list, netns_cookie, net.to_bits())))
-                    }
-                    IpAddr::V6(net) => {
-                        cidrs6.push((len, cidr6_key_data(list, netns_cookie, V6::from_std(net))))
-                    }
+                match c.lpm_key(list, netns_cookie) {
+                    LpmKey::V4(len, data) => cidrs.push((len, data)),
+                    LpmKey::V6(len, data) => cidrs6.push((len, data)),
                 }
             }
         };

@@ -122,11 +122,22 @@ impl AgentStatus {
     }
 
     pub fn load(dir: &Path) -> Result<Option<Self>> {
+        Ok(Self::load_with_document(dir)?.map(|(s, _)| s))
+    }
+
+    /// [`AgentStatus::load`], with the file's whole JSON document too
+    /// (`describe` reads what `status` does not, such as each pod's
+    /// recorded configuration).
+    pub fn load_with_document(dir: &Path) -> Result<Option<(Self, serde_json::Value)>> {
         let p = dir.join(FILE);
         match std::fs::read(&p) {
-            Ok(b) => Ok(Some(
-                serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
-            )),
+            Ok(b) => {
+                let doc: serde_json::Value = serde_json::from_slice(&b)
+                    .with_context(|| format!("parsing {}", p.display()))?;
+                let st = serde_json::from_value(doc.clone())
+                    .with_context(|| format!("parsing {}", p.display()))?;
+                Ok(Some((st, doc)))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
         }

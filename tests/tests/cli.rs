@@ -805,27 +805,23 @@ fn describe_pod_says_why_a_pod_is_or_is_not_captured() -> Result<()> {
 
     agent.write_pods(&[a_spec, PodSpec::plain(&b)])?;
     wait_listening(&mut agent, "default/a")?;
+    let b_ip = b.ipv4().context("b's address")?;
+    let probe = |port: u16| {
+        let to = format!("{b_ip}:{port}");
+        n.sb.run(
+            &n.a,
+            APP_UID,
+            APP_UID,
+            mtest(),
+            &["probe", "--connect", &to],
+        )
+    };
     // One connection through the sidecar, so a counter moves.
-    let to = format!("{}:9080", b.ipv4().context("b's address")?);
-    let out = n.sb.run(
-        &n.a,
-        APP_UID,
-        APP_UID,
-        mtest(),
-        &["probe", "--connect", &to],
-    )?;
+    let out = probe(9080)?;
     assert!(ProbeResult::parse(&out)?.connected, "{out}");
-
     // And one its excludeOutboundPorts leaves alone (refused by b: nothing
     // listens there; the rule counts it at connect).
-    let to = format!("{}:5555", b.ipv4().context("b's address")?);
-    n.sb.run(
-        &n.a,
-        APP_UID,
-        APP_UID,
-        mtest(),
-        &["probe", "--connect", &to],
-    )?;
+    probe(5555)?;
 
     let d = describe_json(&agent, "default/a");
     assert_shape(&d, &describe_shape(), "meshlane/describe-pod/v1");
