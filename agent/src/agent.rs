@@ -181,7 +181,12 @@ impl Agent {
             self.health.clone(),
             self.opts.metrics.metrics_interval,
         )?;
-        server.start(self.health.clone(), pages)?;
+        let status = Sampler::start_status(
+            self.opts.layout.clone(),
+            self.opts.state_dir.clone(),
+            self.opts.metrics.metrics_interval,
+        )?;
+        server.start(self.health.clone(), pages, status)?;
         // After the programs are attached: a plugin that reaches the agent
         // can be answered "captured" truthfully.
         let mut calls = cni::server::serve(&self.opts.state_dir)?;

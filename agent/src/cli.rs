@@ -105,7 +105,8 @@ enum Command {
         /// account).
         #[arg(long, value_name = "PATH", conflicts_with = "pods")]
         kubeconfig: Option<PathBuf>,
-        /// Where /healthz, /readyz and (without --metrics-addr) /metrics are served.
+        /// Where /healthz, /readyz, /status (JSON, for `meshlane check`) and (without
+        /// --metrics-addr) /metrics are served.
         #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:15030")]
         http_addr: std::net::SocketAddr,
         #[command(flatten)]

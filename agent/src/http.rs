@@ -1,5 +1,6 @@
-//! `/healthz` and `/readyz` on `--http-addr`, and `/metrics` there too or on
-//! `--metrics-addr`.
+//! `/healthz`, `/readyz` and `/status` (the JSON of `meshlane status -o
+//! json`, for `meshlane check`) on `--http-addr`, and `/metrics` there too or
+//! on `--metrics-addr`.
 //!
 //! Served with hyper's HTTP/1.1 server: kube already links hyper 1 (as a
 //! client), so the server half costs a feature flag, not a framework, and a
@@ -77,9 +78,9 @@ impl Routes {
     }
     fn paths(self) -> &'static str {
         match self {
-            Routes::Probes => "/healthz, /readyz",
+            Routes::Probes => "/healthz, /readyz, /status",
             Routes::Metrics => "/metrics",
-            Routes::All => "/healthz, /readyz, /metrics",
+            Routes::All => "/healthz, /readyz, /status, /metrics",
         }
     }
 }
@@ -121,8 +122,12 @@ impl Server {
     }
 
     /// Serves until the process exits.
-    pub fn start(self, health: Shared, pages: Sampler) -> Result<()> {
-        let app = App { health, pages };
+    pub fn start(self, health: Shared, pages: Sampler, status: Sampler) -> Result<()> {
+        let app = App {
+            health,
+            pages,
+            status,
+        };
         match self.metrics {
             Some(m) => {
                 serve(self.http, Routes::Probes, app.clone())?;
@@ -196,12 +201,13 @@ fn text(status: u16, body: String) -> Response<Full<Bytes>> {
         .expect("static response parts are valid")
 }
 
-/// What the answers read: the agent's published health and the sampler's
+/// What the answers read: the agent's published health and the samplers'
 /// pages.
 #[derive(Clone)]
 struct App {
     health: Shared,
     pages: Sampler,
+    status: Sampler,
 }
 
 impl App {
@@ -228,6 +234,17 @@ impl App {
                     .body(Full::new(page.body))
                     .expect("static response parts are valid"),
                 None => text(503, "no metrics page read yet\n".into()),
+            },
+            // `meshlane status -o json` of this node, for `meshlane check`
+            // (through the API server's pod proxy). 200 whether healthy or
+            // not: the document says which.
+            "/status" if routes.probes() => match self.status.page().await {
+                Some(page) => Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Full::new(page.body))
+                    .expect("static response parts are valid"),
+                None => text(503, "no status read yet\n".into()),
             },
             _ => text(404, format!("not found: {}\n", routes.paths())),
         }

@@ -8,6 +8,7 @@
 //! so however many clients scrape however fast, the maps are walked at most
 //! once per interval, by this thread, never by the agent's loop.
 use std::{
+    path::PathBuf,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -21,7 +22,7 @@ use tracing::warn;
 use crate::{
     bpf::{Layout, Maps},
     health::Shared,
-    metrics,
+    metrics, status,
 };
 
 /// A rendered `/metrics` page, and when the reading behind it started.
@@ -57,14 +58,34 @@ impl Sampler {
         })
     }
 
+    /// Starts the thread that reads `meshlane status`'s report (JSON) of
+    /// the maps pinned under `layout` and the status file in `state_dir`,
+    /// for `/status`: what `meshlane check` asks each node's agent.
+    pub fn start_status(layout: Layout, state_dir: PathBuf, interval: Duration) -> Result<Self> {
+        Self::spawn_named("status", interval, move || {
+            match status::report(&layout, &state_dir) {
+                Ok(r) => serde_json::to_string(&r).unwrap_or_else(|e| unreadable(&e)),
+                Err(e) => unreadable(&e),
+            }
+        })
+    }
+
     fn spawn(interval: Duration, read: impl FnMut() -> String + Send + 'static) -> Result<Self> {
+        Self::spawn_named("metrics", interval, read)
+    }
+
+    fn spawn_named(
+        name: &str,
+        interval: Duration,
+        read: impl FnMut() -> String + Send + 'static,
+    ) -> Result<Self> {
         // One slot: a request already waiting for a reading stands for all.
         let (ask, asked) = mpsc::sync_channel(1);
         let (tx, pages) = watch::channel(None);
         thread::Builder::new()
-            .name("metrics".into())
+            .name(name.into())
             .spawn(move || sample(&asked, &tx, interval, read))
-            .context("starting the metrics sampler thread")?;
+            .with_context(|| format!("starting the {name} sampler thread"))?;
         Ok(Self {
             ask,
             pages,
@@ -87,6 +108,17 @@ impl Sampler {
         let newest = pages.borrow().clone();
         newest
     }
+}
+
+/// `/status`'s answer when the state cannot be read: still JSON, with the
+/// reason, and never `healthy`.
+fn unreadable(e: &dyn std::fmt::Display) -> String {
+    serde_json::json!({
+        "schema": status::SCHEMA,
+        "healthy": false,
+        "error": format!("the agent cannot read its own state: {e:#}"),
+    })
+    .to_string()
 }
 
 /// The sampler thread: one reading per request that arrived since the last

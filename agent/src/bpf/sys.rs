@@ -22,6 +22,9 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+/// BPF_F_QUERY_EFFECTIVE: what runs for the cgroup, inherited included.
+const QUERY_EFFECTIVE: u32 = 1;
 
 #[repr(C)]
 #[derive(Default)]
@@ -160,6 +163,75 @@ pub fn link_program(link: BorrowedFd<'_>) -> Result<OwnedFd> {
         .with_context(|| format!("bpf(BPF_PROG_GET_FD_BY_ID {})", info.prog_id))?;
     // SAFETY: the kernel returned a new fd we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// The ids of the programs that run on `attach` for processes in the
+/// cgroup `cgroup` (attached to it or inherited from its ancestors).
+pub fn prog_query(cgroup: BorrowedFd<'_>, attach: bpf_attach_type) -> std::io::Result<Vec<u32>> {
+    // A cgroup runs at most 64 programs per hook (BPF_CGROUP_MAX_PROGS).
+    let mut ids = vec![0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type: attach as u32,
+        query_flags: QUERY_EFFECTIVE,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_PROG_QUERY, &mut attr)?;
+    ids.truncate(attr.prog_cnt as usize);
+    Ok(ids)
+}
+
+/// The start of `struct bpf_prog_info`, up to the name.
+#[repr(C)]
+struct ProgInfo {
+    prog_type: u32,
+    id: u32,
+    tag: [u8; 8],
+    jited_prog_len: u32,
+    xlated_prog_len: u32,
+    jited_prog_insns: u64,
+    xlated_prog_insns: u64,
+    load_time: u64,
+    created_by_uid: u32,
+    nr_map_ids: u32,
+    map_ids: u64,
+    name: [u8; 16],
+}
+
+/// The name a program was loaded with (at most 15 bytes: the kernel cuts
+/// longer ones), by program id.
+pub fn prog_name(id: u32) -> std::io::Result<String> {
+    let mut get = GetFdByIdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut get)?;
+    // SAFETY: the kernel returned a new fd we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: plain integers and byte arrays: all zeroes is a valid value.
+    let mut info: ProgInfo = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<ProgInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let end = info.name.iter().position(|&b| b == 0).unwrap_or(16);
+    Ok(String::from_utf8_lossy(&info.name[..end]).into_owned())
 }
 
 #[repr(C)]

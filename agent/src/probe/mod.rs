@@ -39,6 +39,8 @@ use aya_obj::{
 use meshlane_common::programs::{self, Hook, ProgType};
 use serde::Serialize;
 
+pub mod attached;
+
 /// The start of every refusal, so tools (the VM matrix) can recognise it.
 pub const REFUSAL: &str = "meshlane cannot run on this kernel";
 
@@ -735,6 +737,14 @@ pub struct Report {
     pub shortcut: ShortcutReport,
     /// Why meshlane cannot run here; None when every feature is present.
     pub refusal: Option<String>,
+    /// The cgroup the hooks were looked at (the cgroup v2 root unless
+    /// --cgroup says otherwise).
+    pub cgroup: String,
+    /// Every program that runs on a cgroup hook meshlane uses there, with
+    /// meshlane's own marked: others' run beside meshlane's.
+    pub cgroup_programs: Vec<attached::Attached>,
+    /// Why the hooks could not be read, if they could not.
+    pub cgroup_programs_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -761,11 +771,29 @@ pub struct ShortcutReport {
 /// Probes the running kernel for everything `object` needs.
 pub fn report(object: &[u8], cgroup: Option<&Path>) -> Result<Report> {
     let features = requirements(object)?;
-    let cgroup = match cgroup {
-        Some(c) => c.to_path_buf(),
-        None => crate::host::cgroup2_root()?,
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let (cgroup, cgroup_v2) = match cgroup {
+        // A host's /sys/fs/cgroup mounted in a container (`meshlane check
+        // --pre`'s probe pods): its layout is the host's, not /proc/mounts'.
+        Some(c) => match attached::cgroup2_dir(c) {
+            Ok(d) => {
+                let words = format!("{} (given with --cgroup)", d.display());
+                (d, words)
+            }
+            Err(e) => (c.to_path_buf(), format!("NOT FOUND: {e:#}")),
+        },
+        None => (crate::host::cgroup2_root()?, cgroup_layout(&mounts)),
     };
-    let results = evaluate(&features, &Running { cgroup });
+    let (cgroup_programs, cgroup_programs_error) = match attached::on_hooks(&cgroup) {
+        Ok(a) => (a, None),
+        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+    };
+    let results = evaluate(
+        &features,
+        &Running {
+            cgroup: cgroup.clone(),
+        },
+    );
     let release = crate::host::kernel_release();
     let bpffs = if crate::bpf::layout::is_bpffs(Path::new("/sys/fs/bpf")) {
         "mounted at /sys/fs/bpf".to_string()
@@ -784,7 +812,10 @@ pub fn report(object: &[u8], cgroup: Option<&Path>) -> Result<Report> {
     };
     Ok(Report {
         schema: SCHEMA,
-        cgroup_v2: cgroup_layout(&std::fs::read_to_string("/proc/mounts").unwrap_or_default()),
+        cgroup_v2,
+        cgroup: cgroup.display().to_string(),
+        cgroup_programs,
+        cgroup_programs_error,
         bpffs,
         refusal: refusal(&results, &release),
         kernel: release,
@@ -840,6 +871,18 @@ pub fn print(r: &Report) {
             "{SHORTCUT_LINE} NO, `--shortcut on` is refused, interception works: {}",
             r.shortcut.detail
         );
+    }
+    println!("programs on meshlane's cgroup hooks at {}:", r.cgroup);
+    if let Some(e) = &r.cgroup_programs_error {
+        println!("  cannot tell: {e}");
+    } else if r.cgroup_programs.is_empty() {
+        println!("  none");
+    }
+    for a in &r.cgroup_programs {
+        match &a.note {
+            None => println!("  {:<20} {:<16} meshlane's (id {})", a.hook, a.name, a.id),
+            Some(n) => println!("  {:<20} {:<16} id {}: {n}", a.hook, a.name, a.id),
+        }
     }
     if r.refusal.is_none() {
         println!("every feature meshlane needs is present");
