@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    agent, bpf, describe, host, http, iptables, logging, output, podconfig, pods, probe, source,
+    agent, bpf, check, describe, host, http, iptables, logging, output, podconfig, pods, probe, source,
     status,
 };
 
@@ -221,6 +221,54 @@ enum Command {
         #[command(flatten)]
         output: output::Args,
     },
+    /// Is meshlane working on every node of the cluster (or, with --pre,
+    /// can it)? Asked through the API server a kubeconfig names; exits 0
+    /// when nothing failed (warnings allowed), 1 naming each failure.
+    #[command(after_help = "After install: meshlane's DaemonSet rolled out, a ready agent on \
+                  every node it should run on, each agent's own status (programs attached, \
+                  pods in error, proxies not listening yet, its API watch) read from /status on \
+                  its http port through the API server's pod proxy, and no meshed namespace \
+                  also under Istio's CNI plugin.\n\
+                  Before install (--pre): a short-lived privileged probe pod on every Ready \
+                  node runs `meshlane probe` of --image there (kernel features, cgroup v2, \
+                  bpffs, other programs on meshlane's cgroup hooks such as Cilium's socket load \
+                  balancer) and is deleted.\n\
+                  Needs: list nodes, pods, daemonsets, configmaps; get pods/proxy; with --pre \
+                  also create and delete pods and get pods/log in --namespace.\n\
+                  Exit codes: 0 no failure; 1 at least one failure (each is listed); 2 the \
+                  command line is wrong.")]
+    Check {
+        /// Before install: probe every node instead of checking the agents.
+        #[arg(long, requires = "image")]
+        pre: bool,
+        /// kubeconfig to reach the API server (default: KUBECONFIG, then
+        /// ~/.kube/config, then the in-cluster service account).
+        #[arg(long, value_name = "PATH")]
+        kubeconfig: Option<PathBuf>,
+        /// meshlane's namespace (its DaemonSet; --pre's probe pods).
+        #[arg(long, short = 'n', default_value = "meshlane")]
+        namespace: String,
+        /// Labels of meshlane's DaemonSet.
+        #[arg(long, default_value = "app.kubernetes.io/name=meshlane")]
+        selector: String,
+        /// --pre: the meshlane image the chart will run (REPOSITORY:TAG or
+        /// REPOSITORY@DIGEST); its `meshlane probe` runs on every node.
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
+        /// --pre: the nodes' cgroup filesystem (the chart's host.cgroup2);
+        /// its cgroup v2 part is found for either layout.
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/cgroup")]
+        host_cgroup: String,
+        /// --pre: the nodes' bpffs (the chart's host.bpffs).
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf")]
+        host_bpffs: String,
+        /// Longest wait, in seconds, for the API server, an agent's answer,
+        /// or a probe pod to run.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        timeout: u64,
+        #[command(flatten)]
+        output: output::Args,
+    },
     /// Stop the agent, detach and unpin everything meshlane owns.
     Cleanup {
         #[command(flatten)]
@@ -428,6 +476,38 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
                 );
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            pre,
+            kubeconfig,
+            namespace,
+            selector,
+            image,
+            host_cgroup,
+            host_bpffs,
+            timeout,
+            output,
+        } => {
+            let opts = check::cluster::Options {
+                kubeconfig,
+                namespace,
+                selector,
+                pre,
+                image,
+                host_cgroup,
+                host_bpffs,
+                timeout: Duration::from_secs(timeout.max(1)),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(check::cluster::run(&opts));
+            output::emit(output.format, &report, check::print)?;
+            Ok(ExitCode::from(if report.healthy {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            }))
         }
         Command::Probe {
             cgroup,

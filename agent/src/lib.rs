@@ -17,9 +17,12 @@
 //! - `health`, `metrics`, `sampler`, `http`: what the agent shows on its
 //!   ports (`sampler` reads the maps for `/metrics` off the agent's loop);
 //! - `cni`: the chained CNI plugin and the agent's socket for it;
-//! - `agent`: the loop; `cli`: the commands.
+//! - `agent`: the loop; `check`: the cluster-wide view (`meshlane check`,
+//!   reading agents' `status` documents and nodes' `probe` reports through
+//!   the API server); `cli`: the commands.
 pub mod agent;
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod cni;
 pub mod describe;

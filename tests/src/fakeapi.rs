@@ -95,6 +95,17 @@ struct Store {
     /// Bumped by `bookmark`: open watches that allow it get a BOOKMARK.
     bookmark_epoch: u64,
     gone: GoneStyle,
+    /// Other kinds (nodes, daemonsets, configmaps...) by collection
+    /// ("api/v1/nodes", "apis/apps/v1/daemonsets"), then NAMESPACE/NAME (or
+    /// NAME for cluster-scoped kinds). Listed and read, never watched.
+    objects: BTreeMap<String, BTreeMap<String, Value>>,
+    /// Container logs by pod NAMESPACE/NAME (`.../pods/NAME/log`).
+    logs: BTreeMap<String, String>,
+    /// Pods created through the API (POST), by NAMESPACE/NAME, for the
+    /// test's stand-in kubelet to run.
+    created: Vec<String>,
+    /// Counter for `generateName`.
+    generated: u64,
 }
 
 struct Shared {
@@ -150,6 +161,10 @@ impl FakeApi {
                 expire_epoch: 0,
                 bookmark_epoch: 0,
                 gone: GoneStyle::ErrorEvent,
+                objects: BTreeMap::new(),
+                logs: BTreeMap::new(),
+                created: Vec::new(),
+                generated: 0,
             }),
             tick: watch::Sender::new(0),
             generation: watch::Sender::new(0),
@@ -231,6 +246,49 @@ impl FakeApi {
     /// Deletes without a watch event; see [`FakeApi::apply_unseen`].
     pub fn delete_unseen(&self, namespace: &str, name: &str) -> Option<u64> {
         self.remove(namespace, name, false)
+    }
+
+    /// Creates or replaces an object of another kind in `collection`
+    /// (`api/v1/nodes`, `apis/apps/v1/daemonsets`, `api/v1/configmaps`: the
+    /// path without namespace; its namespace comes from its metadata).
+    pub fn put_object(&self, collection: &str, mut obj: Value) {
+        let mut st = self.shared.store();
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let key = match obj["metadata"]["namespace"].as_str() {
+            Some(ns) => format!("{ns}/{}", obj["metadata"]["name"].as_str().expect("name")),
+            None => obj["metadata"]["name"]
+                .as_str()
+                .expect("name")
+                .to_string(),
+        };
+        st.objects
+            .entry(collection.to_string())
+            .or_default()
+            .insert(key, obj);
+    }
+
+    /// A pod as the store holds it now.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .store()
+            .pods
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
+    }
+
+    /// Pods created through the API since the last call (NAMESPACE/NAME),
+    /// for a test's stand-in kubelet.
+    pub fn take_created(&self) -> Vec<String> {
+        std::mem::take(&mut self.shared.store().created)
+    }
+
+    /// Sets what `GET .../pods/NAME/log` answers for a pod.
+    pub fn set_log(&self, namespace: &str, name: &str, text: &str) {
+        self.shared
+            .store()
+            .logs
+            .insert(format!("{namespace}/{name}"), text.to_string());
     }
 
     fn change(&self, mut pod: Value, event: bool) -> u64 {
@@ -419,13 +477,28 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
         };
         let mut lines = head.split("\r\n");
         let request_line = lines.next().unwrap_or_default();
-        let close = lines.any(|l| {
+        let mut close = false;
+        let mut length = 0usize;
+        for l in lines {
             let l = l.to_ascii_lowercase();
-            l.starts_with("connection:") && l.contains("close")
-        });
+            if l.starts_with("connection:") && l.contains("close") {
+                close = true;
+            }
+            if let Some(v) = l.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        while buf.len() < length {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..length).collect();
         let mut parts = request_line.split(' ');
         let (method, target) = (
-            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default().to_string(),
             parts.next().unwrap_or_default(),
         );
         let (path, query) = match target.split_once('?') {
@@ -439,34 +512,53 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
             gone_event: false,
             at: Instant::now(),
         };
-        let keep = if method != "GET" {
-            req.status = 405;
-            respond_status(&mut stream, 405, "MethodNotAllowed", "only GET").await
-        } else if let Some(key) = one_pod(&req.path) {
-            let pod = shared.store().pods.get(&key).cloned();
-            req.status = if pod.is_some() { 200 } else { 404 };
-            shared.record(req.clone());
-            match pod {
-                Some(p) => respond_json(&mut stream, 200, &p).await,
-                None => {
-                    let msg = format!("pods {key:?} not found");
-                    respond_status(&mut stream, 404, "NotFound", &msg).await
+        let route = Route::of(&req.path);
+        let keep = match (method.as_str(), route) {
+            (_, Route::Proxy { pod, port, rest }) => proxy(&mut stream, shared, &mut req, &pod, port, &rest).await,
+            ("GET", Route::Log(key)) => {
+                let log = shared.store().logs.get(&key).cloned();
+                req.status = if log.is_some() { 200 } else { 404 };
+                shared.record(req.clone());
+                match log {
+                    Some(l) => respond_text(&mut stream, 200, &l).await,
+                    None => respond_status(&mut stream, 404, "NotFound", &format!("no log for pod {key:?}")).await,
                 }
             }
-        } else if req.path != "/api/v1/pods" {
-            req.status = 404;
-            respond_status(
-                &mut stream,
-                404,
-                "NotFound",
-                "the fake serves /api/v1/pods only",
-            )
-            .await
-        } else if req.is_watch() {
+            ("POST", Route::Pods(Some(ns))) => create_pod(&mut stream, shared, &mut req, &ns, &body).await,
+            ("DELETE", Route::Pod(key)) => {
+                let (ns, name) = key.split_once('/').expect("ns/name");
+                let gone = remove_shared(shared, ns, name);
+                req.status = if gone.is_some() { 200 } else { 404 };
+                shared.record(req.clone());
+                match gone {
+                    Some(p) => respond_json(&mut stream, 200, &p).await,
+                    None => respond_status(&mut stream, 404, "NotFound", &format!("pods {key:?} not found")).await,
+                }
+            }
+            ("GET", Route::Pod(key)) => {
+                let pod = shared.store().pods.get(&key).cloned();
+                req.status = if pod.is_some() { 200 } else { 404 };
+                shared.record(req.clone());
+                match pod {
+                    Some(p) => respond_json(&mut stream, 200, &p).await,
+                    None => {
+                        let msg = format!("pods {key:?} not found");
+                        respond_status(&mut stream, 404, "NotFound", &msg).await
+                    }
+                }
+            }
             // The log entry goes in when the answer is decided, before a long stream.
-            watch_pods(&mut stream, shared, req).await
-        } else {
-            list_pods(&mut stream, shared, &mut req).await
+            ("GET", Route::Pods(None)) if req.is_watch() => watch_pods(&mut stream, shared, req).await,
+            ("GET", Route::Pods(ns)) if !req.is_watch() => list_pods(&mut stream, shared, &mut req, ns.as_deref()).await,
+            ("GET", Route::Objects { collection, namespace, name }) => {
+                get_objects(&mut stream, shared, &mut req, &collection, namespace.as_deref(), name.as_deref()).await
+            }
+            (m, _) => {
+                req.status = if m == "GET" { 404 } else { 405 };
+                shared.record(req.clone());
+                let msg = format!("the fake does not serve {m} {}", req.path);
+                respond_status(&mut stream, req.status, "NotFound", &msg).await
+            }
         };
         if !keep || close {
             let _ = stream.shutdown().await;
@@ -475,11 +567,287 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
     }
 }
 
-/// `namespace/name` of a `/api/v1/namespaces/NS/pods/NAME` path.
-fn one_pod(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/api/v1/namespaces/")?;
-    let (ns, name) = rest.split_once("/pods/")?;
-    (!ns.contains('/') && !name.is_empty() && !name.contains('/')).then(|| format!("{ns}/{name}"))
+/// What a request path names.
+enum Route {
+    /// `/api/v1/pods` (None) or `/api/v1/namespaces/NS/pods`.
+    Pods(Option<String>),
+    /// `/api/v1/namespaces/NS/pods/NAME`: NS/NAME.
+    Pod(String),
+    /// `.../pods/NAME/log`.
+    Log(String),
+    /// `.../pods/NAME[:PORT]/proxy/REST`: the API server's pod proxy.
+    Proxy {
+        pod: String,
+        port: Option<u16>,
+        rest: String,
+    },
+    /// Any other kind: a list (all namespaces, one namespace) or one object.
+    Objects {
+        collection: String,
+        namespace: Option<String>,
+        name: Option<String>,
+    },
+    Unknown,
+}
+
+impl Route {
+    fn of(path: &str) -> Route {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match segs.first() {
+            Some(&"api") if segs.len() >= 2 => (segs[..2].join("/"), &segs[2..]),
+            Some(&"apis") if segs.len() >= 3 => (segs[..3].join("/"), &segs[3..]),
+            _ => return Route::Unknown,
+        };
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+            _ => (None, rest),
+        };
+        let Some((&resource, rest)) = rest.split_first() else {
+            return Route::Unknown;
+        };
+        if group == "api/v1" && resource == "pods" {
+            return match (namespace, rest) {
+                (ns, []) => Route::Pods(ns),
+                (Some(ns), [name]) => Route::Pod(format!("{ns}/{name}")),
+                (Some(ns), [name, "log"]) => Route::Log(format!("{ns}/{name}")),
+                (Some(ns), [target, "proxy", rest @ ..]) => {
+                    let (name, port) = match target.split_once(':') {
+                        Some((n, p)) => (n, p.parse().ok()),
+                        None => (*target, None),
+                    };
+                    Route::Proxy {
+                        pod: format!("{ns}/{name}"),
+                        port,
+                        rest: format!("/{}", rest.join("/")),
+                    }
+                }
+                _ => Route::Unknown,
+            };
+        }
+        match rest {
+            [] => Route::Objects {
+                collection: format!("{group}/{resource}"),
+                namespace,
+                name: None,
+            },
+            [name] => Route::Objects {
+                collection: format!("{group}/{resource}"),
+                namespace,
+                name: Some(name.to_string()),
+            },
+            _ => Route::Unknown,
+        }
+    }
+}
+
+/// Whether `labels` satisfy a label selector (`k=v`, `k==v`, `k!=v`, `k`,
+/// `!k`, comma-separated). Set-based selectors are an error the test sees.
+fn labels_match(labels: &Value, selector: &str) -> Result<bool, String> {
+    for term in selector.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
+            return Err(format!("the fake does not understand selector {term:?}"));
+        }
+        let ok = if let Some((k, v)) = term.split_once("!=") {
+            labels[k.trim()].as_str() != Some(v.trim())
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            labels[k.trim()].as_str() == Some(v.trim())
+        } else if let Some(k) = term.strip_prefix('!') {
+            labels.get(k).is_none()
+        } else {
+            labels.get(term).is_some()
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn remove_shared(shared: &Shared, namespace: &str, name: &str) -> Option<Value> {
+    let pod = {
+        let mut st = shared.store();
+        let mut pod = st.pods.remove(&format!("{namespace}/{name}"))?;
+        st.rv += 1;
+        let rv = st.rv;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.history.push(HistoryEvent {
+            rv,
+            kind: "DELETED",
+            object: pod.clone(),
+        });
+        pod
+    };
+    shared.wake();
+    Some(pod)
+}
+
+async fn create_pod(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    req: &mut Request,
+    namespace: &str,
+    body: &[u8],
+) -> bool {
+    let mut pod: Value = match serde_json::from_slice(body) {
+        Ok(p) => p,
+        Err(e) => {
+            req.status = 400;
+            shared.record(req.clone());
+            return respond_status(stream, 400, "BadRequest", &format!("pod body: {e}")).await;
+        }
+    };
+    let made: Result<Value, (u16, &str, String)> = (|| {
+        let mut st = shared.store();
+        if pod["metadata"]["name"].as_str().is_none() {
+            let Some(prefix) = pod["metadata"]["generateName"].as_str().map(String::from) else {
+                return Err((422, "Invalid", "name or generateName is required".to_string()));
+            };
+            st.generated += 1;
+            pod["metadata"]["name"] = json!(format!("{prefix}{:05x}", st.generated));
+        }
+        pod["metadata"]["namespace"] = json!(namespace);
+        pod["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", st.rv));
+        if pod.get("status").is_none() {
+            pod["status"] = json!({"phase": "Pending"});
+        }
+        let key = key_of(&pod);
+        if st.pods.contains_key(&key) {
+            return Err((409, "AlreadyExists", format!("pods {key:?} already exists")));
+        }
+        st.rv += 1;
+        let rv = st.rv;
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.pods.insert(key.clone(), pod.clone());
+        st.history.push(HistoryEvent {
+            rv,
+            kind: "ADDED",
+            object: pod.clone(),
+        });
+        st.created.push(key);
+        Ok(pod.clone())
+    })();
+    let pod = match made {
+        Ok(p) => p,
+        Err((code, reason, msg)) => {
+            req.status = code;
+            shared.record(req.clone());
+            return respond_status(stream, code, reason, &msg).await;
+        }
+    };
+    shared.wake();
+    req.status = 201;
+    shared.record(req.clone());
+    respond_json(stream, 201, &pod).await
+}
+
+async fn get_objects(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    req: &mut Request,
+    collection: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    let selector = req.query.get("labelSelector").cloned().unwrap_or_default();
+    let (rv, found) = {
+        let st = shared.store();
+        let all = st.objects.get(collection);
+        let found: Result<Vec<Value>, String> = all
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter(|o| namespace.is_none() || o["metadata"]["namespace"].as_str() == namespace)
+            .filter(|o| name.is_none() || o["metadata"]["name"].as_str() == name)
+            .filter_map(|o| match labels_match(&o["metadata"]["labels"], &selector) {
+                Ok(true) => Some(Ok(o.clone())),
+                Ok(false) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect();
+        (st.rv, found)
+    };
+    let found = match found {
+        Ok(f) => f,
+        Err(e) => {
+            req.status = 400;
+            shared.record(req.clone());
+            return respond_status(stream, 400, "BadRequest", &e).await;
+        }
+    };
+    if let Some(name) = name {
+        req.status = if found.is_empty() { 404 } else { 200 };
+        shared.record(req.clone());
+        return match found.into_iter().next() {
+            Some(o) => respond_json(stream, 200, &o).await,
+            None => respond_status(stream, 404, "NotFound", &format!("{collection} {name:?} not found")).await,
+        };
+    }
+    shared.record(req.clone());
+    let kind = found
+        .first()
+        .and_then(|o| o["kind"].as_str())
+        .map_or_else(|| "List".to_string(), |k| format!("{k}List"));
+    let body = json!({
+        "kind": kind,
+        "apiVersion": collection.trim_start_matches("apis/").trim_start_matches("api/").rsplit_once('/').map_or("v1", |(g, _)| g),
+        "metadata": {"resourceVersion": rv.to_string()},
+        "items": found.iter().map(list_item).collect::<Vec<_>>(),
+    });
+    respond_json(stream, 200, &body).await
+}
+
+/// The pod proxy: forwards a GET to the pod's IP and port, as the API
+/// server does for `kubectl get --raw .../pods/NAME:PORT/proxy/PATH`.
+async fn proxy(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    req: &mut Request,
+    pod: &str,
+    port: Option<u16>,
+    rest: &str,
+) -> bool {
+    let ip = shared
+        .store()
+        .pods
+        .get(pod)
+        .and_then(|p| p["status"]["podIP"].as_str().map(String::from));
+    let (Some(ip), Some(port)) = (ip, port) else {
+        req.status = 503;
+        shared.record(req.clone());
+        let msg = format!("pod {pod:?} has no IP, or no port was given");
+        return respond_status(stream, 503, "ServiceUnavailable", &msg).await;
+    };
+    let answer = async {
+        let mut up = TcpStream::connect((ip.as_str(), port)).await?;
+        let head = format!("GET {rest} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\n\r\n");
+        up.write_all(head.as_bytes()).await?;
+        let mut all = Vec::new();
+        up.read_to_end(&mut all).await?;
+        Ok::<_, std::io::Error>(all)
+    };
+    let all = match tokio::time::timeout(Duration::from_secs(10), answer).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            req.status = 503;
+            shared.record(req.clone());
+            let msg = format!("error trying to reach service: dial tcp {ip}:{port}: {e}");
+            return respond_status(stream, 503, "ServiceUnavailable", &msg).await;
+        }
+        Err(_) => {
+            req.status = 504;
+            shared.record(req.clone());
+            return respond_status(stream, 504, "Timeout", "the pod did not answer in 10 s").await;
+        }
+    };
+    let text = String::from_utf8_lossy(&all);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(502);
+    req.status = code;
+    shared.record(req.clone());
+    respond_raw(stream, code, "application/octet-stream", body.as_bytes()).await
 }
 
 fn parse_query(q: &str) -> BTreeMap<String, String> {
@@ -541,10 +909,15 @@ fn status_json(code: u16, reason: &str, message: &str) -> Value {
 fn reason_phrase(code: u16) -> &'static str {
     match code {
         200 => "OK",
+        201 => "Created",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         410 => "Gone",
+        422 => "Unprocessable Entity",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Internal Server Error",
     }
 }
@@ -557,6 +930,19 @@ async fn respond_json(stream: &mut TcpStream, code: u16, body: &Value) -> bool {
         body.len()
     );
     stream.write_all(head.as_bytes()).await.is_ok() && stream.write_all(&body).await.is_ok()
+}
+
+async fn respond_raw(stream: &mut TcpStream, code: u16, content_type: &str, body: &[u8]) -> bool {
+    let head = format!(
+        "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        reason_phrase(code),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.is_ok() && stream.write_all(body).await.is_ok()
+}
+
+async fn respond_text(stream: &mut TcpStream, code: u16, text: &str) -> bool {
+    respond_raw(stream, code, "text/plain", text.as_bytes()).await
 }
 
 async fn respond_status(stream: &mut TcpStream, code: u16, reason: &str, message: &str) -> bool {
@@ -573,7 +959,18 @@ fn list_item(pod: &Value) -> Value {
     p
 }
 
-async fn list_pods(stream: &mut TcpStream, shared: &Shared, req: &mut Request) -> bool {
+async fn list_pods(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    req: &mut Request,
+    namespace: Option<&str>,
+) -> bool {
+    let selector = req.query.get("labelSelector").cloned().unwrap_or_default();
+    if let Err(e) = labels_match(&Value::Null, &selector) {
+        req.status = 400;
+        shared.record(req.clone());
+        return respond_status(stream, 400, "BadRequest", &e).await;
+    }
     let node = match node_selector(&req.query) {
         Ok(n) => n,
         Err(e) => {
@@ -588,6 +985,8 @@ async fn list_pods(stream: &mut TcpStream, shared: &Shared, req: &mut Request) -
             .pods
             .values()
             .filter(|p| node.is_none() || node_of(p) == node.as_deref())
+            .filter(|p| namespace.is_none() || p["metadata"]["namespace"].as_str() == namespace)
+            .filter(|p| labels_match(&p["metadata"]["labels"], &selector) == Ok(true))
             .map(list_item)
             .collect();
         (st.rv, items)

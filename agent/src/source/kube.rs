@@ -62,7 +62,7 @@ pub fn check_node_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn load_config(opts: &Options) -> Result<Config> {
+pub(crate) async fn load_config(opts: &Options) -> Result<Config> {
     match &opts.kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
