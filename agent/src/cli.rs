@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    agent, bpf, check, describe, host, http, iptables, logging, output, podconfig, pods, probe, source,
-    status,
+    agent, bpf, check, describe, host, http, iptables, logging, output, podconfig, pods, probe,
+    source, status,
 };
 
 /// The command succeeded (`status`: healthy).
@@ -224,7 +224,8 @@ enum Command {
     /// Is meshlane working on every node of the cluster (or, with --pre,
     /// can it)? Asked through the API server a kubeconfig names; exits 0
     /// when nothing failed (warnings allowed), 1 naming each failure.
-    #[command(after_help = "After install: meshlane's DaemonSet rolled out, a ready agent on \
+    #[command(
+        after_help = "After install: meshlane's DaemonSet rolled out, a ready agent on \
                   every node it should run on, each agent's own status (programs attached, \
                   pods in error, proxies not listening yet, its API watch) read from /status on \
                   its http port through the API server's pod proxy, and no meshed namespace \
@@ -236,7 +237,8 @@ enum Command {
                   Needs: list nodes, pods, daemonsets, configmaps; get pods/proxy; with --pre \
                   also create and delete pods and get pods/log in --namespace.\n\
                   Exit codes: 0 no failure; 1 at least one failure (each is listed); 2 the \
-                  command line is wrong.")]
+                  command line is wrong."
+    )]
     Check {
         /// Before install: probe every node instead of checking the agents.
         #[arg(long, requires = "image")]

@@ -8,7 +8,7 @@ use std::{
     ffi::OsString,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -234,6 +234,19 @@ impl Agent {
         launch: &Launch,
     ) -> Result<Agent> {
         let mut agent = Self::launch(sb, 1, args.to_vec(), launch)?;
+        agent.wait_active(expect_active)?;
+        Ok(agent)
+    }
+
+    /// Starts node `node`'s `meshlane run ARGS...` (ARGS name the pod
+    /// source) and waits until every pod named in `expect_active` is active.
+    pub fn start_on_with(
+        sb: &Sandbox,
+        node: u8,
+        args: &[OsString],
+        expect_active: &[String],
+    ) -> Result<Agent> {
+        let mut agent = Self::launch(sb, node, args.to_vec(), &Launch::default())?;
         agent.wait_active(expect_active)?;
         Ok(agent)
     }
@@ -593,4 +606,28 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         bail!("GET {path}: unexpected chunked answer");
     }
     Ok((code, body.to_string()))
+}
+
+/// Replaces `<bpffs>/netns` (where each pod's inbound link is pinned) with a
+/// dangling symlink, so the agent cannot capture a new pod; puts the
+/// directory back on drop, before the agent's cleanup.
+pub struct BrokenNetnsPins(PathBuf);
+
+impl BrokenNetnsPins {
+    pub fn new(bpffs: &Path) -> Result<Self> {
+        let dir = bpffs.join("netns");
+        if dir.exists() {
+            std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        std::os::unix::fs::symlink("/nonexistent/meshlane-test", &dir)
+            .with_context(|| format!("symlink at {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for BrokenNetnsPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::create_dir(&self.0);
+    }
 }

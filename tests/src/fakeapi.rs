@@ -257,10 +257,7 @@ impl FakeApi {
         obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
         let key = match obj["metadata"]["namespace"].as_str() {
             Some(ns) => format!("{ns}/{}", obj["metadata"]["name"].as_str().expect("name")),
-            None => obj["metadata"]["name"]
-                .as_str()
-                .expect("name")
-                .to_string(),
+            None => obj["metadata"]["name"].as_str().expect("name").to_string(),
         };
         st.objects
             .entry(collection.to_string())
@@ -275,6 +272,11 @@ impl FakeApi {
             .pods
             .get(&format!("{namespace}/{name}"))
             .cloned()
+    }
+
+    /// Every pod in the store, as NAMESPACE/NAME.
+    pub fn pod_names(&self) -> Vec<String> {
+        self.shared.store().pods.keys().cloned().collect()
     }
 
     /// Pods created through the API since the last call (NAMESPACE/NAME),
@@ -514,17 +516,29 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
         };
         let route = Route::of(&req.path);
         let keep = match (method.as_str(), route) {
-            (_, Route::Proxy { pod, port, rest }) => proxy(&mut stream, shared, &mut req, &pod, port, &rest).await,
+            (_, Route::Proxy { pod, port, rest }) => {
+                proxy(&mut stream, shared, &mut req, &pod, port, &rest).await
+            }
             ("GET", Route::Log(key)) => {
                 let log = shared.store().logs.get(&key).cloned();
                 req.status = if log.is_some() { 200 } else { 404 };
                 shared.record(req.clone());
                 match log {
                     Some(l) => respond_text(&mut stream, 200, &l).await,
-                    None => respond_status(&mut stream, 404, "NotFound", &format!("no log for pod {key:?}")).await,
+                    None => {
+                        respond_status(
+                            &mut stream,
+                            404,
+                            "NotFound",
+                            &format!("no log for pod {key:?}"),
+                        )
+                        .await
+                    }
                 }
             }
-            ("POST", Route::Pods(Some(ns))) => create_pod(&mut stream, shared, &mut req, &ns, &body).await,
+            ("POST", Route::Pods(Some(ns))) => {
+                create_pod(&mut stream, shared, &mut req, &ns, &body).await
+            }
             ("DELETE", Route::Pod(key)) => {
                 let (ns, name) = key.split_once('/').expect("ns/name");
                 let gone = remove_shared(shared, ns, name);
@@ -532,7 +546,15 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
                 shared.record(req.clone());
                 match gone {
                     Some(p) => respond_json(&mut stream, 200, &p).await,
-                    None => respond_status(&mut stream, 404, "NotFound", &format!("pods {key:?} not found")).await,
+                    None => {
+                        respond_status(
+                            &mut stream,
+                            404,
+                            "NotFound",
+                            &format!("pods {key:?} not found"),
+                        )
+                        .await
+                    }
                 }
             }
             ("GET", Route::Pod(key)) => {
@@ -548,10 +570,29 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) {
                 }
             }
             // The log entry goes in when the answer is decided, before a long stream.
-            ("GET", Route::Pods(None)) if req.is_watch() => watch_pods(&mut stream, shared, req).await,
-            ("GET", Route::Pods(ns)) if !req.is_watch() => list_pods(&mut stream, shared, &mut req, ns.as_deref()).await,
-            ("GET", Route::Objects { collection, namespace, name }) => {
-                get_objects(&mut stream, shared, &mut req, &collection, namespace.as_deref(), name.as_deref()).await
+            ("GET", Route::Pods(None)) if req.is_watch() => {
+                watch_pods(&mut stream, shared, req).await
+            }
+            ("GET", Route::Pods(ns)) if !req.is_watch() => {
+                list_pods(&mut stream, shared, &mut req, ns.as_deref()).await
+            }
+            (
+                "GET",
+                Route::Objects {
+                    collection,
+                    namespace,
+                    name,
+                },
+            ) => {
+                get_objects(
+                    &mut stream,
+                    shared,
+                    &mut req,
+                    &collection,
+                    namespace.as_deref(),
+                    name.as_deref(),
+                )
+                .await
             }
             (m, _) => {
                 req.status = if m == "GET" { 404 } else { 405 };
@@ -700,7 +741,11 @@ async fn create_pod(
         let mut st = shared.store();
         if pod["metadata"]["name"].as_str().is_none() {
             let Some(prefix) = pod["metadata"]["generateName"].as_str().map(String::from) else {
-                return Err((422, "Invalid", "name or generateName is required".to_string()));
+                return Err((
+                    422,
+                    "Invalid",
+                    "name or generateName is required".to_string(),
+                ));
             };
             st.generated += 1;
             pod["metadata"]["name"] = json!(format!("{prefix}{:05x}", st.generated));
@@ -757,11 +802,13 @@ async fn get_objects(
             .flat_map(BTreeMap::values)
             .filter(|o| namespace.is_none() || o["metadata"]["namespace"].as_str() == namespace)
             .filter(|o| name.is_none() || o["metadata"]["name"].as_str() == name)
-            .filter_map(|o| match labels_match(&o["metadata"]["labels"], &selector) {
-                Ok(true) => Some(Ok(o.clone())),
-                Ok(false) => None,
-                Err(e) => Some(Err(e)),
-            })
+            .filter_map(
+                |o| match labels_match(&o["metadata"]["labels"], &selector) {
+                    Ok(true) => Some(Ok(o.clone())),
+                    Ok(false) => None,
+                    Err(e) => Some(Err(e)),
+                },
+            )
             .collect();
         (st.rv, found)
     };
@@ -778,7 +825,15 @@ async fn get_objects(
         shared.record(req.clone());
         return match found.into_iter().next() {
             Some(o) => respond_json(stream, 200, &o).await,
-            None => respond_status(stream, 404, "NotFound", &format!("{collection} {name:?} not found")).await,
+            None => {
+                respond_status(
+                    stream,
+                    404,
+                    "NotFound",
+                    &format!("{collection} {name:?} not found"),
+                )
+                .await
+            }
         };
     }
     shared.record(req.clone());
@@ -1216,4 +1271,109 @@ pub fn api_pod(spec: &PodSpec, node: &str) -> Value {
         .collect();
     p["status"]["containerStatuses"] = json!(statuses);
     p
+}
+
+/// A stand-in for the kubelets of the fake cluster's nodes: runs the pods
+/// created through the API (`meshlane check --pre`'s probe pods) on this
+/// machine, as a container runtime would run them on their node, and
+/// reports back through the API (status, log), as a kubelet does.
+///
+/// The container's command runs with its image's binaries taken from this
+/// build (`/usr/local/bin/NAME` is the built NAME), and each hostPath
+/// volume is the directory `host_paths` names for that path (a bind mount
+/// in a real runtime; here the mount path in the arguments is replaced by
+/// it).
+#[derive(Clone, Debug, Default)]
+pub struct Kubelet {
+    pub host_paths: BTreeMap<String, std::path::PathBuf>,
+    /// Nodes whose image pulls fail (`ErrImagePull`, the pod stays Pending).
+    pub pull_fails: std::collections::BTreeSet<String>,
+}
+
+impl Kubelet {
+    /// Runs every pod created since the last call, to completion; returns
+    /// their NAMESPACE/NAMEs.
+    pub fn run_created(&self, api: &FakeApi) -> Result<Vec<String>> {
+        let created = api.take_created();
+        for key in &created {
+            let (ns, name) = key.split_once('/').expect("NAMESPACE/NAME");
+            let Some(mut pod) = api.pod(ns, name) else {
+                continue;
+            };
+            let node = pod["spec"]["nodeName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let container = pod["spec"]["containers"][0].clone();
+            let cname = container["name"].clone();
+            if self.pull_fails.contains(&node) {
+                pod["status"] = json!({"phase": "Pending", "containerStatuses": [{
+                    "name": cname, "ready": false, "restartCount": 0, "image": container["image"], "imageID": "",
+                    "state": {"waiting": {"reason": "ErrImagePull", "message": format!("pull access denied for {}", container["image"])}}}]});
+                api.apply(pod);
+                continue;
+            }
+            let (code, log) = self.run(&pod["spec"], &container)?;
+            api.set_log(ns, name, &log);
+            pod["status"] = json!({"phase": if code == 0 { "Succeeded" } else { "Failed" }, "containerStatuses": [{
+                "name": cname, "ready": false, "restartCount": 0, "image": container["image"], "imageID": "",
+                "state": {"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}}}]});
+            api.apply(pod);
+        }
+        Ok(created)
+    }
+
+    /// Runs one container; its exit code and its log (stdout, then stderr).
+    fn run(&self, spec: &Value, container: &Value) -> Result<(i32, String)> {
+        let words: Vec<String> = container["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(container["args"].as_array().into_iter().flatten())
+            .filter_map(|w| w.as_str().map(String::from))
+            .collect();
+        let (bin, args) = words
+            .split_first()
+            .context("a container without a command")?;
+        let built = crate::meshlane_bin().with_file_name(
+            bin.strip_prefix("/usr/local/bin/")
+                .with_context(|| format!("the image has no {bin}"))?,
+        );
+        // Each volume mount: the mount path, and what stands for its hostPath here.
+        let mounts: Vec<(String, String)> = container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| {
+                let vol = spec["volumes"]
+                    .as_array()?
+                    .iter()
+                    .find(|v| v["name"] == m["name"])?;
+                let host = vol["hostPath"]["path"].as_str()?;
+                let here = self
+                    .host_paths
+                    .get(host)
+                    .map_or_else(|| host.to_string(), |p| p.display().to_string());
+                Some((m["mountPath"].as_str()?.to_string(), here))
+            })
+            .collect();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                mounts
+                    .iter()
+                    .fold(a.clone(), |a, (at, here)| a.replace(at.as_str(), here))
+            })
+            .collect();
+        let out = std::process::Command::new("timeout")
+            .arg("60")
+            .arg(&built)
+            .args(&args)
+            .env("MESHLANE_LOG", "warn")
+            .output()
+            .with_context(|| format!("running {}", built.display()))?;
+        let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+        log.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.code().unwrap_or(-1), log))
+    }
 }

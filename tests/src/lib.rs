@@ -24,7 +24,8 @@ pub mod sock;
 pub mod stream;
 
 pub use agent::{
-    http_get, meshlane_bin, pod_entry, pod_state, shortcut_unsupported, Agent, Launch, PodSpec,
+    http_get, meshlane_bin, pod_entry, pod_state, shortcut_unsupported, Agent, BrokenNetnsPins,
+    Launch, PodSpec,
 };
 pub use records::{
     dns_proxy_reply, read_sidecar_log, wait_sidecar_peer, wait_sidecar_record, ProbeResult,

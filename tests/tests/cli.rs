@@ -17,8 +17,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use meshlane_tests::{
-    agent::pod_list, data_dir, fakeapi::FakeApi, meshlane_bin, pod_entry, pod_state, Agent, Launch,
-    Pod, PodSpec, ProbeResult, Proc, Sandbox, APP_UID,
+    agent::pod_list, data_dir, fakeapi::FakeApi, meshlane_bin, pod_entry, pod_state, Agent,
+    BrokenNetnsPins, Launch, Pod, PodSpec, ProbeResult, Proc, Sandbox, APP_UID,
 };
 use serde_json::Value;
 
@@ -335,30 +335,6 @@ fn status_is_healthy_then_names_a_detached_program() -> Result<()> {
     assert!(doc["stopped_agent_pid"].is_u64(), "{doc:#}");
     assert!(!doc["removed"].as_array().unwrap().is_empty(), "{doc:#}");
     Ok(())
-}
-
-/// Replaces `<bpffs>/netns` (where each pod's inbound link is pinned) with a
-/// dangling symlink, so the agent cannot capture a new pod; puts the
-/// directory back on drop, before the agent's cleanup.
-struct BrokenNetnsPins(PathBuf);
-
-impl BrokenNetnsPins {
-    fn new(bpffs: &Path) -> Result<Self> {
-        let dir = bpffs.join("netns");
-        if dir.exists() {
-            std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
-        std::os::unix::fs::symlink("/nonexistent/meshlane-test", &dir)
-            .with_context(|| format!("symlink at {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for BrokenNetnsPins {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::fs::create_dir(&self.0);
-    }
 }
 
 #[test]

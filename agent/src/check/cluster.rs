@@ -63,7 +63,12 @@ pub async fn run(opts: &Options) -> Report {
             return Report::new(
                 mode,
                 String::new(),
-                vec![failure("kubernetes-api", "kubeconfig", "", format!("{e:#}"))],
+                vec![failure(
+                    "kubernetes-api",
+                    "kubeconfig",
+                    "",
+                    format!("{e:#}"),
+                )],
             )
         }
     };
@@ -73,19 +78,35 @@ pub async fn run(opts: &Options) -> Report {
         Ok(c) => c,
         Err(e) => {
             let msg = format!("building the Kubernetes API client: {e}");
-            return Report::new(mode, server, vec![failure("kubernetes-api", "kubeconfig", "", msg)]);
+            return Report::new(
+                mode,
+                server,
+                vec![failure("kubernetes-api", "kubeconfig", "", msg)],
+            );
         }
     };
-    let nodes = tokio::time::timeout(timeout, Api::<Node>::all(client.clone()).list(&ListParams::default())).await;
+    let nodes = tokio::time::timeout(
+        timeout,
+        Api::<Node>::all(client.clone()).list(&ListParams::default()),
+    )
+    .await;
     let nodes = match nodes {
         Ok(Ok(l)) => l.items,
         Ok(Err(e)) => {
             let msg = format!("cannot list nodes on the API server {server}: {e}");
-            return Report::new(mode, server.clone(), vec![failure("kubernetes-api", "api-unreachable", &server, msg)]);
+            return Report::new(
+                mode,
+                server.clone(),
+                vec![failure("kubernetes-api", "api-unreachable", &server, msg)],
+            );
         }
         Err(_) => {
             let msg = format!("the API server {server} did not answer in {timeout:?}");
-            return Report::new(mode, server.clone(), vec![failure("kubernetes-api", "api-unreachable", &server, msg)]);
+            return Report::new(
+                mode,
+                server.clone(),
+                vec![failure("kubernetes-api", "api-unreachable", &server, msg)],
+            );
         }
     };
     let mut checks = vec![Check::new(
@@ -97,7 +118,10 @@ pub async fn run(opts: &Options) -> Report {
     )];
     let meshlane_nodes = if opts.pre {
         checks.extend(pre(&client, opts, &nodes).await);
-        nodes.iter().filter_map(|n| n.metadata.name.clone()).collect()
+        nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect()
     } else {
         let (c, on) = installed(&client, opts, &nodes).await;
         checks.extend(c);
@@ -123,11 +147,25 @@ async fn daemonsets(client: &Client, opts: &Options) -> Result<Vec<DaemonSet>> {
 }
 
 /// After install: returns the checks and the nodes an agent runs on.
-async fn installed(client: &Client, opts: &Options, nodes: &[Node]) -> (Vec<Check>, BTreeSet<String>) {
+async fn installed(
+    client: &Client,
+    opts: &Options,
+    nodes: &[Node],
+) -> (Vec<Check>, BTreeSet<String>) {
     let ns = &opts.namespace;
     let dss = match daemonsets(client, opts).await {
         Ok(d) => d,
-        Err(e) => return (vec![failure("daemonset", "daemonset-unreadable", ns, format!("{e:#}"))], BTreeSet::new()),
+        Err(e) => {
+            return (
+                vec![failure(
+                    "daemonset",
+                    "daemonset-unreadable",
+                    ns,
+                    format!("{e:#}"),
+                )],
+                BTreeSet::new(),
+            )
+        }
     };
     if dss.is_empty() {
         let msg = format!(
@@ -136,7 +174,10 @@ async fn installed(client: &Client, opts: &Options, nodes: &[Node]) -> (Vec<Chec
              where it is)",
             opts.selector
         );
-        return (vec![failure("daemonset", "daemonset-missing", ns, msg)], BTreeSet::new());
+        return (
+            vec![failure("daemonset", "daemonset-missing", ns, msg)],
+            BTreeSet::new(),
+        );
     }
     let mut checks = Vec::new();
     let mut on = BTreeSet::new();
@@ -146,18 +187,33 @@ async fn installed(client: &Client, opts: &Options, nodes: &[Node]) -> (Vec<Chec
             .as_ref()
             .and_then(|s| s.selector.match_labels.clone())
             .unwrap_or_default();
-        let selector = labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let selector = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let agents = match pods.list(&ListParams::default().labels(&selector)).await {
             Ok(l) => l.items,
             Err(e) => {
-                checks.push(failure("nodes", "agents-unreadable", ns, format!("listing the agent pods ({selector}) in {ns}: {e}")));
+                checks.push(failure(
+                    "nodes",
+                    "agents-unreadable",
+                    ns,
+                    format!("listing the agent pods ({selector}) in {ns}: {e}"),
+                ));
                 continue;
             }
         };
         checks.extend(daemonset_checks(ds, nodes, &agents));
-        on.extend(agents.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()));
-        let asked = agents.iter().filter(|p| not_ready(p).is_none() || p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some());
+        on.extend(
+            agents
+                .iter()
+                .filter_map(|p| p.spec.as_ref()?.node_name.clone()),
+        );
+        let asked = agents.iter().filter(|p| {
+            not_ready(p).is_none() || p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
+        });
         let answers = join_all(asked.map(|p| agent_status(client, p, opts.timeout))).await;
         for a in answers {
             checks.extend(a);
@@ -180,16 +236,29 @@ fn status_port(p: &Pod) -> Option<i32> {
 /// One agent's `/status`, through the API server's pod proxy.
 async fn agent_status(client: &Client, p: &Pod, timeout: Duration) -> Vec<Check> {
     let name = pod_name(p);
-    let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let node = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
     let Some(port) = status_port(p) else {
-        let msg = format!("node {node}: agent {name} has no container port named http to ask for /status");
+        let msg = format!(
+            "node {node}: agent {name} has no container port named http to ask for /status"
+        );
         return vec![failure("agents", "agent-unreachable", &node, msg)];
     };
     let (ns, pod) = name.split_once('/').expect("NAMESPACE/NAME");
     let path = format!("/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy/status");
     let req = match hyper::Request::get(&path).body(Vec::new()) {
         Ok(r) => r,
-        Err(e) => return vec![failure("agents", "agent-unreachable", &node, format!("{path}: {e}"))],
+        Err(e) => {
+            return vec![failure(
+                "agents",
+                "agent-unreachable",
+                &node,
+                format!("{path}: {e}"),
+            )]
+        }
     };
     let text = match tokio::time::timeout(timeout, client.request_text(req)).await {
         Ok(Ok(t)) => t,
@@ -211,7 +280,10 @@ async fn agent_status(client: &Client, p: &Pod, timeout: Duration) -> Vec<Check>
             "agents",
             "status-unreadable",
             &node,
-            format!("node {node}: agent {name}'s /status is not JSON ({e}): {}", text.chars().take(200).collect::<String>()),
+            format!(
+                "node {node}: agent {name}'s /status is not JSON ({e}): {}",
+                text.chars().take(200).collect::<String>()
+            ),
         )],
     }
 }
@@ -232,7 +304,13 @@ async fn pre(client: &Client, opts: &Options, nodes: &[Node]) -> Vec<Check> {
             ),
         )),
         Ok(_) => {}
-        Err(e) => checks.push(Check::new("daemonset", "daemonset-unreadable", &opts.namespace, Outcome::Warning, format!("{e:#}"))),
+        Err(e) => checks.push(Check::new(
+            "daemonset",
+            "daemonset-unreadable",
+            &opts.namespace,
+            Outcome::Warning,
+            format!("{e:#}"),
+        )),
     }
     let Some(image) = &opts.image else {
         checks.push(failure(
@@ -323,7 +401,14 @@ async fn probe_node(client: &Client, opts: &Options, image: &str, node: &Node) -
     let pods: Api<Pod> = Api::namespaced(client.clone(), &opts.namespace);
     let spec: Pod = match serde_json::from_value(probe_pod(opts, image, &n)) {
         Ok(p) => p,
-        Err(e) => return vec![failure("kernel", "probe-failed", &n, format!("probe pod: {e}"))],
+        Err(e) => {
+            return vec![failure(
+                "kernel",
+                "probe-failed",
+                &n,
+                format!("probe pod: {e}"),
+            )]
+        }
     };
     let created = match pods.create(&PostParams::default(), &spec).await {
         Ok(p) => p,
@@ -340,26 +425,51 @@ async fn probe_node(client: &Client, opts: &Options, image: &str, node: &Node) -
     let outcome = wait_probe(&pods, &name, opts.timeout).await;
     let log = pods.logs(&name, &LogParams::default()).await;
     // Whatever happened, the probe pod goes.
-    if let Err(e) = pods.delete(&name, &DeleteParams::default().grace_period(0)).await {
+    if let Err(e) = pods
+        .delete(&name, &DeleteParams::default().grace_period(0))
+        .await
+    {
         tracing::warn!("deleting probe pod {}/{name}: {e}", opts.namespace);
     }
     let pn = format!("{}/{name}", opts.namespace);
     match (outcome, log) {
-        (Err(why), _) => vec![failure("kernel", "probe-failed", &n, format!("node {n}: probe pod {pn}: {why}"))],
-        (Ok(()), Err(e)) => vec![failure("kernel", "probe-failed", &n, format!("node {n}: probe pod {pn} ran, its log cannot be read: {e}"))],
+        (Err(why), _) => vec![failure(
+            "kernel",
+            "probe-failed",
+            &n,
+            format!("node {n}: probe pod {pn}: {why}"),
+        )],
+        (Ok(()), Err(e)) => vec![failure(
+            "kernel",
+            "probe-failed",
+            &n,
+            format!("node {n}: probe pod {pn} ran, its log cannot be read: {e}"),
+        )],
         (Ok(()), Ok(log)) => match document_in_log(&log) {
             Some(doc) => probe_checks(&n, &doc),
             None => {
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
-                vec![failure("kernel", "probe-failed", &n, format!("node {n}: probe pod {pn} printed no report: {}", tail.join(" | ")))]
+                vec![failure(
+                    "kernel",
+                    "probe-failed",
+                    &n,
+                    format!(
+                        "node {n}: probe pod {pn} printed no report: {}",
+                        tail.join(" | ")
+                    ),
+                )]
             }
         },
     }
 }
 
 /// Waits until the probe pod has run (either way); Err says why it did not.
-async fn wait_probe(pods: &Api<Pod>, name: &str, timeout: Duration) -> std::result::Result<(), String> {
+async fn wait_probe(
+    pods: &Api<Pod>,
+    name: &str,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let last = match pods.get(name).await {
@@ -372,7 +482,14 @@ async fn wait_probe(pods: &Api<Pod>, name: &str, timeout: Duration) -> std::resu
                     if let Some(w) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) {
                         let reason = w.reason.clone().unwrap_or_default();
                         if STUCK.contains(&reason.as_str()) {
-                            return Err(format!("container {}: {reason}{}", c.name, w.message.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()));
+                            return Err(format!(
+                                "container {}: {reason}{}",
+                                c.name,
+                                w.message
+                                    .as_ref()
+                                    .map(|m| format!(" ({m})"))
+                                    .unwrap_or_default()
+                            ));
                         }
                     }
                 }
@@ -389,10 +506,19 @@ async fn wait_probe(pods: &Api<Pod>, name: &str, timeout: Duration) -> std::resu
 
 /// Istio's CNI plugin, and the meshed pods it shares with meshlane.
 async fn istio_cni(client: &Client, meshlane_nodes: &BTreeSet<String>) -> Vec<Check> {
-    let all = match Api::<DaemonSet>::all(client.clone()).list(&ListParams::default()).await {
+    let all = match Api::<DaemonSet>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
         Ok(l) => l.items,
         Err(e) => {
-            return vec![Check::new("istio-cni", "istio-cni-unknown", "", Outcome::Warning, format!("cannot list DaemonSets to look for Istio's CNI plugin: {e}"))]
+            return vec![Check::new(
+                "istio-cni",
+                "istio-cni-unknown",
+                "",
+                Outcome::Warning,
+                format!("cannot list DaemonSets to look for Istio's CNI plugin: {e}"),
+            )]
         }
     };
     let Some(ds) = all.iter().find(|d| is_istio_cni(d)) else {
@@ -422,11 +548,26 @@ async fn istio_cni(client: &Client, meshlane_nodes: &BTreeSet<String>) -> Vec<Ch
         .iter()
         .filter_map(|p| p.spec.as_ref()?.node_name.clone())
         .collect();
-    let pods = match Api::<Pod>::all(client.clone()).list(&ListParams::default()).await {
+    let pods = match Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
         Ok(l) => l.items,
         Err(e) => {
-            return vec![Check::new("istio-cni", "istio-cni-unknown", "", Outcome::Warning, format!("cannot list pods to compare with Istio's CNI plugin: {e}"))]
+            return vec![Check::new(
+                "istio-cni",
+                "istio-cni-unknown",
+                "",
+                Outcome::Warning,
+                format!("cannot list pods to compare with Istio's CNI plugin: {e}"),
+            )]
         }
     };
-    istio_cni_checks(Some(ds), excluded.as_ref(), &cni_nodes, meshlane_nodes, &pods)
+    istio_cni_checks(
+        Some(ds),
+        excluded.as_ref(),
+        &cni_nodes,
+        meshlane_nodes,
+        &pods,
+    )
 }

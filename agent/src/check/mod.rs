@@ -174,7 +174,8 @@ fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
             None | Some("") => exists,
             Some(k) => k == taint.key,
         };
-        let value = exists || t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
+        let value =
+            exists || t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
         let effect = match t.effect.as_deref() {
             None | Some("") => true,
             Some(e) => e == taint.effect,
@@ -199,7 +200,10 @@ pub fn not_eligible(node: &Node, template: &PodSpec) -> Option<String> {
             return Some(format!(
                 "taint {}{}:{} is not tolerated",
                 t.key,
-                t.value.as_ref().map(|v| format!("={v}")).unwrap_or_default(),
+                t.value
+                    .as_ref()
+                    .map(|v| format!("={v}"))
+                    .unwrap_or_default(),
                 t.effect
             ));
         }
@@ -242,7 +246,12 @@ pub fn not_ready(pod: &Pod) -> Option<String> {
                     t.reason.clone().unwrap_or_default()
                 ));
             }
-            (!c.ready).then(|| format!("{}: running, not ready (failing its readiness probe)", c.name))
+            (!c.ready).then(|| {
+                format!(
+                    "{}: running, not ready (failing its readiness probe)",
+                    c.name
+                )
+            })
         })
         .collect();
     Some(if why.is_empty() {
@@ -272,7 +281,11 @@ pub fn daemonset_checks(ds: &DaemonSet, nodes: &[Node], agents: &[Pod]) -> Vec<C
         ds.metadata.name.as_deref().unwrap_or_default()
     );
     let mut out = Vec::new();
-    let template = ds.spec.as_ref().and_then(|s| s.template.spec.clone()).unwrap_or_default();
+    let template = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .unwrap_or_default();
     if template.containers.iter().any(|c| c.name == "cleanup") {
         out.push(Check::new(
             "daemonset",
@@ -294,11 +307,19 @@ pub fn daemonset_checks(ds: &DaemonSet, nodes: &[Node], agents: &[Pod]) -> Vec<C
         "daemonset",
         "daemonset-ready",
         &name,
-        if rolled { Outcome::Ok } else { Outcome::Failure },
+        if rolled {
+            Outcome::Ok
+        } else {
+            Outcome::Failure
+        },
         format!(
             "DaemonSet {name}: {ready} of {desired} agents ready, {updated} of {desired} \
              updated{}",
-            if rolled { "" } else { " (kubectl -n NAMESPACE rollout status daemonset/NAME)" }
+            if rolled {
+                ""
+            } else {
+                " (kubectl -n NAMESPACE rollout status daemonset/NAME)"
+            }
         ),
     ));
     for node in nodes {
@@ -525,8 +546,16 @@ pub fn istio_cni_checks(
     let excluded = excluded.unwrap_or(&default_excluded);
     let mut both: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for p in pods {
-        let ns = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let ns = p
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
         if meshed(p)
             && !has_istio_init(p)
             && !excluded.contains(&ns)
@@ -603,7 +632,10 @@ pub fn probe_checks(node: &str, doc: &Value) -> Vec<Check> {
         "bpffs",
         node,
         Outcome::Ok,
-        format!("node {node}: bpffs {}", doc["bpffs"].as_str().unwrap_or("?")),
+        format!(
+            "node {node}: bpffs {}",
+            doc["bpffs"].as_str().unwrap_or("?")
+        ),
     ));
     if doc["shortcut"]["supported"] == false {
         out.push(Check::new(

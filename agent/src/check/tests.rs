@@ -54,21 +54,43 @@ fn eligibility_follows_node_selector_and_taints() {
     let mut t: PodSpec = serde_json::from_value(agent_template()).expect("spec");
     let plain = node("a", json!({}), json!([]));
     assert_eq!(not_eligible(&plain, &t), None);
-    let tolerated = node("b", json!({}), json!([{"key": "dedicated", "value": "mesh", "effect": "NoSchedule"}]));
+    let tolerated = node(
+        "b",
+        json!({}),
+        json!([{"key": "dedicated", "value": "mesh", "effect": "NoSchedule"}]),
+    );
     assert_eq!(not_eligible(&tolerated, &t), None);
-    let other = node("c", json!({}), json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]));
-    assert!(not_eligible(&other, &t).expect("not eligible").contains("dedicated=gpu:NoSchedule"));
+    let other = node(
+        "c",
+        json!({}),
+        json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
+    );
+    assert!(not_eligible(&other, &t)
+        .expect("not eligible")
+        .contains("dedicated=gpu:NoSchedule"));
     // PreferNoSchedule does not keep a DaemonSet pod away; the controller's own
     // tolerations cover node conditions.
-    let soft = node("d", json!({}), json!([{"key": "x", "effect": "PreferNoSchedule"}, {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]));
+    let soft = node(
+        "d",
+        json!({}),
+        json!([{"key": "x", "effect": "PreferNoSchedule"}, {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]),
+    );
     assert_eq!(not_eligible(&soft, &t), None);
     t.node_selector = Some([("mesh".to_string(), "yes".to_string())].into());
-    assert!(not_eligible(&plain, &t).expect("selector").contains("mesh=yes"));
+    assert!(not_eligible(&plain, &t)
+        .expect("selector")
+        .contains("mesh=yes"));
     let labelled = node("e", json!({"mesh": "yes"}), json!([]));
     assert_eq!(not_eligible(&labelled, &t), None);
     // An empty key with Exists tolerates everything.
-    t.tolerations = Some(vec![serde_json::from_value(json!({"operator": "Exists"})).expect("toleration")]);
-    let labelled_tainted = node("f", json!({"mesh": "yes"}), json!([{"key": "any", "effect": "NoExecute"}]));
+    t.tolerations = Some(vec![
+        serde_json::from_value(json!({"operator": "Exists"})).expect("toleration")
+    ]);
+    let labelled_tainted = node(
+        "f",
+        json!({"mesh": "yes"}),
+        json!([{"key": "any", "effect": "NoExecute"}]),
+    );
     assert_eq!(not_eligible(&labelled_tainted, &t), None);
 }
 
@@ -78,13 +100,20 @@ fn daemonset_and_nodes() {
         node("n1", json!({}), json!([])),
         node("n2", json!({}), json!([])),
         node("n3", json!({}), json!([])),
-        node("gpu", json!({}), json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}])),
+        node(
+            "gpu",
+            json!({}),
+            json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]),
+        ),
     ];
     let ds = daemonset(
         agent_template(),
         json!({"desiredNumberScheduled": 3, "numberReady": 1, "updatedNumberScheduled": 3, "currentNumberScheduled": 2, "numberMisscheduled": 0}),
     );
-    let agents = [agent("n1", true, None), agent("n2", false, Some("ImagePullBackOff"))];
+    let agents = [
+        agent("n1", true, None),
+        agent("n2", false, Some("ImagePullBackOff")),
+    ];
     let c = daemonset_checks(&ds, &nodes, &agents);
     assert_eq!(
         outcomes(&c),
@@ -96,8 +125,16 @@ fn daemonset_and_nodes() {
             ("agent-not-scheduled", "gpu", Outcome::Ok),
         ]
     );
-    assert!(c[0].message.contains("1 of 3 agents ready"), "{}", c[0].message);
-    assert!(c[2].message.contains("ImagePullBackOff"), "{}", c[2].message);
+    assert!(
+        c[0].message.contains("1 of 3 agents ready"),
+        "{}",
+        c[0].message
+    );
+    assert!(
+        c[2].message.contains("ImagePullBackOff"),
+        "{}",
+        c[2].message
+    );
     let done = daemonset(
         agent_template(),
         json!({"desiredNumberScheduled": 1, "numberReady": 1, "updatedNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0}),
@@ -119,7 +156,11 @@ fn agent_status_documents() {
         "agent": {"pods": [{"name": "default/a", "state": "active"}, {"name": "default/b", "state": "not-meshed"}]}});
     let c = agent_status_checks("n1", "meshlane/x", &healthy);
     assert_eq!(outcomes(&c), vec![("agent-healthy", "n1", Outcome::Ok)]);
-    assert!(c[0].message.contains("1 meshed pods captured"), "{}", c[0].message);
+    assert!(
+        c[0].message.contains("1 meshed pods captured"),
+        "{}",
+        c[0].message
+    );
     let sick = json!({"schema": crate::status::SCHEMA, "healthy": false,
         "problems": [{"kind": "pod-error", "subject": "default/a", "message": "pod default/a is in error, NOT captured: x"},
                      {"kind": "proxy-not-listening", "subject": "default/b", "message": "pod default/b: its proxy is NOT listening"}],
@@ -133,15 +174,27 @@ fn agent_status_documents() {
             ("pod-config-error", "n2", Outcome::Warning),
         ]
     );
-    assert!(c[0].message.starts_with("node n2: pod default/a is in error"));
+    assert!(c[0]
+        .message
+        .starts_with("node n2: pod default/a is in error"));
     let broken = json!({"schema": crate::status::SCHEMA, "healthy": false, "error": "the agent cannot read its own state: x"});
-    assert_eq!(outcomes(&agent_status_checks("n3", "p", &broken)), vec![("status-unreadable", "n3", Outcome::Failure)]);
+    assert_eq!(
+        outcomes(&agent_status_checks("n3", "p", &broken)),
+        vec![("status-unreadable", "n3", Outcome::Failure)]
+    );
     let other = json!({"schema": "meshlane/status/v9"});
-    assert_eq!(outcomes(&agent_status_checks("n4", "p", &other)), vec![("status-unreadable", "n4", Outcome::Failure)]);
+    assert_eq!(
+        outcomes(&agent_status_checks("n4", "p", &other)),
+        vec![("status-unreadable", "n4", Outcome::Failure)]
+    );
 }
 
 fn meshed_pod(ns: &str, name: &str, node: &str, istio_init: bool) -> Pod {
-    let init = if istio_init { json!([{"name": "istio-init"}]) } else { json!([{"name": "istio-validation"}]) };
+    let init = if istio_init {
+        json!([{"name": "istio-init"}])
+    } else {
+        json!([{"name": "istio-validation"}])
+    };
     serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": ns, "annotations": {"sidecar.istio.io/status": "{}"}},
         "spec": {"nodeName": node, "initContainers": init, "containers": [{"name": "app"}, {"name": "istio-proxy"}]},
@@ -168,14 +221,31 @@ fn istio_cni_overlap_by_namespace() {
     ];
     let cni_nodes: BTreeSet<String> = ["n1".to_string()].into();
     let c = istio_cni_checks(Some(&ds), None, &cni_nodes, &nodes, &pods);
-    assert_eq!(outcomes(&c), vec![("istio-cni-overlap", "shop", Outcome::Failure)]);
-    assert!(c[0].message.contains("excludeNamespaces"), "{}", c[0].message);
+    assert_eq!(
+        outcomes(&c),
+        vec![("istio-cni-overlap", "shop", Outcome::Failure)]
+    );
+    assert!(
+        c[0].message.contains("excludeNamespaces"),
+        "{}",
+        c[0].message
+    );
     let configs: Vec<ConfigMap> = vec![serde_json::from_value(json!({"metadata": {"name": "istio-cni-config"}, "data": {"EXCLUDE_NAMESPACES": "kube-system, shop"}})).expect("cm")];
     let excluded = istio_cni_excluded(&configs).expect("list");
     let c = istio_cni_checks(Some(&ds), Some(&excluded), &cni_nodes, &nodes, &pods);
-    assert_eq!(outcomes(&c), vec![("istio-cni-disjoint", "istio-system/istio-cni-node", Outcome::Ok)]);
+    assert_eq!(
+        outcomes(&c),
+        vec![(
+            "istio-cni-disjoint",
+            "istio-system/istio-cni-node",
+            Outcome::Ok
+        )]
+    );
     let old: Vec<ConfigMap> = vec![serde_json::from_value(json!({"metadata": {"name": "istio-cni-config"}, "data": {"cni_network_config": "{\"type\": \"istio-cni\", \"kubernetes\": {\"exclude_namespaces\": [\"istio-system\", \"edge\"]}}"}})).expect("cm")];
-    assert_eq!(istio_cni_excluded(&old), Some(["istio-system".to_string(), "edge".to_string()].into()));
+    assert_eq!(
+        istio_cni_excluded(&old),
+        Some(["istio-system".to_string(), "edge".to_string()].into())
+    );
     assert_eq!(istio_cni_excluded(&[]), None);
 }
 
@@ -224,6 +294,10 @@ fn report_counts_and_orders() {
     );
     assert!(!r.healthy);
     assert_eq!((r.failures, r.warnings), (1, 1));
-    let order: Vec<(&str, &str)> = r.checks.iter().map(|c| (c.category, c.subject.as_str())).collect();
+    let order: Vec<(&str, &str)> = r
+        .checks
+        .iter()
+        .map(|c| (c.category, c.subject.as_str()))
+        .collect();
     assert_eq!(order, vec![("a", "n1"), ("a", "n2"), ("b", "n1")]);
 }

@@ -510,6 +510,27 @@ fn load(
     attach: Option<u32>,
     insns: &[Insn],
 ) -> Result<std::result::Result<OwnedFd, (i32, String)>> {
+    load_named(prog_type, attach, insns, "")
+}
+
+/// A program for `hook` that lets everything pass (returns 1), loaded as
+/// `name` (cut to 15 bytes): what another project's program on a hook
+/// looks like to `meshlane probe` and `meshlane check --pre`, for tests.
+pub fn pass_program(hook: Hook, name: &str) -> Result<OwnedFd> {
+    let (prog_type, attach) = hook_ids(hook);
+    load_named(prog_type, attach, &[mov_r0(1), exit()], name)?
+        .map_err(|(errno, log)| anyhow::anyhow!("loading {name}: errno {errno}: {log}"))
+}
+
+fn load_named(
+    prog_type: u32,
+    attach: Option<u32>,
+    insns: &[Insn],
+    name: &str,
+) -> Result<std::result::Result<OwnedFd, (i32, String)>> {
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
     let mut log = vec![0u8; 8192];
     let license = c"GPL";
     let mut attr = ProgLoadAttr {
@@ -521,6 +542,7 @@ fn load(
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
         expected_attach_type: attach.unwrap_or(0),
+        prog_name,
         ..Default::default()
     };
     match sys_bpf(BPF_PROG_LOAD, &mut attr) {
