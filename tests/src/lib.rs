@@ -20,6 +20,7 @@ pub mod fakeapi;
 pub mod previous;
 pub mod records;
 pub mod sandbox;
+pub mod shape;
 pub mod sock;
 pub mod stream;
 

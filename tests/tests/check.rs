@@ -26,7 +26,9 @@ use std::{
 use anyhow::{Context, Result};
 use meshlane_tests::{
     fakeapi::{api_pod, FakeApi, Kubelet},
-    meshlane_bin, pod_entry, pod_state, Agent, BrokenNetnsPins, PodSpec, Proc, Sandbox,
+    meshlane_bin, pod_entry, pod_state,
+    shape::assert_shape,
+    Agent, BrokenNetnsPins, PodSpec, Proc, Sandbox,
 };
 use serde_json::{json, Value};
 
@@ -49,8 +51,18 @@ fn check(api: &FakeApi, dir: &Path, args: &[&str]) -> (Option<i32>, Value, Strin
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let doc: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("check -o json is not JSON ({e}): {stdout}\n{stderr}"));
-    assert_eq!(doc["schema"], "meshlane/check/v1", "{doc:#}");
+    assert_shape(&doc, &check_shape(), "meshlane/check/v1");
     (out.status.code(), doc, stderr)
+}
+
+/// `meshlane check -o json` (meshlane/check/v1).
+fn check_shape() -> Value {
+    json!({
+        "schema": "string", "mode": "string", "server": "string", "healthy": "bool",
+        "failures": "u64", "warnings": "u64",
+        "checks": [{"category": "string", "check": "string", "subject": "string",
+                    "outcome": "string", "message": "string"}],
+    })
 }
 
 /// (check, subject, outcome) of every check that is not ok.
