@@ -394,12 +394,9 @@ impl Report {
             problems.push(Finding::new(
                 K::ApiServerUnreachable,
                 &a.pod_source,
-                // The agent clears the error with the next pod event it
-                // receives, so on a quiet node this may outlast the outage.
-                format!(
-                    "API server unreachable (the last known pods stay in force; cleared by the \
-                     next pod event): {e}"
-                ),
+                // The agent clears the error once the API server answers
+                // again (its next retry, at most 16 s apart).
+                format!("API server unreachable (the last known pods stay in force): {e}"),
             ));
         }
         if let Some(e) = &a.file_error {

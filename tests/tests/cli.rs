@@ -413,6 +413,13 @@ fn status_names_an_unreachable_api_server() -> Result<()> {
         "{doc:#}"
     );
 
+    // Back, with no pod changed on the node: the problem clears once the API
+    // server answers again (backoff at most 16 s), not at the next pod event.
+    api.start_again()?;
+    agent.wait_status(Duration::from_secs(25), |st| st["api_error"].is_null())?;
+    let r = status(&agent, &[]);
+    assert_eq!(r.code, Some(0), "API server back: {r}");
+
     let log = agent.log();
     assert!(!log.contains("INFO"), "RUST_LOG=warn, yet:\n{log}");
     assert!(log.contains("WARN"), "the API error is logged:\n{log}");

@@ -31,7 +31,7 @@ use kube::{
     Api, Client, Config,
 };
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::snapshot::Snapshot;
 use crate::pods;
@@ -84,8 +84,10 @@ pub async fn spawn(opts: &Options, tx: watch::Sender<Snapshot>) -> Result<()> {
     let config = load_config(opts).await?;
     info!(server = %config.cluster_url, node = %opts.node_name, "pod source: the API server");
     let client = Client::try_from(config).context("building the Kubernetes API client")?;
-    let api: Api<KubePod> = Api::all(client);
-    tokio::spawn(watch_pods(api, opts.node_name.clone(), tx));
+    let api: Api<KubePod> = Api::all(client.clone());
+    // Any namespace: only the answer matters (see `answers_again`).
+    let probe: Api<KubePod> = Api::namespaced(client, "kube-system");
+    tokio::spawn(watch_pods(api, probe, opts.node_name.clone(), tx));
     Ok(())
 }
 
@@ -167,7 +169,27 @@ fn is_gone(e: &watcher::Error) -> bool {
     }
 }
 
-async fn watch_pods(api: Api<KubePod>, node: String, tx: watch::Sender<Snapshot>) {
+/// Whether the API server answers a pod read again, after a watch error:
+/// the watcher resumes silently (no event until a pod changes), so without
+/// this a quiet node would report the outage until its next pod event.
+/// Reading a pod that does not exist needs what the watch needs (the
+/// server up, our credentials, `get` on pods) and costs one small answer.
+async fn answers_again(probe: &Api<KubePod>) -> bool {
+    match probe.get_opt("meshlane-api-check").await {
+        Ok(_) => true,
+        Err(e) => {
+            debug!("API server check after a watch error: {e}");
+            false
+        }
+    }
+}
+
+async fn watch_pods(
+    api: Api<KubePod>,
+    probe: Api<KubePod>,
+    node: String,
+    tx: watch::Sender<Snapshot>,
+) {
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut known: BTreeMap<String, pods::Pod> = BTreeMap::new();
     let mut backoff = DefaultBackoff::default();
@@ -210,6 +232,11 @@ async fn watch_pods(api: Api<KubePod>, node: String, tx: watch::Sender<Snapshot>
                         s.errors += 1;
                     });
                     tokio::time::sleep(delay).await;
+                    if !gone && answers_again(&probe).await {
+                        // The watcher resumes from its resourceVersion; a
+                        // new failure sets the error again.
+                        tx.send_modify(|s| s.error = None);
+                    }
                     if gone {
                         break;
                     }
