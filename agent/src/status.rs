@@ -102,8 +102,8 @@ pub struct AgentStatus {
     pub cgroup: String,
     pub bpffs: String,
     pub file_error: Option<String>,
-    /// The last error watching the API server, until the next pod event
-    /// (the last known pods stay in force meanwhile).
+    /// The last error watching the API server, until it answers again (the
+    /// last known pods stay in force meanwhile).
     #[serde(default)]
     pub api_error: Option<String>,
     pub map_update_errors: u64,

@@ -441,6 +441,19 @@ fn check_with_kubelet(
     })
 }
 
+/// A wrong command line is exit 2, before anything is asked.
+#[test]
+fn a_wrong_command_line_is_exit_2() {
+    for args in [&["check", "--pre"][..], &["check", "--timeout", "soon"]] {
+        let out = Command::new(meshlane_bin())
+            .args(args)
+            .output()
+            .expect("ran");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+    }
+}
+
 /// A program named like Cilium's socket load balancer on connect4 of a
 /// cgroup, detached when dropped.
 struct Planted(#[allow(dead_code)] std::os::fd::OwnedFd);
