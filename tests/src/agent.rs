@@ -251,6 +251,19 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Detaches one cgroup program (its pinned link removed: nothing else
+    /// holds it); returns its name.
+    pub fn detach_a_program(&self) -> Result<String> {
+        let links = self.bpffs.join("links");
+        let name = std::fs::read_dir(&links)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .min()
+            .context("no pinned links")?;
+        std::fs::remove_file(links.join(&name))?;
+        Ok(name)
+    }
+
     /// Waits until the agent's status shows every pod in `names` active.
     fn wait_active(&mut self, names: &[String]) -> Result<()> {
         self.wait_status(Duration::from_secs(15), |st| {

@@ -274,13 +274,7 @@ fn installed_cluster_healthy_then_each_failure_named() -> Result<()> {
     assert_eq!(code, Some(0), "recovered: {doc:#}");
 
     // A program detached on node 2 (its pinned link removed).
-    let links = c.agents[1].bpffs.join("links");
-    let name = std::fs::read_dir(&links)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .min()
-        .context("no pinned links")?;
-    std::fs::remove_file(links.join(&name))?;
+    let name = c.agents[1].detach_a_program()?;
     let (code, doc, _) = check(&c.api, &dir, &[]);
     assert_eq!(code, Some(1), "{doc:#}");
     // (The map update that failed for pod d above stays a warning.)

@@ -287,13 +287,7 @@ fn status_is_healthy_then_names_a_detached_program() -> Result<()> {
     }
 
     // A cgroup program detached (its pinned link removed: nothing else holds it).
-    let links = agent.bpffs.join("links");
-    let name = std::fs::read_dir(&links)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .min()
-        .context("no pinned links")?;
-    std::fs::remove_file(links.join(&name))?;
+    let name = agent.detach_a_program()?;
     let r = status(&agent, &[]);
     assert_eq!(r.code, Some(1), "program {name} detached: {r}");
     assert!(

@@ -182,16 +182,7 @@ async fn installed(
     let mut checks = Vec::new();
     let mut on = BTreeSet::new();
     for ds in &dss {
-        let labels = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.match_labels.clone())
-            .unwrap_or_default();
-        let selector = labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let selector = pod_selector(ds);
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let agents = match pods.list(&ListParams::default().labels(&selector)).await {
             Ok(l) => l.items,
@@ -504,6 +495,28 @@ async fn wait_probe(
     }
 }
 
+fn cni_unknown(why: &str) -> Vec<Check> {
+    vec![Check::new(
+        "istio-cni",
+        "istio-cni-unknown",
+        "",
+        Outcome::Warning,
+        format!("Istio's CNI plugin: {why}"),
+    )]
+}
+
+/// A DaemonSet's pod selector (its matchLabels) as a label selector.
+fn pod_selector(ds: &DaemonSet) -> String {
+    ds.spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Istio's CNI plugin, and the meshed pods it shares with meshlane.
 async fn istio_cni(client: &Client, meshlane_nodes: &BTreeSet<String>) -> Vec<Check> {
     let all = match Api::<DaemonSet>::all(client.clone())
@@ -511,15 +524,7 @@ async fn istio_cni(client: &Client, meshlane_nodes: &BTreeSet<String>) -> Vec<Ch
         .await
     {
         Ok(l) => l.items,
-        Err(e) => {
-            return vec![Check::new(
-                "istio-cni",
-                "istio-cni-unknown",
-                "",
-                Outcome::Warning,
-                format!("cannot list DaemonSets to look for Istio's CNI plugin: {e}"),
-            )]
-        }
+        Err(e) => return cni_unknown(&format!("cannot list DaemonSets to look for it: {e}")),
     };
     let Some(ds) = all.iter().find(|d| is_istio_cni(d)) else {
         return istio_cni_checks(None, None, &BTreeSet::new(), meshlane_nodes, &[]);
@@ -531,15 +536,7 @@ async fn istio_cni(client: &Client, meshlane_nodes: &BTreeSet<String>) -> Vec<Ch
         .map(|l| l.items)
         .unwrap_or_default();
     let excluded = istio_cni_excluded(&configs);
-    let selector = ds
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.match_labels.clone())
-        .unwrap_or_default()
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let selector = pod_selector(ds);
     let cni_nodes: BTreeSet<String> = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default().labels(&selector))
         .await
@@ -553,15 +550,7 @@ async fn istio_cni(client: &Client, meshlane_nodes: &BTreeSet<String>) -> Vec<Ch
         .await
     {
         Ok(l) => l.items,
-        Err(e) => {
-            return vec![Check::new(
-                "istio-cni",
-                "istio-cni-unknown",
-                "",
-                Outcome::Warning,
-                format!("cannot list pods to compare with Istio's CNI plugin: {e}"),
-            )]
-        }
+        Err(e) => return cni_unknown(&format!("cannot list pods to compare with it: {e}")),
     };
     istio_cni_checks(
         Some(ds),
