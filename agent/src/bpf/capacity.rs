@@ -115,31 +115,33 @@ pub fn sized_by_pods(m: &Map) -> bool {
     per_pod(0).iter().any(|(sized, _)| sized.name == m.name)
 }
 
+/// What `--max-pods` must be.
+fn max_pods_wanted() -> String {
+    format!(
+        "expected the most pods this node runs (kubelet's maxPods, {DEFAULT_MAX_PODS} by \
+         default), a whole number from {} to {}",
+        MAX_PODS.start(),
+        MAX_PODS.end()
+    )
+}
+
 /// Checks `--max-pods`; the error names the flag and the value.
 pub fn check_max_pods(max_pods: u32) -> Result<u32, String> {
     if MAX_PODS.contains(&max_pods) {
         Ok(max_pods)
     } else {
-        Err(format!(
-            "--max-pods {max_pods}: expected the most pods this node runs (kubelet's maxPods, \
-             {DEFAULT_MAX_PODS} by default), from {} to {}",
-            MAX_PODS.start(),
-            MAX_PODS.end()
-        ))
+        Err(format!("--max-pods {max_pods}: {}", max_pods_wanted()))
     }
 }
 
 /// `--max-pods` as clap reads it (also from MESHLANE_MAX_PODS): clap's error
 /// names the flag and the value, this says what is wrong with it.
 pub fn parse_max_pods(s: &str) -> Result<u32, String> {
-    let n: u32 = s.trim().parse().map_err(|_| {
-        format!(
-            "not a whole number of pods from {} to {}",
-            MAX_PODS.start(),
-            MAX_PODS.end()
-        )
-    })?;
-    check_max_pods(n)
+    s.trim()
+        .parse()
+        .ok()
+        .filter(|n| MAX_PODS.contains(n))
+        .ok_or_else(max_pods_wanted)
 }
 
 /// The capacity of every map sized by pods for a node of `max_pods` pods
@@ -315,7 +317,9 @@ mod tests {
         for (text, ok) in [("110", true), (" 7 ", true), ("0", false), ("x", false)] {
             assert_eq!(parse_max_pods(text).is_ok(), ok, "{text:?}");
         }
-        assert!(parse_max_pods("-1").unwrap_err().contains("whole number"));
+        assert!(parse_max_pods("-1")
+            .unwrap_err()
+            .contains("from 1 to 100000"));
     }
 
     /// A pod with every list annotation at the quota, the ranges all of

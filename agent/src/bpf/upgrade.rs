@@ -104,8 +104,8 @@ pub fn compare(
             }
             // An array that shrinks is not copied: its indices past the
             // end (a counter, a setting this build dropped) have no place.
-            let shrinks = matches!(m.kind, Kind::Array | Kind::PerCpuArray)
-                && capacity < info.max_entries();
+            let shrinks =
+                matches!(m.kind, Kind::Array | Kind::PerCpuArray) && capacity < info.max_entries();
             // A map of entries (copied, or refilled by the agent and the
             // programs) must hold what the pinned one holds.
             if !matches!(m.kind, Kind::Array | Kind::PerCpuArray | Kind::SkStorage)
@@ -114,7 +114,9 @@ pub fn compare(
                 let entries = count_entries(&data, info.key_size());
                 if entries > capacity as usize {
                     bail!(
-                        "map {} holds {entries} entries, more than the {capacity} that {} give                          it: start with a --max-pods (or --max-list-entries) that holds them;                          nothing was changed, the pinned interception keeps running",
+                        "map {} holds {entries} entries, more than the {capacity} that {} give \
+                         it: start with a --max-pods (or --max-list-entries) that holds them; \
+                         nothing was changed, the pinned interception keeps running",
                         m.name,
                         capacities.flags()
                     );
