@@ -189,8 +189,8 @@ impl NodeDefaults {
     };
 
     /// A list annotation's entries at most, by default: far more than any
-    /// real port or range list, and 256 pods at this limit on every list
-    /// still fit the node-wide maps.
+    /// real port or range list. The node-wide maps are sized for every pod
+    /// at this limit on every list (`bpf::capacity`, `--max-pods`).
     pub const DEFAULT_MAX_LIST_ENTRIES: usize = 256;
 
     /// These defaults with another limit on list entries.

@@ -108,10 +108,10 @@ fn an_ip_planted_on_another_namespace_changes_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Attack 2 of issue 14: shared capacity. PORTS holds 65,536 entries for the
-/// whole node; a pod whose `excludeOutboundPorts` nearly fills it left the
-/// next pod unable to write its entries: uncaptured both ways ("PORTS
-/// insert ... Argument list too long").
+/// Attack 2 of issue 14: shared capacity. PORTS held 65,536 entries (the
+/// object's default) for the whole node; a pod whose `excludeOutboundPorts`
+/// nearly filled it left the next pod unable to write its entries:
+/// uncaptured both ways ("PORTS insert ... Argument list too long").
 #[test]
 fn a_pod_filling_the_shared_maps_leaves_others_captured() -> Result<()> {
     let mut sb = Sandbox::new("iso-quota")?;
