@@ -646,19 +646,11 @@ mod tests {
     }
 
     fn pod(ips: &[&str]) -> pods::Pod {
-        pods::Pod {
-            namespace: "ns".into(),
-            name: "p".into(),
-            uid: None,
-            annotations: [(annotation::STATUS.to_string(), "true".to_string())].into(),
-            ips: ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
-            host_network: false,
-            host_users: true,
-            meshed: true,
-            proxy_run_as_user: None,
-            proxy_run_as_group: None,
-            proxy_env: Default::default(),
-        }
+        pods::Pod::meshed_with(
+            ("ns", "p"),
+            [(annotation::STATUS.to_string(), "true".to_string())].into(),
+            ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
+        )
     }
 
     #[test]

@@ -377,19 +377,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let pod = Pod {
-            namespace: "ns".into(),
-            name: "full".into(),
-            uid: None,
-            annotations,
-            ips: ips.clone(),
-            host_network: false,
-            host_users: true,
-            meshed: true,
-            proxy_run_as_user: None,
-            proxy_run_as_group: None,
-            proxy_env: Default::default(),
-        };
+        let pod = Pod::meshed_with(("ns", "full"), annotations, ips.clone());
         let node = NodeDefaults::default()
             .with_max_list_entries(quota)
             .unwrap();
