@@ -50,6 +50,10 @@ pub struct Options {
     /// Proxy identity and capture ports for pods that do not say otherwise.
     #[serde(flatten)]
     pub defaults: NodeDefaults,
+    /// `--max-pods` and the capacities of the per-pod maps derived from it
+    /// and `--max-list-entries`.
+    #[serde(flatten)]
+    pub capacities: bpf::Capacities,
     /// Where /metrics is served and how often it reads the kernel's maps.
     #[serde(flatten)]
     pub metrics: http::MetricsOptions,
@@ -98,7 +102,7 @@ impl Agent {
         // An earlier agent's interception is taken over, never removed: on
         // error its programs keep running and this agent exits.
         let migration = if opts.layout.has_links() {
-            let m = bpf::adopt(&object, &opts.layout, &opts.cgroup)
+            let m = bpf::adopt(&object, &opts.layout, &opts.cgroup, &opts.capacities)
                 .context("taking over the pinned interception (left as it was)")?;
             let at = opts.layout.root.display();
             match &m {
@@ -111,7 +115,7 @@ impl Agent {
             }
             m
         } else {
-            if let Err(e) = bpf::install(&object, &opts.cgroup, &opts.layout) {
+            if let Err(e) = bpf::install(&object, &opts.cgroup, &opts.layout, &opts.capacities) {
                 // Leave nothing half-attached behind.
                 let _ = bpf::uninstall(&opts.layout);
                 return Err(e);

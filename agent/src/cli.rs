@@ -146,6 +146,18 @@ enum Command {
         /// one pod must not fill them (or stall the agent) for the others.
         #[arg(long, value_name = "N", default_value_t = podconfig::NodeDefaults::DEFAULT_MAX_LIST_ENTRIES)]
         max_list_entries: usize,
+        /// The most pods this node runs (kubelet's maxPods). Sizes the maps
+        /// the node's pods share: room for every pod (twice over, for pods
+        /// still terminating beside their replacements) with every list at
+        /// --max-list-entries, so a pod within its quota never fills them.
+        #[arg(
+            long,
+            env = "MESHLANE_MAX_PODS",
+            value_name = "N",
+            default_value_t = bpf::capacity::DEFAULT_MAX_PODS,
+            value_parser = bpf::capacity::parse_max_pods
+        )]
+        max_pods: u32,
         /// Print the parsed options as JSON and exit, without touching the
         /// kernel (to check what a deployment really passes).
         #[arg(long)]
@@ -318,6 +330,7 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
             outbound_capture_port,
             inbound_capture_port,
             max_list_entries,
+            max_pods,
             print_options,
         } => {
             let cgroup = match cgroup {
@@ -331,6 +344,8 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
             )
             .and_then(|d| d.with_max_list_entries(max_list_entries))
             .map_err(anyhow::Error::msg)?;
+            let capacities = bpf::capacity::derive(max_pods, defaults.max_list_entries)
+                .map_err(anyhow::Error::msg)?;
             let flags = serde_json::json!({
                 "pods": pods,
                 "node_name": node_name,
@@ -358,6 +373,7 @@ fn run(cli: Cli, filter: &logging::Filter) -> Result<ExitCode> {
                 shortcut: shortcut == OnOff::On,
                 shortcut_max_queued,
                 defaults,
+                capacities,
                 metrics: *metrics,
             };
             if print_options {
@@ -713,19 +729,11 @@ mod tests {
     }
 
     fn pod(ips: &[&str]) -> pods::Pod {
-        pods::Pod {
-            namespace: "ns".into(),
-            name: "p".into(),
-            uid: None,
-            annotations: [(annotation::STATUS.to_string(), "true".to_string())].into(),
-            ips: ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
-            host_network: false,
-            host_users: true,
-            meshed: true,
-            proxy_run_as_user: None,
-            proxy_run_as_group: None,
-            proxy_env: Default::default(),
-        }
+        pods::Pod::meshed_with(
+            ("ns", "p"),
+            [(annotation::STATUS.to_string(), "true".to_string())].into(),
+            ips.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect(),
+        )
     }
 
     #[test]

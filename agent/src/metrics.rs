@@ -268,9 +268,13 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
         o.sample("meshlane_shortcut_enabled", &[], u64::from(on));
     }
     let occ = maps.occupancy();
-    let counted: Vec<(&str, usize, u32)> = maps::ALL
+    let caps = maps.capacities();
+    let counted: Vec<(&str, usize, Option<usize>)> = maps::ALL
         .iter()
-        .filter_map(|m| Some((m.name, *occ.get(m.occupancy?)?, m.capacity)))
+        .filter_map(|m| {
+            let key = m.occupancy?;
+            Some((m.name, *occ.get(key)?, caps.get(key).copied()))
+        })
         .collect();
     o.family(
         "meshlane_map_entries",
@@ -283,10 +287,13 @@ pub fn render(h: &Health, kernel: Option<&Maps>) -> String {
     o.family(
         "meshlane_map_capacity",
         "gauge",
-        "Maximum entries of each of meshlane's maps.",
+        "Maximum entries of each of meshlane's maps, as the kernel created it (the maps of \
+         pods are sized by --max-pods and --max-list-entries).",
     );
     for (name, _, cap) in &counted {
-        o.sample("meshlane_map_capacity", &[("map", name)], u64::from(*cap));
+        if let Some(cap) = cap {
+            o.sample("meshlane_map_capacity", &[("map", name)], *cap as u64);
+        }
     }
     o.encode()
 }

@@ -159,6 +159,12 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The ports Istio excludes from every pod's inbound capture, whatever its
+/// annotation lists; the pod's status port (which it may move) is added too.
+pub const ISTIO_INBOUND_EXCLUDED: [u16; 3] = [ports::STATUS, ports::HEALTH, ports::STATS];
+/// Most inbound exclusions added to those a pod's annotation lists.
+pub const ADDED_INBOUND_EXCLUSIONS: usize = ISTIO_INBOUND_EXCLUDED.len() + 1;
+
 /// Node-wide defaults for every pod on the node (`meshlane run --proxy-uid
 /// --outbound-capture-port --inbound-capture-port`). What a pod says for
 /// itself wins where Istio lets it: the istio-proxy container's
@@ -183,8 +189,8 @@ impl NodeDefaults {
     };
 
     /// A list annotation's entries at most, by default: far more than any
-    /// real port or range list, and 256 pods at this limit on every list
-    /// still fit the node-wide maps.
+    /// real port or range list. The node-wide maps are sized for every pod
+    /// at this limit on every list (`bpf::capacity`, `--max-pods`).
     pub const DEFAULT_MAX_LIST_ENTRIES: usize = 256;
 
     /// These defaults with another limit on list entries.
@@ -369,7 +375,7 @@ impl MeshConfig {
             include_outbound_ports: Vec::new(),
             exclude_outbound_ports: vec![ports::STATUS],
             include_inbound_ports: Set::All,
-            exclude_inbound_ports: vec![ports::STATUS, ports::HEALTH, ports::STATS],
+            exclude_inbound_ports: ISTIO_INBOUND_EXCLUDED.to_vec(),
             status_port: ports::STATUS,
             reroute_virtual_interfaces: Vec::new(),
             exclude_interfaces: Vec::new(),
@@ -534,7 +540,7 @@ impl MeshConfig {
             }
             _ => Vec::new(),
         };
-        for p in [ports::STATUS, ports::HEALTH, ports::STATS, cfg.status_port] {
+        for p in ISTIO_INBOUND_EXCLUDED.into_iter().chain([cfg.status_port]) {
             if !excl_in.contains(&p) {
                 excl_in.push(p);
             }

@@ -262,6 +262,31 @@ fn convert(raw: RawPod) -> Result<Pod> {
 }
 
 #[cfg(test)]
+impl Pod {
+    /// For unit tests: a meshed pod with these annotations and addresses,
+    /// Kubernetes' defaults for the rest.
+    pub fn meshed_with(
+        key: (&str, &str),
+        annotations: BTreeMap<String, String>,
+        ips: Vec<IpAddr>,
+    ) -> Pod {
+        Pod {
+            namespace: key.0.into(),
+            name: key.1.into(),
+            uid: None,
+            annotations,
+            ips,
+            host_network: false,
+            host_users: true,
+            meshed: true,
+            proxy_run_as_user: None,
+            proxy_run_as_group: None,
+            proxy_env: BTreeMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
 

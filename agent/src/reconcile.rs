@@ -367,19 +367,11 @@ mod tests {
     use crate::istio::annotation;
 
     fn pod(name: &str, ip: [u8; 4]) -> Pod {
-        Pod {
-            namespace: "default".into(),
-            name: name.into(),
-            uid: None,
-            annotations: BTreeMap::new(),
-            ips: vec![IpAddr::V4(Ipv4Addr::from(ip))],
-            host_network: false,
-            host_users: true,
-            meshed: true,
-            proxy_run_as_user: None,
-            proxy_run_as_group: None,
-            proxy_env: BTreeMap::new(),
-        }
+        Pod::meshed_with(
+            ("default", name),
+            BTreeMap::new(),
+            vec![IpAddr::V4(Ipv4Addr::from(ip))],
+        )
     }
 
     fn ns(cookie: u64, ips: &[[u8; 4]]) -> Netns {

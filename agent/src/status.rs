@@ -148,6 +148,9 @@ impl AgentStatus {
     }
 }
 
+/// A map fuller than this (in percent of its capacity) is warned about.
+pub const NEARLY_FULL_PERCENT: usize = 90;
+
 /// `schema` of `meshlane status -o json|yaml`.
 pub const SCHEMA: &str = "meshlane/status/v1";
 
@@ -166,7 +169,10 @@ pub struct Report {
     pub state_dir: String,
     pub programs: Vec<ProgramReport>,
     pub agent: Option<AgentReport>,
+    /// Entries of each map, by occupancy key.
     pub maps: Option<Occupancy>,
+    /// Capacity of each map of `maps`, as the kernel created it.
+    pub map_capacity: Option<Occupancy>,
     pub counters: Option<std::collections::BTreeMap<&'static str, u64>>,
     /// The node-wide shortcut switch as the kernel sees it.
     pub shortcut: Option<bool>,
@@ -217,6 +223,8 @@ pub enum FindingKind {
     PodConfigError,
     /// Map writes failed since the agent started (warning).
     MapUpdateErrors,
+    /// A map is over 90% full: new entries fail once it is (warning).
+    MapNearlyFull,
 }
 
 impl Finding {
@@ -275,6 +283,7 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         })
         .collect();
     let maps_open = Maps::open(layout).ok();
+    let map_capacity = maps_open.as_ref().map(Maps::capacities);
     let (maps, counters) = match &maps_open {
         Some(m) => {
             let c = m.counters().ok().map(|c| {
@@ -335,6 +344,7 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
         programs,
         agent,
         maps,
+        map_capacity,
         counters,
         shortcut,
         shortcut_max_queued,
@@ -346,6 +356,38 @@ pub fn report(layout: &Layout, state_dir: &Path) -> Result<Report> {
 }
 
 impl Report {
+    /// A warning for each map over [`NEARLY_FULL_PERCENT`] of its capacity.
+    fn nearly_full_maps(&self) -> Vec<Finding> {
+        let (Some(entries), Some(caps)) = (&self.maps, &self.map_capacity) else {
+            return Vec::new();
+        };
+        meshlane_common::maps::ALL
+            .iter()
+            .filter_map(|m| {
+                let key = m.occupancy?;
+                let (n, cap) = (*entries.get(key)?, *caps.get(key)?);
+                (cap > 0 && n * 100 > cap * NEARLY_FULL_PERCENT).then(|| {
+                    let why = if bpf::capacity::sized_by_pods(m) {
+                        "sized by --max-pods and --max-list-entries: is either below what this \
+                         node runs?"
+                    } else {
+                        "a fixed capacity"
+                    };
+                    Finding::new(
+                        FindingKind::MapNearlyFull,
+                        m.name,
+                        format!(
+                            "map {} is {}% full ({n} of {cap} entries; {why}): new entries fail \
+                             once it is full",
+                            m.name,
+                            n * 100 / cap
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// The problems and warnings in what was read.
     fn findings(&self) -> (Vec<Finding>, Vec<Finding>) {
         use FindingKind as K;
@@ -358,6 +400,7 @@ impl Report {
                 format!("program {} is NOT attached to {}", p.name, p.hook),
             ));
         }
+        warnings.extend(self.nearly_full_maps());
         if self.maps.is_none() {
             problems.push(Finding::new(
                 K::MapsNotPinned,
@@ -545,16 +588,21 @@ pub fn print(r: &Report) {
         }
     }
     if let Some(m) = &r.maps {
+        let caps = r.map_capacity.as_ref();
         let counts: Vec<String> = meshlane_common::maps::ALL
             .iter()
-            .filter_map(|d| Some((d.name, m.get(d.occupancy?)?)))
+            .filter_map(|d| {
+                let key = d.occupancy?;
+                Some((d.name, m.get(key)?, caps.and_then(|c| c.get(key))))
+            })
             .enumerate()
-            .map(|(i, (name, n))| {
+            .map(|(i, (name, n, cap))| {
+                let of = cap.map(|c| format!("/{c}")).unwrap_or_default();
                 let unit = if i == 0 { " entries" } else { "" };
-                format!("{name} {n}{unit}")
+                format!("{name} {n}{of}{unit}")
             })
             .collect();
-        println!("maps: {}", counts.join(", "));
+        println!("maps (entries/capacity): {}", counts.join(", "));
     }
     if let Some(on) = r.shortcut {
         println!(
@@ -634,6 +682,7 @@ mod tests {
                 ],
             }),
             maps: Some(Occupancy::new()),
+            map_capacity: Some(Occupancy::new()),
             counters: None,
             shortcut: None,
             shortcut_max_queued: None,
@@ -719,5 +768,32 @@ mod tests {
                 (FindingKind::MapUpdateErrors, "1")
             ]
         );
+    }
+
+    #[test]
+    fn a_map_over_ninety_percent_full_is_a_warning_naming_it() {
+        let occ = |v: &[(&str, usize)]| -> Occupancy {
+            v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        let mut r = healthy();
+        r.maps = Some(occ(&[("pods", 198), ("ports", 9_001), ("in_flight", 0)]));
+        r.map_capacity = Some(occ(&[("pods", 220), ("ports", 10_000), ("in_flight", 0)]));
+        let (problems, warnings) = r.findings();
+        assert_eq!(problems, vec![]);
+        assert_eq!(
+            kinds(&warnings),
+            vec![(FindingKind::MapNearlyFull, "PORTS")]
+        );
+        let m = &warnings[0].message;
+        assert!(
+            m.contains("map PORTS is 90% full (9001 of 10000 entries") && m.contains("--max-pods"),
+            "{m}"
+        );
+        // At 90% exactly, or without capacities, nothing is said.
+        r.maps = Some(occ(&[("pods", 198), ("ports", 9_000)]));
+        assert_eq!(r.findings().1, vec![]);
+        r.maps = Some(occ(&[("ports", 10_000)]));
+        r.map_capacity = None;
+        assert_eq!(r.findings().1, vec![]);
     }
 }

@@ -265,7 +265,7 @@ impl Agent {
     }
 
     /// Waits until the agent's status shows every pod in `names` active.
-    fn wait_active(&mut self, names: &[String]) -> Result<()> {
+    pub fn wait_active(&mut self, names: &[String]) -> Result<()> {
         self.wait_status(Duration::from_secs(15), |st| {
             names
                 .iter()
@@ -393,6 +393,37 @@ impl Agent {
                 })
         })?;
         Ok(())
+    }
+
+    /// Gives `meshlane run`'s `flag` the value `value` from the next
+    /// [`Agent::restart`] on (added when the agent was started without it).
+    pub fn set_run_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.into(),
+            _ => self.args.extend([flag.into(), value.into()]),
+        }
+    }
+
+    /// The `max_entries` the kernel gave the pinned map `name`, as bpftool
+    /// reads it.
+    pub fn kernel_map_capacity(&self, name: &str) -> Result<u64> {
+        let pin = self.bpffs.join("maps").join(name);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&pin)
+            .output()
+            .context("running bpftool (apt-get install bpftool)")?;
+        if !out.status.success() {
+            bail!(
+                "bpftool map show pinned {}: {}",
+                pin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        v["max_entries"]
+            .as_u64()
+            .with_context(|| format!("bpftool said no max_entries for {name}: {v}"))
     }
 
     /// Runs this build's agent from the next [`Agent::restart`] on (an

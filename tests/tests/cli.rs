@@ -430,6 +430,7 @@ fn print_options(args: &[&str], env: &[(&str, &str)]) -> Ran {
         "MESHLANE_LOG",
         "RUST_LOG",
         "MESHLANE_LOG_FORMAT",
+        "MESHLANE_MAX_PODS",
         "NO_COLOR",
     ] {
         c.env_remove(k);
@@ -504,6 +505,55 @@ fn log_format_json_lines_and_no_colour_off_a_terminal() {
     assert!(!r.stderr.contains('\x1b'), "ANSI escapes on a pipe: {r}");
 }
 
+/// `--max-pods` (or MESHLANE_MAX_PODS) out of range or not a number is a
+/// wrong command line (exit 2) naming the flag, the value and what it must
+/// be; a value whose maps could not exist fails naming the map and both
+/// flags. A good one sizes the maps the pods share.
+#[test]
+fn max_pods_out_of_range_is_refused_naming_the_flag() {
+    for bad in ["0", "100001", "many", "1e3", ""] {
+        for r in [
+            print_options(&["--max-pods", bad], &[]),
+            print_options(&[], &[("MESHLANE_MAX_PODS", bad)]),
+        ] {
+            assert_eq!(r.code, Some(2), "--max-pods {bad:?}: {r}");
+            assert!(
+                r.stderr
+                    .contains(&format!("invalid value '{bad}' for '--max-pods <N>'"))
+                    && r.stderr.contains("from 1 to 100000"),
+                "--max-pods {bad:?}: {r}"
+            );
+        }
+    }
+    let r = print_options(
+        &["--max-pods", "100000", "--max-list-entries", "100000000"],
+        &[],
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr
+            .contains("--max-pods 100000 with --max-list-entries 100000000: map PORTS would need"),
+        "{r}"
+    );
+
+    let options = |r: Ran| -> Value {
+        assert_eq!(r.code, Some(0), "{r}");
+        serde_json::from_str(&r.stdout).expect("--print-options prints JSON")
+    };
+    let default = options(print_options(&[], &[]));
+    assert_eq!(default["max_pods"], 110, "kubelet's default maxPods");
+    assert_eq!(default["map_capacities"]["PODS"], 220, "{default:#}");
+    let set = options(print_options(&[], &[("MESHLANE_MAX_PODS", "250")]));
+    assert_eq!(set["max_pods"], 250);
+    assert_eq!(set["map_capacities"]["PODS"], 500);
+    // Four port lists at the quota and Istio's four inbound exclusions.
+    assert_eq!(set["map_capacities"]["PORTS"], 500 * (4 * 256 + 4));
+    assert!(
+        set["map_capacities"].get("IN_FLIGHT").is_none(),
+        "maps sized by connections keep the object's: {set:#}"
+    );
+}
+
 /// Runs `meshlane ARGS -o json` and `-o yaml`: the JSON document, after
 /// checking that both exit `code` and the YAML one is the same document.
 #[track_caller]
@@ -542,6 +592,7 @@ fn status_shape() -> Value {
             "api_error": "string?", "map_update_errors": "u64", "pods": [pod],
         }},
         "maps": {"?": {"*": "u64"}},
+        "map_capacity": {"?": {"*": "u64"}},
         "counters": {"?": {"*": "u64"}},
         "shortcut": "bool?",
         "shortcut_max_queued": "u64?",

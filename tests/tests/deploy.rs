@@ -50,6 +50,7 @@ fn scenarios() -> Vec<(&'static str, Json)> {
                 "metrics": {"bindAddress": "127.0.0.1", "port": 15998},
                 "priorityClassName": "",
                 "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"memory": "1Gi"}},
+                "maxPods": 250,
                 "extraArgs": ["--max-list-entries=64"],
                 "extraEnv": [{"name": "NO_COLOR", "value": "1"}],
             }),
@@ -1115,6 +1116,7 @@ fn expected_flags(r: &Render, node: &str) -> Vec<(&'static str, &'static str, Js
                 "inbound_capture_port",
                 num("mesh.inboundCapturePort"),
             ),
+            ("--max-pods", "max_pods", num("maxPods")),
         ])
         .chain(extra_args(r))
         .collect()

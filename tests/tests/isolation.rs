@@ -108,10 +108,10 @@ fn an_ip_planted_on_another_namespace_changes_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Attack 2 of issue 14: shared capacity. PORTS holds 65,536 entries for the
-/// whole node; a pod whose `excludeOutboundPorts` nearly fills it left the
-/// next pod unable to write its entries: uncaptured both ways ("PORTS
-/// insert ... Argument list too long").
+/// Attack 2 of issue 14: shared capacity. PORTS held 65,536 entries (the
+/// object's default) for the whole node; a pod whose `excludeOutboundPorts`
+/// nearly filled it left the next pod unable to write its entries:
+/// uncaptured both ways ("PORTS insert ... Argument list too long").
 #[test]
 fn a_pod_filling_the_shared_maps_leaves_others_captured() -> Result<()> {
     let mut sb = Sandbox::new("iso-quota")?;
@@ -149,6 +149,127 @@ fn a_pod_filling_the_shared_maps_leaves_others_captured() -> Result<()> {
         Some("active"),
         "the hog is captured too"
     );
+    drop(agent);
+    drop(procs);
+    Ok(())
+}
+
+/// The capacities the agent derives from `--max-pods` (and the list quota)
+/// for the maps its pods share.
+fn derived(max_pods: u32) -> meshlane::bpf::Capacities {
+    meshlane::bpf::capacity::derive(
+        max_pods,
+        meshlane::podconfig::NodeDefaults::DEFAULT_MAX_LIST_ENTRIES,
+    )
+    .expect("in range")
+}
+
+/// Every map sized by pods has, in the kernel, the capacity derived from
+/// `max_pods`; status and /metrics report the kernel's.
+fn assert_sized_for(agent: &Agent, max_pods: u32) -> Result<()> {
+    let want = derived(max_pods);
+    let status = agent.status_cmd()?;
+    let page = agent.http_get("/metrics")?.1;
+    for (name, n) in want.sized() {
+        let got = agent.kernel_map_capacity(name)?;
+        assert_eq!(
+            got,
+            u64::from(n),
+            "--max-pods {max_pods}: map {name} in the kernel"
+        );
+        let def = meshlane_common::maps::by_name(name).expect("a map of the contract");
+        if let Some(key) = def.occupancy {
+            assert_eq!(
+                status["map_capacity"][key], n,
+                "status of {name}: {status:#}"
+            );
+            let series = format!("meshlane_map_capacity{{map=\"{name}\"}}");
+            assert_eq!(
+                Agent::metric(&page, &series),
+                Some(f64::from(n)),
+                "{series} in\n{page}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Issue 14's last part: the maps the node's pods share are sized by
+/// `--max-pods` at load time. A restart with a larger value migrates them
+/// (entries copied, the pods captured throughout and after); one with a
+/// value whose maps cannot hold the entries already there is refused, naming
+/// the map, the entries and the flag, and leaves the interception as it was.
+#[test]
+fn map_capacities_follow_max_pods_across_restarts() -> Result<()> {
+    let mut sb = Sandbox::new("iso-cap")?;
+    let victim = sb.add_pod("victim")?;
+    let other = sb.add_pod("other")?;
+    let third = sb.add_pod("third")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&victim, "victim", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+    ];
+    procs.push(sb.start_sidecar(&victim)?);
+    let specs = [
+        PodSpec::meshed(&victim),
+        PodSpec::meshed(&other),
+        PodSpec::meshed(&third),
+        PodSpec::plain(&peer),
+    ];
+    // Two pods: four pod slots, three of them taken.
+    let mut agent = Agent::start_on(&sb, 1, &specs, &["--max-pods", "2"])?;
+    assert_sized_for(&agent, 2)?;
+    assert_eq!(agent.status_cmd()?["maps"]["pods"], 3);
+    assert_captured_both_ways(&sb, &victim, &peer, "with --max-pods 2")?;
+
+    // Larger: migrated, every entry kept.
+    agent.stop_process(libc::SIGTERM)?;
+    agent.set_run_flag("--max-pods", "8");
+    agent.restart()?;
+    // The round that writes them also finishes the migration.
+    let meshed: Vec<String> = ["victim", "other", "third"]
+        .iter()
+        .map(|n| format!("default/{n}"))
+        .collect();
+    agent.wait_active(&meshed)?;
+    let log = agent.log();
+    assert!(
+        log.contains("PODS (was")
+            && log.contains("migrated: every link runs this build's programs"),
+        "a capacity change is migrated:\n{log}"
+    );
+    assert_sized_for(&agent, 8)?;
+    let st = agent.status_cmd()?;
+    assert_eq!(st["maps"]["pods"], 3, "{st:#}");
+    assert_captured_both_ways(&sb, &victim, &peer, "after growing to --max-pods 8")?;
+
+    // Smaller than the three pods written: refused, nothing changed.
+    agent.stop_process(libc::SIGTERM)?;
+    agent.set_run_flag("--max-pods", "1");
+    let refused = agent.restart();
+    let log = agent.log();
+    assert!(
+        refused.is_err(),
+        "--max-pods 1 with three pods starts:\n{log}"
+    );
+    let said = log.rsplit("Error: ").next().unwrap_or_default();
+    let said = said.split("Stack backtrace").next().unwrap_or(said).trim();
+    eprintln!("--max-pods 1 refused: {said}");
+    for want in [
+        "map PODS holds 3 entries",
+        "more than the 2",
+        "--max-pods 1",
+        "nothing was changed",
+    ] {
+        assert!(said.contains(want), "the error says {want:?}: {said}");
+    }
+    assert_eq!(
+        agent.kernel_map_capacity("PODS")?,
+        u64::from(derived(8).of(&meshlane_common::maps::PODS))
+    );
+    assert!(!agent.bpffs.join("next").exists(), "nothing staged is left");
+    assert_captured_both_ways(&sb, &victim, &peer, "after --max-pods 1 was refused")?;
     drop(agent);
     drop(procs);
     Ok(())

@@ -22,6 +22,7 @@ use meshlane_common::{
 };
 
 use super::{
+    capacity::Capacities,
     layout::Layout,
     sys::{link_create, obj_pin, open_pinned_fd, prog_attach},
 };
@@ -118,8 +119,9 @@ pub(super) fn attach_to_map(ebpf: &Ebpf, p: &Program, map: &str, prog: &OwnedFd)
 /// arrival interface (see `ebpf/programs/src/inbound.rs`).
 const HAS_INGRESS_IFINDEX: &str = "HAS_INGRESS_IFINDEX";
 
-/// A loader with the programs' read-only globals set for this kernel.
-pub(super) fn loader<'a>() -> EbpfLoader<'a> {
+/// A loader with the programs' read-only globals set for this kernel and
+/// the per-pod maps sized for this node (`capacities`).
+pub(super) fn loader<'a>(capacities: &Capacities) -> EbpfLoader<'a> {
     static YES: u32 = 1;
     static NO: u32 = 0;
     let mut l = EbpfLoader::new();
@@ -132,6 +134,9 @@ pub(super) fn loader<'a>() -> EbpfLoader<'a> {
         );
     }
     l.override_global(HAS_INGRESS_IFINDEX, if has { &YES } else { &NO }, true);
+    for (name, n) in capacities.sized() {
+        l.map_max_entries(name, n);
+    }
     l
 }
 
@@ -140,15 +145,24 @@ pub fn program_hooks() -> impl Iterator<Item = (&'static str, &'static str)> {
     programs::ALL.iter().map(|p| (p.name, p.attached_to()))
 }
 
-/// Loads the object, pins its maps and programs, and attaches every program
-/// to its target: the cgroup with a pinned link, a sockhash, or (sk_lookup)
-/// nothing yet: each pod's namespace gets a link when the pod is written.
-pub fn install(object: &[u8], cgroup: &Path, layout: &Layout) -> Result<()> {
+/// Loads the object with its per-pod maps sized by `capacities`, pins its
+/// maps and programs, and attaches every program to its target: the cgroup
+/// with a pinned link, a sockhash, or (sk_lookup) nothing yet: each pod's
+/// namespace gets a link when the pod is written.
+pub fn install(
+    object: &[u8],
+    cgroup: &Path,
+    layout: &Layout,
+    capacities: &Capacities,
+) -> Result<()> {
     let cgroup_dir =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-    let mut ebpf: Ebpf = loader()
-        .load(object)
-        .context("loading the eBPF object (maps)")?;
+    let mut ebpf: Ebpf = loader(capacities).load(object).with_context(|| {
+        format!(
+            "loading the eBPF object (maps sized for {})",
+            capacities.flags()
+        )
+    })?;
     // Only the maps of the contract: the object's read-only globals are
     // the programs' own, set at each load.
     for (name, map) in ebpf

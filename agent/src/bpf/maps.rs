@@ -95,7 +95,7 @@ fn open_data(layout: &Layout, def: &MapDef) -> Result<MapData> {
 }
 
 /// Entries of a map of any type, counted with BPF_MAP_GET_NEXT_KEY.
-fn count_entries(map: &MapData, key_size: u32) -> usize {
+pub(super) fn count_entries(map: &MapData, key_size: u32) -> usize {
     let fd = map.fd().as_fd();
     let mut cur = vec![0u8; key_size as usize];
     let mut next = vec![0u8; key_size as usize];
@@ -247,6 +247,20 @@ impl Maps {
             .map(|(def, data)| {
                 let key = def.occupancy.expect("only counted maps are kept");
                 (key.to_string(), count_entries(data, def.key_size))
+            })
+            .collect()
+    }
+
+    /// The capacity of every map that reports its occupancy, as the kernel
+    /// created it (its `max_entries`, whatever the object said), by
+    /// occupancy key.
+    pub fn capacities(&self) -> Occupancy {
+        self.counted
+            .iter()
+            .filter_map(|(def, data)| {
+                let key = def.occupancy.expect("only counted maps are kept");
+                let info = data.info().ok()?;
+                Some((key.to_string(), info.max_entries() as usize))
             })
             .collect()
     }
@@ -463,8 +477,8 @@ impl Maps {
     }
 }
 
-/// Entries per map, keyed by the map's occupancy key (`meshlane status`'s
-/// `maps` object).
+/// Entries (or capacities) per map, keyed by the map's occupancy key
+/// (`meshlane status`'s `maps` and `map_capacity` objects).
 pub type Occupancy = BTreeMap<String, usize>;
 
 /// The shortcut's default limit on bytes left unread on a peer: 4 MiB, the

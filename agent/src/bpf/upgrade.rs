@@ -2,12 +2,16 @@
 //! every pod captured throughout and nothing ever detached.
 //!
 //! The order:
-//! 1. compare each pinned map with this build's row of it: the same layout
-//!    is reused as is; a map that is missing or differs is created anew,
+//! 1. compare each pinned map with this build's row of it, at the capacity
+//!    this node is configured for (`capacity.rs`): the same layout is
+//!    reused as is; a map that is missing or differs is created anew,
 //!    pinned under `<bpffs>/next/maps`, beside a second pin of each reused
 //!    one, so that directory holds this build's complete set of maps;
 //! 2. copy into each new map the old one's entries when they carry over
-//!    (same kind, key and value: only the capacity changed);
+//!    (same kind, key and value: only the capacity changed); a map
+//!    configured smaller than the entries its pin holds stops the upgrade
+//!    before anything is created, naming the map and the flags: entries are
+//!    never dropped to fit;
 //! 3. the agent writes its pods into the staged maps (its first pod list
 //!    and namespace scan, its proxies' listening sockets into `LISTENERS`)
 //!    while the old programs keep running on the old maps;
@@ -32,7 +36,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::Ebpf;
 use aya_obj::Object;
 use meshlane_common::{
@@ -42,8 +46,10 @@ use meshlane_common::{
 use tracing::info;
 
 use super::{
+    capacity::Capacities,
     layout::Layout,
     load::{attach_to_map, attach_type, load_program, loader},
+    maps::count_entries,
     sys::{copy_entries, link_create, link_program, link_update, obj_pin, open_pinned_fd},
 };
 
@@ -65,8 +71,14 @@ fn shape(kind: u32, key: u32, value: u32, entries: u32) -> String {
     format!("type {kind} key {key} value {value} entries {entries}")
 }
 
-/// Each map of this build against its pin under `layout`.
-pub fn compare(object: &Object, layout: &Layout) -> Result<Vec<(&'static Map, Pinned)>> {
+/// Each map of this build, at the capacity `capacities` gives it, against
+/// its pin under `layout`. An error when a pinned map holds more entries
+/// than its configured capacity.
+pub fn compare(
+    object: &Object,
+    layout: &Layout,
+    capacities: &Capacities,
+) -> Result<Vec<(&'static Map, Pinned)>> {
     maps::ALL
         .iter()
         .map(|m| {
@@ -78,24 +90,38 @@ pub fn compare(object: &Object, layout: &Layout) -> Result<Vec<(&'static Map, Pi
             if !path.exists() {
                 return Ok((m, Pinned::Missing));
             }
-            let info = aya::maps::MapData::from_pin(&path)
-                .and_then(|d| d.info())
+            let data = aya::maps::MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            let info = data
+                .info()
                 .with_context(|| format!("reading pinned map {}", path.display()))?;
             let kind = info.map_type().map_or(u32::MAX, |t| t as u32);
+            let capacity = capacities.of(m);
             let was = shape(kind, info.key_size(), info.value_size(), info.max_entries());
-            let now = shape(
-                def.map_type(),
-                def.key_size(),
-                def.value_size(),
-                def.max_entries(),
-            );
+            let now = shape(def.map_type(), def.key_size(), def.value_size(), capacity);
             if was == now {
                 return Ok((m, Pinned::Same));
             }
             // An array that shrinks is not copied: its indices past the
             // end (a counter, a setting this build dropped) have no place.
-            let shrinks = matches!(m.kind, Kind::Array | Kind::PerCpuArray)
-                && def.max_entries() < info.max_entries();
+            let shrinks =
+                matches!(m.kind, Kind::Array | Kind::PerCpuArray) && capacity < info.max_entries();
+            // A map of entries (copied, or refilled by the agent and the
+            // programs) must hold what the pinned one holds.
+            if !matches!(m.kind, Kind::Array | Kind::PerCpuArray | Kind::SkStorage)
+                && capacity < info.max_entries()
+            {
+                let entries = count_entries(&data, info.key_size());
+                if entries > capacity as usize {
+                    bail!(
+                        "map {} holds {entries} entries, more than the {capacity} that {} give \
+                         it: start with a --max-pods (or --max-list-entries) that holds them; \
+                         nothing was changed, the pinned interception keeps running",
+                        m.name,
+                        capacities.flags()
+                    );
+                }
+            }
             let carries = kind == def.map_type()
                 && info.key_size() == def.key_size()
                 && info.value_size() == def.value_size()
@@ -138,12 +164,18 @@ pub struct Migration {
     plan: Vec<(&'static Map, Pinned)>,
 }
 
-/// Takes over the interception pinned under `layout`. With the same map
-/// layout everything is swapped at once (None); otherwise the new maps are
-/// staged and the [`Migration`] is returned for the agent to fill and
-/// finish. On error nothing the old programs use has changed.
-pub fn adopt(object: &[u8], layout: &Layout, cgroup: &Path) -> Result<Option<Migration>> {
-    let m = Migration::prepare(object, layout, cgroup)?;
+/// Takes over the interception pinned under `layout`, with the per-pod maps
+/// sized by `capacities`. With the same map layout everything is swapped at
+/// once (None); otherwise the new maps are staged and the [`Migration`] is
+/// returned for the agent to fill and finish. On error nothing the old
+/// programs use has changed.
+pub fn adopt(
+    object: &[u8],
+    layout: &Layout,
+    cgroup: &Path,
+    capacities: &Capacities,
+) -> Result<Option<Migration>> {
+    let m = Migration::prepare(object, layout, cgroup, capacities)?;
     if m.changed().next().is_none() {
         m.finish(layout)?;
         return Ok(None);
@@ -152,13 +184,18 @@ pub fn adopt(object: &[u8], layout: &Layout, cgroup: &Path) -> Result<Option<Mig
 }
 
 impl Migration {
-    fn prepare(object: &[u8], layout: &Layout, cgroup: &Path) -> Result<Self> {
+    fn prepare(
+        object: &[u8],
+        layout: &Layout,
+        cgroup: &Path,
+        capacities: &Capacities,
+    ) -> Result<Self> {
         let parsed = Object::parse(object).context("parsing the eBPF object")?;
-        let plan = compare(&parsed, layout)?;
+        let plan = compare(&parsed, layout, capacities)?;
         let staged = layout.staging();
         // What a migration that died left: never in use by a program.
         super::load::uninstall(&staged).context("removing a staged migration left over")?;
-        let m = Self::stage(object, layout, &staged, plan, cgroup);
+        let m = Self::stage(object, layout, &staged, plan, cgroup, capacities);
         if m.is_err() {
             let _ = super::load::uninstall(&staged);
         }
@@ -171,11 +208,12 @@ impl Migration {
         staged: &Layout,
         plan: Vec<(&'static Map, Pinned)>,
         cgroup: &Path,
+        capacities: &Capacities,
     ) -> Result<Self> {
         for d in [staged.maps(), staged.progs()] {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let mut loader = loader();
+        let mut loader = loader(capacities);
         for (m, pinned) in &plan {
             let at = if *pinned == Pinned::Same {
                 layout.map(m.name)
@@ -184,9 +222,12 @@ impl Migration {
             };
             loader.map_pin_path(m.name, at);
         }
-        let mut ebpf = loader
-            .load(object)
-            .context("creating this build's maps beside the pinned ones")?;
+        let mut ebpf = loader.load(object).with_context(|| {
+            format!(
+                "creating this build's maps beside the pinned ones (sized for {})",
+                capacities.flags()
+            )
+        })?;
         for (m, pinned) in &plan {
             match pinned {
                 Pinned::Same => {
