@@ -154,14 +154,169 @@ fn a_pod_filling_the_shared_maps_leaves_others_captured() -> Result<()> {
     Ok(())
 }
 
+/// Shared capacity through routes: a pod that excludes an interface has
+/// the routes of its namespace written into `CIDRS`, the map every pod's IP
+/// ranges share, and a pod that may add routes (NET_ADMIN) chooses how
+/// many. Before the fix their number was not held to the per-pod quota: a
+/// pod with nearly a map's worth of routes left the next pod unable to
+/// write its ranges, uncaptured both ways. Now more routes than the quota
+/// are not written (its excluded interface then applies to arriving
+/// connections only: its outbound stays captured, more capture, never less)
+/// and the pod's status says so.
+#[test]
+fn a_pod_with_many_routes_leaves_others_captured() -> Result<()> {
+    let mut sb = Sandbox::new("iso-routes")?;
+    let hog = sb.add_pod("hog")?;
+    let victim = sb.add_pod("victim")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&victim, "victim", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+    ];
+    procs.push(sb.start_sidecar(&victim)?);
+    // A small node: --max-pods 2 and lists of at most 8 give CIDRS
+    // 2 x 2 x 3 x 8 = 96 entries. The hog adds 88 routes over an interface
+    // it excludes (with its own few routes, just below 96).
+    let limits = ["--max-pods", "2", "--max-list-entries", "8"];
+    assert_eq!(derived_with(2, 8).of(&meshlane_common::maps::CIDRS), 96);
+    sb.netns_exec(
+        &hog.netns,
+        "ip",
+        &["link", "add", "vx0", "type", "veth", "peer", "name", "vx1"],
+        None,
+    )?;
+    for side in ["vx0", "vx1"] {
+        sb.netns_exec(&hog.netns, "ip", &["link", "set", side, "up"], None)?;
+    }
+    let batch = sb.dir().join("hog-routes");
+    let routes: String = (0..88)
+        .map(|i| format!("route add 10.77.{}.{}/32 dev vx0\n", i / 200, i % 200 + 1))
+        .collect();
+    std::fs::write(&batch, routes)?;
+    sb.netns_exec(
+        &hog.netns,
+        "ip",
+        &["-batch", batch.to_str().expect("utf-8")],
+        None,
+    )?;
+    let hog_spec =
+        PodSpec::meshed(&hog).annotate("traffic.sidecar.istio.io/excludeInterfaces", "vx0");
+    let peer_spec = PodSpec::plain(&peer);
+    let mut agent = Agent::start_on(&sb, 1, &[hog_spec.clone(), peer_spec.clone()], &limits)?;
+    // The victim arrives after the hog, with eight ranges of its own to write.
+    let ranges: Vec<String> = (1..=8).map(|i| format!("192.0.2.{i}/32")).collect();
+    let victim_spec = PodSpec::meshed(&victim).annotate(
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        &ranges.join(","),
+    );
+    agent.write_pods(&[hog_spec, peer_spec, victim_spec])?;
+    let key = format!("default/{}", victim.name);
+    let st = agent.wait_status(Duration::from_secs(10), |st| {
+        pod_state(st, &key).is_some_and(|s| s != "waiting-for-netns")
+    })?;
+    assert_eq!(
+        pod_state(&st, &key).as_deref(),
+        Some("active"),
+        "BYPASS: the victim could not be written beside the hog's routes: {:#}",
+        pod_entry(&st, &key).cloned().unwrap_or_default()
+    );
+    assert_captured_both_ways(&sb, &victim, &peer, "beside a pod with 90 routes")?;
+    let hog_key = format!("default/{}", hog.name);
+    let errs = pod_entry(&st, &hog_key).map(|p| p["config_errors"].to_string());
+    assert!(
+        errs.as_deref()
+            .is_some_and(|e| e.contains("routes") && e.contains("--max-list-entries")),
+        "the hog's status says its routes were not written: {errs:?}"
+    );
+    drop(agent);
+    drop(procs);
+    Ok(())
+}
+
+/// Shared capacity through listeners: sockops put every listener on a
+/// capture port into `LISTENERS`, keyed by its owner's uid, in any pod's
+/// namespace. The map is sized for the proxy's and root's listeners of
+/// each pod; a pod that may add addresses (NET_ADMIN) and change uid (a
+/// root container: CAP_SETUID is in every runtime's default set) can listen
+/// on 15001 under as many uids as it has addresses. Before the fix that
+/// filled the map: a victim whose proxy started afterwards had no listener
+/// registered and, with `bypass-until-ready`, its connections passed the
+/// sidecar by. Now only the owners capture ever asks for (the pod's proxy
+/// uid, or root) are registered.
+#[test]
+fn an_apps_listeners_under_many_uids_do_not_crowd_out_a_proxy() -> Result<()> {
+    let mut sb = Sandbox::new("iso-lsnfill")?;
+    let victim = sb.add_pod("victim")?;
+    let hog = sb.add_pod("hog")?;
+    let peer = sb.add_pod("peer")?;
+    let mut procs = vec![
+        sb.start_server(&victim, "victim", &["0.0.0.0:9080"])?,
+        sb.start_server(&peer, "peer", &["0.0.0.0:9080"])?,
+    ];
+    // --max-pods 1: LISTENERS holds 2 x 8 = 16 entries.
+    let limits = ["--max-pods", "1"];
+    assert_eq!(derived(1).of(&meshlane_common::maps::LISTENERS), 16);
+    let victim_spec = PodSpec::meshed(&victim).annotate("meshlane.io/bypass-until-ready", "true");
+    let mut agent = Agent::start_on(
+        &sb,
+        1,
+        &[victim_spec, PodSpec::plain(&hog), PodSpec::plain(&peer)],
+        &limits,
+    )?;
+    // The hog listens on 15001 under 20 uids, each on an address of its own.
+    sb.netns_exec(
+        &hog.netns,
+        "ip",
+        &["link", "add", "vx0", "type", "veth", "peer", "name", "vx1"],
+        None,
+    )?;
+    for side in ["vx0", "vx1"] {
+        sb.netns_exec(&hog.netns, "ip", &["link", "set", side, "up"], None)?;
+    }
+    for i in 0..20u32 {
+        let addr = format!("10.99.0.{}", i + 1);
+        sb.netns_exec(
+            &hog.netns,
+            "ip",
+            &["addr", "add", &format!("{addr}/32"), "dev", "vx0"],
+            None,
+        )?;
+        let listen = format!("{addr}:15001");
+        let mut p = sb.spawn(
+            &hog,
+            2000 + i,
+            2000 + i,
+            mtest(),
+            &["server", "--name", "hog", "--listen", &listen],
+        )?;
+        p.wait_ready(Duration::from_secs(10))?;
+        procs.push(p);
+    }
+    // Then the victim's proxy starts.
+    procs.push(sb.start_sidecar(&victim)?);
+    let key = format!("default/{}", victim.name);
+    // Its listeners are registered at listen(), or by the agent's next round.
+    let registered = agent.wait_status(TWO_ROUNDS, |st| {
+        pod_entry(st, &key).is_some_and(|p| p["proxy_listening"] == true)
+    });
+    assert_captured_both_ways(&sb, &victim, &peer, "beside 20 listeners under 20 uids")?;
+    registered?;
+    drop(agent);
+    drop(procs);
+    Ok(())
+}
+
 /// The capacities the agent derives from `--max-pods` (and the list quota)
 /// for the maps its pods share.
 fn derived(max_pods: u32) -> meshlane::bpf::Capacities {
-    meshlane::bpf::capacity::derive(
+    derived_with(
         max_pods,
         meshlane::podconfig::NodeDefaults::DEFAULT_MAX_LIST_ENTRIES,
     )
-    .expect("in range")
+}
+
+fn derived_with(max_pods: u32, max_list_entries: usize) -> meshlane::bpf::Capacities {
+    meshlane::bpf::capacity::derive(max_pods, max_list_entries).expect("in range")
 }
 
 /// Every map sized by pods has, in the kernel, the capacity derived from
