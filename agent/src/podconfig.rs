@@ -574,15 +574,30 @@ impl MeshConfig {
                 }
             }
         }
+        // Interface lists are held to the quota too: each named interface
+        // the namespace has is an IFACES entry, and a pod that may add
+        // interfaces (NET_ADMIN) could otherwise fill the node's map. Over
+        // the quota the default (none) applies: every interface captured.
         if let Some(v) = ann.get(annotation::EXCLUDE_INTERFACES) {
-            cfg.exclude_interfaces = split_list(v).map(str::to_string).collect();
+            match within(v, node.max_list_entries) {
+                Ok(()) => cfg.exclude_interfaces = split_list(v).map(str::to_string).collect(),
+                Err(e) => err(annotation::EXCLUDE_INTERFACES, v, e),
+            }
         }
         // Istio's newer name wins over its older one.
-        if let Some(v) = ann
-            .get(annotation::REROUTE_VIRTUAL_INTERFACES)
-            .or_else(|| ann.get(annotation::KUBEVIRT_INTERFACES))
-        {
-            cfg.reroute_virtual_interfaces = split_list(v).map(str::to_string).collect();
+        let reroute = [
+            annotation::REROUTE_VIRTUAL_INTERFACES,
+            annotation::KUBEVIRT_INTERFACES,
+        ]
+        .into_iter()
+        .find_map(|a| ann.get(a).map(|v| (a, v)));
+        if let Some((a, v)) = reroute {
+            match within(v, node.max_list_entries) {
+                Ok(()) => {
+                    cfg.reroute_virtual_interfaces = split_list(v).map(str::to_string).collect();
+                }
+                Err(e) => err(a, v, e),
+            }
         }
         errors.extend(v6_ignored);
         cfg.errors = errors;
@@ -657,7 +672,13 @@ impl MeshConfig {
     /// excluded) the routes that tell which one a connection leaves by.
     /// Names the namespace lacks are listed in `missing`: like Istio's
     /// `-i IF` rules, they match nothing until such an interface appears.
-    pub fn net_entries(&self, netns_cookie: u64, net: &NetView) -> NetEntries {
+    ///
+    /// The routes are held to the per-pod quota `max_routes` per family (a
+    /// pod that may add routes chooses how many): a family with more has
+    /// none written, so its outbound connections find no route to an
+    /// excluded interface and stay captured (more capture, never less), and
+    /// `routes_over_quota` says so.
+    pub fn net_entries(&self, netns_cookie: u64, net: &NetView, max_routes: usize) -> NetEntries {
         let mut out = NetEntries::default();
         for name in self
             .reroute_virtual_interfaces
@@ -684,6 +705,22 @@ impl MeshConfig {
                     LpmKey::V4(len, data) => out.routes.push((len, data, *dev)),
                     LpmKey::V6(len, data) => out.routes6.push((len, data, *dev)),
                 }
+            }
+            for (family, n) in [("IPv4", out.routes.len()), ("IPv6", out.routes6.len())] {
+                if n > max_routes {
+                    out.routes_over_quota.push(format!(
+                        "the pod's network namespace has {n} {family} routes, more than a pod \
+                         may have written ({max_routes}, the agent's --max-list-entries): none \
+                         are, so its {family} connections leaving by an excluded interface are \
+                         captured"
+                    ));
+                }
+            }
+            if out.routes.len() > max_routes {
+                out.routes.clear();
+            }
+            if out.routes6.len() > max_routes {
+                out.routes6.clear();
             }
         }
         out
@@ -847,6 +884,8 @@ pub struct NetEntries {
     pub routes6: Vec<(u32, Cidr6KeyData, u32)>,
     /// Interface names the namespace does not have.
     pub missing: Vec<String>,
+    /// Why a family's routes were not written (more than the quota).
+    pub routes_over_quota: Vec<String>,
 }
 
 /// The map contents for one pod.

@@ -84,6 +84,8 @@ fn note_missing(st: &mut PodStatus, cfg: &MeshConfig, net: &NetEntries) {
              other hosts) is NOT captured: no socket hook sees forwarded packets"
         ));
     }
+    st.config_errors
+        .extend(net.routes_over_quota.iter().cloned());
     for name in &net.missing {
         st.notes.push(format!(
             "interface {name:?} (named by an interface annotation) is not in the pod's network \
@@ -217,7 +219,8 @@ pub fn plan(
                     st.netns_cookie = Some(cookie);
                     st.netns = Some(path.display().to_string());
                     st.state = PodState::Active;
-                    let net = cfg.net_entries(cookie, &by_cookie[&cookie].net);
+                    let net =
+                        cfg.net_entries(cookie, &by_cookie[&cookie].net, defaults.max_list_entries);
                     note_missing(&mut st, &cfg, &net);
                     let mut entries = PodEntries {
                         cookie,
@@ -261,7 +264,11 @@ pub fn plan(
                     ));
                     for (i, (cookie, path)) in chosen.into_iter().enumerate() {
                         claimed.insert(cookie, key.clone());
-                        let net = cfg.net_entries(cookie, &by_cookie[&cookie].net);
+                        let net = cfg.net_entries(
+                            cookie,
+                            &by_cookie[&cookie].net,
+                            defaults.max_list_entries,
+                        );
                         if i == 0 {
                             note_missing(&mut st, &cfg, &net);
                         }

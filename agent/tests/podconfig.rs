@@ -1368,3 +1368,77 @@ fn lists_over_the_nodes_limit_fall_back_to_capturing_defaults() {
     );
     assert!(NodeDefaults::ISTIO.with_max_list_entries(0).is_err());
 }
+
+/// Issue 14, part 2, for what a pod's namespace decides: interface lists
+/// are held to the quota like the other lists, and so are the routes the
+/// agent writes for a pod that excludes an interface (a pod that may add
+/// routes or interfaces chooses how many). A family over the quota has no
+/// routes written: its connections leaving by the excluded interface stay
+/// captured (more capture), and the pod's status says why.
+#[test]
+fn interfaces_and_routes_over_the_nodes_limit_capture_more() {
+    let node = NodeDefaults::ISTIO.with_max_list_entries(3).expect("valid");
+    let cfg = MeshConfig::from_pod_with(
+        &pod_with(&[
+            (annotation::EXCLUDE_INTERFACES, "a,b,c,d"),
+            (annotation::KUBEVIRT_INTERFACES, "v1,v2,v3,v4"),
+        ]),
+        &node,
+    );
+    assert!(cfg.exclude_interfaces.is_empty());
+    assert!(cfg.reroute_virtual_interfaces.is_empty());
+    let named: Vec<&str> = cfg.errors.iter().map(|e| e.annotation.as_str()).collect();
+    assert_eq!(
+        named,
+        [
+            annotation::EXCLUDE_INTERFACES,
+            annotation::KUBEVIRT_INTERFACES
+        ]
+    );
+
+    let cfg = MeshConfig::from_pod_with(
+        &pod_with(&[(annotation::EXCLUDE_INTERFACES, "eth1")]),
+        &node,
+    );
+    assert_eq!(cfg.errors, vec![]);
+    let route = |a: &str, len: u8, dev: u32| {
+        (
+            Cidr {
+                addr: a.parse().unwrap(),
+                len,
+            },
+            dev,
+        )
+    };
+    let mut net = NetView {
+        ifaces: vec![("eth0".into(), 2), ("eth1".into(), 3)],
+        routes: vec![
+            route("0.0.0.0", 0, 2),
+            route("10.1.0.0", 16, 3),
+            route("10.2.0.0", 16, 3),
+            route("fd00::", 64, 2),
+        ],
+    };
+    let at_quota = cfg.net_entries(9, &net, 3);
+    assert_eq!((at_quota.routes.len(), at_quota.routes6.len()), (3, 1));
+    assert!(at_quota.routes_over_quota.is_empty());
+    net.routes.push(route("10.3.0.0", 16, 3));
+    let over = cfg.net_entries(9, &net, 3);
+    assert_eq!(
+        (over.routes.len(), over.routes6.len()),
+        (0, 1),
+        "IPv4 over, IPv6 kept"
+    );
+    assert_eq!(
+        over.ifaces, at_quota.ifaces,
+        "the interface itself is still excluded"
+    );
+    assert_eq!(over.routes_over_quota.len(), 1);
+    let why = &over.routes_over_quota[0];
+    assert!(
+        why.contains("4 IPv4 routes")
+            && why.contains("--max-list-entries")
+            && why.contains("captured"),
+        "{why}"
+    );
+}

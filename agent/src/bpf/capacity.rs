@@ -402,7 +402,7 @@ mod tests {
         for v6 in [false, true] {
             let (cfg, ips, net) = pod_at_quota(quota, v6);
             let e = cfg.entries(7, &ips);
-            let n = cfg.net_entries(7, &net);
+            let n = cfg.net_entries(7, &net, quota);
             let routes = n.routes.len() + n.routes6.len();
             assert_eq!(routes, quota, "the namespace's routes are written");
             let written = [
