@@ -128,9 +128,10 @@ impl Agent {
                 .as_ref()
                 .map_or(&opts.layout, bpf::Migration::staged),
         )?;
-        maps.set_capture_ports(
+        maps.set_node_defaults(
             opts.defaults.outbound_capture_port,
             opts.defaults.inbound_capture_port,
+            opts.defaults.proxy_uid,
         )?;
         let max_queued = match opts.shortcut_max_queued {
             Some(b) => b,

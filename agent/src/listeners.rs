@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use meshlane_common::ListenerKey;
+use meshlane_common::{decide::registers_listener, ListenerKey};
 
 use crate::{bpf::Maps, netns};
 
@@ -35,7 +35,7 @@ pub fn register_existing(
         let text = fs::read_to_string(format!("/proc/{first}/net/{file}")).unwrap_or_default();
         for (inode, l) in listening(&text, file == "tcp6") {
             // Only the proxy's own listeners, as sockops registers them.
-            if ports.contains(&l.port) && (l.uid == proxy_uid || l.uid == 0) {
+            if ports.contains(&l.port) && registers_listener(l.uid, proxy_uid) {
                 wanted.insert(inode, l);
             }
         }

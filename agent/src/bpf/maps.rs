@@ -162,14 +162,17 @@ impl Maps {
         Ok(())
     }
 
-    /// The node's capture ports, for namespaces the maps do not hold yet.
-    pub fn set_capture_ports(&mut self, outbound: u16, inbound: u16) -> Result<()> {
-        for (index, port) in [
-            (setting::OUTBOUND_CAPTURE_PORT, outbound),
-            (setting::INBOUND_CAPTURE_PORT, inbound),
+    /// The node's capture ports and proxy uid, for namespaces the maps do
+    /// not hold yet.
+    pub fn set_node_defaults(&mut self, outbound: u16, inbound: u16, proxy_uid: u32) -> Result<()> {
+        for (index, value) in [
+            (setting::OUTBOUND_CAPTURE_PORT, u32::from(outbound)),
+            (setting::INBOUND_CAPTURE_PORT, u32::from(inbound)),
+            // Plus one: 0 means unset (Istio's 1337).
+            (setting::PROXY_UID, proxy_uid.wrapping_add(1)),
         ] {
             self.settings
-                .set(index, u32::from(port), 0)
+                .set(index, value, 0)
                 .context("writing SETTINGS")?;
         }
         Ok(())

@@ -24,7 +24,8 @@ pub mod stat {
     pub const UPDATE_FAILED: u32 = 15;
     pub const SHORTCUT_FELL_BACK: u32 = 16;
     pub const LISTENERS_UNOWNED: u32 = 17;
-    pub const COUNT: u32 = 18;
+    pub const LISTENERS_NOT_PROXY: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// Indexes into a pod's per-CPU counters in `POD_STATS` (keyed by netns cookie).
@@ -144,6 +145,8 @@ pub const NODE: &[Counter] = {
             None, "Shortcut sockets moved to TCP for life because their peer left too many redirected bytes unread."),
         row(LISTENERS_UNOWNED as usize, "listeners_unowned", "meshlane_listeners_unowned_total",
             None, "Listeners on a capture port whose bind() was not seen (bound before the programs were attached): left to the agent."),
+        row(LISTENERS_NOT_PROXY as usize, "listeners_not_proxy", "meshlane_listeners_not_proxy_total",
+            None, "Listeners on a capture port bound by neither the pod's proxy uid nor root: not registered (capture never uses them)."),
     ]
 };
 

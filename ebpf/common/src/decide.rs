@@ -549,5 +549,15 @@ pub fn source_for6<L: PodLists>(cfg: &PodConfig, lists: &L, orig_dst: V6) -> Opt
     lists.pod_src6()
 }
 
+/// Whether a listener on a capture port, bound by `owner`, is registered in
+/// `LISTENERS` for a pod whose proxy runs as `proxy_uid`: only the owners
+/// capture ever asks for (the proxy's uid, or root for a proxy that binds
+/// before dropping privileges). An app's listeners are never used, so
+/// registering them would only let a pod that can change uid fill the map
+/// the node's proxies share.
+pub const fn registers_listener(owner: u32, proxy_uid: u32) -> bool {
+    owner == 0 || owner == proxy_uid
+}
+
 #[cfg(test)]
 mod tests;

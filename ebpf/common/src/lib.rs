@@ -487,7 +487,11 @@ pub mod setting {
     /// often listens before the agent knows its pod. 0: Istio's.
     pub const OUTBOUND_CAPTURE_PORT: u32 = 4;
     pub const INBOUND_CAPTURE_PORT: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// The node's proxy uid (`--proxy-uid`) plus one, for namespaces not in
+    /// `PODS` yet: the only owner besides root whose listener on a capture
+    /// port sockops registers there. 0: Istio's 1337.
+    pub const PROXY_UID: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Key of the `LISTENERS` sockhash: a TCP listener in a network namespace.

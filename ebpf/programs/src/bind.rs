@@ -66,6 +66,20 @@ pub fn is_capture_port(netns_cookie: u64, port: u16) -> bool {
     }
 }
 
+/// The proxy uid of namespace `netns_cookie`: its pod's, or the node's for
+/// a namespace not in PODS yet.
+#[inline(always)]
+pub fn proxy_uid_of(netns_cookie: u64) -> u32 {
+    // SAFETY: read at once, never held.
+    match unsafe { PODS.get(netns_cookie) } {
+        Some(cfg) => cfg.proxy_uid,
+        None => match setting_value(setting::PROXY_UID) {
+            0 => ports::PROXY_UID,
+            v => v.wrapping_sub(1),
+        },
+    }
+}
+
 /// The node's capture port at `index` of SETTINGS, or Istio's.
 #[inline(always)]
 fn node_port(index: u32, istio: u16) -> u16 {

@@ -26,13 +26,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use meshlane_common::{
-    decide::{decide_inbound, Arrival, InboundVerdict},
+    decide::{decide_inbound, registers_listener, Arrival, InboundVerdict},
     flags, ip, pod_stat, role, setting, stat, ConnKey, FlowKey, FlowKey6, ListenerKey, OrigDst,
     OrigDst6, V6,
 };
 
 use crate::{
-    bind::is_capture_port,
+    bind::{is_capture_port, proxy_uid_of},
     ctx::{field, v6_field, AF_INET, AF_INET6},
     maps::{
         count, is_proxy_leg, listen_owner_of, orig_dst6_of, orig_dst6_slot, orig_dst_of,
@@ -403,6 +403,10 @@ unsafe fn register_listener(ctx: &SockOpsContext) {
         count(stat::LISTENERS_UNOWNED);
         return;
     };
+    if !registers_listener(owner, proxy_uid_of(netns_cookie)) {
+        count(stat::LISTENERS_NOT_PROXY);
+        return;
+    }
     let ops_mut = unsafe { &mut *ctx.ops };
     if v4 {
         let how = if family == AF_INET {

@@ -918,3 +918,12 @@ mod families {
         }
     }
 }
+
+#[test]
+fn only_the_proxy_and_root_register_listeners() {
+    assert!(registers_listener(1337, 1337));
+    assert!(registers_listener(0, 1337));
+    assert!(!registers_listener(1000, 1337));
+    assert!(registers_listener(1500, 1500));
+    assert!(!registers_listener(1337, 1500));
+}
