@@ -527,6 +527,7 @@ impl Agent {
                 Source::File(_) => None,
             },
             map_update_errors: self.map_errors,
+            synced: self.synced,
             pods: self.status.clone(),
         };
         if let Err(e) = st.save(&self.opts.state_dir) {

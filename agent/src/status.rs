@@ -107,6 +107,12 @@ pub struct AgentStatus {
     #[serde(default)]
     pub api_error: Option<String>,
     pub map_update_errors: u64,
+    /// The pod source has given a complete view (the file parsed, the first
+    /// list from the API server applied): before that `pods` is not the
+    /// node's. Missing in files of agents before this field (read as
+    /// false).
+    #[serde(default)]
+    pub synced: bool,
     pub pods: Vec<PodStatus>,
 }
 

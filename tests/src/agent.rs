@@ -386,6 +386,10 @@ impl Agent {
         let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
         self.wait_status(Duration::from_secs(15), |st| {
             st["pid"].as_u64() == Some(u64::from(pid))
+                // The pod source read (a status written before that lists
+                // no pods), or failing and saying so; an agent of an earlier
+                // build does not write `synced`.
+                && (st["synced"] != false || !st["api_error"].is_null() || !st["file_error"].is_null())
                 && st["pods"].as_array().is_some_and(|ps| {
                     ps.iter()
                         .filter(|p| p["config"].is_object() || p["state"] == "active")
