@@ -160,7 +160,19 @@ fn lists_watches_bookmarks_gone_and_restarts() -> Result<()> {
         get(&api, "/api/v1/pods?fieldSelector=metadata.name%3Dx")?.0,
         400
     );
-    assert_eq!(get(&api, "/api/v1/namespaces/default/pods")?.0, 404);
+    assert_eq!(
+        get(&api, "/api/v1/pods?labelSelector=app%20in%20(a,b)")?.0,
+        400
+    );
+    assert_eq!(get(&api, "/api/v1/namespaces/default/pods/x/exec")?.0, 404);
+    // One namespace's pods, by label (what `meshlane check` asks).
+    let (code, body) = get(
+        &api,
+        "/api/v1/namespaces/default/pods?labelSelector=app%3Dnobody",
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let list: Value = serde_json::from_str(&body)?;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{body}");
     let logged = api.requests();
     assert!(logged.iter().any(|r| r.status == 410 && r.is_watch()));
     assert!(logged.iter().any(|r| r.gone_event));
