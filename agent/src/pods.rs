@@ -261,9 +261,8 @@ fn convert(raw: RawPod) -> Result<Pod> {
     })
 }
 
-#[cfg(test)]
 impl Pod {
-    /// For unit tests: a meshed pod with these annotations and addresses,
+    /// For tests: a meshed pod with these annotations and addresses,
     /// Kubernetes' defaults for the rest.
     pub fn meshed_with(
         key: (&str, &str),

@@ -549,22 +549,13 @@ proptest! {
 }
 
 fn pod_with(ann: &[(&str, &str)]) -> Pod {
-    Pod {
-        namespace: "ns".into(),
-        name: "p".into(),
-        uid: None,
-        annotations: ann
-            .iter()
+    Pod::meshed_with(
+        ("ns", "p"),
+        ann.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        ips: vec![IpAddr::V4(POD_IP)],
-        host_network: false,
-        host_users: true,
-        meshed: true,
-        proxy_run_as_user: None,
-        proxy_run_as_group: None,
-        proxy_env: BTreeMap::new(),
-    }
+        vec![IpAddr::V4(POD_IP)],
+    )
 }
 
 #[test]
